@@ -1,0 +1,219 @@
+"""Tree-level merging: apply a registered method to whole parameter pytrees.
+
+    merged = merge("ties", experts, base, params={"density": 0.2, "weight": [1., .5]})
+
+Works on any pytree (Flax params, a flat dict of HF tensors) and under
+`jax.jit` (parameter resolution is host-side Python over static paths and
+shapes; value checks are skipped on tracers).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kfuse import tree as T
+from kfuse.merge import params as P
+from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
+from kfuse.merge.methods import default_prepare
+from kfuse.tree import KfuseError
+
+PyTree = Any
+
+
+def _is_tracer(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def path_key(key: jax.Array, path: str) -> jax.Array:
+  """A per-tensor key derived from the run key and the tensor's name."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def validate_params(method: Method, params: Mapping[str, Any], n: int, *, where: str = "params") -> None:
+  """Unknown names, wrong per-model list lengths, missing required parameters."""
+  spec = method.param_map
+  for name, v in params.items():
+    if name not in spec:
+      known = ", ".join(sorted(spec)) or "none"
+      raise KfuseError(f"{where}: unknown parameter {name!r} for method {method.name!r}"
+                       f" (known: {known})")
+    p = spec[name]
+    if p.per_model and isinstance(v, (list, tuple)) and not P.is_rule_list(v):
+      if len(v) != n:
+        raise KfuseError(f"{where}: parameter {name!r} has {len(v)} per-model values"
+                         f" for {n} models")
+  for p in method.params:
+    if p.default is REQUIRED and p.name not in params:
+      raise KfuseError(f"{where}: method {method.name!r} requires parameter {p.name!r}")
+
+
+def resolve_values(method: Method, params: Mapping[str, Any], info: TensorInfo, n: int,
+                   *, model_params: Sequence[Mapping[str, Any]] | None = None) -> dict:
+  """Python values of every parameter for one tensor (per-model ones as lists)."""
+  t = P.layer_position(info.layer, info.num_layers)
+  out = {}
+  for p in method.params:
+    if p.per_model:
+      vals = []
+      for i in range(n):
+        setting = None
+        if model_params is not None and p.name in model_params[i]:
+          setting = model_params[i][p.name]
+        elif p.name in params:
+          g = params[p.name]
+          setting = g[i] if isinstance(g, (list, tuple)) and not P.is_rule_list(g) else g
+        v = P.evaluate(setting, info.path, t, what=p.name) if setting is not None else None
+        if v is None:
+          v = p.default
+        if v is REQUIRED:
+          raise KfuseError(f"{info.path}: no value of {p.name!r} for model {i}")
+        vals.append(v)
+      out[p.name] = vals
+    else:
+      v = P.evaluate(params[p.name], info.path, t, what=p.name) if p.name in params else None
+      if v is None:
+        v = p.default
+      if v is REQUIRED:
+        raise KfuseError(f"{info.path}: no value of {p.name!r} for {method.name}")
+      out[p.name] = v
+  return out
+
+
+def merge_tensor(method: Method | str, base, experts, values: Mapping[str, Any],
+                 info: TensorInfo, key: jax.Array | None = None, stats: Mapping | None = None):
+  """Merge one tensor. ``experts`` is ``[N, ...]``; ``values`` from `resolve_values`."""
+  method = get_method(method)
+  n = experts.shape[0]
+  vals = dict(values)
+  if stats is not None:
+    vals["_stats"] = stats
+  prep = method.prepare or default_prepare
+  static, hp = prep(method, vals, info, n)
+  if "weight" in method.param_map:
+    weights = jnp.asarray(np.asarray(vals["weight"], np.float32))
+  else:
+    weights = jnp.ones((n,), jnp.float32)
+  if method.random and key is None:
+    raise KfuseError(f"method {method.name!r} is random: pass key=jax.random.key(seed)")
+  rng = key if key is not None else jax.random.key(0)
+  return method.kernel(static)(base, experts, weights, hp, rng)
+
+
+def _layout_of(flat: Mapping[str, Any]) -> str:
+  # HF names ("…weight") are PyTorch layout; everything else is treated as Flax.
+  names = list(flat)
+  if names and all(n.endswith((".weight", ".bias")) or "." in n and "/" not in n for n in names):
+    return "torch"
+  return "flax"
+
+
+def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None = None, *,
+          params: Mapping[str, Any] | None = None,
+          model_params: Sequence[Mapping[str, Any]] | None = None,
+          key: jax.Array | None = None, layout: str | None = None,
+          check: bool = True) -> PyTree:
+  """Merge N expert pytrees (optionally relative to a base) with a named method.
+
+  Args:
+    method: registry name (see `kfuse.merge.names()`) or a `Method`.
+    experts: N pytrees with identical structure, shapes and dtypes.
+    base: the base / pretrained pytree; required by task-vector methods.
+    params: parameter settings (scalars, per-model lists of length N,
+      `Gradient`s or filter-rule lists; see `kfuse.merge.params`).
+    model_params: optional per-model dicts (mergekit's ``models[i].parameters``).
+    key: PRNG key, required by random methods (DARE, DELLA).
+    layout: 'torch' ([out, in]) or 'flax' ([in, out]) for row-wise rules;
+      inferred from the names when None (dotted HF names → torch).
+    check: validate structure and finiteness (skipped under jit).
+  Returns:
+    The merged pytree, with the structure and dtypes of the base (or of the
+    first expert when the method uses no base).
+  """
+  method = get_method(method)
+  params = dict(params or {})
+  experts = list(experts)
+  if not experts:
+    raise KfuseError("empty model list: merge needs at least one expert")
+  if method.base == "required" and base is None:
+    raise KfuseError(f"method {method.name!r} requires a base model")
+  if method.base == "include" and base is not None:
+    experts = [base] + experts
+  use_base = base if method.base in ("required", "optional") else None
+  n = len(experts)
+  if n < method.min_models or (method.max_models is not None and n > method.max_models):
+    hi = method.max_models if method.max_models is not None else "any"
+    raise KfuseError(f"method {method.name!r} takes {method.min_models}..{hi} models"
+                     f" besides the base, got {n}")
+  validate_params(method, params, n)
+  if model_params is not None:
+    if len(model_params) != n:
+      raise KfuseError(f"model_params has {len(model_params)} entries for {n} models")
+    for i, mp in enumerate(model_params):
+      validate_params(method, {k: v for k, v in mp.items()}, n, where=f"model_params[{i}]")
+
+  trees = ([use_base] if use_base is not None else []) + experts
+  names = (["base"] if use_base is not None else []) + [f"expert[{i}]" for i in range(n)]
+  leaves0 = jax.tree.leaves(trees[0])
+  concrete = not any(_is_tracer(l) for l in leaves0)
+  if check:
+    T.check_same_structure(trees, names)
+    if concrete:
+      for nm, t in zip(names, trees):
+        T.check_finite(t, nm)
+
+  ref = use_base if use_base is not None else experts[0]
+  ref_flat = T.flatten(ref)
+  exp_flat = [T.flatten(e) for e in experts]
+  layout = layout or _layout_of(ref_flat)
+  L = T.num_layers(ref_flat)
+  stacked = {k: jnp.stack([jnp.asarray(e[k]) for e in exp_flat]) for k in ref_flat}
+  stats = None
+  if method.tree_stats is not None:
+    glob = resolve_values(method, params, TensorInfo("", (), None), n, model_params=model_params)
+    stats = method.tree_stats({k: jnp.asarray(v) for k, v in ref_flat.items()}, stacked, glob)
+  out = {}
+  for path, leaf in ref_flat.items():
+    leaf = jnp.asarray(leaf)
+    info = TensorInfo(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype,
+                      layer=T.layer_index(path), num_layers=L, layout=layout)
+    values = resolve_values(method, params, info, n, model_params=model_params)
+    k = path_key(key, path) if key is not None else None
+    out[path] = merge_tensor(method, leaf if use_base is not None else None, stacked[path],
+                             values, info, k, stats)
+  return T.unflatten(ref, out)
+
+
+def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | None]],
+                  experts: Sequence[PyTree], base: PyTree | None = None, *,
+                  key: jax.Array | None = None, layout: str | None = None) -> PyTree:
+  """Different methods for different leaves: ``[(regex, method, params), ...]``.
+
+  The first regex that `re.search`-es a leaf's path chooses its method; a leaf
+  no rule matches is an error. Each method sees only its own leaves.
+  """
+  import re
+  rules = [(re.compile(r), get_method(m), dict(p or {})) for r, m, p in rules]
+  ref = base if base is not None else experts[0]
+  flat = T.flatten(ref)
+  groups: dict[int, list[str]] = {}
+  for path in flat:
+    for i, (rx, _, _) in enumerate(rules):
+      if rx.search(path):
+        groups.setdefault(i, []).append(path)
+        break
+    else:
+      raise KfuseError(f"merge_by_path: no rule matches leaf {path!r}")
+  out = {}
+  eflat = [T.flatten(e) for e in experts]
+  bflat = T.flatten(base) if base is not None else None
+  for i, paths in groups.items():
+    _, m, p = rules[i]
+    sub_e = [{k: e[k] for k in paths} for e in eflat]
+    sub_b = {k: bflat[k] for k in paths} if bflat is not None else None
+    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or _layout_of(flat)))
+  return T.unflatten(ref, out)
