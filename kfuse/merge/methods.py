@@ -200,7 +200,11 @@ _gta("breadcrumbs", "outliers", None, False, False, """Model Breadcrumbs.
   (fewer outliers dropped if needed to reach the density), then task
   arithmetic. Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024.""", (_GAMMA,))
 
-_gta("breadcrumbs_ties", "outliers", "sum", False, False, """Breadcrumbs mask + TIES sign consensus.""", (_GAMMA,))
+_gta("breadcrumbs_ties", "outliers", "sum", False, False, """Breadcrumbs mask + TIES sign consensus.
+
+  Breadcrumbs' band mask on each δ_i, then the TIES election s = sign(Σ w_i δ̃_i)
+  and θ = θ_b + λ·Σ m_i w_i δ̃_i (normalize=False). Davari & Belilovsky, ECCV
+  2024; Yadav et al., NeurIPS 2023.""", (_GAMMA,))
 
 _gta("della", "della", "sum", True, True, """DELLA-Merging (MagPrune + sign consensus).
 
@@ -209,7 +213,10 @@ _gta("della", "della", "sum", True, True, """DELLA-Merging (MagPrune + sign cons
   Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
   Magnitude-Based Sampling", 2024.""", (_EPS,))
 
-_gta("della_linear", "della", None, False, True, """DELLA MagPrune without consensus: θ_b + λ·Σ w_i δ̃_i.""", (_EPS,))
+_gta("della_linear", "della", None, False, True, """DELLA MagPrune without consensus.
+
+  δ̃_i as in `della` (rank-dependent keep probability, L1 rescale);
+  θ = θ_b + λ·Σ w_i δ̃_i. Deep et al., "DELLA-Merging", 2024.""", (_EPS,))
 
 
 def _simple(name, recipe, params, doc, *, base="required", min_models=1, max_models=None,

@@ -80,9 +80,11 @@ def _distinct_delta(base: np.ndarray, expert: np.ndarray, max_iter: int = 64) ->
         if not dup.any():
             return expert
         idx = order[dup]
-        # push the later duplicate one ulp further from the base
-        away = np.where(flat_e[idx] >= flat_b[idx], np.float32(np.inf), np.float32(-np.inf))
-        flat_e[idx] = np.nextafter(flat_e[idx], away)
+        # push the later duplicate further from the base by one ulp of the larger operand
+        # (a ulp of a tiny expert value may not move the float32 difference at all)
+        sign = np.where(flat_e[idx] >= flat_b[idx], np.float32(1), np.float32(-1))
+        step = np.spacing(np.maximum(np.abs(flat_e[idx]), np.abs(flat_b[idx])))
+        flat_e[idx] = (flat_e[idx] + sign * step).astype(np.float32)
     raise RuntimeError("could not make task-vector magnitudes distinct")
 
 

@@ -1,0 +1,37 @@
+"""Merge checkpoints (HF safetensors dirs or Orbax checkpoints) with a kfuse method.
+
+    python -m kfuse.main --config=configs/merge.py:ties \
+        --config.models=ckpt/a,ckpt/b,ckpt/c --config.base=ckpt/base \
+        --config.output_dir=out/ties --config.params.density=0.2
+
+The argument after ':' picks the method (default: task_arithmetic); its
+parameters appear under config.params with their defaults, so any of them can
+be overridden with --config.params.NAME=VALUE. Per-model values: give a
+list in a config file of your own (`config.params.weight = [1.0, 0.5]`).
+"""
+
+import ml_collections
+
+from kfuse.merge import get_method, REQUIRED
+
+
+def get_config(arg=None):
+  method = arg or "task_arithmetic"
+  m = get_method(method)
+  config = ml_collections.ConfigDict()
+  config.task = "merge"
+  config.method = method
+  config.models = ""          # comma-separated paths
+  config.base = ""
+  config.output_dir = ""
+  config.output_format = "auto"   # auto | safetensors | orbax
+  config.dtype = ""               # cast inputs (e.g. bfloat16); empty: keep
+  config.overwrite = False
+  config.seed = 0
+  config.progress = True
+  params = {}
+  for p in m.params:
+    # required parameters start as None: the run fails until they are given
+    params[p.name] = None if p.default is REQUIRED else p.default
+  config.params = params
+  return config

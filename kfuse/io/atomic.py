@@ -1,0 +1,158 @@
+"""Crash-safe output: whole directories and single files appear atomically.
+
+A reader never observes a half-written output: everything is written into a
+temporary sibling (same parent, hence same filesystem) which is fsync-ed and
+then renamed into place. On error the temporary is removed and any previous
+output is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from typing import Iterator
+
+from kfuse.tree import KfuseError
+
+__all__ = [
+    "atomic_output_dir",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "check_output_free",
+    "commit_dir",
+    "temp_sibling",
+    "fsync_tree",
+]
+
+
+def _norm(path: str | os.PathLike) -> str:
+  """Absolute path without a trailing separator."""
+  p = os.path.abspath(os.fspath(path))
+  return p.rstrip(os.sep) or os.sep
+
+
+def temp_sibling(path: str | os.PathLike, tag: str = "tmp") -> str:
+  """A fresh, non-existing name ``.{name}.{tag}-{pid}-{random}`` next to ``path``."""
+  p = _norm(path)
+  parent, name = os.path.split(p)
+  return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
+  """Raise the standard one-line error when ``path`` exists and ``overwrite`` is off."""
+  if os.path.lexists(os.fspath(path)) and not overwrite:
+    raise KfuseError(f"output directory {os.fspath(path)} exists; pass overwrite=True"
+                     " (--config.overwrite=True) to replace it")
+
+
+def _fsync_path(path: str, directory: bool) -> None:
+  flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+  try:
+    fd = os.open(path, flags)
+  except OSError:
+    return  # e.g. platforms that cannot open directories
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+  """fsync every regular file and directory below (and including) ``root``."""
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      fp = os.path.join(dirpath, f)
+      if os.path.isfile(fp) and not os.path.islink(fp):
+        _fsync_path(fp, directory=False)
+    _fsync_path(dirpath, directory=True)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    try:
+      os.remove(path)
+    except OSError:
+      pass
+
+
+def commit_dir(tmp: str, path: str | os.PathLike, overwrite: bool) -> None:
+  """Rename the finished ``tmp`` onto ``path``; an old ``path`` is moved aside, then deleted.
+
+  If the rename fails the old output is restored and ``tmp`` is removed.
+  """
+  dst = _norm(path)
+  if os.path.lexists(dst):
+    if not overwrite:
+      _remove(tmp)
+      check_output_free(path, overwrite)
+    old = temp_sibling(dst, "old")
+    os.rename(dst, old)
+    try:
+      os.rename(tmp, dst)
+    except BaseException:
+      os.rename(old, dst)
+      _remove(tmp)
+      raise
+    _remove(old)
+  else:
+    try:
+      os.rename(tmp, dst)
+    except BaseException:
+      _remove(tmp)
+      raise
+  _fsync_path(os.path.dirname(dst), directory=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+  """Yield a temporary directory that becomes ``path`` when the block exits cleanly.
+
+  Raises `KfuseError` up front if ``path`` exists and ``overwrite`` is False.
+  On an exception inside the block the temporary directory is deleted and the
+  previous ``path`` (if any) is left exactly as it was.
+  """
+  check_output_free(path, overwrite)
+  dst = _norm(path)
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  tmp = temp_sibling(dst)
+  os.mkdir(tmp)
+  try:
+    yield tmp
+    fsync_tree(tmp)
+  except BaseException:
+    _remove(tmp)
+    raise
+  commit_dir(tmp, path, overwrite)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Write ``data`` to ``path`` via a temporary file in the same directory + os.replace."""
+  dst = _norm(path)
+  parent, name = os.path.split(dst)
+  if not os.path.isdir(parent):
+    raise KfuseError(f"cannot write {dst}: directory {parent} does not exist")
+  fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
+  try:
+    mode = os.stat(dst).st_mode & 0o777 if os.path.exists(dst) else 0o644
+    os.chmod(tmp, mode)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, dst)
+  except BaseException:
+    _remove(tmp)
+    raise
+  _fsync_path(parent, directory=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """UTF-8 text version of `atomic_write_bytes`."""
+  atomic_write_bytes(path, text.encode("utf-8"))

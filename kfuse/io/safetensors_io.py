@@ -1,0 +1,649 @@
+"""Hugging Face model directories in the safetensors format, read and written natively.
+
+File layout (https://github.com/huggingface/safetensors): an 8-byte
+little-endian uint64 ``N``, then ``N`` bytes of JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
+and then the raw little-endian tensor bytes, offsets relative to the end of the
+header.
+
+Reads go through a read-only `np.memmap`, so opening a model costs only its
+headers and `HFModel.get` touches just the bytes of one tensor. bfloat16 and
+float8 are handled with `ml_dtypes`. Files are validated strictly and every
+problem is reported as a one-line `KfuseError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import math
+import os
+import shutil
+import struct
+from typing import Any, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from kfuse.io.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_text
+from kfuse.tree import KfuseError, resolve_dtype
+
+__all__ = [
+    "TensorInfo",
+    "SafetensorsFile",
+    "read_safetensors_header",
+    "write_safetensors",
+    "HFModel",
+    "LazyTensors",
+    "open_hf_dir",
+    "read_hf_dir",
+    "HFWriter",
+    "write_hf_dir",
+    "copy_aux_files",
+    "is_hf_dir",
+    "SINGLE_FILE",
+    "INDEX_FILE",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+_ST_TO_NP: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype(np.bool_),
+}
+_NP_TO_ST: dict[np.dtype, str] = {v: k for k, v in _ST_TO_NP.items()}
+_ML_FLOATS = frozenset(("bfloat16", "float8_e4m3fn", "float8_e5m2"))
+_TORCH_DTYPE_NAMES = {"float32": "float32", "float16": "float16",
+                      "bfloat16": "bfloat16", "float64": "float64"}
+
+# Files `copy_aux_files` carries over (weights never match these).
+AUX_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "*.txt",
+    "chat_template.jinja", "preprocessor_config.json",
+)
+
+# ----------------------------------------------------------------- one file
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """Where one tensor lives inside a safetensors file (offsets relative to the data)."""
+  name: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  begin: int
+  end: int
+
+  @property
+  def nbytes(self) -> int:
+    return self.end - self.begin
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+  tensors: dict[str, TensorInfo]  # ordered by data offset
+  metadata: dict[str, Any]
+  data_start: int
+  data_size: int
+
+
+def _parse_entry(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
+  """Validate one header entry; raise a one-line KfuseError naming file and key."""
+  if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+    raise KfuseError(f"{path}: header entry {name!r} must have dtype, shape and data_offsets")
+  dt = _ST_TO_NP.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+  if dt is None:
+    raise KfuseError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+  shape, offs = entry["shape"], entry["data_offsets"]
+  if not isinstance(shape, list) or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    raise KfuseError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+  if (not isinstance(offs, list) or len(offs) != 2 or not all(
+      isinstance(o, int) and not isinstance(o, bool) for o in offs)
+      or offs[0] < 0 or offs[1] < offs[0]):
+    raise KfuseError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+  begin, end = offs
+  need = math.prod(shape) * dt.itemsize
+  if end - begin != need:
+    raise KfuseError(f"{path}: tensor {name!r} data_offsets {offs} span {end - begin} bytes"
+                     f" but {entry['dtype']} x {shape} needs {need}")
+  if end > data_size:
+    raise KfuseError(f"{path}: tensor {name!r} data_offsets {offs} end beyond the"
+                     f" {data_size} data bytes present (file truncated?)")
+  return TensorInfo(name, dt, tuple(shape), begin, end)
+
+
+def _check_overlaps(path: str, infos: list[TensorInfo]) -> None:
+  prev = None
+  for t in infos:
+    if t.nbytes == 0:
+      continue
+    if prev is not None and t.begin < prev.end:
+      raise KfuseError(f"{path}: tensors {prev.name!r} and {t.name!r} have overlapping"
+                       f" data_offsets {[prev.begin, prev.end]} and {[t.begin, t.end]}")
+    prev = t
+
+
+def read_safetensors_header(path: str | os.PathLike) -> _Header:
+  """Parse and validate the header of one safetensors file (reads no tensor data)."""
+  path = os.fspath(path)
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if size < 8 or len(head) < 8:
+        raise KfuseError(f"{path}: file of {size} bytes is too small to be safetensors")
+      (n,) = struct.unpack("<Q", head)
+      if n > size - 8:
+        raise KfuseError(f"{path}: header length {n} exceeds file size {size}"
+                         " (truncated or not a safetensors file)")
+      raw = f.read(n)
+  except OSError as e:
+    raise KfuseError(f"{path}: cannot read safetensors file: {e.strerror or e}") from e
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise KfuseError(f"{path}: invalid JSON header: {e}") from e
+  if not isinstance(header, dict):
+    raise KfuseError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+  meta = header.pop("__metadata__", None) or {}
+  if not isinstance(meta, dict):
+    raise KfuseError(f"{path}: __metadata__ must be a JSON object")
+  data_size = size - 8 - n
+  infos = sorted((_parse_entry(path, k, v, data_size) for k, v in header.items()),
+                 key=lambda t: (t.begin, t.end))
+  _check_overlaps(path, infos)
+  return _Header({t.name: t for t in infos}, meta, 8 + n, data_size)
+
+
+class SafetensorsFile:
+  """One safetensors file, memory-mapped read-only on first tensor access."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    self._header = read_safetensors_header(self.path)
+    self._buf: np.ndarray | None = None
+
+  @property
+  def tensors(self) -> dict[str, TensorInfo]:
+    return self._header.tensors
+
+  @property
+  def metadata(self) -> dict[str, Any]:
+    return dict(self._header.metadata)
+
+  def _buffer(self) -> np.ndarray:
+    if self._buf is None:
+      if self._header.data_size == 0:
+        self._buf = np.zeros(0, np.uint8)
+      else:
+        self._buf = np.memmap(self.path, dtype=np.uint8, mode="r",
+                              offset=self._header.data_start,
+                              shape=(self._header.data_size,))
+      self._buf.flags.writeable = False
+    return self._buf
+
+  def view(self, name: str) -> np.ndarray:
+    """Zero-copy, read-only view of one tensor (valid until `close`)."""
+    t = self._header.tensors.get(name)
+    if t is None:
+      raise KfuseError(f"{self.path}: no tensor named {name!r}")
+    raw = np.asarray(self._buffer()[t.begin:t.end])
+    return raw.view(t.dtype).reshape(t.shape)
+
+  def close(self) -> None:
+    """Drop the memory map (views handed out earlier keep it alive until freed)."""
+    self._buf = None
+
+
+def _to_numpy(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+  """Host numpy copy-or-view of ``x`` in a safetensors dtype, cast to ``dtype`` if floating."""
+  try:
+    a = np.asarray(x)
+  except Exception as e:  # e.g. non-addressable jax arrays
+    raise KfuseError(f"tensor {name!r}: cannot convert {type(x).__name__} to numpy: {e}") from e
+  if dtype is not None and a.dtype != dtype and _is_float(a.dtype):
+    a = a.astype(dtype)
+  if a.dtype.byteorder == ">":
+    a = a.astype(a.dtype.newbyteorder("<"))
+  if a.dtype not in _NP_TO_ST:
+    raise KfuseError(f"tensor {name!r}: dtype {a.dtype} (shape {a.shape}) cannot be"
+                     " stored in safetensors")
+  return np.ascontiguousarray(a)
+
+
+def _is_float(dt: np.dtype) -> bool:
+  return dt.kind == "f" or dt.name in _ML_FLOATS
+
+
+def _check_name(name: Any) -> str:
+  if not isinstance(name, str) or not name or name == "__metadata__":
+    raise KfuseError(f"invalid tensor name {name!r}: must be a non-empty string"
+                     " other than '__metadata__'")
+  return name
+
+
+def _header_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+  header: dict[str, Any] = {"__metadata__": dict(metadata)}
+  off = 0
+  for k, a in arrays.items():
+    header[k] = {"dtype": _NP_TO_ST[a.dtype], "shape": list(a.shape),
+                 "data_offsets": [off, off + a.nbytes]}
+    off += a.nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  return raw + b" " * (-len(raw) % 8)
+
+
+def _layout_order(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Largest itemsize first (stable), so every tensor's data is naturally aligned."""
+  keys = sorted(arrays, key=lambda k: -arrays[k].dtype.itemsize)
+  return {k: arrays[k] for k in keys}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> int:
+  """Write ``tensors`` to one safetensors file at ``path`` (not atomic); return bytes written.
+
+  The header is space-padded to a multiple of 8 bytes and tensors are laid out
+  largest-itemsize first so each one is aligned. ``metadata`` defaults to
+  ``{"format": "pt"}`` so that transformers accepts the file.
+  """
+  arrays = _layout_order({_check_name(k): _to_numpy(k, v) for k, v in tensors.items()})
+  meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+  head = _header_bytes(arrays, meta)
+  with open(os.fspath(path), "wb") as f:
+    f.write(struct.pack("<Q", len(head)))
+    f.write(head)
+    for a in arrays.values():
+      if a.nbytes:
+        f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    f.flush()
+    os.fsync(f.fileno())
+  return 8 + len(head) + sum(a.nbytes for a in arrays.values())
+
+
+# ----------------------------------------------------------------- HF directory
+
+
+def _read_json(path: str, what: str) -> Any:
+  try:
+    with open(path, "r", encoding="utf-8") as f:
+      return json.load(f)
+  except OSError as e:
+    raise KfuseError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise KfuseError(f"{path}: invalid JSON in {what}: {e}") from e
+
+
+class HFModel:
+  """Lazily readable Hugging Face safetensors model (single file, directory or shards).
+
+  Obtain with `open_hf_dir`. Only headers are parsed up front; `get` copies one
+  tensor out of a read-only memory map. Usable as a context manager.
+  """
+
+  def __init__(self, path: str, files: dict[str, SafetensorsFile],
+               weight_map: dict[str, str], config: dict | None,
+               metadata: dict[str, Any]):
+    self.path = path
+    self._files = files
+    self._weight_map = weight_map
+    self.config = config
+    self.metadata = metadata
+
+  # -- lookup
+  @property
+  def names(self) -> list[str]:
+    return list(self._weight_map)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._weight_map
+
+  def __len__(self) -> int:
+    return len(self._weight_map)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._weight_map)
+
+  def _info(self, name: str) -> TensorInfo:
+    shard = self._weight_map.get(name)
+    if shard is None:
+      close = difflib.get_close_matches(str(name), self._weight_map, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise KfuseError(f"{self.path}: no tensor named {name!r}"
+                       f" ({len(self._weight_map)} tensors){hint}")
+    return self._files[shard].tensors[name]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._info(name).shape
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._info(name).dtype
+
+  def nbytes(self, name: str) -> int:
+    return self._info(name).nbytes
+
+  def shard_of(self, name: str) -> str:
+    """File name (relative to the model directory) holding ``name``."""
+    self._info(name)
+    return self._weight_map[name]
+
+  @property
+  def shards(self) -> list[str]:
+    return list(self._files)
+
+  # -- data
+  def view(self, name: str) -> np.ndarray:
+    """Zero-copy read-only view into the memory map (valid while the model is open)."""
+    self._info(name)
+    return self._files[self._weight_map[name]].view(name)
+
+  def get(self, name: str, dtype: Any = None) -> np.ndarray:
+    """A fresh, writable copy of tensor ``name``, optionally cast to ``dtype``."""
+    v = self.view(name)
+    dt = _as_dtype(dtype)
+    if dt is not None and dt != v.dtype:
+      return np.asarray(v).astype(dt)
+    return np.array(v, copy=True)
+
+  def close(self) -> None:
+    for f in self._files.values():
+      f.close()
+
+  def __enter__(self) -> "HFModel":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __repr__(self) -> str:
+    return f"HFModel({self.path!r}, {len(self)} tensors, {len(self._files)} file(s))"
+
+
+class LazyTensors(Mapping):
+  """Read-only ``{name: np.ndarray}`` mapping over an `HFModel`; loads on access."""
+
+  def __init__(self, model: HFModel, dtype: Any = None):
+    self.model = model
+    self.dtype = dtype
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name not in self.model:
+      raise KeyError(name)
+    return self.model.get(name, self.dtype)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.model.names)
+
+  def __len__(self) -> int:
+    return len(self.model)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self.model
+
+  def __repr__(self) -> str:
+    return f"LazyTensors({self.model.path!r}, {len(self)} tensors)"
+
+
+def _as_dtype(dtype: Any) -> np.dtype | None:
+  if dtype is None:
+    return None
+  return resolve_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+
+
+def _open_files(directory: str, names: list[str]) -> dict[str, SafetensorsFile]:
+  return {n: SafetensorsFile(os.path.join(directory, n)) for n in names}
+
+
+def _map_from_files(files: dict[str, SafetensorsFile]) -> dict[str, str]:
+  out: dict[str, str] = {}
+  for fname, f in files.items():
+    for name in f.tensors:
+      if name in out:
+        raise KfuseError(f"{f.path}: tensor {name!r} also present in {out[name]}")
+      out[name] = fname
+  return out
+
+
+def _open_index(directory: str) -> tuple[dict[str, SafetensorsFile], dict[str, str], dict]:
+  index_path = os.path.join(directory, INDEX_FILE)
+  index = _read_json(index_path, "safetensors index")
+  wm = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(wm, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+    raise KfuseError(f"{index_path}: 'weight_map' must be an object of name -> file name")
+  first_key: dict[str, str] = {}
+  for k, shard in wm.items():
+    first_key.setdefault(shard, k)
+  for shard, key in first_key.items():
+    if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(directory, shard)):
+      raise KfuseError(f"{index_path}: shard file {shard!r} (holding {key!r}) not found"
+                       f" in {directory}")
+  files = _open_files(directory, list(first_key))
+  for k, shard in wm.items():
+    if k not in files[shard].tensors:
+      raise KfuseError(f"{index_path}: key {k!r} is mapped to {shard!r} but that file"
+                       " has no such tensor")
+  meta = index.get("metadata") or {}
+  return files, dict(wm), meta if isinstance(meta, dict) else {}
+
+
+def open_hf_dir(path: str | os.PathLike) -> HFModel:
+  """Open a HF safetensors model: a directory (single / sharded+index) or one file.
+
+  Inside a directory the lookup order follows transformers: ``model.safetensors``,
+  then ``model.safetensors.index.json``, then every ``*.safetensors`` file
+  (sorted by name; a name present in two files is an error).
+  """
+  p = os.fspath(path)
+  if os.path.isfile(p):
+    if not p.endswith(".safetensors"):
+      raise KfuseError(f"{p}: not a .safetensors file")
+    directory, fname = os.path.split(os.path.abspath(p))
+    files = _open_files(directory, [fname])
+    return HFModel(p, files, _map_from_files(files), None, files[fname].metadata)
+  if not os.path.isdir(p):
+    raise KfuseError(f"model directory {p} does not exist")
+  if os.path.isfile(os.path.join(p, SINGLE_FILE)):
+    files = _open_files(p, [SINGLE_FILE])
+    wm, meta = _map_from_files(files), files[SINGLE_FILE].metadata
+  elif os.path.isfile(os.path.join(p, INDEX_FILE)):
+    files, wm, meta = _open_index(p)
+  else:
+    found = sorted(n for n in os.listdir(p) if n.endswith(".safetensors")
+                   and os.path.isfile(os.path.join(p, n)))
+    if not found:
+      raise KfuseError(f"{p}: no {SINGLE_FILE}, {INDEX_FILE} or other .safetensors file")
+    files = _open_files(p, found)
+    wm, meta = _map_from_files(files), {}
+  cfg_path = os.path.join(p, CONFIG_FILE)
+  config = _read_json(cfg_path, "model config") if os.path.isfile(cfg_path) else None
+  return HFModel(p, files, wm, config, meta)
+
+
+def read_hf_dir(path: str | os.PathLike, dtype: Any = None) -> dict[str, np.ndarray]:
+  """Eagerly load every tensor of a HF model into fresh numpy arrays (in `HFModel.names` order)."""
+  with open_hf_dir(path) as m:
+    return {n: m.get(n, dtype) for n in m.names}
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+  """True for a ``.safetensors`` file or a directory holding safetensors weights."""
+  p = os.fspath(path)
+  if os.path.isfile(p):
+    return p.endswith(".safetensors")
+  if not os.path.isdir(p):
+    return False
+  return os.path.isfile(os.path.join(p, INDEX_FILE)) or any(
+      n.endswith(".safetensors") for n in os.listdir(p))
+
+
+# ----------------------------------------------------------------- writing
+
+
+class HFWriter:
+  """Stream tensors into a HF model directory, holding at most one shard in memory.
+
+  Shards are written to temporary files as they fill up and renamed to
+  ``model-0000k-of-0000N.safetensors`` by `finish` (or to ``model.safetensors``
+  when everything fits in one). Writes into ``out_dir`` directly; use
+  `write_hf_dir` or `atomic_output_dir` for an all-or-nothing output.
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5_000_000_000,
+               dtype: Any = None):
+    self.out_dir = os.fspath(out_dir)
+    if max_shard_bytes <= 0:
+      raise KfuseError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    self.max_shard_bytes = int(max_shard_bytes)
+    self.dtype = _as_dtype(dtype)
+    os.makedirs(self.out_dir, exist_ok=True)
+    clash = [n for n in os.listdir(self.out_dir)
+             if n == INDEX_FILE or fnmatch.fnmatch(n, "model*.safetensors")]
+    if clash:
+      raise KfuseError(f"{self.out_dir}: already holds weights ({clash[0]}); write to an"
+                       " empty directory")
+    self._pending: dict[str, np.ndarray] = {}
+    self._pending_bytes = 0
+    self._shards: list[tuple[str, list[str]]] = []  # (temp path, names)
+    self._names: set[str] = set()
+    self._order: list[str] = []
+    self.total_size = 0
+    self._finished = False
+
+  def add(self, name: str, array: Any) -> None:
+    """Queue one tensor; flushes the current shard first if this one would overflow it."""
+    if self._finished:
+      raise KfuseError(f"{self.out_dir}: HFWriter.add({name!r}) after finish()")
+    _check_name(name)
+    if name in self._names:
+      raise KfuseError(f"{self.out_dir}: duplicate tensor name {name!r}")
+    a = _to_numpy(name, array, self.dtype)
+    if self._pending and self._pending_bytes + a.nbytes > self.max_shard_bytes:
+      self._flush()
+    self._names.add(name)
+    self._order.append(name)
+    self._pending[name] = a
+    self._pending_bytes += a.nbytes
+    self.total_size += a.nbytes
+
+  def _flush(self) -> None:
+    k = len(self._shards) + 1
+    tmp = os.path.join(self.out_dir, f".shard-{k:05d}.safetensors.tmp-{os.getpid()}")
+    names = list(self._pending)
+    self._shards.append((tmp, names))
+    write_safetensors(tmp, self._pending)
+    self._pending, self._pending_bytes = {}, 0
+
+  def abort(self) -> None:
+    """Delete the temporary shards written so far."""
+    self._finished = True
+    self._pending = {}
+    for tmp, _ in self._shards:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+  def finish(self, config: dict | None = None,
+             extra_files: dict[str, str] | None = None) -> list[str]:
+    """Write the remaining shard, rename shards, write index / config / extras; return paths."""
+    if self._finished:
+      raise KfuseError(f"{self.out_dir}: HFWriter.finish() called twice")
+    if self._pending or not self._shards:
+      self._flush()
+    self._finished = True
+    n = len(self._shards)
+    final = [SINGLE_FILE] if n == 1 else [
+        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    written = []
+    for (tmp, _), fname in zip(self._shards, final):
+      dst = os.path.join(self.out_dir, fname)
+      os.replace(tmp, dst)
+      written.append(dst)
+    if n > 1:
+      owner = {name: fname for (_, names), fname in zip(self._shards, final) for name in names}
+      index = {"metadata": {"total_size": self.total_size},
+               "weight_map": {name: owner[name] for name in self._order}}
+      written.append(self._write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n"))
+    if config is not None:
+      cfg = dict(config)
+      if self.dtype is not None and self.dtype.name in _TORCH_DTYPE_NAMES:
+        cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[self.dtype.name]
+      written.append(self._write_text(CONFIG_FILE, json.dumps(cfg, indent=2) + "\n"))
+    for fname, text in (extra_files or {}).items():
+      if os.path.basename(fname) != fname or fname in ("", ".", ".."):
+        raise KfuseError(f"extra file name {fname!r} must be a plain file name")
+      written.append(self._write_text(fname, text))
+    return written
+
+  def _write_text(self, fname: str, text: str) -> str:
+    dst = os.path.join(self.out_dir, fname)
+    atomic_write_text(dst, text)
+    return dst
+
+  def __enter__(self) -> "HFWriter":
+    return self
+
+  def __exit__(self, exc_type, *rest) -> None:
+    if exc_type is not None and not self._finished:
+      self.abort()
+
+
+def write_hf_dir(out_dir: str | os.PathLike, tensors: Mapping[str, Any],
+                 config: dict | None = None, dtype: Any = None,
+                 max_shard_bytes: float = 5e9, overwrite: bool = False) -> list[str]:
+  """Atomically write a complete HF model directory; return the paths of its files."""
+  final = os.fspath(out_dir)
+  with atomic_output_dir(final, overwrite=overwrite) as tmp:
+    with HFWriter(tmp, max_shard_bytes=int(max_shard_bytes), dtype=dtype) as w:
+      for name, arr in tensors.items():
+        w.add(name, arr)
+      written = w.finish(config=config)
+  return [os.path.join(final, os.path.basename(p)) for p in written]
+
+
+def copy_aux_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                   overwrite: bool = False) -> list[str]:
+  """Copy config / tokenizer side files (never weights) from ``src_dir`` to ``dst_dir``.
+
+  Files already present in ``dst_dir`` are kept unless ``overwrite``; returns
+  the names copied. A ``.safetensors`` file path as ``src_dir`` means its folder.
+  """
+  src = os.fspath(src_dir)
+  if os.path.isfile(src):
+    src = os.path.dirname(os.path.abspath(src))
+  if not os.path.isdir(src):
+    raise KfuseError(f"source directory {src} does not exist")
+  dst = os.fspath(dst_dir)
+  if not os.path.isdir(dst):
+    raise KfuseError(f"destination directory {dst} does not exist")
+  copied = []
+  for name in sorted(os.listdir(src)):
+    sp = os.path.join(src, name)
+    if not os.path.isfile(sp) or not any(fnmatch.fnmatch(name, p) for p in AUX_PATTERNS):
+      continue
+    dp = os.path.join(dst, name)
+    if os.path.exists(dp) and not overwrite:
+      continue
+    with open(sp, "rb") as f:
+      atomic_write_bytes(dp, f.read())
+    shutil.copymode(sp, dp)
+    copied.append(name)
+  return copied

@@ -1,0 +1,163 @@
+"""Command-line merge jobs: mergekit YAML and native checkpoint merges.
+
+Both stream tensor by tensor through `kfuse.merge.engine` and write their
+output atomically (a temporary sibling directory renamed when complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from kfuse import tree as T
+from kfuse.merge.api import resolve_values, validate_params
+from kfuse.merge.core import TensorInfo, get_method
+from kfuse.merge.engine import DictSource, TensorTask, execute
+from kfuse.tree import KfuseError
+
+
+def _get(config, name, default=None):
+  try:
+    v = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+  except AttributeError:
+    v = default
+  return default if v is None else v
+
+
+def run_mergekit(config, workdir=None) -> dict:
+  """``configs/mergekit.py:PATH.yml``: run a mergekit YAML into config.output_dir."""
+  from kfuse.mergekit_compat import run_yaml
+  yml = _get(config, "yaml")
+  out = _get(config, "output_dir")
+  if not yml:
+    raise KfuseError("config.yaml: give the mergekit YAML as --config=configs/mergekit.py:PATH.yml")
+  if not out:
+    raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
+  t0 = time.perf_counter()
+  res = run_yaml(yml, out, overwrite=bool(_get(config, "overwrite", False)),
+                 seed=int(_get(config, "seed", 0)),
+                 out_shard_bytes=int(_get(config, "out_shard_bytes", 5_000_000_000)),
+                 progress=bool(_get(config, "progress", True)))
+  res["seconds"] = round(time.perf_counter() - t0, 3)
+  print(json.dumps(res))
+  return res
+
+
+def _split(v) -> list[str]:
+  if v is None:
+    return []
+  if isinstance(v, str):
+    return [x for x in (s.strip() for s in v.split(",")) if x]
+  return [str(x) for x in v]
+
+
+def open_model(path: str):
+  """A tensor source for an HF safetensors dir/file or an Orbax checkpoint."""
+  from kfuse import io as kio
+  if kio.is_hf_dir(path):
+    return kio.open_hf_dir(path), "safetensors", None
+  if kio.is_orbax_checkpoint(path):
+    tree = kio.restore_orbax(path)
+    flat = {k: np.asarray(v) for k, v in T.flatten(tree).items()}
+    return DictSource(flat, path), "orbax", tree
+  if not os.path.exists(path):
+    raise KfuseError(f"model {path} does not exist")
+  raise KfuseError(f"model {path} is neither a safetensors directory nor an Orbax checkpoint")
+
+
+def merge_checkpoints(method: str, models: list[str], base: str | None, output_dir: str, *,
+                      params: Mapping[str, Any] | None = None, seed: int = 0,
+                      overwrite: bool = False, output_format: str = "auto",
+                      dtype: str | None = None, progress: bool = True) -> dict:
+  """Merge checkpoints on disk with a registered method, tensor by tensor."""
+  from kfuse import io as kio
+  m = get_method(method)
+  params = dict(params or {})
+  if not models:
+    raise KfuseError("config.models: empty model list")
+  opened = [open_model(p) for p in models]
+  srcs = [o[0] for o in opened]
+  bsrc = None
+  if base:
+    bsrc = open_model(base)
+  if m.base == "required" and bsrc is None:
+    raise KfuseError(f"config.base: method {m.name!r} requires a base model")
+  if m.base == "include" and bsrc is not None:
+    srcs = [bsrc[0]] + srcs
+    bsrc = None
+  if m.base == "unused":
+    bsrc = None
+  n = len(srcs)
+  if n < m.min_models or (m.max_models is not None and n > m.max_models):
+    raise KfuseError(f"config.models: method {m.name!r} takes {m.min_models}.."
+                     f"{m.max_models or 'any'} models besides the base, got {n}")
+  validate_params(m, params, n, where="config.params")
+  all_srcs = ([bsrc[0]] if bsrc else []) + srcs
+  ref = all_srcs[0]
+  for s in all_srcs[1:]:
+    extra = [k for k in s.names if k not in ref.names]
+    if extra:
+      raise KfuseError(f"{s.path}: extra key {extra[0]!r} not in {ref.path}")
+    missing = [k for k in ref.names if k not in s.names]
+    if missing:
+      raise KfuseError(f"{s.path}: missing key {missing[0]!r} present in {ref.path}")
+  kinds = {o[1] for o in opened}
+  fmt = output_format
+  if fmt == "auto":
+    fmt = "safetensors" if kinds == {"safetensors"} else "orbax"
+  layout = "torch" if kinds == {"safetensors"} else "flax"
+  L = T.num_layers(ref.names)
+  off = 1 if bsrc else 0
+  tasks = []
+  for name in ref.names:
+    info = TensorInfo(name, tuple(ref.shape(name)), ref.dtype(name), T.layer_index(name), L, layout)
+    vals = resolve_values(m, params, info, n)
+    tasks.append(TensorTask(name, m, (0, name) if bsrc else None,
+                            [(i + off, name) for i in range(n)], vals, info))
+  stats = None
+  if m.tree_stats is not None:
+    raise KfuseError(f"method {m.name!r} needs whole-model statistics; use kfuse.merge.merge in Python")
+  dt = T.resolve_dtype(dtype) if dtype else None
+  key = jax.random.key(seed)
+  t0 = time.perf_counter()
+  if fmt == "safetensors":
+    with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+      donor = ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path)
+      kio.copy_aux_files(donor, tmp)
+      w = kio.HFWriter(tmp, dtype=dt)
+      count = execute(tasks, all_srcs, w.add, key=key, dtype=dt, progress=progress)
+      w.finish(config=getattr(ref, "config", None))
+  elif fmt == "orbax":
+    out = {}
+    count = execute(tasks, all_srcs, out.__setitem__, key=key, dtype=dt, progress=progress)
+    like = next((o[2] for o in ([bsrc] if bsrc else []) + opened if o[2] is not None), None)
+    tree = T.unflatten(like, out) if like is not None else out
+    kio.save_orbax(output_dir, tree, overwrite=overwrite)
+  else:
+    raise KfuseError(f"config.output_format: unknown format {output_format!r} (auto|safetensors|orbax)")
+  return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
+          "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def run_native(config, workdir=None) -> dict:
+  """``configs/merge.py``: merge checkpoints named on the command line."""
+  params = _get(config, "params", {})
+  params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
+  params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if v is not None}
+  out = _get(config, "output_dir")
+  if not out:
+    raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
+  res = merge_checkpoints(_get(config, "method"), _split(_get(config, "models")),
+                          _get(config, "base") or None, out, params=params,
+                          seed=int(_get(config, "seed", 0)),
+                          overwrite=bool(_get(config, "overwrite", False)),
+                          output_format=_get(config, "output_format", "auto"),
+                          dtype=_get(config, "dtype") or None,
+                          progress=bool(_get(config, "progress", True)))
+  print(json.dumps(res))
+  return res

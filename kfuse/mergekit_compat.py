@@ -1,0 +1,444 @@
+"""Run mergekit YAML configurations with kfuse.
+
+    python -m kfuse.main --config=configs/mergekit.py:PATH/TO/merge.yml --config.output_dir=OUT
+
+reads a mergekit YAML unchanged (``models:`` or ``slices:``, ``merge_method``,
+``base_model``, ``parameters`` with filters and gradients, ``dtype``,
+``out_dtype``) and writes an HF safetensors directory whose tensors equal
+mergekit 0.1.5's for every deterministic method (float32 relative error
+≤ 1e-5; tests/peers). Semantics replicated (experiments/notes/mergekit_semantics.md):
+
+* ``models:`` is one slice over all layers; a ``base_model`` not listed is
+  appended as the last input. Methods that ignore the base (linear, karcher,
+  passthrough) treat it as one more input.
+* Per-model parameters: source → slice → top level → default; shared
+  parameters: slice → top level → default. A filter list that matches
+  nothing falls through to the next level. Per-model filters see the model's
+  *input* tensor name, shared ones the *output* name.
+* Gradients use t = j/(L−1) within each output slice (t = 1 for one layer);
+  embeddings and the final norm / head use t = 0, with the first / last
+  slice's sources.
+* ``dtype`` casts inputs at load time (arithmetic in that dtype);
+  ``out_dtype`` casts the saved tensors (default: the merge dtype).
+
+Where kfuse is stricter than mergekit (on purpose, each a one-line error):
+unknown parameter names (mergekit ignores them silently), unknown top-level
+keys, tensors missing from or shaped differently in some model, NaN/Inf
+inputs, an existing output directory. Not supported yet: ``modules:``,
+tokenizer merging (``tokenizer``/``tokenizer_source`` other than ``base``),
+LoRA model references.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import yaml
+
+from kfuse import tree as T
+from kfuse.merge import params as P
+from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
+from kfuse.merge.engine import TensorTask, execute
+from kfuse.tree import KfuseError
+
+log = logging.getLogger("kfuse.mergekit")
+
+TOP_KEYS = {"models", "slices", "modules", "merge_method", "base_model", "dtype",
+            "out_dtype", "parameters", "tokenizer", "tokenizer_source", "chat_template",
+            "name"}
+_LAYER = re.compile(r"^(.*?\.)(\d+)(\..*)$")
+_POST = re.compile(r"(^|\.)(norm|final_layernorm|ln_f|final_layer_norm)\.(weight|bias)$|^lm_head\.")
+
+
+@dataclasses.dataclass
+class Source:
+  model: str
+  layer_range: Optional[tuple]
+  parameters: dict
+
+
+@dataclasses.dataclass
+class Slice:
+  sources: list
+  parameters: dict
+  base_model: Optional[str]
+
+
+def _fail(path, msg):
+  raise KfuseError(f"{path}: {msg}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+  path = str(path)
+  if not os.path.isfile(path):
+    raise KfuseError(f"mergekit config {path} does not exist")
+  try:
+    with open(path) as f:
+      cfg = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    msg = str(e).replace("\n", " ")
+    raise KfuseError(f"{path}: invalid YAML: {msg}") from None
+  if not isinstance(cfg, dict):
+    _fail(path, "top level must be a mapping")
+  return cfg
+
+
+def _model_ref(v, where, cfg_path) -> str:
+  if isinstance(v, dict) and "model" in v:  # {model: {path: ...}} / {model: path}
+    v = v["model"]
+  if isinstance(v, dict) and "path" in v:
+    v = v["path"]
+  if not isinstance(v, str) or not v:
+    _fail(cfg_path, f"{where}: a model reference must be a path string, got {v!r}")
+  if "+" in v:
+    _fail(cfg_path, f"{where}: LoRA references ({v!r}) are not supported")
+  if v.count("@") > 1:
+    _fail(cfg_path, f"{where}: invalid model reference {v!r}")
+  return v.split("@")[0]
+
+
+def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[list[Slice], dict]:
+  """Validate a mergekit config dict and normalise it to slices."""
+  extra = set(cfg) - TOP_KEYS
+  if extra:
+    _fail(cfg_path, f"unknown top-level key {sorted(extra)[0]!r}")
+  if "merge_method" not in cfg:
+    _fail(cfg_path, "missing required key 'merge_method'")
+  n_set = sum(1 for k in ("models", "slices", "modules") if cfg.get(k))
+  if n_set != 1:
+    _fail(cfg_path, "exactly one of 'models', 'slices', or 'modules' must be present")
+  if cfg.get("modules"):
+    _fail(cfg_path, "'modules:' configs are not supported by kfuse yet")
+  if cfg.get("tokenizer") and cfg.get("tokenizer_source"):
+    _fail(cfg_path, "cannot specify both 'tokenizer' and 'tokenizer_source'")
+  if cfg.get("tokenizer") or cfg.get("tokenizer_source") not in (None, "base"):
+    _fail(cfg_path, "tokenizer merging ('tokenizer' / 'tokenizer_source') is not supported")
+  top_params = cfg.get("parameters") or {}
+  if not isinstance(top_params, dict):
+    _fail(cfg_path, "'parameters' must be a mapping")
+  base = _model_ref(cfg["base_model"], "base_model", cfg_path) if cfg.get("base_model") else None
+  slices = []
+  if cfg.get("models"):
+    models = cfg["models"]
+    if not isinstance(models, list):
+      _fail(cfg_path, "'models' must be a list")
+    srcs = []
+    for i, m in enumerate(models):
+      if isinstance(m, str):
+        m = {"model": m}
+      if not isinstance(m, dict) or "model" not in m:
+        _fail(cfg_path, f"models[{i}] needs a 'model' key")
+      bad = set(m) - {"model", "parameters"}
+      if bad:
+        _fail(cfg_path, f"models[{i}]: unknown key {sorted(bad)[0]!r}")
+      srcs.append(Source(_model_ref(m["model"], f"models[{i}]", cfg_path), None,
+                         dict(m.get("parameters") or {})))
+    if base is not None and base not in [s.model for s in srcs]:
+      srcs.append(Source(base, None, {}))
+    slices.append(Slice(srcs, {}, base))
+  else:
+    for si, s in enumerate(cfg["slices"]):
+      if not isinstance(s, dict) or "sources" not in s:
+        _fail(cfg_path, f"slices[{si}] needs 'sources'")
+      bad = set(s) - {"sources", "parameters", "base_model", "residual_weight"}
+      if bad:
+        _fail(cfg_path, f"slices[{si}]: unknown key {sorted(bad)[0]!r}")
+      srcs = []
+      for j, src in enumerate(s["sources"]):
+        where = f"slices[{si}].sources[{j}]"
+        if not isinstance(src, dict) or "model" not in src:
+          _fail(cfg_path, f"{where} needs a 'model' key")
+        bad = set(src) - {"model", "layer_range", "parameters"}
+        if bad:
+          _fail(cfg_path, f"{where}: unknown key {sorted(bad)[0]!r}")
+        lr = src.get("layer_range")
+        if lr is not None:
+          if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+              or not all(isinstance(x, int) for x in lr) or lr[0] < 0 or lr[1] <= lr[0]):
+            _fail(cfg_path, f"{where}: layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
+          lr = (lr[0], lr[1])
+        srcs.append(Source(_model_ref(src["model"], where, cfg_path), lr,
+                           dict(src.get("parameters") or {})))
+      lens = {(x.layer_range[1] - x.layer_range[0]) if x.layer_range else None for x in srcs}
+      if len(lens) > 1:
+        _fail(cfg_path, f"slices[{si}]: all inputs to a slice must contain the same number of layers")
+      sbase = _model_ref(s["base_model"], f"slices[{si}].base_model", cfg_path) if s.get("base_model") else base
+      if sbase is not None and sbase not in [x.model for x in srcs]:
+        _fail(cfg_path, f"slices[{si}]: base_model {sbase!r} is not among the slice's sources")
+      slices.append(Slice(srcs, dict(s.get("parameters") or {}), sbase))
+  return slices, dict(top_params)
+
+
+# ---------------------------------------------------------------- coercion
+
+
+def _coerce(p, v, where):
+  """pydantic-lax coercion of a scalar to the parameter's type (mergekit)."""
+  if v is None:
+    return None
+  if p.kind is bool:
+    if isinstance(v, bool):
+      return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+      return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+      return v.lower() in ("true", "yes", "on", "1")
+    raise KfuseError(f"{where}: parameter {p.name!r} must be a boolean, got {v!r}")
+  if p.kind is int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+      raise KfuseError(f"{where}: parameter {p.name!r} must be an integer, got {v!r}")
+    f = float(v)
+    if f != int(f):
+      raise KfuseError(f"{where}: parameter {p.name!r} must be an integer, got {v!r}")
+    return int(f)
+  if p.kind is float:
+    try:
+      return float(v)
+    except (TypeError, ValueError):
+      raise KfuseError(f"{where}: parameter {p.name!r} must be a number, got {v!r}") from None
+  return v
+
+
+def _to_setting(v):
+  """mergekit ParameterSetting -> kfuse setting (lists of scalars are gradients)."""
+  if isinstance(v, dict) and "value" in v:
+    v = [v]
+  if isinstance(v, list):
+    if not v:
+      return None
+    if all(isinstance(r, dict) for r in v):
+      return [{"filter": r.get("filter"), "value": _to_setting(r.get("value"))} for r in v]
+    return P.Gradient(v)
+  return v
+
+
+def _check_names(method: Method, params: Mapping, where: str, per_model: bool):
+  spec = method.param_map
+  for k in params:
+    if k not in spec:
+      known = ", ".join(sorted(spec)) or "none"
+      raise KfuseError(f"{where}: unknown parameter {k!r} for merge_method {method.name!r}"
+                       f" (known: {known})")
+
+
+# ------------------------------------------------------------- architecture
+
+
+@dataclasses.dataclass
+class Layout:
+  pre: list         # non-layer tensors taken from the first slice
+  post: list        # non-layer tensors taken from the last slice
+  templates: list   # (prefix, suffix) of layer tensors, in file order
+  num_layers: int
+
+
+def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
+  pre, post, templates, seen = [], [], [], set()
+  max_idx = -1
+  for n in names:
+    m = _LAYER.match(n)
+    if m:
+      tpl = (m.group(1), m.group(3))
+      max_idx = max(max_idx, int(m.group(2)))
+      if tpl not in seen:
+        seen.add(tpl)
+        templates.append(tpl)
+    elif _POST.search(n):
+      post.append(n)
+    else:
+      pre.append(n)
+  nl = max_idx + 1
+  if config and isinstance(config.get("num_hidden_layers"), int):
+    nl = config["num_hidden_layers"]
+  return Layout(pre, post, templates, nl)
+
+
+# --------------------------------------------------------------- planning
+
+
+def _resolve(method: Method, levels_shared: list, levels_model: list[list], out_name: str,
+             in_names: list[str], t: float, n: int, where: str) -> dict:
+  """Python values of every parameter for one output tensor."""
+  values = {}
+  for p in method.params:
+    if p.per_model:
+      vals = []
+      for i in range(n):
+        v = None
+        for lvl in levels_model[i]:
+          if p.name in lvl:
+            v = P.evaluate(lvl[p.name], in_names[i], t, what=p.name)
+            if v is not None:
+              break
+        if v is None:
+          for lvl in levels_shared:
+            if p.name in lvl:
+              v = P.evaluate(lvl[p.name], in_names[i], t, what=p.name)
+              if v is not None:
+                break
+        if v is None:
+          if p.default is REQUIRED or (p.name == "weight" and method.name not in _WEIGHT_OPTIONAL):
+            raise KfuseError(f"{where}: missing required parameter {p.name!r} for model {i}"
+                             f" tensor {in_names[i]!r}")
+          v = p.default
+        vals.append(_coerce(p, v, where))
+      values[p.name] = vals
+    else:
+      v = None
+      for lvl in levels_shared:
+        if p.name in lvl:
+          v = P.evaluate(lvl[p.name], out_name, t, what=p.name)
+          if v is not None:
+            break
+      if v is None:
+        if p.default is REQUIRED:
+          raise KfuseError(f"{where}: missing required parameter {p.name!r} for {out_name!r}")
+        v = p.default
+      values[p.name] = _coerce(p, v, where)
+  return values
+
+
+_WEIGHT_OPTIONAL: set = set()  # mergekit requires `weight` wherever it exists
+
+
+def _contract(method: Method, slc: Slice, where: str) -> tuple[Optional[int], list[int]]:
+  """(base source index | None, expert source indices) as mergekit forms them."""
+  idx = list(range(len(slc.sources)))
+  names = [s.model for s in slc.sources]
+  if method.base in ("unused", "include"):
+    base_i, experts = None, idx
+    nb = len(experts)
+  else:
+    if slc.base_model is None:
+      if method.base == "required":
+        raise KfuseError(f"{where}: merge_method {method.name!r} requires a base_model")
+      base_i, experts = None, idx
+    else:
+      base_i = names.index(slc.base_model)
+      experts = [i for i in idx if i != base_i]
+    nb = len(experts)
+  lo, hi = method.min_models, method.max_models
+  if nb < lo or (hi is not None and nb > hi):
+    what = "inputs" if method.base in ("unused", "include") else "non-base models"
+    rng = f"{lo}" if hi == lo else f"{lo}..{hi if hi is not None else 'any'}"
+    raise KfuseError(f"{where}: merge_method {method.name!r} takes {rng} {what}, got {nb}")
+  return base_i, experts
+
+
+def build_plan(slices: list[Slice], top_params: dict, method: Method, models: dict,
+               cfg_path: str) -> tuple[list[TensorTask], list[str], int]:
+  """Plan every output tensor. ``models`` maps model path -> TensorSource."""
+  paths = list(models)
+  mindex = {p: i for i, p in enumerate(paths)}
+  ref_model = slices[0].base_model or slices[0].sources[0].model
+  layout = infer_layout(models[ref_model].names, getattr(models[ref_model], "config", None))
+  top = {k: _to_setting(v) for k, v in top_params.items()}
+  _check_names(method, top, f"{cfg_path}: parameters", False)
+  tasks: list[TensorTask] = []
+  out_names: list[str] = []
+  total_layers = sum(
+      (s.sources[0].layer_range[1] - s.sources[0].layer_range[0]) if s.sources[0].layer_range
+      else layout.num_layers for s in slices)
+
+  def add(out_name, slc, si, in_names, t, layer, where):
+    base_i, experts = _contract(method, slc, where)
+    shared_levels = [{k: _to_setting(v) for k, v in slc.parameters.items()}, top]
+    _check_names(method, shared_levels[0], f"{where}.parameters", False)
+    model_levels = []
+    for i in experts:
+      lv = {k: _to_setting(v) for k, v in slc.sources[i].parameters.items()}
+      _check_names(method, lv, f"{where}.sources[{i}].parameters", True)
+      model_levels.append([lv])
+    vals = _resolve(method, shared_levels, model_levels, out_name,
+                    [in_names[i] for i in experts], t, len(experts), f"{cfg_path}: {where}")
+    ref = (mindex[slc.sources[base_i].model], in_names[base_i]) if base_i is not None else None
+    exps = [(mindex[slc.sources[i].model], in_names[i]) for i in experts]
+    src0 = models[slc.sources[experts[0]].model] if base_i is None else models[slc.sources[base_i].model]
+    nm0 = in_names[experts[0]] if base_i is None else in_names[base_i]
+    if nm0 not in src0:
+      raise KfuseError(f"{src0.path}: missing tensor {nm0!r}")
+    info = TensorInfo(path=out_name, shape=tuple(src0.shape(nm0)), dtype=src0.dtype(nm0),
+                      layer=layer, num_layers=total_layers, layout="torch")
+    tasks.append(TensorTask(out_name, method, ref, exps, vals, info))
+    out_names.append(out_name)
+
+  # pre-weights: first slice, t = 0
+  for nm in layout.pre:
+    add(nm, slices[0], 0, [nm] * len(slices[0].sources), 0.0, None, "slices[0]")
+  offset = 0
+  for si, slc in enumerate(slices):
+    lr = [s.layer_range or (0, layout.num_layers) for s in slc.sources]
+    length = lr[0][1] - lr[0][0]
+    for j in range(length):
+      t = 1.0 if length == 1 else j / (length - 1)
+      for pre_, suf in layout.templates:
+        in_names = [f"{pre_}{r[0] + j}{suf}" for r in lr]
+        add(f"{pre_}{offset + j}{suf}", slc, si, in_names, t, offset + j, f"slices[{si}]")
+    offset += length
+  for nm in layout.post:
+    last = slices[-1]
+    add(nm, last, len(slices) - 1, [nm] * len(last.sources), 0.0, None, f"slices[{len(slices) - 1}]")
+  return tasks, out_names, offset
+
+
+def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
+             overwrite: bool = False, seed: int = 0, out_shard_bytes: int = 5_000_000_000,
+             progress: bool = True, copy_tokenizer: bool = True) -> dict:
+  """Run a mergekit YAML and write an HF safetensors directory (atomically).
+
+  Returns a summary dict (tensors written, output path, method).
+  """
+  from kfuse import io as kio  # lazy: keeps `import kfuse.mergekit_compat` light
+
+  config_path = str(config_path)
+  cfg = load_yaml(config_path)
+  slices, top_params = parse_config(cfg, config_path)
+  method = get_method(cfg["merge_method"]) if cfg["merge_method"] in _known() else None
+  if method is None:
+    raise KfuseError(f"{config_path}: unknown merge_method {cfg['merge_method']!r}")
+  dtype = T.resolve_dtype(cfg.get("dtype")) if cfg.get("dtype") else None
+  out_dtype = T.resolve_dtype(cfg.get("out_dtype")) if cfg.get("out_dtype") else dtype
+  base_dir = Path(config_path).resolve().parent
+  models = {}
+  for s in slices:
+    for src in s.sources:
+      if src.model not in models:
+        p = src.model if os.path.isabs(src.model) or os.path.exists(src.model) else str(base_dir / src.model)
+        models[src.model] = kio.open_hf_dir(p)
+  tasks, out_names, total_layers = build_plan(slices, top_params, method, models, config_path)
+  dup = {n for n in out_names if out_names.count(n) > 1}
+  if dup:
+    raise KfuseError(f"{config_path}: output tensor {sorted(dup)[0]!r} would be written twice")
+  donor = models[slices[0].base_model or slices[0].sources[0].model]
+  config = copy.deepcopy(donor.config) if donor.config else None
+  if config is not None:
+    if cfg.get("slices") and "num_hidden_layers" in config:
+      config["num_hidden_layers"] = total_layers
+    if out_dtype is not None:
+      config["torch_dtype"] = np.dtype(out_dtype).name
+  sources = [models[m] for m in models]
+  key = jax.random.key(seed)
+  with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    if copy_tokenizer:  # tokenizer & co. first: finish() then writes the edited config.json
+      kio.copy_aux_files(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path), tmp)
+    writer = kio.HFWriter(tmp, max_shard_bytes=out_shard_bytes, dtype=out_dtype)
+    n = execute(tasks, sources, writer.add, key=key, dtype=dtype, out_dtype=out_dtype,
+                progress=progress)
+    writer.finish(config=config)
+    with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:
+      yaml.safe_dump(cfg, f, sort_keys=False)
+  return {"output_dir": str(output_dir), "tensors": n, "method": method.name}
+
+
+def _known():
+  from kfuse.merge.core import names
+  return set(names())

@@ -1,0 +1,25 @@
+"""Dispatch table from ``config.task`` to library entry points ``run(config, workdir)``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kfuse.tree import KfuseError
+
+# task name -> "module:function"; each function takes (config, workdir).
+TASKS = {
+    "mergekit": "kfuse.merge.runner:run_mergekit",
+    "merge": "kfuse.merge.runner:run_native",
+    "merge_bench": "kfuse.bench.merge_bench:run",
+}
+
+
+def run(config: Any, workdir: str | None = None) -> Any:
+  task = config.get("task") if hasattr(config, "get") else None
+  if task not in TASKS:
+    raise KfuseError(f"config.task: unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+  mod, fn = TASKS[task].split(":")
+  if workdir is None:
+    workdir = config.get("workdir")
+  return getattr(importlib.import_module(mod), fn)(config, workdir)
