@@ -177,8 +177,8 @@ TRANSFORMS: dict[str, tuple[Callable[..., Fn], str]] = {
 
 SUITES: dict[str, tuple[str, tuple[str, ...]]] = {
     # suite name: (base dataset, transforms in suite order)
-    "mnist1d": ("mnist1d", ("reverse", "negate", "shift", "permute", "derivative",
-                            "blocks", "mix", "noise", "mask", "identity")),
+    "mnist1d": ("mnist1d", ("reverse", "shift", "permute", "mix", "negate",
+                            "derivative", "blocks", "noise", "mask", "identity")),
     "digits": ("digits", ("reverse", "flip_ud", "transpose", "negate", "permute",
                           "rot90", "blocks", "mix", "noise", "identity")),
 }

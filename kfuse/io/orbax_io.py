@@ -98,13 +98,14 @@ def save_orbax(path: str | os.PathLike, tree: PyTree, overwrite: bool = False) -
   """
   p = os.fspath(path)
   check_output_free(p, overwrite)
+  _check_saveable(p, tree)
   ocp = _ocp()
   dst = os.path.abspath(p)
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   multi = jax.process_count() > 1
   target = dst if multi else temp_sibling(dst)
   try:
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
       ckptr.save(target, args=ocp.args.StandardSave(tree), force=multi and overwrite)
       ckptr.wait_until_finished()
   except BaseException as e:
@@ -118,6 +119,14 @@ def save_orbax(path: str | os.PathLike, tree: PyTree, overwrite: bool = False) -
   if not multi:
     commit_dir(target, dst, overwrite)
   return p
+
+
+def _check_saveable(path: str, tree: PyTree) -> None:
+  """Orbax rejects zero-size arrays (and then races its own cleanup): fail early instead."""
+  for k, v in flatten(tree).items():
+    if 0 in tuple(np.shape(v)):
+      raise KfuseError(f"cannot save orbax checkpoint {path}: key {k!r} has zero-size"
+                       f" shape {tuple(np.shape(v))}, which orbax cannot store")
 
 
 def _remove_tree(path: str) -> None:
@@ -136,9 +145,17 @@ def _host_restore_args(meta_tree: PyTree) -> PyTree:
 
 
 def _abstract(x: Any) -> Any:
-  """Restore target leaf: jax arrays become ShapeDtypeStructs carrying their sharding."""
+  """Restore target leaf: jax arrays / ShapeDtypeStructs become ShapeDtypeStructs with a sharding.
+
+  Orbax restores a ShapeDtypeStruct *without* sharding as whatever type was
+  saved (numpy for host arrays), so such leaves get the default device.
+  Numpy leaves stay numpy.
+  """
   if isinstance(x, jax.Array):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  if isinstance(x, jax.ShapeDtypeStruct) and getattr(x, "sharding", None) is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)
   return x
 
 

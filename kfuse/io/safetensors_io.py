@@ -227,7 +227,7 @@ def _to_numpy(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
   if a.dtype not in _NP_TO_ST:
     raise KfuseError(f"tensor {name!r}: dtype {a.dtype} (shape {a.shape}) cannot be"
                      " stored in safetensors")
-  return np.ascontiguousarray(a)
+  return a if a.flags.c_contiguous else np.array(a, order="C")  # keeps 0-d shapes
 
 
 def _is_float(dt: np.dtype) -> bool:

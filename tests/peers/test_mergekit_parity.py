@@ -494,12 +494,14 @@ slices:
         layer_range: [1, 4]
 """)
 
+# arcee_fusion runs on the "wide" pair: with ~1e-3 deltas its softmax-KL importance is
+# dominated by float32 rounding (mergekit f32 vs f64 differ by ~1e-1), see conftest.py
 _case("arcee_fusion")("""
 merge_method: arcee_fusion
-base_model: $base
+base_model: $wbase
 models:
-  - model: $base
-  - model: $e1
+  - model: $wbase
+  - model: $wexp
 """)
 
 _case("linear_bf16_out_f32", kind="bf16")("""
@@ -570,18 +572,6 @@ models:
     parameters: {weight: 0.5, density: 0.5}
 """)
 
-_case("dare_linear_multi", kind="stats")("""
-merge_method: dare_linear
-base_model: $base
-parameters:
-  density: 0.3
-models:
-  - model: $e1
-    parameters: {weight: 0.5}
-  - model: $e2
-    parameters: {weight: 0.5}
-""")
-
 _case("della_multi", kind="stats")("""
 merge_method: della
 base_model: $base
@@ -592,18 +582,6 @@ models:
     parameters: {weight: 1.0, density: 0.4}
   - model: $e2
     parameters: {weight: 0.6, density: 0.4}
-""")
-
-_case("della_linear_multi", kind="stats")("""
-merge_method: della_linear
-base_model: $base
-models:
-  - model: $e1
-    parameters: {weight: 0.5, density: 0.5, epsilon: 0.2}
-  - model: $e2
-    parameters: {weight: 0.5, density: 0.5, epsilon: 0.2}
-  - model: $e3
-    parameters: {weight: 0.5, density: 0.5, epsilon: 0.2}
 """)
 
 EXACT_CASES = sorted(k for k, v in CASES.items() if v[1] in ("exact", "bf16"))
@@ -621,6 +599,8 @@ def render(template: str, family: Dict[str, str]) -> str:
         e1=family["expert1"],
         e2=family["expert2"],
         e3=family["expert3"],
+        wbase=family.get("wide_base", ""),
+        wexp=family.get("wide_expert", ""),
     )
 
 

@@ -1,0 +1,431 @@
+"""Multi-task model-merging benchmark (FusionBench's CLIP 8-task protocol, at toy scale).
+
+Pipeline (`run`):
+
+1. build a task suite (`kfuse.data.tasks`): N tasks sharing one input space,
+   each a fixed transformation + relabelling of a base dataset;
+2. pretrain a classifier (backbone + throw-away head) on the untransformed
+   base data;
+3. per task, fit a fresh linear head on the frozen pretrained backbone
+   (linear probe), then fine-tune backbone (+ head) -> one expert per task;
+4. evaluate on every task: the individual experts, the pretrained backbone
+   with each task's fine-tuned head (the "zero-shot" row), and every merge
+   method of ``config.methods``. Only backbones are merged (`kfuse.merge`);
+   each task is scored with the merged backbone and its own head. A method's
+   hyper-parameters are chosen on the validation splits (average accuracy)
+   from the Cartesian grid ``config.methods.<label>.grid``; test accuracy is
+   reported for the chosen point;
+5. write ``results.json`` (atomic), ``results.md``, ``merge_bench.png`` and
+   Orbax checkpoints (``checkpoints/{pretrained,experts,merged}``) under the
+   workdir, and print the Markdown table.
+
+Accuracies are reported per task, averaged, and normalised by the individual
+experts' accuracy (merged / expert, per task).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from kfuse import models, train
+from kfuse.data import iterate, make_suite, pretrain_task
+from kfuse.tree import KfuseError
+
+PyTree = Any
+
+__all__ = ["run", "markdown_table", "plot", "grid_points", "method_specs"]
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "merge_bench.png"
+
+
+# ------------------------------------------------------------------ config helpers
+
+
+def _to_dict(x: Any) -> dict:
+  if x is None:
+    return {}
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return dict(x)
+
+
+def _get(cfg: Any, field: str, default: Any = None) -> Any:
+  if cfg is None:
+    return default
+  try:
+    return cfg[field] if field in cfg else default
+  except TypeError:
+    return getattr(cfg, field, default)
+
+
+def _plain(v: Any) -> Any:
+  """Tuples -> lists, numpy scalars -> Python, recursively (JSON-friendly)."""
+  if isinstance(v, Mapping):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, np.generic):
+    return v.item()
+  return v
+
+
+def grid_points(params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[dict]:
+  """Every ``{**params, **combination}`` of the Cartesian ``grid`` (in order)."""
+  params, grid = _plain(params), _plain(grid)
+  names = list(grid)
+  for n in names:
+    if not isinstance(grid[n], list) or not grid[n]:
+      raise KfuseError(f"grid.{n}: expected a non-empty list of candidate values, got {grid[n]!r}")
+  return [{**params, **dict(zip(names, combo))}
+          for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def method_specs(methods_cfg: Any) -> list[dict]:
+  """Validate ``config.methods`` and return ``[{label, method, points}]``.
+
+  Each entry ``config.methods.<label>`` holds ``method`` (a `kfuse.merge`
+  name; default: the label), ``params`` and an optional ``grid``. Unknown
+  methods / parameter names fail here, before any training.
+  """
+  from kfuse import merge
+
+  specs = []
+  for label, entry in _to_dict(methods_cfg).items():
+    entry = dict(entry or {})
+    unknown = set(entry) - {"method", "params", "grid"}
+    if unknown:
+      raise KfuseError(f"methods.{label}: unknown field {sorted(unknown)[0]!r}"
+                       " (expected method, params, grid)")
+    name = entry.get("method") or label
+    try:
+      m = merge.get_method(name)
+    except KfuseError as e:
+      raise KfuseError(f"methods.{label}.method: {e}") from None
+    params = _to_dict(entry.get("params"))
+    grid = _to_dict(entry.get("grid"))
+    for p in list(params) + list(grid):
+      if p not in m.param_map:
+        raise KfuseError(f"methods.{label}.params: unknown parameter {p!r} for method {name!r}"
+                         f" (known: {', '.join(sorted(m.param_map)) or 'none'})")
+    try:
+      points = grid_points(params, grid)
+    except KfuseError as e:
+      raise KfuseError(f"methods.{label}.{e}") from None
+    specs.append({"label": label, "method": name, "points": points, "grid": sorted(grid)})
+  return specs
+
+
+def _check_workdir(workdir: str, overwrite: bool) -> str:
+  if not workdir:
+    raise KfuseError("workdir: empty; set config.workdir or --workdir")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not overwrite:
+    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+# ------------------------------------------------------------------ training phases
+
+
+class _Phases:
+  """Jitted train / predict functions, built once per (model shape, phase) and reused."""
+
+  def __init__(self, config):
+    self.config = config
+    self.model_cfg = _to_dict(config.model)
+    self._models: dict[int, Any] = {}
+    self._steps: dict[tuple, Any] = {}
+    self._predict: dict[int, Any] = {}
+
+  def model(self, num_classes: int):
+    if num_classes not in self._models:
+      kw = dict(self.model_cfg)
+      name = kw.pop("name", "mlp")
+      self._models[num_classes] = models.get_model(name, num_classes=num_classes, **kw)
+    return self._models[num_classes]
+
+  def step(self, num_classes: int, phase: str, opt_cfg: Mapping, steps: int,
+           trainable: Sequence[str] | None):
+    key = (num_classes, phase)
+    if key not in self._steps:
+      tx = train.make_optimizer(opt_cfg, steps, trainable)
+      self._steps[key] = (tx, train.make_train_step(self.model(num_classes), tx, trainable))
+    return self._steps[key]
+
+  def predict(self, num_classes: int):
+    if num_classes not in self._predict:
+      self._predict[num_classes] = train.make_predict(self.model(num_classes))
+    return self._predict[num_classes]
+
+
+def _train(phases: _Phases, task, params: PyTree, phase: str, cfg: Mapping, opt_cfg: Mapping,
+           steps: int, trainable, key: jax.Array, progress: bool):
+  tx, step = phases.step(task.num_classes, phase, opt_cfg, steps, trainable)
+  state = train.init_state(params, tx)
+  k_data, k_drop = jax.random.split(key)
+  batches = iterate(k_data, task.x_train, task.y_train, int(cfg["batch_size"]), epochs=None)
+  state, history = train.fit(step, state, batches, steps, k_drop, desc=f"{phase}[{task.name}]",
+                             log_every=int(cfg.get("log_every", 100)), progress=progress)
+  return state.params, history
+
+
+def _trainable(value: str, field: str):
+  table = {"all": None, "backbone": ("backbone",), "head": ("head",)}
+  if value not in table:
+    raise KfuseError(f"{field}: expected one of {', '.join(table)}, got {value!r}")
+  return table[value]
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _eval_backbone(phases: _Phases, suite, backbone: PyTree, heads: Sequence[PyTree],
+                   split: str, batch_size: int) -> dict[str, float]:
+  """Accuracy of ``backbone`` + each task's head on each task's ``split``."""
+  out = {}
+  for task, head in zip(suite, heads):
+    x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+    m = train.evaluate(phases.predict(task.num_classes), models.with_params(backbone, head),
+                       x, y, batch_size)
+    out[task.name] = m["accuracy"]
+  return out
+
+
+def _row(name: str, method: str | None, params: Mapping | None, val: Mapping, test: Mapping,
+         reference: Mapping | None, **extra) -> dict:
+  row = {"name": name, "method": method, "params": _plain(params or {}),
+         "val": dict(val), "test": dict(test),
+         "val_avg": float(np.mean(list(val.values()))),
+         "test_avg": float(np.mean(list(test.values())))}
+  if reference is not None:
+    norm = {t: (test[t] / reference[t] if reference[t] > 0 else float("nan")) for t in test}
+    row["normalized"] = norm
+    row["normalized_avg"] = float(np.mean(list(norm.values())))
+  row.update(extra)
+  return row
+
+
+def _merge_method(spec: dict, experts: Sequence[PyTree], base: PyTree, key: jax.Array,
+                  evaluate_val) -> tuple[dict, PyTree, list[dict]]:
+  """Grid search ``spec`` on validation; returns (best point, merged backbone, trace)."""
+  from kfuse import merge
+
+  best, best_tree, trace = None, None, []
+  for params in spec["points"]:
+    try:
+      merged = merge.merge(spec["method"], experts, base, params=params, key=key)
+    except KfuseError as e:
+      raise KfuseError(f"methods.{spec['label']}: {e}") from None
+    val = evaluate_val(merged)
+    avg = float(np.mean(list(val.values())))
+    trace.append({"params": _plain(params), "val_avg": avg})
+    if best is None or avg > best["val_avg"]:
+      best, best_tree = {"params": params, "val": val, "val_avg": avg}, merged
+  return best, best_tree, trace
+
+
+# ------------------------------------------------------------------ reports
+
+
+def _fmt_params(params: Mapping) -> str:
+  def f(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
+  return ", ".join(f"{k}={f(v)}" for k, v in params.items())
+
+
+def markdown_table(results: Mapping) -> str:
+  """Test accuracy (%) per task, average and normalised average, one row per method."""
+  tasks = results["tasks"]
+  head = ["Method"] + tasks + ["Avg.", "Norm. avg.", "Chosen params"]
+  lines = ["| " + " | ".join(head) + " |",
+           "|" + "|".join([" --- "] + [" ---: "] * (len(tasks) + 2) + [" --- "]) + "|"]
+  for r in results["rows"]:
+    cells = [r["name"]] + [f"{100 * r['test'][t]:.1f}" for t in tasks]
+    cells.append(f"**{100 * r['test_avg']:.1f}**")
+    cells.append(f"{100 * r['normalized_avg']:.1f}" if "normalized_avg" in r else "-")
+    cells.append(_fmt_params(r["params"]) if r.get("method") else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(results: Mapping, path: str) -> str:
+  """Bar chart of average test accuracy per method, per-task accuracies as dots (Agg)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  rows, tasks = results["rows"], results["tasks"]
+  names = [r["name"] for r in rows]
+  avg = np.array([100 * r["test_avg"] for r in rows])
+  fig = Figure(figsize=(max(6.0, 0.75 * len(rows) + 2.0), 4.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  colors = ["tab:gray" if r["method"] is None else "tab:blue" for r in rows]
+  ax.bar(np.arange(len(rows)), avg, color=colors, alpha=0.8, label="average")
+  markers = "ovs^Dp*hP<>X"
+  for j, t in enumerate(tasks):
+    ax.scatter(np.arange(len(rows)) + (j - (len(tasks) - 1) / 2) * 0.5 / max(1, len(tasks)),
+               [100 * r["test"][t] for r in rows], s=14, marker=markers[j % len(markers)],
+               color="black", alpha=0.6, zorder=3, label=t if j < 12 else None)
+  for i, v in enumerate(avg):
+    ax.text(i, v + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+  ax.set_xticks(np.arange(len(rows)), names, rotation=30, ha="right")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(0, 105)
+  ax.set_title(f"merge_bench: {results['suite']}, {len(tasks)} tasks")
+  ax.legend(fontsize=7, ncols=min(4, len(tasks) + 1), loc="upper right")
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, allow_nan=True)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def run(config: Any, workdir: str | None = None) -> dict:
+  """Run the benchmark described by ``config``; returns the results dict.
+
+  See ``configs/default.py`` for the fields.
+  """
+  t_start = time.time()
+  workdir = _check_workdir(workdir or _get(config, "workdir", ""), bool(_get(config, "overwrite", False)))
+  progress = bool(_get(config, "progress", True))
+  eval_bs = int(_get(config, "eval_batch_size", 512))
+  data_cfg, pre_cfg, ft_cfg = _to_dict(config.data), _to_dict(config.pretrain), _to_dict(config.finetune)
+  specs = method_specs(config.methods)  # fail fast on typos, before training
+  ft_trainable = _trainable(ft_cfg.get("trainable", "all"), "finetune.trainable")
+  timing = {}
+
+  # 1. data
+  t = time.time()
+  suite_kw = dict(seed=int(config.seed), val_fraction=float(data_cfg.get("val_fraction", 0.1)),
+                  cache=data_cfg.get("cache_dir") or None)
+  suite = make_suite(data_cfg.get("suite", "mnist1d"), int(data_cfg.get("num_tasks", 4)) or None,
+                     tasks=list(data_cfg.get("tasks") or ()) or None,
+                     relabel=bool(data_cfg.get("relabel", True)), **suite_kw)
+  pre = pretrain_task(data_cfg.get("suite", "mnist1d"), **suite_kw)
+  names = [task.name for task in suite]
+  timing["data"] = time.time() - t
+  logging.info("merge_bench: suite %s, tasks %s", data_cfg.get("suite"), names)
+
+  key = jax.random.key(int(config.seed))
+  k_init, k_pre, k_heads, k_ft, k_merge = jax.random.split(key, 5)
+  phases = _Phases(config)
+
+  # 2. pretraining
+  t = time.time()
+  pre_model = phases.model(pre.num_classes)
+  variables = pre_model.init(k_init, pre.x_train[:1])
+  pre_params, pre_hist = _train(phases, pre, variables["params"], "pretrain", pre_cfg,
+                                pre_cfg["optimizer"], int(pre_cfg["steps"]), None, k_pre, progress)
+  pre_backbone = pre_params["backbone"]
+  pre_eval = train.evaluate(phases.predict(pre.num_classes), {"params": pre_params},
+                            pre.x_test, pre.y_test, eval_bs)
+  timing["pretrain"] = time.time() - t
+  logging.info("pretrain: test accuracy %.3f on the base data", pre_eval["accuracy"])
+
+  # 3. experts: linear probe, then fine-tune
+  t = time.time()
+  probe_steps = int(ft_cfg.get("probe_steps", 0))
+  probe_opt = dict(_to_dict(ft_cfg["optimizer"]), schedule="constant", warmup_steps=0,
+                   learning_rate=float(ft_cfg.get("probe_learning_rate", 1e-2)))
+  experts, histories = [], {}
+  for i, task in enumerate(suite):
+    k_head, k_p, k_f = jax.random.split(jax.random.fold_in(k_ft, i), 3)
+    head = phases.model(task.num_classes).init(k_head, task.x_train[:1])["params"]["head"]
+    params = {"backbone": pre_backbone, "head": head}
+    if probe_steps > 0:
+      params, _ = _train(phases, task, params, "probe", ft_cfg, probe_opt, probe_steps,
+                         ("head",), k_p, progress)
+    params, hist = _train(phases, task, params, "finetune", ft_cfg, ft_cfg["optimizer"],
+                          int(ft_cfg["steps"]), ft_trainable, k_f, progress)
+    experts.append(params)
+    histories[task.name] = hist
+  timing["finetune"] = time.time() - t
+
+  # 4. evaluation
+  t = time.time()
+  heads = [p["head"] for p in experts]
+  backbones = [p["backbone"] for p in experts]
+  ev = lambda bb, split: _eval_backbone(phases, suite, bb, heads, split, eval_bs)
+  ind_val, ind_test = {}, {}
+  for task, p in zip(suite, experts):
+    predict = phases.predict(task.num_classes)
+    ind_val[task.name] = train.evaluate(predict, {"params": p}, task.x_val, task.y_val, eval_bs)["accuracy"]
+    ind_test[task.name] = train.evaluate(predict, {"params": p}, task.x_test, task.y_test, eval_bs)["accuracy"]
+  rows = [_row("Pretrained", None, None, ev(pre_backbone, "val"), ev(pre_backbone, "test"), ind_test),
+          _row("Individual", None, None, ind_val, ind_test, ind_test)]
+  merged_trees = {}
+  for j, spec in enumerate(specs):
+    tm = time.time()
+    best, tree, trace = _merge_method(spec, backbones, pre_backbone,
+                                      jax.random.fold_in(k_merge, j), lambda bb: ev(bb, "val"))
+    rows.append(_row(spec["label"], spec["method"], best["params"], best["val"], ev(tree, "test"),
+                     ind_test, grid=trace, seconds=time.time() - tm))
+    merged_trees[spec["label"]] = tree
+    logging.info("merge %s: val %.3f test %.3f (%s)", spec["label"], best["val_avg"],
+                 rows[-1]["test_avg"], _fmt_params(best["params"]))
+  timing["merge_eval"] = time.time() - t
+
+  # 5. outputs
+  t = time.time()
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  train.save_checkpoint(os.path.join(ckpt_dir, "pretrained"), {"params": pre_params})
+  train.save_checkpoint(os.path.join(ckpt_dir, "experts"),
+                        {n: {"params": p} for n, p in zip(names, experts)})
+  if merged_trees:
+    train.save_checkpoint(os.path.join(ckpt_dir, "merged"), merged_trees)
+  timing["checkpoints"] = time.time() - t
+  timing["total"] = time.time() - t_start
+
+  results = {
+      "suite": data_cfg.get("suite", "mnist1d"),
+      "tasks": names,
+      "task_descriptions": {task.name: task.description for task in suite},
+      "sizes": suite[0].sizes(),
+      "pretrain": {"base_test_accuracy": pre_eval["accuracy"], "history": pre_hist},
+      "finetune_history": histories,
+      "rows": rows,
+      "timing_s": timing,
+      "config": _plain(_to_dict(config)),
+      "devices": [str(d) for d in jax.devices()],
+  }
+  table = markdown_table(results)
+  _write_json_atomic(os.path.join(workdir, RESULTS_JSON), results)
+  _write_text_atomic(os.path.join(workdir, RESULTS_MD),
+                     f"# merge_bench: {results['suite']} ({len(names)} tasks)\n\n"
+                     f"Test accuracy (%); normalised = merged / individual expert.\n\n{table}\n")
+  plot(results, os.path.join(workdir, PLOT_PNG))
+  print(table, flush=True)
+  logging.info("merge_bench: wrote %s (%.1f s)", workdir, time.time() - t_start)
+  return results

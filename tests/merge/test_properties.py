@@ -1,0 +1,183 @@
+"""Property tests: identical experts, order symmetry, linearity, jit parity, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from kfuse import merge
+from kfuse.tree import KfuseError
+
+# averaging methods: N copies of θ merge to θ (params make them averages)
+AVERAGING = {
+    "linear": {}, "simple_average": {}, "ties": {"density": 1.0},
+    "task_arithmetic": {"normalize": True}, "model_stock": {}, "karcher": {},
+    "multislerp": {}, "sce": {}, "ram": {}, "ramplus_tl": {}, "varm": {},
+    "ties_paper": {"k": 1.0, "lambda": 1.0, "disjoint": "mean"}, "della": {"density": 1.0},
+}
+SYMMETRIC = {
+    "linear": {}, "simple_average": {}, "task_arithmetic": {}, "ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.1}, "model_stock": {}, "karcher": {},
+    "multislerp": {}, "sce": {"select_topk": 0.5}, "ram": {"epsilon": 0.05},
+    "ramplus_tl": {"epsilon": 0.05}, "varm": {}, "ties_paper": {"k": 0.3},
+}
+
+floats = st.floats(-3, 3, allow_nan=False, width=32)
+# few distinct shapes: every new shape is a new XLA compilation
+arrays = hnp.arrays(np.float32, st.sampled_from([(3, 4), (2, 5)]), elements=floats)
+
+
+def _tree(a):
+  return {"layers_0": {"kernel": jnp.asarray(a)}, "head": jnp.asarray(a[0] * 0.5)}
+
+
+@pytest.mark.parametrize("method", sorted(AVERAGING))
+@settings(max_examples=4, deadline=None)
+@given(theta=arrays, n=st.integers(2, 3), shift=st.floats(0.5, 2.0))
+def test_identical_experts_merge_to_that_model(method, theta, n, shift):
+  base = _tree(theta - shift)  # a base different from θ so offsets are non-zero
+  if merge.get_method(method).base == "include":
+    base = None  # karcher counts a given base as one more point
+  out = merge.merge(method, [_tree(theta)] * n, base, params=AVERAGING[method],
+                    key=jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(_tree(theta))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", sorted(SYMMETRIC))
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_symmetric_methods_ignore_expert_order(method, data):
+  shape = data.draw(st.sampled_from([(3, 4), (2, 5)]))
+  seed = data.draw(st.integers(0, 2**16))
+  r = np.random.default_rng(seed)
+  b = r.normal(size=shape).astype(np.float32)
+  ex = [_tree(b + r.standard_t(4, size=shape).astype(np.float32)) for _ in range(3)]
+  perm = data.draw(st.permutations(range(3)))
+  bt = None if merge.get_method(method).base == "include" else _tree(b)
+  a = merge.merge(method, ex, bt, params=SYMMETRIC[method])
+  c = merge.merge(method, [ex[i] for i in perm], bt, params=SYMMETRIC[method])
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(base=arrays, lam=st.floats(-2, 2), s=st.floats(-2, 2))
+def test_task_arithmetic_is_linear(base, lam, s):
+  r = np.random.default_rng(0)
+  d1 = r.normal(size=base.shape).astype(np.float32)
+  d2 = r.normal(size=base.shape).astype(np.float32)
+  b = {"w": jnp.asarray(base)}
+  ta = lambda ds, w: merge.merge("task_arithmetic", [{"w": jnp.asarray(base + d)} for d in ds], b,
+                                 params={"weight": w, "lambda": lam})["w"] - base
+  both = ta([d1, d2], [1.0, s])
+  np.testing.assert_allclose(both, ta([d1], [1.0]) + ta([d2], [s]), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(both, lam * (d1 + s * d2), rtol=1e-4, atol=1e-4)
+
+
+JITTABLE = sorted(set(merge.names()) - {"passthrough", "slerp", "nearswap", "arcee_fusion",
+                                        "wise_ft", "layer_swap", "nuslerp"})
+PARAMS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
+          "breadcrumbs": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5},
+          "della": {"density": 0.5}, "della_linear": {"density": 0.5}}
+
+
+@pytest.mark.parametrize("method", JITTABLE + ["slerp", "nearswap", "nuslerp", "wise_ft"])
+def test_jit_and_eager_agree(method):
+  r = np.random.default_rng(1)
+  b = _tree(r.normal(size=(4, 6)).astype(np.float32))
+  n = 1 if method in ("slerp", "nearswap", "wise_ft") else (2 if method == "nuslerp" else 3)
+  ex = [jax.tree.map(lambda x: x + jnp.asarray(r.normal(size=x.shape), jnp.float32), b)
+        for _ in range(n)]
+  p = dict(PARAMS.get(method, {}))
+  if method in ("slerp", "nearswap"):
+    p["t"] = 0.4
+  key = jax.random.key(2)
+  eager = merge.merge(method, ex, b, params=p, key=key)
+  jitted = jax.jit(lambda b_, ex_, k: merge.merge(method, ex_, b_, params=p, key=k))(b, ex, key)
+  for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_no_recompilation_across_same_shaped_leaves():
+  shape = (7, 13)  # unique to this test
+  r = np.random.default_rng(0)
+  mk = lambda: {f"layers_{i}": {"kernel": jnp.asarray(r.normal(size=shape), jnp.float32)}
+                for i in range(6)}
+  base, e1, e2 = mk(), mk(), mk()
+  m = merge.get_method("ties")
+  count = lambda: sum(k._cache_size() for k in m._compiled.values())
+  before = count()
+  # a density gradient gives every layer a different k: still one compilation
+  merge.merge("ties", [e1, e2], base, params={"density": merge.Gradient([0.2, 0.9])})
+  merge.merge("ties", [e2, e1], base, params={"density": 0.5, "weight": [0.3, 0.7]})
+  assert count() == before + 1
+
+
+def test_gradient_and_filter_resolution():
+  base = {f"layers_{i}": {"mlp": jnp.zeros(2), "attn": jnp.zeros(2)} for i in range(3)}
+  ex = [{f"layers_{i}": {"mlp": jnp.ones(2), "attn": jnp.ones(2)} for i in range(3)}]
+  out = merge.merge("task_arithmetic", ex, base, params={
+      "weight": [[{"filter": "mlp", "value": merge.Gradient([0.0, 1.0])}, {"value": 0.5}]]})
+  assert [float(out[f"layers_{i}"]["mlp"][0]) for i in range(3)] == [0.0, 0.5, 1.0]
+  assert [float(out[f"layers_{i}"]["attn"][0]) for i in range(3)] == [0.5, 0.5, 0.5]
+
+
+def test_merge_by_path_rules():
+  base = {"enc": {"w": jnp.zeros(3)}, "head": {"w": jnp.zeros(3)}}
+  ex = [{"enc": {"w": jnp.full(3, 2.0)}, "head": {"w": jnp.full(3, 4.0)}}]
+  out = merge.merge_by_path([(r"^enc/", "task_arithmetic", {"lambda": 0.5}),
+                             (r".*", "wise_ft", {"alpha": 0.25})], ex, base)
+  np.testing.assert_allclose(out["enc"]["w"], 1.0)
+  np.testing.assert_allclose(out["head"]["w"], 1.0)
+  with pytest.raises(KfuseError, match="no rule matches"):
+    merge.merge_by_path([(r"^enc/", "task_arithmetic", {})], ex, base)
+
+
+# ------------------------------------------------------------------ bad input
+
+E = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"a": jnp.ones((2, 3))}, "missing key 'b'"),
+    ({**E, "c": jnp.ones(1)}, "extra key 'c'"),
+    ({"a": jnp.ones((3, 2)), "b": jnp.ones(3)}, r"key 'a' has shape \(3, 2\)"),
+    ({"a": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.ones(3)}, "key 'a' has dtype bfloat16"),
+    ({"a": jnp.ones((2, 3)).at[0, 1].set(jnp.nan), "b": jnp.ones(3)}, "key 'a'.*NaN"),
+    ({"a": jnp.ones((2, 3)), "b": jnp.ones(3).at[1].set(jnp.inf)}, "key 'b'.*Inf"),
+])
+def test_bad_trees_fail_with_one_line(bad, msg):
+  with pytest.raises(KfuseError, match=msg) as ei:
+    merge.merge("task_arithmetic", [E, bad], E)
+  assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: merge.merge("ties", [], E), "empty model list"),
+    (lambda: merge.merge("ties", [E], E, params={"density": 1.5}), r"density 1.5.*\(0, 1\]"),
+    (lambda: merge.merge("ties", [E], E, params={"density": 0.0}), r"density 0.0"),
+    (lambda: merge.merge("nope", [E], E), "unknown merge method 'nope'"),
+    (lambda: merge.merge("ties", [E], E, params={"densty": 0.5}), "unknown parameter 'densty'"),
+    (lambda: merge.merge("ties", [E], None), "requires a base"),
+    (lambda: merge.merge("slerp", [E, E], E, params={"t": 0.5}), "takes 1..1 models"),
+    (lambda: merge.merge("slerp", [E], E), "requires parameter 't'"),
+    (lambda: merge.merge("ties", [E, E], E, params={"weight": [1.0, 2.0, 3.0]}), "3 per-model values"),
+    (lambda: merge.merge("della", [E], E, params={"density": 0.1, "epsilon": 0.2}), "density±epsilon"),
+])
+def test_bad_arguments(call, msg):
+  with pytest.raises(KfuseError, match=msg):
+    call()
+
+
+def test_inputs_never_modified():
+  r = np.random.default_rng(0)
+  b = {"w": r.normal(size=(4, 4)).astype(np.float32)}
+  e = [{"w": r.normal(size=(4, 4)).astype(np.float32)} for _ in range(2)]
+  copies = [np.copy(x["w"]) for x in [b] + e]
+  for m in ["ties", "dare_ties", "model_stock", "sce"]:
+    merge.merge(m, e, b, params={"density": 0.5} if "ties" in m else {}, key=jax.random.key(0))
+  for c, x in zip(copies, [b] + e):
+    np.testing.assert_array_equal(c, x["w"])
