@@ -360,6 +360,7 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
       model_levels.append([lv])
     vals = _resolve(method, shared_levels, model_levels, out_name,
                     [in_names[i] for i in experts], t, len(experts), f"{cfg_path}: {where}")
+    vals["_mergekit"] = True  # mergekit's lenient density range
     ref = (mindex[slc.sources[base_i].model], in_names[base_i]) if base_i is not None else None
     exps = [(mindex[slc.sources[i].model], in_names[i]) for i in experts]
     src0 = models[slc.sources[experts[0]].model] if base_i is None else models[slc.sources[base_i].model]

@@ -295,6 +295,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=2, allow_nan=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -306,6 +307,7 @@ def _write_text_atomic(path: str, text: str) -> None:
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
   with os.fdopen(fd, "w") as f:
     f.write(text)
+  os.chmod(tmp, 0o644)
   os.replace(tmp, path)
 
 

@@ -85,6 +85,7 @@ def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -76,11 +76,14 @@ def _gta_prepare(sparsify: str | None):
     numel = int(np.prod(info.shape)) if info.shape else 1
     hp = {"lambda": _arr(values["lambda"])}
     dens = [float(d) for d in values.get("density", [1.0] * n)]
-    if sparsify is not None:
+    if sparsify is not None and not values.get("_mergekit"):
+      # mergekit itself accepts any density (<= 0 zeroes δ, >= 1 keeps it), which a
+      # density gradient reaching 0 relies on; the native API insists on (0, 1].
       for d in dens:
         _check_density(method.name, d, info.path)
     if sparsify == "magnitude":
-      hp["k"] = _arr([numel if d >= 1 else max(1, int(d * numel)) for d in dens], np.int32)
+      hp["k"] = _arr([numel if d >= 1 else (0 if d <= 0 else max(1, int(d * numel)))
+                      for d in dens], np.int32)
     elif sparsify == "outliers":
       gam = [float(g) for g in values["gamma"]]
       lo, hi = [], []
@@ -88,7 +91,7 @@ def _gta_prepare(sparsify: str | None):
         if d >= 1:
           lo.append(0), hi.append(numel)
           continue
-        target = int(d * numel)
+        target = max(int(d * numel), 0)
         n_top = int(g * numel)
         n_bot = max(0, numel - target - n_top)
         lo.append(n_bot), hi.append(n_bot + target)
@@ -98,7 +101,7 @@ def _gta_prepare(sparsify: str | None):
       if sparsify == "della":
         eps = [float(e) for e in values["epsilon"]]
         for d, e in zip(dens, eps):
-          if d < 1 and (d + e >= 1 or d - e <= 0):
+          if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
             raise KfuseError(f"{info.path}: della needs density±epsilon in (0, 1), got "
                              f"density={d}, epsilon={e}")
         hp["epsilon"] = _arr(eps)

@@ -1,0 +1,76 @@
+"""The multi-task model-merging benchmark (FusionBench-style, MNIST-1D, 8 tasks).
+
+    python -m kfuse.main --config=configs/merge_bench.py          # full: 8 tasks
+    python -m kfuse.main --config=configs/merge_bench.py:quick    # == configs/default.py
+    python -m kfuse.main --config=configs/merge_bench.py:digits   # 8 tasks on sklearn digits
+
+Same pipeline as the quick run (`kfuse.bench.merge_bench`); the full variant
+uses 8 tasks, longer training and wider validation grids (lambda x density)
+for the task-vector methods. Grid points are scored by average validation
+accuracy over all tasks; test accuracy is reported for the best point.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from kfuse.tree import KfuseError
+
+
+def _default_module():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+  spec = importlib.util.spec_from_file_location("kfuse_configs_default", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _full_methods():
+  lambdas = [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]
+  densities = [0.1, 0.2, 0.5, 0.8]
+  return dict(
+      simple_average=dict(method="linear", params=dict(weight=1.0), grid={}),
+      task_arithmetic=dict(method="task_arithmetic", params=dict(weight=1.0),
+                           grid={"lambda": lambdas}),
+      ties=dict(method="ties", params=dict(weight=1.0),
+                grid={"density": densities, "lambda": lambdas + [1.5]}),
+      ties_paper=dict(method="ties_paper", params={},
+                      grid={"k": densities, "lambda": lambdas + [1.5]}),
+      dare_linear=dict(method="dare_linear", params=dict(weight=1.0),
+                       grid={"density": [0.3, 0.5, 0.7], "lambda": lambdas}),
+      dare_ties=dict(method="dare_ties", params=dict(weight=1.0),
+                     grid={"density": [0.3, 0.5, 0.7], "lambda": lambdas + [1.5]}),
+      breadcrumbs=dict(method="breadcrumbs", params=dict(weight=1.0, gamma=0.01),
+                       grid={"density": [0.8, 0.9], "lambda": lambdas}),
+      della=dict(method="della", params=dict(weight=1.0, epsilon=0.1),
+                 grid={"density": [0.3, 0.5, 0.7], "lambda": lambdas + [1.5]}),
+      model_stock=dict(method="model_stock", params={}, grid={}),
+      karcher=dict(method="karcher", params={}, grid={}),
+      multislerp=dict(method="multislerp", params={}, grid={}),
+      sce=dict(method="sce", params={}, grid={"select_topk": [0.1, 0.2, 0.5, 1.0]}),
+      ram=dict(method="ram", params={}, grid={}),
+  )
+
+
+def get_config(arg=None):
+  """``arg``: None / 'full' (8 MNIST-1D tasks), 'quick' (the default run), 'digits'."""
+  variant = arg or "full"
+  default = _default_module()
+  config = default.get_config()
+  if variant == "quick":
+    return config
+  if variant not in ("full", "digits"):
+    raise KfuseError(f"config: unknown merge_bench variant {variant!r}; use full, quick or digits")
+  config.workdir = f"workdirs/merge_bench_{variant}"
+  config.data.num_tasks = 8
+  config.pretrain.steps = 3000
+  config.finetune.steps = 1500
+  config.methods = ml_collections.ConfigDict(_full_methods(), sort_keys=False)
+  if variant == "digits":
+    config.data.suite = "digits"
+    config.pretrain.steps = 1500
+    config.finetune.steps = 600
+    config.finetune.batch_size = 64
+    config.pretrain.batch_size = 64
+  return config

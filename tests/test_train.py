@@ -1,0 +1,127 @@
+"""Tests for kfuse.train: optimizers, jitted steps, evaluation, fit and checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kfuse import models, train
+from kfuse.data import iterate
+from kfuse.tree import KfuseError
+
+
+def _blobs(n=256, d=6, classes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(classes, d)) * 3
+  y = rng.integers(classes, size=n).astype(np.int32)
+  x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)
+  return x, y
+
+
+def _setup(opt=None, trainable=None, steps=200):
+  model = models.get_model("mlp", num_classes=3, hidden=(32,))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+  opt = opt or dict(name="adam", learning_rate=1e-2)
+  tx = train.make_optimizer(opt, steps, trainable)
+  return model, params, tx, train.make_train_step(model, tx, trainable)
+
+
+def test_schedules():
+  cos = train.make_schedule(dict(learning_rate=1.0, schedule="cosine", warmup_steps=10), 110)
+  assert float(cos(0)) == 0.0 and abs(float(cos(10)) - 1.0) < 1e-6 and float(cos(110)) < 1e-6
+  lin = train.make_schedule(dict(learning_rate=2.0, schedule="linear"), 100)
+  assert abs(float(lin(50)) - 1.0) < 1e-6
+  const = train.make_schedule(dict(learning_rate=0.5), 100)
+  assert float(const(99)) == 0.5
+
+
+def test_optimizer_errors_name_the_field():
+  with pytest.raises(KfuseError, match="optimizer.name.*adamw"):
+    train.make_optimizer(dict(name="adamax2"), 10)
+  with pytest.raises(KfuseError, match="optimizer.schedule"):
+    train.make_optimizer(dict(name="adam", schedule="step"), 10)
+  with pytest.raises(KfuseError, match="optimizer.learning_rate"):
+    train.make_optimizer(dict(name="adam", learning_rate=0.0), 10)
+  with pytest.raises(KfuseError, match="optimizer.kwargs"):
+    train.make_optimizer(dict(name="adam", kwargs=dict(momentum_typo=0.9)), 10)
+  with pytest.raises(KfuseError, match="optimizer.warmup_steps"):
+    train.make_optimizer(dict(name="adam", schedule="cosine", warmup_steps=10), 10)
+
+
+def test_fit_learns_and_reports_history():
+  x, y = _blobs()
+  model, params, tx, step = _setup(dict(name="adamw", learning_rate=1e-2, schedule="cosine",
+                                        warmup_steps=10, clip_norm=1.0,
+                                        kwargs=dict(weight_decay=1e-4)))
+  state = train.init_state(params, tx)
+  batches = iterate(jax.random.key(1), x, y, 32, epochs=None)
+  state, hist = train.fit(step, state, batches, 200, jax.random.key(2), log_every=50,
+                          progress=False)
+  assert [h["step"] for h in hist] == [50, 100, 150, 200]
+  assert hist[-1]["loss"] < hist[0]["loss"]
+  assert int(state.step) == 200
+  m = train.evaluate(train.make_predict(model), {"params": state.params}, x, y, batch_size=100)
+  assert m["accuracy"] > 0.9 and m["loss"] < 0.5
+
+
+def test_fit_errors_when_batches_run_out():
+  x, y = _blobs(n=64)
+  _, params, tx, step = _setup()
+  state = train.init_state(params, tx)
+  with pytest.raises(KfuseError, match="ran out after 2 of 5"):
+    train.fit(step, state, iterate(jax.random.key(0), x, y, 32, epochs=1), 5,
+              jax.random.key(0), progress=False)
+
+
+def test_trainable_subset_freezes_the_rest():
+  x, y = _blobs()
+  _, params, tx, step = _setup(trainable=("head",))
+  state = train.init_state(params, tx)
+  state, _ = train.fit(step, state, iterate(jax.random.key(0), x, y, 32, epochs=None), 20,
+                       jax.random.key(0), progress=False)
+  same = jax.tree.map(np.array_equal, params["backbone"], state.params["backbone"])
+  assert all(jax.tree.leaves(same))
+  assert not np.allclose(params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+def test_donation_keeps_callers_params_and_one_compilation():
+  x, y = _blobs()
+  _, params, tx, step = _setup()
+  before = jax.tree.map(np.asarray, params)
+  for seed in range(2):  # two "tasks" with the same shapes
+    state = train.init_state(params, tx)
+    for xb, yb in iterate(jax.random.key(seed), x, y, 32, epochs=1):
+      state, _ = step(state, xb, yb, jax.random.key(seed))
+  # the caller's arrays are intact (init_state copies before donation)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert step._cache_size() == 1
+
+
+def test_evaluate_pads_to_fixed_chunks():
+  x, y = _blobs(n=130)
+  model, params, _, _ = _setup()
+  predict = train.make_predict(model)
+  full = np.asarray(predict({"params": params}, x))
+  m = train.evaluate(predict, {"params": params}, x, y, batch_size=64)  # 64, 64, 2 (+62 pad)
+  assert m["accuracy"] == pytest.approx(float(np.mean(full.argmax(-1) == y)))
+  logp = full - np.log(np.exp(full).sum(-1, keepdims=True))
+  assert m["loss"] == pytest.approx(float(-logp[np.arange(len(y)), y].mean()), rel=1e-4)
+  assert predict._cache_size() == 2  # the full array above + one chunk shape
+  with pytest.raises(KfuseError, match="empty"):
+    train.evaluate(predict, {"params": params}, x[:0], y[:0])
+
+
+def test_checkpoint_roundtrip(tmp_path):
+  _, params, _, _ = _setup()
+  tree = {"experts": {"a": params, "b": params}, "step": jnp.asarray(3)}
+  path = train.save_checkpoint(str(tmp_path / "ckpt"), tree)
+  # overwriting is allowed by default
+  train.save_checkpoint(str(tmp_path / "ckpt"), tree)
+  restored = train.restore_checkpoint(path, tree)
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  raw = train.restore_checkpoint(path)
+  assert set(raw["experts"]) == {"a", "b"}
+  with pytest.raises(KfuseError, match="no checkpoint"):
+    train.restore_checkpoint(str(tmp_path / "missing"))
