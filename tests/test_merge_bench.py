@@ -1,0 +1,155 @@
+"""End-to-end test of the merge benchmark on a tiny config, plus config checks."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kfuse import train
+from kfuse.bench import merge_bench
+from kfuse.tree import KfuseError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_config_module(name):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _tiny_config(workdir, cache):
+  config = _load_config_module("default").get_config()
+  config.workdir = str(workdir)
+  config.progress = False
+  config.data.num_tasks = 2
+  config.data.cache_dir = str(cache)
+  config.model.hidden = (64,)
+  config.model.dropout = 0.0
+  config.pretrain.steps = 150
+  config.pretrain.optimizer.warmup_steps = 10
+  config.finetune.probe_steps = 20
+  config.finetune.steps = 100
+  config.finetune.optimizer.warmup_steps = 10
+  config.methods = ml_collections.ConfigDict(dict(
+      simple_average=dict(method="linear", params=dict(weight=1.0), grid={}),
+      task_arithmetic=dict(method="task_arithmetic", params={}, grid={"lambda": [0.5, 1.0]}),
+      ties=dict(method="ties", params=dict(density=0.5, weight=1.0), grid={}),
+      dare_ties=dict(method="dare_ties", params=dict(density=0.5), grid={}),
+  ), sort_keys=False)
+  return config
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("bench")
+  cache = tmp_path_factory.mktemp("cache")
+  config = _tiny_config(workdir, cache)
+  results = merge_bench.run(config)
+  return workdir, config, results
+
+
+def test_end_to_end_outputs(bench, capsys):
+  workdir, _, results = bench
+  for name in ("results.json", "results.md", "merge_bench.png"):
+    assert os.path.isfile(workdir / name), name
+  with open(workdir / "merge_bench.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not [f for f in os.listdir(workdir) if f.startswith(".tmp-")]
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk["tasks"] == results["tasks"] == ["reverse", "shift"]
+  names = [r["name"] for r in on_disk["rows"]]
+  assert names == ["Pretrained", "Individual", "simple_average", "task_arithmetic", "ties", "dare_ties"]
+  md = (workdir / "results.md").read_text()
+  assert all(f"| {n} |" in md for n in names)
+  for sub in ("pretrained", "experts", "merged"):
+    assert os.path.isdir(workdir / "checkpoints" / sub), sub
+
+
+def test_accuracies_are_sane(bench):
+  _, _, results = bench
+  rows = {r["name"]: r for r in results["rows"]}
+  for r in results["rows"]:
+    for split in ("val", "test"):
+      assert set(r[split]) == set(results["tasks"])
+      assert all(0.0 <= a <= 1.0 for a in r[split].values())
+    assert 0.0 <= r["test_avg"] <= 1.0 and np.isfinite(r["normalized_avg"])
+  ind = rows["Individual"]
+  assert all(a > 0.25 for a in ind["test"].values())  # chance is 0.1
+  assert ind["normalized_avg"] == pytest.approx(1.0)
+  assert ind["test_avg"] >= rows["Pretrained"]["test_avg"]
+  ta = rows["task_arithmetic"]
+  assert [g["params"]["lambda"] for g in ta["grid"]] == [0.5, 1.0]
+  assert ta["params"]["lambda"] in (0.5, 1.0)
+  best = max(ta["grid"], key=lambda g: g["val_avg"])
+  assert ta["val_avg"] == pytest.approx(best["val_avg"])
+  assert results["pretrain"]["base_test_accuracy"] > 0.25
+
+
+def test_checkpoints_restore(bench):
+  workdir, _, results = bench
+  merged = train.restore_checkpoint(str(workdir / "checkpoints" / "merged"))
+  assert list(merged) == ["simple_average", "task_arithmetic", "ties", "dare_ties"] or \
+      set(merged) == {"simple_average", "task_arithmetic", "ties", "dare_ties"}
+  experts = train.restore_checkpoint(str(workdir / "checkpoints" / "experts"))
+  assert set(experts) == set(results["tasks"])
+  bb = experts["reverse"]["params"]["backbone"]
+  assert jax.tree.structure(bb) == jax.tree.structure(merged["ties"])
+  pre = train.restore_checkpoint(str(workdir / "checkpoints" / "pretrained"))
+  assert set(pre["params"]) == {"backbone", "head"}
+
+
+def test_existing_results_need_overwrite(bench):
+  workdir, config, _ = bench
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.overwrite = False
+  with pytest.raises(KfuseError, match="overwrite"):
+    merge_bench.run(config)
+
+
+def test_bad_methods_fail_before_training(tmp_path):
+  config = _tiny_config(tmp_path / "w", tmp_path / "c")
+  config.methods.ties.params.densty = 0.3
+  with pytest.raises(KfuseError, match="methods.ties.params.*'densty'"):
+    merge_bench.run(config)
+  config = _tiny_config(tmp_path / "w", tmp_path / "c")
+  config.methods.simple_average.method = "averaging"
+  with pytest.raises(KfuseError, match="methods.simple_average.method.*unknown merge method"):
+    merge_bench.run(config)
+  config = _tiny_config(tmp_path / "w", tmp_path / "c")
+  config.methods.task_arithmetic.grid["lambda"] = []
+  with pytest.raises(KfuseError, match="methods.task_arithmetic.grid.lambda"):
+    merge_bench.run(config)
+  assert not os.path.exists(tmp_path / "c" / "mnist1d_seed42.npz")  # nothing ran
+
+
+def test_grid_points_cartesian_order():
+  pts = merge_bench.grid_points({"weight": 1.0}, {"density": [0.2, 0.5], "lambda": [1, 2]})
+  assert pts == [{"weight": 1.0, "density": 0.2, "lambda": 1},
+                 {"weight": 1.0, "density": 0.2, "lambda": 2},
+                 {"weight": 1.0, "density": 0.5, "lambda": 1},
+                 {"weight": 1.0, "density": 0.5, "lambda": 2}]
+  assert merge_bench.grid_points({"k": 0.2}, {}) == [{"k": 0.2}]
+
+
+def test_configs_are_complete_and_valid():
+  default = _load_config_module("default").get_config()
+  for field in ("task", "workdir", "seed", "data", "model", "pretrain", "finetune", "methods",
+                "overwrite"):
+    assert field in default, field
+  assert default.task == "merge_bench" and default.workdir == "workdirs/default"
+  assert default.overwrite is True and default.data.num_tasks == 4
+  full_mod = _load_config_module("merge_bench")
+  assert full_mod.get_config("quick").to_dict() == default.to_dict()
+  full = full_mod.get_config()
+  assert full.data.num_tasks >= 8
+  for cfg in (default, full, full_mod.get_config("digits")):
+    specs = merge_bench.method_specs(cfg.methods)  # names + params known to kfuse.merge
+    assert specs and all(s["points"] for s in specs)
+  with pytest.raises(KfuseError, match="variant"):
+    full_mod.get_config("huge")
