@@ -2,7 +2,7 @@
 
     python -m kfuse.main --config=configs/merge.py:ties \
         --config.models=ckpt/a,ckpt/b,ckpt/c --config.base=ckpt/base \
-        --config.output_dir=out/ties --config.params.density=0.2
+        --config.output_dir=out/ties --config.params.density=0.2 --config.params.lambda_=0.5
 
 The argument after ':' picks the method (default: task_arithmetic); its
 parameters appear under config.params with their defaults, so any of them can
@@ -32,6 +32,7 @@ def get_config(arg=None):
   params = {}
   for p in m.params:
     # required parameters start as None: the run fails until they are given
-    params[p.name] = None if p.default is REQUIRED else p.default
+    name = "lambda_" if p.name == "lambda" else p.name  # `lambda` cannot be a flag path
+    params[name] = None if p.default is REQUIRED else p.default
   config.params = params
   return config

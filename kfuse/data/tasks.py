@@ -54,7 +54,7 @@ __all__ = [
     "suite_names",
 ]
 
-NOISE_STD = 0.75
+NOISE_STD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,16 @@ def path_key(key: jax.Array, path: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def canonical_params(params: Mapping[str, Any] | None) -> dict:
+  """Accept ``lambda_`` (a Python keyword cannot be a config field) for ``lambda``."""
+  out = dict(params or {})
+  if "lambda_" in out:
+    if "lambda" in out:
+      raise KfuseError("params: give either 'lambda' or 'lambda_', not both")
+    out["lambda"] = out.pop("lambda_")
+  return out
+
+
 def validate_params(method: Method, params: Mapping[str, Any], n: int, *, where: str = "params") -> None:
   """Unknown names, wrong per-model list lengths, missing required parameters."""
   spec = method.param_map
@@ -135,7 +145,7 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
     first expert when the method uses no base).
   """
   method = get_method(method)
-  params = dict(params or {})
+  params = canonical_params(params)
   experts = list(experts)
   if not experts:
     raise KfuseError("empty model list: merge needs at least one expert")

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from kfuse import tree as T
-from kfuse.merge.api import resolve_values, validate_params
+from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
 from kfuse.merge.engine import DictSource, TensorTask, execute
 from kfuse.tree import KfuseError
@@ -77,7 +77,7 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
   """Merge checkpoints on disk with a registered method, tensor by tensor."""
   from kfuse import io as kio
   m = get_method(method)
-  params = dict(params or {})
+  params = canonical_params(params)
   if not models:
     raise KfuseError("config.models: empty model list")
   opened = [open_model(p) for p in models]
