@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from kfuse.data import iterate, load, make_suite, pretrain_task, sources, tasks
+from kfuse.data import iterate, load, make_suite, pretrain_task, tasks
 from kfuse.tree import KfuseError
 
 
