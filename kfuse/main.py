@@ -25,6 +25,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep runs readable
+    logging.set_verbosity(logging.WARNING)
   from kfuse import tasks
   from kfuse.tree import KfuseError
   import jax
