@@ -12,6 +12,9 @@ TASKS = {
     "mergekit": "kfuse.merge.runner:run_mergekit",
     "merge": "kfuse.merge.runner:run_native",
     "merge_bench": "kfuse.bench.merge_bench:run",
+    "mnist1d_baselines": "kfuse.bench.mnist1d_baselines:run",
+    "tta_bench": "kfuse.bench.tta_bench:run",
+    "kd_bench": "kfuse.bench.kd_bench:run",
 }
 
 
