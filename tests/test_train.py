@@ -125,3 +125,99 @@ def test_checkpoint_roundtrip(tmp_path):
   assert set(raw["experts"]) == {"a", "b"}
   with pytest.raises(KfuseError, match="no checkpoint"):
     train.restore_checkpoint(str(tmp_path / "missing"))
+
+
+def test_batchnorm_model_step_updates_stats_and_learns():
+  x, y = _blobs(d=12)
+  x = x.reshape(-1, 12)
+  model = models.get_model("cnn1d", num_classes=3, widths=(8,), kernel_size=3)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 12)))
+  tx = train.make_optimizer(dict(name="adam", learning_rate=1e-2), 60)
+  state = train.init_state_from_variables(variables, tx)
+  assert set(state.model_state) == {"batch_stats"}
+  step = train.make_train_step(model, tx)
+  state, hist = train.fit(step, state, iterate(jax.random.key(1), x, y, 32, epochs=None), 60,
+                          jax.random.key(2), log_every=30, progress=False)
+  before = variables["batch_stats"]["backbone"]["stem_norm"]["var"]
+  after = state.model_state["batch_stats"]["backbone"]["stem_norm"]["var"]
+  assert not np.allclose(before, after)
+  assert set(state.variables) == {"params", "batch_stats"}
+  m = train.evaluate(train.make_predict(model), state.variables, x, y)
+  assert m["accuracy"] > 0.9
+  # one step changes params and stats; the structure is kept (no recompile)
+  s1 = train.init_state_from_variables(variables, tx)
+  s2, _ = step(s1, x[:32], y[:32], jax.random.key(0))
+  assert int(s2.step) == 1 and step._cache_size() == 1
+
+
+# ------------------------------------------------------------------ resumable fit (Orbax CheckpointManager)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _interrupting(batches, after):
+  """Yield ``after`` batches, then raise (a run killed mid-training)."""
+  for i, b in enumerate(batches):
+    if i == after:
+      raise _Interrupt
+    yield b
+
+
+def _resumable(model_hidden=(32,), total=40):
+  model = models.get_model("mlp", num_classes=3, hidden=model_hidden, dropout=0.1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+  tx = train.make_optimizer(dict(name="adamw", learning_rate=1e-2, schedule="cosine",
+                                 warmup_steps=5), total)
+  return params, tx, train.make_train_step(model, tx)
+
+
+def test_fit_resumes_after_interruption(tmp_path):
+  x, y = _blobs()
+  params, tx, step = _resumable()
+  data = lambda: iterate(jax.random.key(1), x, y, 32, epochs=None)
+  kw = dict(log_every=10, progress=False, checkpoint_every=10, meta={"model": {"hidden": [32]}})
+  ckpt = str(tmp_path / "ckpt")
+  # uninterrupted reference run, no checkpoints
+  ref, ref_hist = train.fit(step, train.init_state(params, tx), data(), 40, jax.random.key(2),
+                            log_every=10, progress=False)
+  # killed after 25 steps: checkpoints at 10 and 20 are on disk
+  with pytest.raises(_Interrupt):
+    train.fit(step, train.init_state(params, tx), _interrupting(data(), 25), 40,
+              jax.random.key(2), checkpoint_dir=ckpt, **kw)
+  assert train.latest_step(ckpt) == 20
+  # rerun the same command: resumes at 20, replays the data stream, finishes at 40
+  state, hist = train.fit(step, train.init_state(params, tx), data(), 40, jax.random.key(2),
+                          checkpoint_dir=ckpt, **kw)
+  assert int(state.step) == 40 and train.latest_step(ckpt) == 40
+  assert [h["step"] for h in hist] == [10, 20, 30, 40]
+  for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose([h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-5)
+  # a finished run returns the restored state without training
+  again, hist2 = train.fit(step, train.init_state(params, tx), iter(()), 40, jax.random.key(2),
+                           checkpoint_dir=ckpt, **kw)
+  assert int(again.step) == 40 and hist2 == hist
+  # asking for more steps continues from the last checkpoint
+  longer, _ = train.fit(step, train.init_state(params, tx), data(), 45, jax.random.key(2),
+                        checkpoint_dir=ckpt, **kw)
+  assert int(longer.step) == 45 and train.latest_step(ckpt) == 45
+
+
+def test_resume_refuses_a_different_model_or_config(tmp_path):
+  x, y = _blobs()
+  ckpt = str(tmp_path / "ckpt")
+  params, tx, step = _resumable((32,), total=10)
+  train.fit(step, train.init_state(params, tx), iterate(jax.random.key(0), x, y, 32, epochs=None),
+            10, jax.random.key(0), progress=False, checkpoint_dir=ckpt, meta={"lr": 0.01})
+  other, tx2, step2 = _resumable((16,), total=10)
+  with pytest.raises(KfuseError, match=r"different model: params/backbone/layers_0/bias: shape \(32,\)"):
+    train.fit(step2, train.init_state(other, tx2), iter(()), 20, jax.random.key(0),
+              progress=False, checkpoint_dir=ckpt)
+  with pytest.raises(KfuseError, match="saved with lr=0.01, but this run has lr=0.1"):
+    train.fit(step, train.init_state(params, tx), iter(()), 20, jax.random.key(0),
+              progress=False, checkpoint_dir=ckpt, meta={"lr": 0.1})
+  with pytest.raises(KfuseError, match="beyond num_steps=5"):
+    train.fit(step, train.init_state(params, tx), iter(()), 5, jax.random.key(0),
+              progress=False, checkpoint_dir=ckpt, meta={"lr": 0.01})

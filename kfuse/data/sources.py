@@ -173,12 +173,16 @@ def split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
   """Deterministically carve a validation split off ``(x, y)``.
 
   Returns ``(x_train, y_train, x_val, y_val)``; the split depends only on
-  ``seed`` and the array length.
+  ``seed`` and the array length. ``val_fraction=0`` keeps every example for
+  training (empty validation arrays).
   """
-  if not 0.0 < val_fraction < 1.0:
-    raise KfuseError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
+  if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+    raise KfuseError(f"data.val_fraction: expected a number, got {type(val_fraction).__name__}"
+                     f" {val_fraction!r}")
+  if not 0.0 <= val_fraction < 1.0:
+    raise KfuseError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
   n = len(y)
-  n_val = max(1, int(round(n * val_fraction)))
+  n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
   order = np.random.default_rng(seed).permutation(n)
   val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
   return x[train], y[train], x[val], y[val]
@@ -204,7 +208,8 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1,
   Args:
     name: one of `KNOWN_DATASETS`.
     seed: seeds the train / val split (the test split is fixed per dataset).
-    val_fraction: fraction of the training pool held out for validation.
+    val_fraction: fraction of the training pool held out for validation (0:
+      none, e.g. MNIST-1D's original 4,000 / 1,000 train / test protocol).
     normalize: standardise features with train-split statistics.
     cache: array cache directory (default: see `cache_dir`).
   """

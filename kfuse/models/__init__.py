@@ -1,7 +1,21 @@
 """Model registry: ``get_model(name, **kwargs)`` returns a Flax Linen module.
 
-Every registered model is a classifier whose variables split into
-``params/backbone`` (shared, merged) and ``params/head`` (per task).
+=========  ==============================================  ====================
+name       model                                           input
+=========  ==============================================  ====================
+``linear`` logistic regression (linear head only)          ``[B, ...]``
+``mlp``    MLP (optional LayerNorm, dropout)               ``[B, ...]``
+``cnn1d``  ResNet-style 1-D CNN with BatchNorm             ``[B, L(, C)]``
+``cnn2d``  ResNet-style 2-D CNN with BatchNorm             ``[B, H, W(, C)]``
+``vit``    small ViT (LayerNorm); ``ndim=1`` for signals   ``[B, H, W(, C)]``
+``gpt``    tiny causal decoder, logits ``[B, T, V]``        tokens ``[B, T]``
+=========  ==============================================  ====================
+
+Every registered classifier's variables split into ``params/backbone``
+(shared, merged) and ``params/head`` (per task); BatchNorm models add a
+``batch_stats`` collection. ``model.init(key, x)`` builds the variables and
+``model.apply(variables, x, train=...)`` is the pure forward pass (see
+`apply` / `apply_train` for the train-mode state handling).
 """
 
 from __future__ import annotations
@@ -11,16 +25,30 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from kfuse.models.mlp import (ACTIVATIONS, Classifier, MLPBackbone, apply, backbone_of, head_of,
-                              make_mlp, with_params)
+from kfuse.models.base import (Classifier, apply, apply_train, backbone_of, head_of,
+                               model_state_of, state_collections, with_params)
+from kfuse.models.cnn import ResNetBackbone, make_cnn1d, make_cnn2d
+from kfuse.models.gpt import GPTBackbone, make_gpt
+from kfuse.models.mlp import ACTIVATIONS, MLPBackbone, make_linear, make_mlp
+from kfuse.models.transformer import TransformerBlock
+from kfuse.models.vit import ViTBackbone, make_vit
 from kfuse.tree import KfuseError
 
 __all__ = [
-    "ACTIVATIONS", "Classifier", "MLPBackbone", "apply", "backbone_of", "head_of",
-    "make_mlp", "with_params", "get_model", "model_names", "register_model",
+    "ACTIVATIONS", "Classifier", "MLPBackbone", "ResNetBackbone", "apply", "apply_train",
+    "backbone_of", "head_of", "model_state_of", "state_collections", "with_params",
+    "ViTBackbone", "GPTBackbone", "TransformerBlock", "make_linear", "make_mlp", "make_cnn1d", "make_cnn2d",
+    "make_vit", "make_gpt", "get_model", "check_kwargs", "model_names", "register_model",
 ]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": make_mlp}
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "linear": make_linear,
+    "mlp": make_mlp,
+    "cnn1d": make_cnn1d,
+    "cnn2d": make_cnn2d,
+    "vit": make_vit,
+    "gpt": make_gpt,
+}
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -34,14 +62,46 @@ def model_names() -> list[str]:
   return sorted(_MODELS)
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+  """Does ``value`` fit a factory annotation (``int``, ``float | None``, ``Sequence[int]`` ...)?"""
+  for alt in (a.strip() for a in str(annotation).split("|")):
+    if alt == "None" and value is None:
+      return True
+    if alt in _SCALARS:
+      if isinstance(value, bool) and alt != "bool":
+        continue
+      if isinstance(value, _SCALARS[alt]):
+        return True
+    elif alt.startswith(("Sequence[", "tuple[")):
+      inner = alt[alt.index("[") + 1:-1].split(",")[0].strip()
+      if isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value):
+        return True
+    elif alt not in _SCALARS and alt != "None":
+      return True  # an annotation we do not check
+  return False
+
+
+def check_kwargs(name: str, kwargs: dict) -> None:
+  """Raise `KfuseError` naming ``model.<field>`` for an unknown or mistyped argument."""
+  params = inspect.signature(_MODELS[name]).parameters
+  for k, v in kwargs.items():
+    if k not in params:
+      raise KfuseError(f"model.{k}: not an argument of model {name!r}; accepted: {', '.join(params)}")
+    ann = params[k].annotation
+    if ann is not inspect.Parameter.empty and not _type_ok(v, ann):
+      raise KfuseError(f"model.{k}: expected {ann}, got {type(v).__name__} {v!r}")
+
+
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-  """Build the registered model ``name`` with keyword arguments ``kwargs``."""
+  """Build the registered model ``name`` with keyword arguments ``kwargs``.
+
+  Unknown names, unknown arguments and arguments of the wrong type (checked
+  against the factory's annotations) raise `KfuseError` naming the field.
+  """
   if name not in _MODELS:
     raise KfuseError(f"model.name: unknown model {name!r}; known: {', '.join(model_names())}")
-  factory = _MODELS[name]
-  accepted = inspect.signature(factory).parameters
-  unknown = [k for k in kwargs if k not in accepted]
-  if unknown:
-    raise KfuseError(f"model.{unknown[0]}: not an argument of model {name!r};"
-                     f" accepted: {', '.join(accepted)}")
-  return factory(**kwargs)
+  check_kwargs(name, kwargs)
+  return _MODELS[name](**kwargs)

@@ -12,26 +12,16 @@ its own ``head``. Hidden layers are named ``layers_<i>`` so that
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kfuse.models.base import Classifier
 from kfuse.tree import KfuseError
 
-PyTree = Any
-
-__all__ = [
-    "ACTIVATIONS",
-    "MLPBackbone",
-    "Classifier",
-    "make_mlp",
-    "apply",
-    "backbone_of",
-    "head_of",
-    "with_params",
-]
+__all__ = ["ACTIVATIONS", "MLPBackbone", "make_mlp", "make_linear"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -50,7 +40,7 @@ class MLPBackbone(nn.Module):
     dropout: dropout rate after each activation (0 disables it).
     layer_norm: apply LayerNorm before each activation.
   """
-  hidden: Sequence[int] = (256, 256)
+  hidden: Sequence[int] = (256, 256)  # () = no hidden layer: the flattened input
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm: bool = False
@@ -67,17 +57,6 @@ class MLPBackbone(nn.Module):
       if self.dropout > 0:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return x
-
-
-class Classifier(nn.Module):
-  """``head(backbone(x))``: shared feature extractor + task-specific linear head."""
-  backbone: nn.Module
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    features = self.backbone(x, train=train)
-    return nn.Dense(self.num_classes, name="head")(features)
 
 
 def make_mlp(num_classes: int, hidden: Sequence[int] = (256, 256), activation: str = "gelu",
@@ -97,26 +76,11 @@ def make_mlp(num_classes: int, hidden: Sequence[int] = (256, 256), activation: s
   return Classifier(backbone=backbone, num_classes=int(num_classes))
 
 
-def apply(model: nn.Module, variables: PyTree, x: jax.Array, train: bool = False,
-          key: jax.Array | None = None) -> jax.Array:
-  """Logits of ``model`` (pure). ``key`` feeds dropout when ``train``."""
-  rngs = {"dropout": key} if (train and key is not None) else None
-  return model.apply(variables, x, train=train, rngs=rngs)
+def make_linear(num_classes: int) -> Classifier:
+  """Multinomial logistic regression: the flattened input straight into the linear head.
 
-
-# ------------------------------------------------------------------ pytree helpers
-
-
-def backbone_of(variables: Mapping[str, Any]) -> PyTree:
-  """The backbone parameter subtree (what merging operates on)."""
-  return variables["params"]["backbone"]
-
-
-def head_of(variables: Mapping[str, Any]) -> PyTree:
-  """The task head parameter subtree."""
-  return variables["params"]["head"]
-
-
-def with_params(backbone: PyTree, head: PyTree) -> dict:
-  """Assemble variables from a backbone and a head (no copies)."""
-  return {"params": {"backbone": backbone, "head": head}}
+  The backbone has no parameters, so ``params`` holds only ``head``.
+  """
+  if num_classes < 2:
+    raise KfuseError(f"model.num_classes: need at least 2 classes, got {num_classes}")
+  return Classifier(backbone=MLPBackbone(hidden=()), num_classes=int(num_classes))

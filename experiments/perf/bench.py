@@ -1,0 +1,294 @@
+"""kfuse vs mergekit at LLM scale: build random HF-Llama models, merge them, compare, time.
+
+    python experiments/perf/bench.py --size=136m --method=ties
+    python experiments/perf/bench.py --size=136m --method=task_arithmetic --mergekit=off
+    python experiments/perf/bench.py --size=1b --dtype=bfloat16 --method=ties --mergekit=off
+
+One command:
+1. builds ``--experts`` random HF-Llama-shaped models plus a base under
+   ``--root`` (default /tmp/kfuse_perf; reused when already built). Base
+   weights ~ N(0, 0.02), experts = base + N(0, 0.002). Written with numpy
+   only: neither PyTorch nor transformers is needed to build them;
+2. writes one mergekit YAML for ``--method`` and runs ``python -m kfuse.main``
+   on it and, when installed (``--mergekit=auto``), ``mergekit-yaml`` on the
+   same file, each under ``/usr/bin/time -v`` (wall time, peak RSS);
+3. measures the I/O floor: reading every input file once plus writing (and
+   fsync-ing) as many bytes as the output has, from the same page-cache state;
+4. compares the two outputs tensor by tensor (relative error
+   ``max|a-b| / max|b|``; counts of differing entries) and prints a markdown
+   table row, also appended as JSON to ``--results``.
+
+Model files stay under ``--root``; never commit them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from kfuse import io as kio  # noqa: E402  (numpy-only safetensors I/O)
+from kfuse.tree import resolve_dtype  # noqa: E402
+
+SIZES = {
+    # name: hidden, intermediate, layers, vocab, heads, kv_heads
+    "tiny": dict(hidden=64, intermediate=176, layers=2, vocab=512, heads=4, kv_heads=4),
+    "30m": dict(hidden=512, intermediate=1408, layers=4, vocab=16384, heads=8, kv_heads=8),
+    "136m": dict(hidden=768, intermediate=2048, layers=12, vocab=33280, heads=12, kv_heads=12),
+    "1b": dict(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
+}
+
+METHODS = {
+    "ties": ("ties", "parameters: {{weight: 1.0, density: 0.2}}", "parameters: {{normalize: true}}"),
+    "task_arithmetic": ("task_arithmetic", "parameters: {{weight: {w}}}", "parameters: {{lambda: 1.0}}"),
+    "linear": ("linear", "parameters: {{weight: {w}}}", "parameters: {{normalize: true}}"),
+    "slerp": ("slerp", None, "parameters: {{t: 0.5}}"),
+    "breadcrumbs": ("breadcrumbs", "parameters: {{weight: 1.0, density: 0.2, gamma: 0.01}}", ""),
+    "dare_ties": ("dare_ties", "parameters: {{weight: 1.0, density: 0.2}}", ""),
+}
+
+
+def llama_shapes(hidden, intermediate, layers, vocab, heads, kv_heads):
+  """HF Llama tensor names and shapes in file order (torch [out, in] layout)."""
+  hd = hidden // heads
+  shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+  for i in range(layers):
+    p = f"model.layers.{i}."
+    shapes.update({
+        p + "input_layernorm.weight": (hidden,),
+        p + "self_attn.q_proj.weight": (heads * hd, hidden),
+        p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
+        p + "self_attn.v_proj.weight": (kv_heads * hd, hidden),
+        p + "self_attn.o_proj.weight": (hidden, heads * hd),
+        p + "post_attention_layernorm.weight": (hidden,),
+        p + "mlp.gate_proj.weight": (intermediate, hidden),
+        p + "mlp.up_proj.weight": (intermediate, hidden),
+        p + "mlp.down_proj.weight": (hidden, intermediate),
+    })
+  shapes["model.norm.weight"] = (hidden,)
+  shapes["lm_head.weight"] = (vocab, hidden)
+  return shapes
+
+
+def llama_config(hidden, intermediate, layers, vocab, heads, kv_heads, dtype):
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+      "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+      "tie_word_embeddings": False, "torch_dtype": dtype,
+  }
+
+
+def _rng(seed, name):
+  return np.random.default_rng((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32)
+
+
+def _base_tensor(name, shape, seed):
+  r = _rng(seed, name)
+  if len(shape) == 1:
+    return 1.0 + 0.05 * r.standard_normal(shape, dtype=np.float32)
+  return 0.02 * r.standard_normal(shape, dtype=np.float32)
+
+
+def build_model(path, size, dtype, seed, expert=None):
+  """Write one model (base when ``expert`` is None, else base + delta seeded by ``expert``)."""
+  marker = os.path.join(path, ".complete")
+  spec = json.dumps({"size": size, "dtype": dtype, "seed": seed, "expert": expert})
+  if os.path.exists(marker) and open(marker).read() == spec:
+    return path
+  shutil.rmtree(path, ignore_errors=True)
+  cfg = SIZES[size]
+  np_dt = resolve_dtype(dtype)
+  tmp = path + ".building"
+  shutil.rmtree(tmp, ignore_errors=True)
+  with kio.HFWriter(tmp, max_shard_bytes=2_000_000_000) as w:
+    for name, shape in llama_shapes(**cfg).items():
+      x = _base_tensor(name, shape, seed)
+      if expert is not None:
+        x += 0.002 * _rng(expert, name).standard_normal(shape, dtype=np.float32)
+      w.add(name, x.astype(np_dt))
+      del x
+    w.finish(config=llama_config(**cfg, dtype=dtype))
+  os.rename(tmp, path)
+  with open(marker, "w") as f:
+    f.write(spec)
+  return path
+
+
+def num_params(size):
+  return sum(int(np.prod(s)) for s in llama_shapes(**SIZES[size]).values())
+
+
+def write_yaml(path, method, base, experts, dtype, n_experts):
+  mname, per_model, top = METHODS[method]
+  lines = [f"merge_method: {mname}", f"base_model: {base}", "models:"]
+  if method == "slerp":
+    lines += [f"  - model: {base}", f"  - model: {experts[0]}"]
+  else:
+    if method == "linear":
+      lines += [f"  - model: {base}", f"    parameters: {{weight: {1.0 / (n_experts + 1):.6f}}}"]
+    for e in experts[:n_experts]:
+      lines.append(f"  - model: {e}")
+      if per_model:
+        lines.append("    " + per_model.format(w=f"{1.0 / n_experts:.6f}"))
+  if top:
+    lines.append(top.format())
+  lines.append(f"dtype: {dtype}")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+# --------------------------------------------------------------- measuring
+
+
+def weight_files(model_dir):
+  return sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir)
+                if n.endswith(".safetensors"))
+
+
+def io_floor(inputs, out_bytes, scratch, chunk=64 << 20):
+  """Seconds to read every input file once and write + fsync ``out_bytes``."""
+  buf = bytearray(chunk)
+  mv = memoryview(buf)
+  t0 = time.perf_counter()
+  for p in inputs:
+    with open(p, "rb", buffering=0) as f:
+      while f.readinto(mv):
+        pass
+  t_read = time.perf_counter() - t0
+  out = os.path.join(scratch, "floor.bin")
+  t1 = time.perf_counter()
+  with open(out, "wb", buffering=0) as f:
+    left = out_bytes
+    while left > 0:
+      n = min(left, chunk)
+      f.write(mv[:n])
+      left -= n
+    os.fsync(f.fileno())
+  t_write = time.perf_counter() - t1
+  os.remove(out)
+  return t_read + t_write, t_read, t_write
+
+
+def timed(cmd, env=None):
+  """Run ``cmd`` under /usr/bin/time -v; return (wall s, peak RSS GB, stdout+stderr)."""
+  full = ["/usr/bin/time", "-v"] + cmd
+  t0 = time.perf_counter()
+  p = subprocess.run(full, capture_output=True, text=True, env=env)
+  wall = time.perf_counter() - t0
+  text = p.stdout + p.stderr
+  if p.returncode != 0:
+    raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{text[-4000:]}")
+  m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+  rss = int(m.group(1)) / 1e6 if m else float("nan")
+  return wall, rss, text
+
+
+def compare(a_dir, b_dir):
+  """Per-tensor agreement of two HF outputs: worst relative error and mismatch counts."""
+  worst, worst_name, mism, total = 0.0, None, 0, 0
+  with kio.open_hf_dir(a_dir) as a, kio.open_hf_dir(b_dir) as b:
+    if sorted(a.names) != sorted(b.names):
+      raise RuntimeError(f"tensor names differ: {sorted(set(a.names) ^ set(b.names))[:3]}")
+    for n in a.names:
+      x, y = a.view(n), b.view(n)
+      if x.shape != y.shape or x.dtype != y.dtype:
+        raise RuntimeError(f"{n}: {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}")
+      x, y = x.astype(np.float32).ravel(), y.astype(np.float32).ravel()
+      d = np.abs(x - y)
+      rel = float(d.max() / max(float(np.abs(y).max()), 1e-12)) if d.size else 0.0
+      mism += int(np.count_nonzero(d))
+      total += d.size
+      if rel > worst:
+        worst, worst_name = rel, n
+  return {"max_rel_err": worst, "worst_tensor": worst_name, "differing": mism, "numel": total}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--size", default="136m", choices=sorted(SIZES))
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  ap.add_argument("--method", default="ties", choices=sorted(METHODS))
+  ap.add_argument("--experts", type=int, default=3)
+  ap.add_argument("--root", default="/tmp/kfuse_perf")
+  ap.add_argument("--mergekit", default="auto", choices=["auto", "on", "off"])
+  ap.add_argument("--kfuse-args", default="", help="extra --config.X=Y flags for kfuse")
+  ap.add_argument("--results", default=os.path.join(REPO, "experiments/perf/results.jsonl"))
+  ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
+  args = ap.parse_args(argv)
+
+  mdir = os.path.join(args.root, f"{args.size}-{args.dtype}")
+  os.makedirs(mdir, exist_ok=True)
+  t0 = time.perf_counter()
+  base = build_model(os.path.join(mdir, "base"), args.size, args.dtype, seed=1)
+  experts = [build_model(os.path.join(mdir, f"expert{i}"), args.size, args.dtype, seed=1,
+                         expert=100 + i) for i in range(1, args.experts + 1)]
+  print(f"models ready in {time.perf_counter() - t0:.1f}s ({num_params(args.size) / 1e6:.1f}M"
+        f" params each, {args.dtype})", flush=True)
+
+  work = tempfile.mkdtemp(prefix=f"run-{args.method}-", dir=args.root)
+  yml = write_yaml(os.path.join(work, "merge.yml"), args.method, base, experts, args.dtype,
+                   args.experts)
+  used = [base] + (experts[:1] if args.method == "slerp" else experts)
+  inputs = [f for m in used for f in weight_files(m)]
+  in_bytes = sum(os.path.getsize(f) for f in inputs)
+  out_bytes = sum(os.path.getsize(f) for f in weight_files(base))
+  io_floor(inputs, out_bytes, work)  # warm the page cache: every run below starts from it
+  floor, f_read, f_write = io_floor(inputs, out_bytes, work)
+  print(f"I/O floor {floor:.2f}s (read {in_bytes / 1e9:.2f} GB in {f_read:.2f}s,"
+        f" write {out_bytes / 1e9:.2f} GB in {f_write:.2f}s)", flush=True)
+
+  env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+  k_out = os.path.join(work, "kfuse_out")
+  kcmd = [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
+          f"--config.output_dir={k_out}", "--config.progress=False"] + args.kfuse_args.split()
+  k_wall, k_rss, k_log = timed(kcmd, env)
+  print(f"kfuse: {k_wall:.2f}s wall, peak RSS {k_rss:.2f} GB", flush=True)
+  row = {"size": args.size, "params_M": round(num_params(args.size) / 1e6, 1),
+         "dtype": args.dtype, "method": args.method, "experts": args.experts,
+         "in_GB": round(in_bytes / 1e9, 3), "out_GB": round(out_bytes / 1e9, 3),
+         "floor_s": round(floor, 2), "kfuse_s": round(k_wall, 2), "kfuse_rss_GB": round(k_rss, 2),
+         "kfuse_GBps": round((in_bytes + out_bytes) / 1e9 / k_wall, 2),
+         "kfuse_args": args.kfuse_args, "cores": os.cpu_count()}
+
+  have_mk = shutil.which("mergekit-yaml") is not None
+  if args.mergekit == "on" or (args.mergekit == "auto" and have_mk):
+    m_out = os.path.join(work, "mergekit_out")
+    mcmd = ["mergekit-yaml", yml, m_out, "--no-cuda", "--no-copy-tokenizer",
+            "--no-write-model-card", "--random-seed", "0", "--quiet"]
+    m_wall, m_rss, _ = timed(mcmd, env)
+    print(f"mergekit: {m_wall:.2f}s wall, peak RSS {m_rss:.2f} GB", flush=True)
+    cmp_ = compare(k_out, m_out)
+    print(f"agreement: {cmp_}", flush=True)
+    row.update({"mergekit_s": round(m_wall, 2), "mergekit_rss_GB": round(m_rss, 2),
+                "speedup": round(m_wall / k_wall, 2), "rss_ratio": round(k_rss / m_rss, 3),
+                **cmp_})
+  row["x_floor"] = round(k_wall / floor, 2)
+  bound = (args.experts + 2) * max(
+      int(np.prod(s)) for s in llama_shapes(**SIZES[args.size]).values()) * np.dtype(
+          resolve_dtype(args.dtype)).itemsize / 1e9 + 1.0
+  row["rss_bound_GB"] = round(bound, 2)
+  print(json.dumps(row), flush=True)
+  with open(args.results, "a") as f:
+    f.write(json.dumps(row) + "\n")
+  if not args.keep:
+    shutil.rmtree(work, ignore_errors=True)
+  return row
+
+
+if __name__ == "__main__":
+  main()

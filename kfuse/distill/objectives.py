@@ -1,0 +1,403 @@
+"""Distillation objectives: a loss of `kfuse.distill.losses` plus what the step must provide.
+
+An `Objective` is a small value (optax-style): a pure ``loss`` function, an
+``init`` for the parameters the objective learns itself (the FitNets
+regressor; ``{}`` for most), and the module paths whose outputs it needs from
+the student and the teachers. `combine` sums objectives. Build a step with
+`kfuse.distill.steps.make_step(student, objective, optimizer, teachers)`.
+
+Every constructor validates its hyper-parameters eagerly (temperature > 0,
+weights ≥ 0 and not all zero, β in [0, 1]) and raises `KfuseError` naming
+the argument. Defaults are the reference codes' (SPEC §D); weights are
+always named ``ce_weight`` (hard-label cross-entropy) and ``kd_weight`` /
+``feat_weight`` (the distillation term), never α.
+
+Loss signature: ``loss(aux, student, teachers, batch, step) -> (loss,
+metrics)`` with ``student`` an `Outputs`, ``teachers`` a `TeacherOutputs`
+(None without teachers), ``batch`` the dict the step received (``labels``
+possibly mixed-up soft targets) and ``step`` the traced step counter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kfuse.distill import losses as L
+from kfuse.distill.ensembles import combine_logits
+from kfuse.tree import KfuseError
+
+__all__ = [
+    "Objective",
+    "supervised",
+    "hinton",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "dkd",
+    "fitnets",
+    "rkd",
+    "attention",
+    "trg",
+    "topk",
+    "kl_dp",
+    "combine",
+]
+
+Array = jax.Array
+
+
+def _no_aux(key, student, teachers):
+  del key, student, teachers
+  return {}
+
+
+class Objective(NamedTuple):
+  """A distillation objective (see module doc)."""
+  name: str
+  loss: Callable
+  init: Callable = _no_aux
+  student_features: tuple = ()
+  teacher_features: tuple = ()
+  needs_teachers: bool = True
+  min_teachers: int = 0
+
+
+# ------------------------------------------------------------------ validation helpers
+
+
+def _weights(**weights: float) -> None:
+  for name, w in weights.items():
+    L.check_weight(w, name)
+  if all(float(w) == 0.0 for w in weights.values()):
+    raise KfuseError(f"{list(weights)[-1]}: all of {', '.join(weights)} are 0; nothing to train")
+
+
+def _ce(student, batch):
+  return L.cross_entropy(student.logits, batch["labels"], batch.get("where"))
+
+
+def _with_ce(ce_weight, student, batch, loss, metrics):
+  if ce_weight:
+    ce = _ce(student, batch)
+    metrics["ce"] = ce
+    loss = loss + ce_weight * ce
+  return loss, metrics
+
+
+def _mean_over_teachers(fn, teachers) -> Array:
+  """Σ_k w̄_k fn(k) with w̄_k the teachers' mean combination weight."""
+  w = jnp.mean(teachers.weights.reshape(teachers.size, -1), axis=-1)
+  return sum(w[k] * fn(k) for k in range(teachers.size))
+
+
+# ------------------------------------------------------------------ logit objectives
+
+
+def supervised(ce_weight: float = 1.0) -> Objective:
+  """Plain cross-entropy training (the "student alone" baseline); needs no teacher."""
+  _weights(ce_weight=ce_weight)
+
+  def loss(aux, student, teachers, batch, step):
+    ce = _ce(student, batch)
+    return ce_weight * ce, {"ce": ce}
+
+  return Objective("supervised", loss, needs_teachers=False)
+
+
+def hinton(temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9) -> Objective:
+  """Hinton KD: ce_weight·CE + kd_weight·T²·KL(p_t^T ‖ p_s^T) (see `losses.hinton`).
+
+  With several teachers p_t is their combined mixture at temperature T.
+  Defaults: mdistiller ``CFG.KD`` (T = 4, CE 0.1, KD 0.9).
+  """
+  L.check_temperature(temperature)
+  _weights(ce_weight=ce_weight, kd_weight=kd_weight)
+
+  def loss(aux, student, teachers, batch, step):
+    kd = L.forward_kl(student.logits, teachers.combined_logits(temperature), temperature,
+                      batch.get("where"))
+    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * kd, {"kd": kd})
+
+  return Objective("hinton", loss)
+
+
+def _divergence(name: str, fn: Callable, temperature: float, ce_weight: float,
+                kd_weight: float) -> Objective:
+  L.check_temperature(temperature)
+  _weights(ce_weight=ce_weight, kd_weight=kd_weight)
+
+  def loss(aux, student, teachers, batch, step):
+    d = fn(student.logits, teachers.combined_logits(temperature), temperature, batch.get("where"))
+    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * d, {"kd": d})
+
+  return Objective(name, loss)
+
+
+def forward_kl(temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0) -> Objective:
+  """ce_weight·CE + kd_weight·T²·KL(p_t ‖ p_s) (`losses.forward_kl`)."""
+  return _divergence("forward_kl", L.forward_kl, temperature, ce_weight, kd_weight)
+
+
+def reverse_kl(temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0) -> Objective:
+  """ce_weight·CE + kd_weight·T²·KL(p_s ‖ p_t) (`losses.reverse_kl`, mode-seeking)."""
+  return _divergence("reverse_kl", L.reverse_kl, temperature, ce_weight, kd_weight)
+
+
+def jsd(beta: float = 0.5, temperature: float = 1.0, ce_weight: float = 0.0,
+        kd_weight: float = 1.0) -> Objective:
+  """ce_weight·CE + kd_weight·T²·JSD(β) (`losses.generalized_jsd`; TRL GKD defaults β = 0.5, T = 1)."""
+  L.check_unit_interval(beta, "beta")
+  fn = lambda s, t, temp, where: L.generalized_jsd(s, t, beta, temp, where)
+  return _divergence("jsd", fn, temperature, ce_weight, kd_weight)
+
+
+def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
+        warmup_epochs: float = 20.0, steps_per_epoch: int | None = None) -> Objective:
+  """Decoupled KD (`losses.dkd`): ce_weight·CE + min(epoch/warmup, 1)·(α·TCKD + β·NCKD).
+
+  ``epoch = step / steps_per_epoch``; without ``steps_per_epoch`` the
+  warm-up is off. Defaults: mdistiller ``CFG.DKD`` (CE 1, α 1, β 8, T 4,
+  warm-up 20 epochs).
+  """
+  L.check_temperature(temperature)
+  _weights(ce_weight=ce_weight, alpha=alpha, beta=beta)
+  if steps_per_epoch is not None and int(steps_per_epoch) < 1:
+    raise KfuseError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch}")
+  if warmup_epochs < 0:
+    raise KfuseError(f"warmup_epochs: must be >= 0, got {warmup_epochs}")
+
+  def loss(aux, student, teachers, batch, step):
+    where = batch.get("where")
+    tckd, nckd = L.dkd_terms(student.logits, teachers.combined_logits(temperature),
+                             batch["labels"], temperature)
+    tckd, nckd = L.masked_mean(tckd, where), L.masked_mean(nckd, where)
+    kd = alpha * tckd + beta * nckd
+    if steps_per_epoch is not None and warmup_epochs > 0:
+      epoch = step.astype(jnp.float32) / float(steps_per_epoch)
+      kd = kd * jnp.minimum(epoch / warmup_epochs, 1.0)
+    return _with_ce(ce_weight, student, batch, kd, {"tckd": tckd, "nckd": nckd})
+
+  return Objective("dkd", loss)
+
+
+def topk(k: int = 10, temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0,
+         kind: str = "kl") -> Objective:
+  """Distil from a teacher's sparse top-k (indices, logits) without densifying the vocabulary.
+
+  The target comes from ``batch['topk_indices']`` / ``batch['topk_logits']``
+  when the batch carries them (stored FuseLLM-style representations, no
+  teacher forward), else from the top-k of the combined teacher logits.
+  ``kind``: ``kl`` (`losses.topk_kl`) or ``ce`` (`losses.topk_cross_entropy`);
+  the term is scaled by kd_weight·T².
+  """
+  L.check_temperature(temperature)
+  _weights(ce_weight=ce_weight, kd_weight=kd_weight)
+  if int(k) < 1:
+    raise KfuseError(f"k: must be >= 1, got {k}")
+  if kind not in ("kl", "ce"):
+    raise KfuseError(f"kind: expected 'kl' or 'ce', got {kind!r}")
+  fn = L.topk_kl if kind == "kl" else L.topk_cross_entropy
+
+  def loss(aux, student, teachers, batch, step):
+    if "topk_indices" in batch:
+      idx, val = batch["topk_indices"], batch["topk_logits"]
+    elif teachers is not None:
+      idx, val = L.topk_from_logits(teachers.combined_logits(1.0), k)
+    else:
+      raise KfuseError("teachers: topk needs a teacher or batch['topk_indices'/'topk_logits']")
+    d = fn(student.logits, idx, val, temperature, batch.get("where"))
+    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * d, {"kd": d})
+
+  return Objective("topk", loss, needs_teachers=False)
+
+
+def kl_dp(temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
+          criterion: str = "max_confidence") -> Objective:
+  """Fantastic Gains' KL+DP transfer: per-sample choice between teacher and frozen initial student.
+
+  Needs exactly two teachers in this order: the teacher t, and the student's
+  own frozen initial copy st. Per sample, m_t = 1[conf_t > conf_st] (``max_confidence``:
+  conf = max_c softmax(z)_c, label-free; ``true_class``: conf = softmax(z)_y),
+  and the target is p = m_t·p_t^T + (1 − m_t)·p_st^T: samples the teacher is
+  more confident on are taught by it, the rest are retained from the initial
+  student. Loss = ce_weight·CE + kd_weight·T²·KL(p ‖ p_s^T). Roth et al.,
+  "Fantastic Gains and Where to Find Them: On the Existence and Prospect of
+  General Knowledge Transfer between Any Pretrained Model" (ICLR 2024).
+  """
+  L.check_temperature(temperature)
+  _weights(ce_weight=ce_weight, kd_weight=kd_weight)
+  if criterion not in ("max_confidence", "true_class"):
+    raise KfuseError(f"criterion: expected 'max_confidence' or 'true_class', got {criterion!r}")
+
+  def loss(aux, student, teachers, batch, step):
+    if teachers.size != 2:
+      raise KfuseError(f"teachers: kl_dp needs exactly 2 teachers (teacher, frozen initial"
+                       f" student), got {teachers.size}")
+    logp = jax.nn.log_softmax(teachers.logits.astype(jnp.float32), axis=-1)
+    if criterion == "max_confidence":
+      conf = jnp.max(logp, axis=-1)
+    else:
+      labels = batch["labels"]
+      y = labels if labels.shape == student.logits.shape else jax.nn.one_hot(
+          labels, student.logits.shape[-1])
+      conf = jnp.sum(y[None] * logp, axis=-1)
+    m_t = (conf[0] > conf[1]).astype(jnp.float32)
+    weights = jnp.stack([m_t, 1.0 - m_t])
+    target = combine_logits(teachers.logits, weights, temperature)
+    d = L.forward_kl(student.logits, target, temperature, batch.get("where"))
+    metrics = {"kd": d, "teacher_fraction": L.masked_mean(m_t, batch.get("where"))}
+    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * d, metrics)
+
+  return Objective("kl_dp", loss, min_teachers=2)
+
+
+# ------------------------------------------------------------------ feature objectives
+
+
+def _feature_dim(shape_struct, path, who):
+  if path not in shape_struct.features:
+    raise KfuseError(f"{who}: no feature {path!r} in the model outputs")
+  return shape_struct.features[path].shape[-1]
+
+
+def fitnets(student_feature: str = "backbone", teacher_feature: str = "backbone",
+            feat_weight: float = 1.0, ce_weight: float = 1.0) -> Objective:
+  """FitNets hints, single stage: ce_weight·CE + feat_weight·mean_k ½‖F_t^k − r_k(F_s)‖².
+
+  One learned linear regressor r_k per teacher member (``state.aux``),
+  trained with the student by the same optimizer (`losses.fitnets`).
+  mdistiller's single-stage recipe is CE 1.0 + 100·MSE (= 200/d_t here).
+  Romero et al. (ICLR 2015).
+  """
+  _weights(ce_weight=ce_weight, feat_weight=feat_weight)
+
+  def init(key, student, teachers):
+    d_s = _feature_dim(student, student_feature, "student_feature")
+    keys = jax.random.split(key, max(1, len(teachers)))
+    return {"regressors": [L.init_regressor(keys[i], d_s, _feature_dim(t, teacher_feature,
+                                                                       "teacher_feature"))
+                           for i, t in enumerate(teachers)]}
+
+  def loss(aux, student, teachers, batch, step):
+    fs = student.features[student_feature]
+    where = batch.get("where")
+    where = where if where is not None and where.shape == fs.shape[:-1] else None
+    hint = _mean_over_teachers(
+        lambda k: L.fitnets(fs, teachers.features[k][teacher_feature], aux["regressors"][k], where),
+        teachers)
+    return _with_ce(ce_weight, student, batch, feat_weight * hint, {"hint": hint})
+
+  return Objective("fitnets", loss, init, (student_feature,), (teacher_feature,))
+
+
+def rkd(student_feature: str = "backbone", teacher_feature: str = "backbone",
+        distance_weight: float = 25.0, angle_weight: float = 50.0,
+        ce_weight: float = 1.0) -> Objective:
+  """RKD: ce_weight·CE + distance_weight·RKD-D + angle_weight·RKD-A on per-sample features.
+
+  Defaults: mdistiller's CIFAR recipe (CE 1, distance 25, angle 50);
+  torchdistill's factors are 1 / 2 (`losses.rkd`). Park et al. (CVPR 2019).
+  """
+  _weights(ce_weight=ce_weight, distance_weight=distance_weight, angle_weight=angle_weight)
+
+  def loss(aux, student, teachers, batch, step):
+    fs = student.features[student_feature]
+    where = batch.get("where")
+    where = where if where is not None and where.shape == fs.shape[:1] else None
+    dist = _mean_over_teachers(
+        lambda k: L.rkd_distance(fs, teachers.features[k][teacher_feature], where), teachers)
+    ang = _mean_over_teachers(
+        lambda k: L.rkd_angle(fs, teachers.features[k][teacher_feature], where), teachers)
+    out = distance_weight * dist + angle_weight * ang
+    return _with_ce(ce_weight, student, batch, out, {"rkd_distance": dist, "rkd_angle": ang})
+
+  return Objective("rkd", loss, student_features=(student_feature,),
+                   teacher_features=(teacher_feature,))
+
+
+def attention(student_features: Sequence[str], teacher_features: Sequence[str], p: float = 2.0,
+              feat_weight: float = 1000.0, ce_weight: float = 1.0) -> Objective:
+  """Attention transfer on paired spatial maps: ce_weight·CE + feat_weight·AT (`losses.attention_transfer`).
+
+  Defaults: mdistiller ``CFG.AT`` (p = 2, FEAT_WEIGHT 1000, CE 1).
+  Zagoruyko & Komodakis (ICLR 2017).
+  """
+  sf, tf = tuple(student_features), tuple(teacher_features)
+  if not sf or len(sf) != len(tf):
+    raise KfuseError(f"teacher_features: need one teacher map per student map, got {len(tf)}"
+                     f" for {len(sf)}")
+  _weights(ce_weight=ce_weight, feat_weight=feat_weight)
+  if p <= 0:
+    raise KfuseError(f"p: must be > 0, got {p}")
+
+  def loss(aux, student, teachers, batch, step):
+    s_maps = [student.features[f] for f in sf]
+    at = _mean_over_teachers(
+        lambda k: L.attention_transfer(s_maps, [teachers.features[k][f] for f in tf], p), teachers)
+    return _with_ce(ce_weight, student, batch, feat_weight * at, {"at": at})
+
+  return Objective("attention", loss, student_features=sf, teacher_features=tf)
+
+
+def trg(student_feature: str, teacher_feature: str, temperature: float = 0.1,
+        graph_weight: float = 1.0, context_weight: float = 1.0, feat_weight: float = 1.0,
+        ce_weight: float = 1.0) -> Objective:
+  """Token-level relationship graph KD on ``[B, L, d]`` token features (`losses.trg`).
+
+  ce_weight·CE + feat_weight·(graph_weight·graph + context_weight·context).
+  Compose with `hinton` via `combine` for the paper's logit term. Zhang, Liu
+  & He (2023).
+  """
+  L.check_temperature(temperature)
+  _weights(ce_weight=ce_weight, feat_weight=feat_weight)
+  _weights(graph_weight=graph_weight, context_weight=context_weight)
+
+  def loss(aux, student, teachers, batch, step):
+    fs = student.features[student_feature]
+    where = batch.get("where")
+    where = where if where is not None and where.shape == fs.shape[:2] else None
+    g = _mean_over_teachers(
+        lambda k: L.trg(fs, teachers.features[k][teacher_feature], temperature, graph_weight,
+                        context_weight, where), teachers)
+    return _with_ce(ce_weight, student, batch, feat_weight * g, {"trg": g})
+
+  return Objective("trg", loss, student_features=(student_feature,),
+                   teacher_features=(teacher_feature,))
+
+
+# ------------------------------------------------------------------ composition
+
+
+def combine(*objectives: Objective, name: str | None = None) -> Objective:
+  """Sum of objectives. ``aux`` is a tuple (one entry each); metrics are prefixed by name.
+
+  Put the cross-entropy in one member only (e.g. ``combine(hinton(),
+  fitnets(ce_weight=0.0, ...))``).
+  """
+  if not objectives:
+    raise KfuseError("objectives: combine needs at least one objective")
+  for i, o in enumerate(objectives):
+    if not isinstance(o, Objective):
+      raise KfuseError(f"objectives[{i}]: expected an Objective, got {type(o)}")
+  names = [o.name for o in objectives]
+
+  def init(key, student, teachers):
+    keys = jax.random.split(key, len(objectives))
+    return tuple(o.init(k, student, teachers) for o, k in zip(objectives, keys))
+
+  def loss(aux, student, teachers, batch, step):
+    total, metrics = jnp.zeros((), jnp.float32), {}
+    for i, o in enumerate(objectives):
+      li, mi = o.loss(aux[i], student, teachers, batch, step)
+      total = total + li
+      prefix = o.name if names.count(o.name) == 1 else f"{o.name}{i}"
+      metrics.update({f"{prefix}/{k}": v for k, v in mi.items()})
+    return total, metrics
+
+  feats = lambda attr: tuple(dict.fromkeys(f for o in objectives for f in getattr(o, attr)))
+  return Objective(name or "+".join(names), loss, init, feats("student_features"),
+                   feats("teacher_features"), any(o.needs_teachers for o in objectives),
+                   max(o.min_teachers for o in objectives))
