@@ -59,6 +59,8 @@ def get_config(arg=None):
   config.seed = 0
   config.progress = True
   config.eval_batch_size = 500
+  config.resume = True          # resume interrupted training phases from <workdir>/train_state
+  config.checkpoint_every = 500  # steps between train-state checkpoints (0: end of each phase)
 
   config.data = dict(
       suite="mnist1d",       # mnist1d | digits
@@ -67,6 +69,7 @@ def get_config(arg=None):
       val_fraction=0.1,
       relabel=True,          # per-task fixed class permutation
       cache_dir="",          # default: $KFUSE_CACHE or ~/.cache/kfuse
+      pretrain_samples=0,    # > 0: pretrain on that many extra generated MNIST-1D signals
   )
   config.model = dict(name="mlp", hidden=(512, 512), activation="gelu", dropout=0.2,
                       layer_norm=False)

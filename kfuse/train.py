@@ -37,6 +37,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "make_schedule",
+    "check_types",
     "make_optimizer",
     "init_state",
     "init_state_from_variables",
@@ -74,6 +75,52 @@ def _to_dict(x: Any) -> dict:
   if hasattr(x, "to_dict"):
     return x.to_dict()
   return dict(x)
+
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list",
+               tuple: "tuple", type(None): "None"}
+
+
+def _is(value: Any, t: type) -> bool:
+  if t is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if t is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if t is dict:
+    return isinstance(value, Mapping) or hasattr(value, "to_dict")
+  if t is list:
+    return isinstance(value, (list, tuple))
+  return isinstance(value, t)
+
+
+def check_types(cfg: Any, schema: Mapping[str, Any], prefix: str) -> None:
+  """Check ``cfg``'s fields against ``schema``; raise `KfuseError` naming the first bad field.
+
+  ``schema`` maps a field name to a type (``int``, ``float`` -- ints accepted --,
+  ``bool``, ``str``, ``dict``, ``list`` -- lists or tuples --), a tuple of
+  types, or a nested schema dict for a sub-config. Fields missing from
+  ``cfg`` are skipped (defaults apply); unknown fields are not checked.
+  """
+  for field, expected in schema.items():
+    value = _get(cfg, field, _MISSING)
+    if value is _MISSING:
+      continue
+    where = f"{prefix}.{field}" if prefix else field
+    if isinstance(expected, Mapping):
+      if not _is(value, dict):
+        raise KfuseError(f"{where}: expected a dict of fields, got {type(value).__name__} {value!r}")
+      check_types(value, expected, where)
+      continue
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if not any(_is(value, t) for t in types):
+      want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+      raise KfuseError(f"{where}: expected {want}, got {type(value).__name__} {value!r}")
+
+
+_MISSING = object()
+
+OPTIMIZER_SCHEMA = {"name": str, "learning_rate": float, "schedule": str, "warmup_steps": int,
+                    "clip_norm": (float, type(None)), "kwargs": (dict, type(None))}
 
 
 # ------------------------------------------------------------------ optimizer
@@ -125,6 +172,7 @@ def make_optimizer(cfg: Any, total_steps: int,
       for a linear probe); None updates everything. Frozen collections get
       zero updates.
   """
+  check_types(cfg, OPTIMIZER_SCHEMA, "optimizer")
   name = _get(cfg, "name", "adam")
   if name not in OPTIMIZERS:
     raise KfuseError(f"optimizer.name: unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")

@@ -24,7 +24,7 @@ This module holds what the methods share:
   selection is a pure function of the tree structure, so it is static under
   ``jit``; optimizers act on the flat ``{path: leaf}`` dict of the subset;
 * **losses**: `entropy`, `soft_cross_entropy`; tree helpers `ema`,
-  `tree_where`; and `make_runner`, a ``lax.scan`` driver for whole streams.
+  `tree_where`; and `make_runner`, a driver for whole streams.
 
 Bad input: a model without any BatchNorm layer raises `KfuseError` when a
 method needs batch statistics; a batch of size 1 raises when pure batch
@@ -365,28 +365,34 @@ def check_inputs(xs: Any, name: str = "stream") -> None:
 def make_runner(adapter: Adapter) -> Callable:
   """``run(state, xs [T, B, ...], resets [T] bool) -> (state, logits [T, B, C], metrics)``.
 
-  One ``lax.scan`` over the stream, jitted once per shape. Where ``resets[t]``
-  the state is reset before batch ``t`` (reset-per-shift protocol); all-False
-  resets give the continual protocol.
+  A host loop over the jitted ``step`` (compiled once per batch shape; dispatch is
+  asynchronous, so the loop costs little). Where ``resets[t]`` the state is reset
+  before batch ``t`` (reset-per-shift protocol); all-False resets give the
+  continual protocol. A ``lax.scan`` over the stream would be one compilation,
+  but XLA:CPU runs convolution gradients inside loops several times slower.
   """
-  def body(state, inp):
-    x, r = inp
-    state = jax.lax.cond(r, adapter.reset, lambda s: s, state)
-    state, logits, metrics = adapter.step(state, x)
-    return state, (logits, metrics)
+  step = jax.jit(adapter.step)
+  reset = jax.jit(adapter.reset)
 
   def run_stream(state, xs, resets):
-    state, (logits, metrics) = jax.lax.scan(body, state, (xs, resets))
-    return state, logits, metrics
+    resets = np.asarray(resets, bool)
+    logits, metrics = [], []
+    for t in range(len(xs)):
+      if resets[t]:
+        state = reset(state)
+      state, out, m = step(state, xs[t])
+      logits.append(out)
+      metrics.append(m)
+    stacked = {k: jnp.stack([m[k] for m in metrics]) for k in (metrics[0] if metrics else {})}
+    return state, jnp.stack(logits), stacked
 
-  return jax.jit(run_stream)
+  return run_stream
 
 
 def run(adapter: Adapter, state: Any, xs: Any, resets: Any = None) -> tuple:
   """Check ``xs`` on the host, then run `make_runner` (no resets by default)."""
   check_inputs(xs)
-  xs = jnp.asarray(xs)
-  resets = jnp.zeros((xs.shape[0],), bool) if resets is None else jnp.asarray(resets, bool)
-  if resets.shape != (xs.shape[0],):
-    raise KfuseError(f"resets: expected shape ({xs.shape[0]},), got {tuple(resets.shape)}")
+  resets = np.zeros((len(xs),), bool) if resets is None else np.asarray(resets, bool)
+  if resets.shape != (len(xs),):
+    raise KfuseError(f"resets: expected shape ({len(xs)},), got {tuple(resets.shape)}")
   return make_runner(adapter)(state, xs, resets)

@@ -260,8 +260,8 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
   def reset(state: RottaState) -> RottaState:
     return fresh(state.source, state.key, state.memory.x.shape[1:], state.memory.x.dtype)
 
-  def update_model(carry):
-    variables, teacher, opt_state, memory, key, num_updates = carry
+  def update_model(variables, teacher, opt_state, memory, key):
+    """One student update on the memory bank, then the teacher EMA."""
     key, k_aug = jax.random.split(key)
     valid = memory.valid
     n = valid.sum()
@@ -283,7 +283,7 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     (loss, s_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
     updates, new_opt = tx.update(grads, opt_state, sub)
     new_sub = optax.apply_updates(sub, updates)
-    has = n > 0
+    has = n > 0                                  # an empty bank: no loss, no step
     new_sub = core.tree_where(has, new_sub, sub)
     opt_state = core.tree_where(has, new_opt, opt_state)
     s_stats = core.tree_where(has, s_stats, variables["batch_stats"])
@@ -292,7 +292,7 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     variables = {**variables, "params": student_params, "batch_stats": s_stats}
     teacher = {**teacher, "params": core.ema(teacher["params"], student_params, 1.0 - nu),
                "batch_stats": t_stats}
-    return variables, teacher, opt_state, memory, key, num_updates + 1
+    return variables, teacher, opt_state, key, loss
 
   def step(state: RottaState, x):
     finite = core.is_finite(x)
@@ -302,25 +302,44 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     probs = jax.nn.softmax(ema_out.astype(jnp.float32), -1)
     pseudo = jnp.argmax(probs, -1)
     unc = -jnp.sum(probs * jnp.log(probs + 1e-6), -1)
+    # The bank only depends on (x, pseudo-label, entropy), all fixed before any update, so
+    # one scan fills it and keeps a snapshot after each sample that triggers an update
+    # (sample i triggers one when (seen + i + 1) % F == 0). At most K = ceil(B / F) do.
+    b, f = x.shape[0], int(update_frequency)
+    k_max = -(-b // f)
+    first = f - 1 - start.seen % f
+    positions = first + f * jnp.arange(k_max)          # [K] sample index of each update
 
     def per_sample(carry, inp):
-      variables, teacher, opt_state, memory, key, num_updates, seen = carry
-      xi, yi, ui = inp
+      memory, snaps = carry
+      i, xi, yi, ui = inp
       memory = mem_lib.add(memory, xi, yi, ui, num_classes=num_classes,
                            lambda_t=lambda_t, lambda_u=lambda_u)
-      seen = seen + 1
-      inner = (variables, teacher, opt_state, memory, key, num_updates)
-      inner = jax.lax.cond(seen % int(update_frequency) == 0, update_model, lambda c: c, inner)
-      return inner + (seen,), None
+      snaps = jax.tree.map(lambda s, m: jnp.where((positions == i).reshape((-1,) + (1,) * m.ndim),
+                                                  m[None], s), snaps, memory)
+      return (memory, snaps), None
 
-    carry = (start.variables, start.teacher, start.opt_state, start.memory, start.key,
-             start.num_updates, start.seen)
-    carry, _ = jax.lax.scan(per_sample, carry, (x, pseudo, unc))
-    variables, teacher, opt_state, memory, key, num_updates, seen = carry
-    new = RottaState(variables, teacher, opt_state, memory, seen, start.source, key,
+    snaps0 = jax.tree.map(lambda m: jnp.broadcast_to(m, (k_max,) + m.shape), start.memory)
+    (memory, snaps), _ = jax.lax.scan(per_sample, (start.memory, snaps0),
+                                      (jnp.arange(b), x, pseudo, unc))
+    variables, teacher, opt_state, key = start.variables, start.teacher, start.opt_state, start.key
+    num_updates, loss = start.num_updates, jnp.zeros((), jnp.float32)
+    for j in range(k_max):
+      snap = jax.tree.map(lambda s: s[j], snaps)
+      if (j + 1) * f <= b and b % f == 0:            # statically known to happen
+        variables, teacher, opt_state, key, loss = update_model(variables, teacher, opt_state,
+                                                                snap, key)
+        num_updates = num_updates + 1
+      else:
+        carry = (variables, teacher, opt_state, key, loss)
+        carry = jax.lax.cond(positions[j] < b, lambda c: update_model(*c[:3], snap, c[3]),
+                             lambda c: c, carry)
+        variables, teacher, opt_state, key, loss = carry
+        num_updates = num_updates + (positions[j] < b).astype(jnp.int32)
+    new = RottaState(variables, teacher, opt_state, memory, start.seen + b, start.source, key,
                      start.count + 1, num_updates)
     new = core.guard(finite, new, state)
-    metrics = {"memory_size": memory.valid.sum().astype(jnp.float32),
+    metrics = {"loss": loss, "memory_size": memory.valid.sum().astype(jnp.float32),
                "num_updates": num_updates.astype(jnp.float32),
                "uncertainty": unc.mean(), "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, ema_out, metrics

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Mapping, Sequence
@@ -136,6 +137,44 @@ def _check_workdir(workdir: str, overwrite: bool) -> str:
   return workdir
 
 
+# ------------------------------------------------------------------ config checks
+
+_OPT = train.OPTIMIZER_SCHEMA
+SCHEMA = {
+    "seed": int, "workdir": str, "overwrite": bool, "progress": bool, "eval_batch_size": int,
+    "resume": bool, "checkpoint_every": int, "methods": dict,
+    "data": {"suite": str, "num_tasks": (int, type(None)), "tasks": list, "val_fraction": float,
+             "relabel": bool, "cache_dir": (str, type(None)), "pretrain_samples": int},
+    "model": {"name": str},
+    "pretrain": {"steps": int, "batch_size": int, "log_every": int, "optimizer": _OPT},
+    "finetune": {"probe_steps": int, "probe_learning_rate": float, "steps": int,
+                 "trainable": str, "batch_size": int, "log_every": int, "optimizer": _OPT},
+}
+
+
+def check_config(config: Any) -> None:
+  """Types of every known field, the model and the optimizers; `KfuseError` names the field.
+
+  Runs before any data is generated or any step is trained.
+  """
+  train.check_types(config, SCHEMA, "config")
+  model_kw = _to_dict(config.model)
+  name = model_kw.pop("name", "mlp")
+  models.get_model(name, num_classes=10, **model_kw)  # unknown model / argument / type
+  for phase in ("pretrain", "finetune"):
+    cfg = _to_dict(_get(config, phase))
+    for field in ("steps", "batch_size"):
+      if int(cfg.get(field, 1)) <= 0:
+        raise KfuseError(f"config.{phase}.{field}: must be positive, got {cfg.get(field)}")
+    try:
+      train.make_optimizer(cfg["optimizer"], int(cfg["steps"]))
+    except KfuseError as e:
+      raise KfuseError(f"config.{phase}.{e}") from None
+  _trainable(_to_dict(config.finetune).get("trainable", "all"), "config.finetune.trainable")
+  if int(_get(config, "checkpoint_every", 0)) < 0:
+    raise KfuseError("config.checkpoint_every: must be >= 0")
+
+
 # ------------------------------------------------------------------ training phases
 
 
@@ -170,15 +209,23 @@ class _Phases:
     return self._predict[num_classes]
 
 
-def _train(phases: _Phases, task, params: PyTree, phase: str, cfg: Mapping, opt_cfg: Mapping,
-           steps: int, trainable, key: jax.Array, progress: bool):
+def _train(phases: _Phases, task, variables: PyTree, phase: str, cfg: Mapping, opt_cfg: Mapping,
+           steps: int, trainable, key: jax.Array, progress: bool,
+           checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+           meta: Mapping | None = None):
+  """Train ``variables`` on ``task``; returns ``(variables, history)``.
+
+  With ``checkpoint_dir`` the run is resumable (see `kfuse.train.fit`).
+  """
   tx, step = phases.step(task.num_classes, phase, opt_cfg, steps, trainable)
-  state = train.init_state(params, tx)
+  state = train.init_state_from_variables(variables, tx)
   k_data, k_drop = jax.random.split(key)
   batches = iterate(k_data, task.x_train, task.y_train, int(cfg["batch_size"]), epochs=None)
   state, history = train.fit(step, state, batches, steps, k_drop, desc=f"{phase}[{task.name}]",
-                             log_every=int(cfg.get("log_every", 100)), progress=progress)
-  return state.params, history
+                             log_every=int(cfg.get("log_every", 100)), progress=progress,
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             meta=meta)
+  return state.variables, history
 
 
 def _trainable(value: str, field: str):
@@ -188,16 +235,25 @@ def _trainable(value: str, field: str):
   return table[value]
 
 
+def _mean_state(states: Sequence[Mapping]) -> dict:
+  """Element-wise mean of the experts' model state (BatchNorm statistics); {} if stateless."""
+  if not states or not states[0]:
+    return {}
+  return jax.tree.map(lambda *xs: sum(xs) / len(xs), *states)
+
+
 # ------------------------------------------------------------------ evaluation
 
 
 def _eval_backbone(phases: _Phases, suite, backbone: PyTree, heads: Sequence[PyTree],
-                   split: str, batch_size: int) -> dict[str, float]:
+                   split: str, batch_size: int, model_state: Mapping | None = None
+                   ) -> dict[str, float]:
   """Accuracy of ``backbone`` + each task's head on each task's ``split``."""
   out = {}
   for task, head in zip(suite, heads):
     x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
-    m = train.evaluate(phases.predict(task.num_classes), models.with_params(backbone, head),
+    variables = models.with_params(backbone, head, model_state)
+    m = train.evaluate(phases.predict(task.num_classes), variables,
                        x, y, batch_size)
     out[task.name] = m["accuracy"]
   return out
@@ -313,31 +369,71 @@ def _write_text_atomic(path: str, text: str) -> None:
 # ------------------------------------------------------------------ entry point
 
 
+def _ordering(rows: Sequence[Mapping]) -> dict:
+  """The literature's qualitative claims, checked on the measured test averages."""
+  by = {r["name"]: r["test_avg"] for r in rows}
+  merges = {r["name"]: r["test_avg"] for r in rows if r.get("method")}
+  out = {}
+  if merges:
+    out["individual >= every merge"] = bool(by["Individual"] >= max(merges.values()))
+    out["every merge >= pretrained"] = bool(min(merges.values()) >= by["Pretrained"])
+  for a, b in (("ties", "simple_average"), ("task_arithmetic", "simple_average"),
+               ("ties", "task_arithmetic")):
+    if a in by and b in by:
+      out[f"{a} > {b}"] = bool(by[a] > by[b])
+  return out
+
+
+def _phase_meta(config: Any, phase: str, task: str | None = None) -> dict:
+  """What a resumed phase must share with the interrupted one (else `KfuseError`)."""
+  data = _to_dict(config.data)
+  meta = {"phase": phase, "model": _plain(_to_dict(config.model)), "seed": int(config.seed),
+          "data.suite": data.get("suite", "mnist1d"),
+          "data.pretrain_samples": int(data.get("pretrain_samples", 0) or 0),
+          "pretrain": _plain(_to_dict(config.pretrain))}
+  if phase != "pretrain":
+    meta.update({"task": task, "finetune": _plain(_to_dict(config.finetune)),
+                 "data.relabel": bool(data.get("relabel", True)),
+                 "data.val_fraction": float(data.get("val_fraction", 0.1))})
+  return meta
+
+
 def run(config: Any, workdir: str | None = None) -> dict:
   """Run the benchmark described by ``config``; returns the results dict.
 
-  See ``configs/default.py`` for the fields.
+  See ``configs/default.py`` for the fields. Training phases are checkpointed
+  under ``<workdir>/train_state`` every ``config.checkpoint_every`` steps; a
+  rerun after an interruption resumes from there (``config.resume``), and
+  the directory is removed once the run has written its results.
   """
   t_start = time.time()
+  check_config(config)
+  specs = method_specs(config.methods)  # fail fast on typos, before training
   workdir = _check_workdir(workdir or _get(config, "workdir", ""), bool(_get(config, "overwrite", False)))
   progress = bool(_get(config, "progress", True))
   eval_bs = int(_get(config, "eval_batch_size", 512))
   data_cfg, pre_cfg, ft_cfg = _to_dict(config.data), _to_dict(config.pretrain), _to_dict(config.finetune)
-  specs = method_specs(config.methods)  # fail fast on typos, before training
-  ft_trainable = _trainable(ft_cfg.get("trainable", "all"), "finetune.trainable")
+  ft_trainable = _trainable(ft_cfg.get("trainable", "all"), "config.finetune.trainable")
+  state_dir = os.path.join(workdir, "train_state")
+  if not bool(_get(config, "resume", True)) and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  every = int(_get(config, "checkpoint_every", 0))
+  ckpt = lambda name: os.path.join(state_dir, name)
   timing = {}
 
   # 1. data
   t = time.time()
+  suite_name = data_cfg.get("suite", "mnist1d")
   suite_kw = dict(seed=int(config.seed), val_fraction=float(data_cfg.get("val_fraction", 0.1)),
                   cache=data_cfg.get("cache_dir") or None)
-  suite = make_suite(data_cfg.get("suite", "mnist1d"), int(data_cfg.get("num_tasks", 4)) or None,
+  suite = make_suite(suite_name, data_cfg.get("num_tasks") or None,
                      tasks=list(data_cfg.get("tasks") or ()) or None,
                      relabel=bool(data_cfg.get("relabel", True)), **suite_kw)
-  pre = pretrain_task(data_cfg.get("suite", "mnist1d"), **suite_kw)
+  pre = pretrain_task(suite_name, num_samples=int(data_cfg.get("pretrain_samples", 0) or 0),
+                      **suite_kw)
   names = [task.name for task in suite]
   timing["data"] = time.time() - t
-  logging.info("merge_bench: suite %s, tasks %s", data_cfg.get("suite"), names)
+  logging.info("merge_bench: suite %s, tasks %s", suite_name, names)
 
   key = jax.random.key(int(config.seed))
   k_init, k_pre, k_heads, k_ft, k_merge = jax.random.split(key, 5)
@@ -346,45 +442,52 @@ def run(config: Any, workdir: str | None = None) -> dict:
   # 2. pretraining
   t = time.time()
   pre_model = phases.model(pre.num_classes)
-  variables = pre_model.init(k_init, pre.x_train[:1])
-  pre_params, pre_hist = _train(phases, pre, variables["params"], "pretrain", pre_cfg,
-                                pre_cfg["optimizer"], int(pre_cfg["steps"]), None, k_pre, progress)
-  pre_backbone = pre_params["backbone"]
-  pre_eval = train.evaluate(phases.predict(pre.num_classes), {"params": pre_params},
-                            pre.x_test, pre.y_test, eval_bs)
+  variables = jax.jit(pre_model.init)(k_init, pre.x_train[:1])
+  pre_vars, pre_hist = _train(phases, pre, variables, "pretrain", pre_cfg, pre_cfg["optimizer"],
+                              int(pre_cfg["steps"]), None, k_pre, progress, ckpt("pretrain"), every,
+                              _phase_meta(config, "pretrain"))
+  pre_backbone = models.backbone_of(pre_vars)
+  pre_state = models.model_state_of(pre_vars)
+  pre_eval = train.evaluate(phases.predict(pre.num_classes), pre_vars, pre.x_test, pre.y_test, eval_bs)
   timing["pretrain"] = time.time() - t
   logging.info("pretrain: test accuracy %.3f on the base data", pre_eval["accuracy"])
 
-  # 3. experts: linear probe, then fine-tune
+  # 3. experts: linear probe (the "zero-shot" head), then fine-tune
   t = time.time()
   probe_steps = int(ft_cfg.get("probe_steps", 0))
   probe_opt = dict(_to_dict(ft_cfg["optimizer"]), schedule="constant", warmup_steps=0,
                    learning_rate=float(ft_cfg.get("probe_learning_rate", 1e-2)))
-  experts, histories = [], {}
+  experts, probe_heads, histories = [], [], {}
   for i, task in enumerate(suite):
     k_head, k_p, k_f = jax.random.split(jax.random.fold_in(k_ft, i), 3)
-    head = phases.model(task.num_classes).init(k_head, task.x_train[:1])["params"]["head"]
-    params = {"backbone": pre_backbone, "head": head}
+    head = jax.jit(phases.model(task.num_classes).init)(k_head, task.x_train[:1])["params"]["head"]
+    v = models.with_params(pre_backbone, head, pre_state)
     if probe_steps > 0:
-      params, _ = _train(phases, task, params, "probe", ft_cfg, probe_opt, probe_steps,
-                         ("head",), k_p, progress)
-    params, hist = _train(phases, task, params, "finetune", ft_cfg, ft_cfg["optimizer"],
-                          int(ft_cfg["steps"]), ft_trainable, k_f, progress)
-    experts.append(params)
+      v, _ = _train(phases, task, v, "probe", ft_cfg, probe_opt, probe_steps, ("head",), k_p,
+                    progress, ckpt(f"probe_{task.name}"), 0, _phase_meta(config, "probe", task.name))
+      v = models.with_params(pre_backbone, models.head_of(v), pre_state)  # keep the pretrained stats
+    probe_heads.append(models.head_of(v))
+    v, hist = _train(phases, task, v, "finetune", ft_cfg, ft_cfg["optimizer"], int(ft_cfg["steps"]),
+                     ft_trainable, k_f, progress, ckpt(f"finetune_{task.name}"), every,
+                     _phase_meta(config, "finetune", task.name))
+    experts.append(v)
     histories[task.name] = hist
   timing["finetune"] = time.time() - t
 
   # 4. evaluation
   t = time.time()
-  heads = [p["head"] for p in experts]
-  backbones = [p["backbone"] for p in experts]
-  ev = lambda bb, split: _eval_backbone(phases, suite, bb, heads, split, eval_bs)
+  heads = [models.head_of(v) for v in experts]
+  backbones = [models.backbone_of(v) for v in experts]
+  merged_state = _mean_state([models.model_state_of(v) for v in experts])
+  ev = lambda bb, split, hs=heads, st=merged_state: _eval_backbone(phases, suite, bb, hs, split,
+                                                                   eval_bs, st)
   ind_val, ind_test = {}, {}
-  for task, p in zip(suite, experts):
+  for task, v in zip(suite, experts):
     predict = phases.predict(task.num_classes)
-    ind_val[task.name] = train.evaluate(predict, {"params": p}, task.x_val, task.y_val, eval_bs)["accuracy"]
-    ind_test[task.name] = train.evaluate(predict, {"params": p}, task.x_test, task.y_test, eval_bs)["accuracy"]
-  rows = [_row("Pretrained", None, None, ev(pre_backbone, "val"), ev(pre_backbone, "test"), ind_test),
+    ind_val[task.name] = train.evaluate(predict, v, task.x_val, task.y_val, eval_bs)["accuracy"]
+    ind_test[task.name] = train.evaluate(predict, v, task.x_test, task.y_test, eval_bs)["accuracy"]
+  pre_ev = lambda split: ev(pre_backbone, split, probe_heads, pre_state)
+  rows = [_row("Pretrained", None, None, pre_ev("val"), pre_ev("test"), ind_test),
           _row("Individual", None, None, ind_val, ind_test, ind_test)]
   merged_trees = {}
   for j, spec in enumerate(specs):
@@ -401,22 +504,23 @@ def run(config: Any, workdir: str | None = None) -> dict:
   # 5. outputs
   t = time.time()
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  train.save_checkpoint(os.path.join(ckpt_dir, "pretrained"), {"params": pre_params})
-  train.save_checkpoint(os.path.join(ckpt_dir, "experts"),
-                        {n: {"params": p} for n, p in zip(names, experts)})
+  train.save_checkpoint(os.path.join(ckpt_dir, "pretrained"), pre_vars)
+  train.save_checkpoint(os.path.join(ckpt_dir, "experts"), dict(zip(names, experts)))
   if merged_trees:
     train.save_checkpoint(os.path.join(ckpt_dir, "merged"), merged_trees)
   timing["checkpoints"] = time.time() - t
   timing["total"] = time.time() - t_start
 
   results = {
-      "suite": data_cfg.get("suite", "mnist1d"),
+      "suite": suite_name,
       "tasks": names,
       "task_descriptions": {task.name: task.description for task in suite},
       "sizes": suite[0].sizes(),
-      "pretrain": {"base_test_accuracy": pre_eval["accuracy"], "history": pre_hist},
+      "pretrain": {"base_test_accuracy": pre_eval["accuracy"], "history": pre_hist,
+                   "train_examples": len(pre.y_train)},
       "finetune_history": histories,
       "rows": rows,
+      "ordering": _ordering(rows),
       "timing_s": timing,
       "config": _plain(_to_dict(config)),
       "devices": [str(d) for d in jax.devices()],
@@ -427,6 +531,9 @@ def run(config: Any, workdir: str | None = None) -> dict:
                      f"# merge_bench: {results['suite']} ({len(names)} tasks)\n\n"
                      f"Test accuracy (%); normalised = merged / individual expert.\n\n{table}\n")
   plot(results, os.path.join(workdir, PLOT_PNG))
+  shutil.rmtree(state_dir, ignore_errors=True)  # finished: nothing left to resume
   print(table, flush=True)
+  print("ordering: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results["ordering"].items()),
+        flush=True)
   logging.info("merge_bench: wrote %s (%.1f s)", workdir, time.time() - t_start)
   return results

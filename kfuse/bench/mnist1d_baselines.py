@@ -66,6 +66,8 @@ def check_config(config: Any) -> list[dict]:
     for field in spec:
       if field not in _RUN_FIELDS:
         raise KfuseError(f"models.{label}.{field}: unknown field (expected {', '.join(_RUN_FIELDS)})")
+    if spec.get("paper", 0) is None:
+      spec.pop("paper")
     for field, t in _RUN_FIELDS.items():
       if field not in spec:
         if field in ("paper", "log_every"):

@@ -35,6 +35,7 @@ __all__ = [
     "cache_dir",
     "load",
     "load_raw",
+    "mnist1d_pool",
     "split",
     "standardize",
     "iterate",
@@ -108,14 +109,19 @@ def _cached(path: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, 
 # ------------------------------------------------------------------ raw sources
 
 
-def _generate_mnist1d() -> dict[str, np.ndarray]:
-  """Run the MNIST-1D generator (default args, fixed seed), restoring global RNGs."""
+def _generate_mnist1d(num_samples: int | None = None, seed: int = MNIST1D_SEED) -> dict[str, np.ndarray]:
+  """Run the MNIST-1D generator (default args, fixed seed), restoring global RNGs.
+
+  ``num_samples`` overrides the generator's 5,000 (split 80 / 20 as usual).
+  """
   try:
     from mnist1d.data import get_dataset_args, make_dataset
   except ImportError as e:  # pragma: no cover - dependency missing
     raise KfuseError("data.name: 'mnist1d' needs the `mnist1d` package (pip install mnist1d)") from e
   args = get_dataset_args()
-  args.seed = MNIST1D_SEED
+  args.seed = int(seed)
+  if num_samples:
+    args.num_samples = int(num_samples)
   np_state, py_state = np.random.get_state(), random.getstate()
   try:
     d = make_dataset(args)  # the generator seeds numpy / random globally
@@ -133,6 +139,25 @@ def _generate_mnist1d() -> dict[str, np.ndarray]:
 def _mnist1d(cache: str | None) -> dict[str, np.ndarray]:
   path = os.path.join(cache_dir(cache), f"mnist1d_seed{MNIST1D_SEED}.npz")
   return _cached(path, _generate_mnist1d)
+
+
+def mnist1d_pool(num_samples: int, seed: int, *, cache: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """``num_samples`` extra raw MNIST-1D signals ``(x, y)`` from the same generator.
+
+  Default generator arguments except ``num_samples`` and ``seed`` (use a seed
+  other than the benchmark's 42 for data disjoint from it); cached like the
+  benchmark split. Used as a larger pretraining pool.
+  """
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+    raise KfuseError(f"data.pretrain_samples: expected an int >= 10, got {num_samples!r}")
+  if int(seed) == MNIST1D_SEED:
+    raise KfuseError(f"data.seed: the pool seed must differ from the benchmark's {MNIST1D_SEED}")
+  path = os.path.join(cache_dir(cache), f"mnist1d_n{num_samples}_seed{int(seed)}.npz")
+  arrays = _cached(path, lambda: _generate_mnist1d(num_samples, seed))
+  x = np.concatenate([arrays["x_train"], arrays["x_test"]])
+  y = np.concatenate([arrays["y_train"], arrays["y_test"]])
+  return x, y
 
 
 def _digits(cache: str | None) -> dict[str, np.ndarray]:

@@ -262,7 +262,30 @@ def make_suite(name: str, num_tasks: int | None = None, seed: int = 0, *,
   return [_make_task(base, t, seed, relabel) for t in names]
 
 
+POOL_SEED_OFFSET = 1000  # pretraining pools use generator seed 1000 + seed (never 42)
+
+
 def pretrain_task(name: str, seed: int = 0, *, val_fraction: float = 0.1,
-                  cache: str | None = None) -> Task:
-  """The pretraining problem of suite ``name``: untransformed inputs, original labels."""
-  return _make_task(_base(name, seed, val_fraction, cache), "identity", seed, relabel=False)
+                  cache: str | None = None, num_samples: int = 0) -> Task:
+  """The pretraining problem of suite ``name``: untransformed inputs, original labels.
+
+  By default it is the suite's base training split. ``num_samples > 0``
+  (``mnist1d`` only) pretrains instead on that many *extra* signals from the
+  MNIST-1D generator (seed ``1000 + seed``, disjoint from the tasks' data),
+  standardised with the base split's statistics -- the analogue of a large,
+  generic pretraining corpus. The test split is always the base test split.
+  """
+  task = _make_task(_base(name, seed, val_fraction, cache), "identity", seed, relabel=False)
+  if not num_samples:
+    return task
+  if SUITES[name][0] != "mnist1d":
+    raise KfuseError(f"data.pretrain_samples: only the mnist1d suite has a generator, not {name!r}")
+  raw, _ = sources.load_raw("mnist1d", cache=cache)
+  x_pool, y_pool = sources.mnist1d_pool(num_samples, POOL_SEED_OFFSET + seed, cache=cache)
+  x_base, _, _, _ = sources.split(raw["x_train"], raw["y_train"], val_fraction, seed)
+  mean, std = x_base.mean(axis=0), x_base.std(axis=0)
+  std = np.where(std < 1e-6, 1.0, std)
+  x_pool = ((x_pool - mean) / std).astype(np.float32)
+  x_tr, y_tr, x_va, y_va = sources.split(x_pool, y_pool.astype(np.int32), val_fraction, seed)
+  return dataclasses.replace(task, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va,
+                             description=f"{num_samples} extra generated signals, unchanged")

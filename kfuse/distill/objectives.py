@@ -20,6 +20,7 @@ possibly mixed-up soft targets) and ``step`` the traced step counter.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -44,6 +45,8 @@ __all__ = [
     "topk",
     "kl_dp",
     "combine",
+    "get",
+    "names",
 ]
 
 Array = jax.Array
@@ -401,3 +404,48 @@ def combine(*objectives: Objective, name: str | None = None) -> Objective:
   return Objective(name or "+".join(names), loss, init, feats("student_features"),
                    feats("teacher_features"), any(o.needs_teachers for o in objectives),
                    max(o.min_teachers for o in objectives))
+
+
+# ------------------------------------------------------------------ by name (configs)
+
+
+_REGISTRY: dict[str, Callable[..., Objective]] = {
+    "supervised": supervised, "hinton": hinton, "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl, "jsd": jsd, "dkd": dkd, "topk": topk, "kl_dp": kl_dp,
+    "fitnets": fitnets, "rkd": rkd, "attention": attention, "trg": trg,
+}
+
+
+def names() -> list[str]:
+  """Objective names accepted by `get`."""
+  return sorted(_REGISTRY)
+
+
+def get(spec: Any, **kwargs: Any) -> Objective:
+  """An objective from a name and keyword arguments, a ``{'name': ..., **kwargs}`` dict, or a list of them (summed).
+
+  ``get('hinton', temperature=2.0)``, ``get({'name': 'dkd', 'beta': 4.0})``,
+  ``get([{'name': 'hinton'}, {'name': 'fitnets', 'ce_weight': 0.0}])``.
+  """
+  if isinstance(spec, (list, tuple)):
+    if kwargs:
+      raise KfuseError("objective: keyword arguments go inside each entry of a list spec")
+    return combine(*(get(s) for s in spec))
+  if hasattr(spec, "to_dict"):
+    spec = spec.to_dict()
+  if isinstance(spec, dict):
+    spec = dict(spec)
+    if "name" not in spec:
+      raise KfuseError(f"objective: a dict spec needs a 'name' (one of {', '.join(names())})")
+    name = spec.pop("name")
+    kwargs = {**spec, **kwargs}
+  else:
+    name = spec
+  if name not in _REGISTRY:
+    raise KfuseError(f"objective: unknown objective {name!r}; known: {', '.join(names())}")
+  fn = _REGISTRY[name]
+  try:
+    inspect.signature(fn).bind(**kwargs)
+  except TypeError as e:
+    raise KfuseError(f"objective.{name}: {e}") from None
+  return fn(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})

@@ -13,7 +13,8 @@ import numpy as np
 from jax import lax
 
 from kfuse.merge.core import MergeState, Stage
-from kfuse.merge.stages import _bcast, descending_rank
+from kfuse.merge.select import kth_smallest_value, topk_mask
+from kfuse.merge.stages import _bcast, sum_models
 
 
 def _work_dtype(x):
@@ -27,7 +28,7 @@ def linear(normalize: bool = True) -> Stage:
     wd = _work_dtype(s.values)
     v = s.values.astype(wd)
     w = s.weights.astype(wd)
-    out = jnp.sum(v * _bcast(w, v.ndim), axis=0)
+    out = sum_models(v * _bcast(w, v.ndim))
     if normalize:
       out = out / jnp.sum(w)
     return s.replace(result=out.astype(s.values.dtype))
@@ -40,7 +41,8 @@ def simple_average() -> Stage:
 
   def apply(s: MergeState) -> MergeState:
     wd = _work_dtype(s.values)
-    return s.replace(result=jnp.mean(s.values.astype(wd), axis=0).astype(s.values.dtype))
+    n = s.values.shape[0]
+    return s.replace(result=(sum_models(s.values.astype(wd)) / n).astype(s.values.dtype))
 
   return apply
 
@@ -132,16 +134,16 @@ def multislerp(normalize_weights: bool = True, eps: float = 1e-8) -> Stage:
       w = w / jnp.sum(w)
     norms = jnp.linalg.norm(xf, axis=-1, keepdims=True)
     u = xf / (norms + eps)
-    mean = jnp.sum(u * w[:, None], axis=0)
+    mean = sum_models(u * w[:, None])
     mn = jnp.linalg.norm(mean)
     degenerate = mn < eps
     mean = mean / jnp.where(degenerate, 1, mn)
     dots = jnp.sum(u * mean, axis=-1, keepdims=True)
-    tang = jnp.sum((u - dots * mean) * w[:, None], axis=0)
+    tang = sum_models((u - dots * mean) * w[:, None])
     tn = jnp.linalg.norm(tang) + eps
     res = mean * jnp.cos(tn) + tang * (jnp.sin(tn) / tn)
     res = res * jnp.sum(norms[:, 0] * w)
-    fallback = jnp.sum(xf * w[:, None], axis=0)
+    fallback = sum_models(xf * w[:, None])
     res = jnp.where(degenerate, fallback, res).reshape(x.shape[1:])
     if s.base is not None:
       res = res + s.base
@@ -172,7 +174,7 @@ def karcher(max_iter: int = 10) -> Stage:
     valid = norms > tol
     nvalid = jnp.sum(valid)
     alpha = jnp.where(valid, 1.0 / jnp.maximum(nvalid, 1), 0.0).astype(xf.dtype)
-    mean = jnp.sum(alpha[:, None] * units, axis=0)
+    mean = sum_models(alpha[:, None] * units)
     mnorm = jnp.linalg.norm(mean.astype(wd))
     first = units[jnp.argmax(valid)]
     mean = jnp.where(mnorm < tol, first, mean / jnp.where(mnorm < tol, 1, mnorm).astype(mean.dtype))
@@ -183,7 +185,7 @@ def karcher(max_iter: int = 10) -> Stage:
       theta = jnp.arccos(dot)
       active = valid & (theta >= tol)
       coef = jnp.where(active, alpha * theta / jnp.where(active, jnp.sin(theta), 1), 0)
-      tang = jnp.sum(coef[:, None] * (units - dot[:, None] * mean[None]), axis=0)
+      tang = sum_models(coef[:, None] * (units - dot[:, None] * mean[None]))
       tn = jnp.linalg.norm(tang.astype(wd)).astype(mean.dtype)
       stop = tn < tol
       new = jnp.cos(tn) * mean + jnp.sin(tn) * (tang / jnp.where(stop, 1, tn))
@@ -226,7 +228,7 @@ def model_stock(filter_wise: bool = False, axis: int = -1) -> Stage:
     den = 1 + (n - 1) * c
     sing = jnp.abs(den) < 1e-6
     t = jnp.where(sing, 0, n * c / jnp.where(sing, 1, den))
-    out = t * (jnp.sum(ws, axis=0) / n) + (1 - t) * b
+    out = t * (sum_models(ws) / n) + (1 - t) * b
     if filter_wise:
       out = jnp.moveaxis(out, -1, axis)
     return s.replace(result=out.reshape(shape).astype(s.base.dtype))
@@ -245,22 +247,23 @@ def sce(fork_weights_only: bool = False) -> Stage:
     tv = s.values.astype(b.dtype) - b[None]
     n = tv.shape[0]
     topk = s.hp["select_topk"]
-    var = jnp.var(tv.astype(jnp.float32), axis=0)
+    tf = tv.astype(jnp.float32)
+    var = sum_models(jnp.square(tf - sum_models(tf) / n)) / n
     nz = jnp.sum(var != 0)
     k = jnp.floor(nz.astype(jnp.float32) * topk).astype(jnp.int32)
-    sel = (descending_rank(jnp.abs(var).ravel()) < k).reshape(var.shape)
+    sel = topk_mask(var, k, nonneg=True)
     sel = jnp.where(topk >= 1, True, jnp.where(topk <= 0, False, sel))
     tv_sel = tv * sel[None].astype(tv.dtype)
     tv_w = tv_sel
     tv_use = tv if fork_weights_only else tv_sel
-    total = jnp.sum(tv_use, axis=0)
+    total = sum_models(tv_use)
     elected = jnp.where(total >= 0, 1, -1).astype(tv.dtype)
     erase = (jnp.sign(tv_use) == elected[None]).astype(tv.dtype)
     wts = jnp.mean(jnp.square(tv_w.reshape(n, -1)), axis=1)
     wsum = jnp.sum(wts)
     wts = jnp.where(jnp.abs(wsum) < 1e-6, jnp.ones_like(wts) / n, wts / jnp.where(jnp.abs(wsum) < 1e-6, 1, wsum))
     ew = _bcast(wts, tv.ndim) * erase
-    merged = jnp.sum(tv_use * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+    merged = sum_models(tv_use * ew) / jnp.maximum(sum_models(ew), 1e-6)
     return s.replace(result=(b + merged).astype(b.dtype))
 
   return apply
@@ -276,7 +279,7 @@ def ram(plus: bool = False) -> Stage:
     tv = s.values.astype(b.dtype) - b[None]
     eps = s.hp["epsilon"].astype(tv.dtype)
     nz = jnp.abs(tv) > eps
-    cnt = jnp.sum(nz, axis=0)
+    cnt = sum_models(nz.astype(jnp.int32))
     overlap = cnt > 1
     unique = cnt == 1
     tvz = tv * nz.astype(tv.dtype)
@@ -289,7 +292,7 @@ def ram(plus: bool = False) -> Stage:
       lam = 1 + s.hp["r"] * jnp.clip(rho, 0, s.hp["alpha"])
       uniq_part = uniq_part * _bcast(lam.astype(tv.dtype), tv.ndim)
     shared = tvz * overlap[None].astype(tv.dtype) / jnp.maximum(cnt, 1)[None].astype(tv.dtype)
-    merged = jnp.sum(uniq_part + shared, axis=0)
+    merged = sum_models(uniq_part + shared)
     return s.replace(result=(b + merged).astype(b.dtype))
 
   return apply
@@ -324,10 +327,9 @@ def arcee_fusion(axis: int = -1, sample: int = 0) -> Stage:
     if sample and flat.shape[0] > sample:
       idx = jax.random.randint(s.key, (sample,), 0, flat.shape[0])
       flat = flat[idx]
-    srt = jnp.sort(flat)
-    m = srt.shape[0] - 1
+    m = flat.shape[0] - 1   # sorted(flat)[i] is the (i+1)-th smallest: no sort needed
     qi = [int(np.float32(q) * np.float32(m)) for q in (0.25, 0.5, 0.75)]
-    q1, med, q3 = srt[qi[0]], srt[qi[1]], srt[qi[2]]
+    q1, med, q3 = (kth_smallest_value(flat, i + 1).astype(flat.dtype) for i in qi)
     thr = med + 1.5 * (q3 - q1)
     mask = (imp >= thr).astype(p.dtype)
     return s.replace(result=(b + (p - b) * mask).astype(b.dtype))
@@ -360,7 +362,7 @@ def varm(weighting: str = "square", softmax: bool = False) -> Stage:
     w = jnp.where(tot > 0, v / jnp.where(tot > 0, tot, 1), jnp.ones_like(v) / n)
     if softmax:
       w = jax.nn.softmax(w / s.hp["temperature"])
-    out = jnp.sum(x * _bcast(w, x.ndim), axis=0)
+    out = sum_models(x * _bcast(w, x.ndim))
     return s.replace(result=out.astype(b.dtype))
 
   return apply

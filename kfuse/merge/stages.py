@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kfuse.merge import select
 from kfuse.merge.core import MergeState, Stage
 
 # ------------------------------------------------------------------ helpers
@@ -28,6 +29,18 @@ from kfuse.merge.core import MergeState, Stage
 def _bcast(w, ndim):
   """Reshape a [N] vector to broadcast against [N, ...] of rank ``ndim``."""
   return w.reshape(w.shape + (1,) * (ndim - w.ndim))
+
+
+def sum_models(x: jax.Array) -> jax.Array:
+  """Σ over the leading model axis, unrolled: x[0] + x[1] + … (same order).
+
+  XLA:CPU reduces over a major axis element by element, 15–40× slower than
+  these fused adds for LLM-sized tensors (experiments/perf/README.md).
+  """
+  out = x[0]
+  for i in range(1, x.shape[0]):
+    out = out + x[i]
+  return out
 
 
 def descending_rank(x: jax.Array) -> jax.Array:
@@ -44,9 +57,12 @@ def ascending_rank(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def topk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
-  """Exactly ``k`` largest entries of ``x`` (any shape; ``k`` traced int)."""
-  flat = x.reshape(-1).astype(jnp.float32)
-  return (descending_rank(flat) < k).reshape(x.shape)
+  """Exactly ``k`` largest entries of ``x`` (any shape; ``k`` traced int).
+
+  Same entries as ``descending_rank(x.ravel().astype(float32)) < k`` (ties
+  by lowest index), found by radix selection instead of a sort (`select`).
+  """
+  return select.topk_mask(x, k)
 
 
 def rescale_to_norm(delta: jax.Array, masked: jax.Array, norm: str = "l1",
@@ -98,7 +114,7 @@ def trim_magnitude(rescale: str | None = None) -> Stage:
   """TIES trim: keep exactly ``hp['k'][i]`` largest-|δ| entries per model."""
 
   def apply(s: MergeState) -> MergeState:
-    keep = jax.vmap(lambda d, k: topk_mask(jnp.abs(d), k))(s.values, s.hp["k"])
+    keep = select.topk_masks(jnp.abs(s.values), s.hp["k"], nonneg=True)
     return _apply_mask(s, keep, rescale)
 
   return apply
@@ -125,11 +141,12 @@ def trim_outliers(rescale: str | None = None) -> Stage:
   """
 
   def apply(s: MergeState) -> MergeState:
-    def one(d, lo, hi):
-      r = ascending_rank(jnp.abs(d).reshape(-1).astype(jnp.float32))
-      return ((r >= lo) & (r < hi)).reshape(d.shape)
+    def one(d, lo, hi):  # ascending ranks in [lo, hi) = bottom-hi minus bottom-lo
+      a = jnp.abs(d)
+      return select.bottomk_mask(a, hi) & ~select.bottomk_mask(a, lo)
 
-    keep = jax.vmap(one)(s.values, s.hp["lo"], s.hp["hi"])
+    keep = jnp.stack([one(s.values[i], s.hp["lo"][i], s.hp["hi"][i])
+                      for i in range(s.values.shape[0])])
     return _apply_mask(s, keep, rescale)
 
   return apply
@@ -184,9 +201,9 @@ def elect_sign(rule: str = "sum") -> Stage:
   def apply(s: MergeState) -> MergeState:
     sign = jnp.sign(s.values)
     if rule == "sum":
-      total = jnp.sum(s.values, axis=0)
+      total = sum_models(s.values)
     elif rule == "count":
-      total = jnp.sum(sign, axis=0)
+      total = sum_models(sign)
     else:
       raise ValueError(f"unknown sign rule {rule!r}")
     elected = jnp.where(total >= 0, 1, -1).astype(sign.dtype)
@@ -208,11 +225,11 @@ def combine(normalize: bool = True) -> Stage:
     w = _bcast(s.weights.astype(v.dtype), v.ndim)
     if s.mask is not None:
       m = s.mask.astype(v.dtype)
-      mixed = jnp.sum(v * m, axis=0)
-      div = jnp.sum(w * m, axis=0)
+      mixed = sum_models(v * m)
+      div = sum_models(w * m)
       div = jnp.where(div == 0, 1, div)
     else:
-      mixed = jnp.sum(v, axis=0)
+      mixed = sum_models(v)
       div = jnp.sum(w, axis=0) * jnp.ones_like(mixed)
       div = jnp.where(jnp.abs(div) < 1e-8, 1, div)
     if normalize:
@@ -234,10 +251,10 @@ def disjoint(reduce: str = "sum") -> Stage:
     m = s.mask if s.mask is not None else jnp.ones(v.shape, bool)
     sel = jnp.where(m, v, 0)
     if reduce == "sum":
-      out = jnp.sum(sel, axis=0)
+      out = sum_models(sel)
     elif reduce == "mean":
-      cnt = jnp.sum((sel != 0).astype(v.dtype), axis=0)
-      out = jnp.sum(sel, axis=0) / jnp.maximum(cnt, 1)
+      cnt = sum_models((sel != 0).astype(v.dtype))
+      out = sum_models(sel) / jnp.maximum(cnt, 1)
     elif reduce == "max":
       idx = jnp.argmax(jnp.abs(sel), axis=0)
       out = jnp.take_along_axis(sel, idx[None], axis=0)[0]

@@ -67,6 +67,10 @@ class ResidualBlock(nn.Module):
 class ResNetBackbone(nn.Module):
   """Stem ``conv -> BN -> relu``, one residual stage per width, then pooling.
 
+  With ``residual=False`` it is a plain CNN instead: no stem, and each layer
+  ``layers_<i>`` is ``conv(stride) -> [BN] -> relu`` (``stride`` on every
+  layer), e.g. the MNIST-1D paper's 3-layer CNN.
+
   Attributes:
     ndim: spatial dimensions (1 for signals, 2 for images).
     widths: channels of each stage; stages after the first downsample by
@@ -78,6 +82,8 @@ class ResNetBackbone(nn.Module):
     pool: ``avg`` (global average pooling, translation invariant) or
       ``flatten`` (keeps positions, like the MNIST-1D paper's CNN).
     bn_momentum: BatchNorm running-average momentum.
+    residual: residual blocks with a stem (True) or a plain conv stack.
+    batch_norm: use BatchNorm (False: convolutions get biases, no batch_stats).
   """
   ndim: int = 1
   widths: Sequence[int] = (32, 64)
@@ -87,6 +93,8 @@ class ResNetBackbone(nn.Module):
   stride: int = 2
   pool: str = "avg"
   bn_momentum: float = 0.9
+  residual: bool = True
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -98,6 +106,8 @@ class ResNetBackbone(nn.Module):
       raise KfuseError(f"input: cnn{self.ndim}d expects [B, {dims}] or [B, {dims}, C] inputs,"
                        f" got shape {tuple(x.shape)}")
     k = (self.kernel_size,) * self.ndim
+    if not self.residual:
+      return self._pool(self._plain(x, k, train))
     x = nn.Conv(self.stem_width or self.widths[0], k, use_bias=False, padding="SAME", name="stem")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
                      name="stem_norm")(x)
@@ -109,6 +119,22 @@ class ResNetBackbone(nn.Module):
         x = ResidualBlock(int(width), k, (stride,) * self.ndim, self.bn_momentum,
                           name=f"layers_{i}")(x, train=train)
         i += 1
+    return self._pool(x)
+
+  def _plain(self, x: jax.Array, k: tuple, train: bool) -> jax.Array:
+    i = 0
+    for width in self.widths:
+      for _ in range(self.blocks_per_stage):
+        x = nn.Conv(int(width), k, (self.stride,) * self.ndim, padding="SAME",
+                    use_bias=not self.batch_norm, name=f"layers_{i}")(x)
+        if self.batch_norm:
+          x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                           epsilon=1e-5, name=f"norm_{i}")(x)
+        x = nn.relu(x)
+        i += 1
+    return x
+
+  def _pool(self, x: jax.Array) -> jax.Array:
     if self.pool == "avg":
       return x.mean(axis=tuple(range(1, self.ndim + 1)))
     return x.reshape((x.shape[0], -1))
@@ -132,26 +158,32 @@ def _check(num_classes, widths, blocks_per_stage, kernel_size, stride, pool, bn_
 
 
 def _make(ndim, num_classes, widths, blocks_per_stage, kernel_size, stem_width, stride, pool,
-          bn_momentum) -> Classifier:
+          bn_momentum, residual, batch_norm) -> Classifier:
   _check(num_classes, widths, blocks_per_stage, kernel_size, stride, pool, bn_momentum)
+  if residual and not batch_norm:
+    raise KfuseError("model.batch_norm: the residual CNN always uses BatchNorm;"
+                     " batch_norm=False needs residual=False")
   backbone = ResNetBackbone(ndim=ndim, widths=tuple(int(w) for w in widths),
                             blocks_per_stage=int(blocks_per_stage), kernel_size=int(kernel_size),
                             stem_width=int(stem_width) if stem_width else None, stride=int(stride),
-                            pool=pool, bn_momentum=float(bn_momentum))
+                            pool=pool, bn_momentum=float(bn_momentum), residual=bool(residual),
+                            batch_norm=bool(batch_norm))
   return Classifier(backbone=backbone, num_classes=int(num_classes))
 
 
 def make_cnn1d(num_classes: int, widths: Sequence[int] = (32, 64), blocks_per_stage: int = 1,
                kernel_size: int = 5, stem_width: int | None = None, stride: int = 2,
-               pool: str = "avg", bn_momentum: float = 0.9) -> Classifier:
+               pool: str = "avg", bn_momentum: float = 0.9, residual: bool = True,
+               batch_norm: bool = True) -> Classifier:
   """A ResNet-style 1-D CNN (signals ``[B, L]`` / ``[B, L, C]``) + linear head."""
   return _make(1, num_classes, widths, blocks_per_stage, kernel_size, stem_width, stride, pool,
-               bn_momentum)
+               bn_momentum, residual, batch_norm)
 
 
 def make_cnn2d(num_classes: int, widths: Sequence[int] = (32, 64), blocks_per_stage: int = 1,
                kernel_size: int = 3, stem_width: int | None = None, stride: int = 2,
-               pool: str = "avg", bn_momentum: float = 0.9) -> Classifier:
+               pool: str = "avg", bn_momentum: float = 0.9, residual: bool = True,
+               batch_norm: bool = True) -> Classifier:
   """A ResNet-style 2-D CNN (images ``[B, H, W]`` / ``[B, H, W, C]``) + linear head."""
   return _make(2, num_classes, widths, blocks_per_stage, kernel_size, stem_width, stride, pool,
-               bn_momentum)
+               bn_momentum, residual, batch_norm)

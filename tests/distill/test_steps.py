@@ -1,0 +1,262 @@
+"""kfuse.distill steps: teachers frozen and outside the state, one compilation, mixup, ensembles."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kfuse import distill
+from kfuse.distill import losses as L
+from kfuse.distill import objectives as O
+from kfuse.tree import KfuseError
+
+C = 5
+
+
+class TinyMLP(nn.Module):
+  """Dense -> relu -> Dense, the hidden layer named ``body`` (a feature path)."""
+  width: int = 16
+  classes: int = C
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.relu(nn.Dense(self.width, name="body")(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.classes, name="head")(h)
+
+
+class TinyConv(nn.Module):
+  """Conv -> BatchNorm -> relu (``block``, a token map) -> mean-pool -> Dense."""
+  channels: int = 4
+  classes: int = C
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = Block(self.channels, name="block")(x[..., None], train)
+    return nn.Dense(self.classes, name="head")(h.mean(axis=1))
+
+
+class Block(nn.Module):
+  channels: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Conv(self.channels, (3,), name="conv")(x)
+    return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="norm")(h))
+
+
+def _data(n=12, d=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
+          jnp.asarray(rng.integers(0, C, n), jnp.int32))
+
+
+def _vars(module, seed, x):
+  return module.init(jax.random.key(seed), x)
+
+
+def _tree_equal(a, b):
+  return all(np.array_equal(np.asarray(u), np.asarray(v))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_gradients_reach_the_student_only():
+  x, y = _data()
+  teacher, student = TinyMLP(width=24), TinyMLP()
+  tv, sv = _vars(teacher, 0, x), _vars(student, 1, x)
+  obj = O.combine(O.hinton(), O.fitnets("body", "body", ce_weight=0.0))
+  step = distill.make_step(student, obj, optax.adam(1e-2), [distill.Teacher(teacher, tv)],
+                           donate=False)
+  state = step.init(sv, x)
+  batch = {"x": x, "labels": y}
+
+  def loss_wrt(params, aux, teacher_vars):
+    return step.loss_fn(params, aux, state.model_state, teacher_vars, batch, jax.random.key(0),
+                        state.step)[0]
+
+  g_s, g_a, g_t = jax.jit(jax.grad(loss_wrt, argnums=(0, 1, 2)))(state.params, state.aux, (tv,))
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_t))   # teacher: zero
+  assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_s))   # student: flows
+  assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_a))   # regressor: flows
+  # teachers live outside the state: the state's leaves are the student's (params, state),
+  # the regressor and the optimizer's, never the teacher's
+  n_student = len(jax.tree.leaves(sv["params"]))
+  assert len(jax.tree.leaves(state.params)) == n_student
+  before = jax.tree.map(np.asarray, tv)
+  regressor0 = np.asarray(state.aux[1]["regressors"][0]["kernel"])
+  for i in range(3):
+    state, metrics = step(state, batch, jax.random.key(i))
+  assert _tree_equal(before, tv)                                            # teacher untouched
+  assert not np.allclose(regressor0, np.asarray(state.aux[1]["regressors"][0]["kernel"]))
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_step_compiles_once_and_teachers_swap_without_recompiling():
+  x, y = _data()
+  teacher, student = TinyMLP(width=32), TinyMLP()
+  step = distill.make_step(student, O.dkd(steps_per_epoch=2), optax.sgd(0.1),
+                           [distill.Teacher(teacher, _vars(teacher, 0, x))], mixup_alpha=0.4)
+  state = step.init(_vars(student, 1, x), x)
+  for i in range(4):
+    xb, yb = _data(seed=i + 1)
+    state, _ = step(state, {"x": xb, "labels": yb}, jax.random.key(i))
+  other = step.with_teachers([_vars(teacher, 7, x)])
+  state, _ = other(state, {"x": x, "labels": y}, jax.random.key(9))
+  assert step.jitted._cache_size() == 1
+  assert int(state.step) == 5
+
+
+def test_mixup_feeds_teacher_and_student_the_same_inputs():
+  """Student == teacher (same params): KL is 0 only if both saw the same mixed batch."""
+  x, y = _data()
+  model = TinyMLP()
+  v = _vars(model, 0, x)
+  step = distill.make_step(model, O.forward_kl(), optax.sgd(0.0), [distill.Teacher(model, v)],
+                           mixup_alpha=1.0, donate=False)
+  state = step.init(v, x)
+  for i in range(3):
+    _, m = step(state, {"x": x, "labels": y}, jax.random.key(i))
+    assert abs(float(m["kd"])) < 1e-6
+  # and the batch really is mixed: the CE of the mixed soft targets differs from the plain one
+  plain = distill.make_step(model, O.supervised(), optax.sgd(0.0), donate=False)
+  mixed = distill.make_step(model, O.supervised(), optax.sgd(0.0), mixup_alpha=1.0, donate=False)
+  s0 = plain.init(v, x)
+  a = float(plain(s0, {"x": x, "labels": y}, jax.random.key(0))[1]["loss"])
+  b = float(mixed(s0, {"x": x, "labels": y}, jax.random.key(0))[1]["loss"])
+  assert abs(a - b) > 1e-4
+
+
+def test_multi_teacher_mean_and_stacked_members_match_by_hand():
+  x, y = _data()
+  teacher, student = TinyMLP(width=24), TinyMLP()
+  tvs = [_vars(teacher, s, x) for s in (10, 11, 12)]
+  sv = _vars(student, 1, x)
+  t = 3.0
+  obj = O.forward_kl(temperature=t)
+  sep = distill.make_step(student, obj, optax.sgd(0.0), [distill.Teacher(teacher, v) for v in tvs],
+                          donate=False)
+  stk = distill.make_step(student, obj, optax.sgd(0.0),
+                          [distill.Teacher(teacher, distill.stack_checkpoints(tvs), stacked=True)],
+                          donate=False)
+  state = sep.init(sv, x)
+  batch = {"x": x, "labels": y}
+  kd_sep = float(sep(state, batch, jax.random.key(0))[1]["kd"])
+  kd_stk = float(stk(stk.init(sv, x), batch, jax.random.key(0))[1]["kd"])
+  zs = np.asarray(student.apply(sv, x), np.float64)
+  pt = np.mean([jax.nn.softmax(np.asarray(teacher.apply(v, x), np.float64) / t) for v in tvs], 0)
+  ls = zs / t - np.log(np.exp(zs / t).sum(-1, keepdims=True))
+  ref = np.mean((pt * (np.log(pt) - ls)).sum(-1))
+  np.testing.assert_allclose([kd_sep, kd_stk], [ref, ref], rtol=1e-5)
+
+
+def test_confidence_weighting_prefers_the_teacher_that_knows_the_label():
+  x, y = _data()
+  student = TinyMLP()
+  good = lambda v, xx, train, key: 20.0 * jax.nn.one_hot(y, C)          # knows the labels
+  bad = lambda v, xx, train, key: 20.0 * jax.nn.one_hot((y + 1) % C, C)  # always wrong
+  for rule, expect in [("confidence", 1.0), ("min_ce", 1.0), ("mean", 0.5)]:
+    step = distill.make_step(student, O.hinton(temperature=1.0), optax.sgd(0.0),
+                             [distill.Teacher(good, {"params": {}}), distill.Teacher(bad, {"params": {}})],
+                             combine=rule, donate=False)
+    sv = _vars(student, 1, x)
+    m = step(step.init(sv, x), {"x": x, "labels": y}, jax.random.key(0))[1]
+    assert m["teacher_accuracy"] >= 0.99 if expect == 1.0 else True
+
+
+def test_kl_dp_chooses_the_more_confident_model_per_sample():
+  z_s = jnp.zeros((4, 3))
+  teacher = jnp.array([[9., 0, 0], [1, 0, 0], [0, 9, 0], [0, 0, 1]])
+  init_student = jnp.array([[1., 0, 0], [9, 0, 0], [0, 1, 0], [0, 0, 9]])
+  logits = jnp.stack([teacher, init_student])
+  view = distill.TeacherOutputs(logits, jnp.full((2, 4), 0.5), ({}, {}))
+  loss, m = O.kl_dp(temperature=1.0).loss({}, distill.Outputs(z_s, {}), view,
+                                          {"labels": jnp.zeros(4, jnp.int32)}, jnp.zeros((), jnp.int32))
+  assert float(m["teacher_fraction"]) == 0.5
+  target = jnp.stack([teacher[0], init_student[1], teacher[2], init_student[3]])
+  np.testing.assert_allclose(float(loss), float(L.forward_kl(z_s, target)), rtol=1e-6)
+
+
+def test_dkd_warmup_starts_from_plain_cross_entropy():
+  x, y = _data()
+  teacher, student = TinyMLP(width=24), TinyMLP()
+  step = distill.make_step(student, O.dkd(steps_per_epoch=1, warmup_epochs=4), optax.sgd(0.0),
+                           [distill.Teacher(teacher, _vars(teacher, 0, x))], donate=False)
+  state = step.init(_vars(student, 1, x), x)
+  m0 = step(state, {"x": x, "labels": y}, jax.random.key(0))[1]
+  np.testing.assert_allclose(float(m0["loss"]), float(m0["ce"]), rtol=1e-6)
+
+
+def test_batchnorm_student_updates_its_statistics():
+  x, y = _data()
+  student, teacher = TinyConv(), TinyMLP(width=24)
+  sv = _vars(student, 1, x)
+  step = distill.make_step(student, O.combine(O.hinton(), O.trg("block", "block", ce_weight=0.0)),
+                           optax.adam(1e-2),
+                           [distill.Teacher(TinyConv(channels=6), _vars(TinyConv(channels=6), 3, x))])
+  state = step.init(sv, x)
+  state, m = step(state, {"x": x, "labels": y}, jax.random.key(0))
+  assert not _tree_equal(sv["batch_stats"], state.model_state["batch_stats"])
+  assert np.isfinite(float(m["loss"])) and "trg/trg" in m
+  del teacher
+
+
+def test_mutual_learning_of_identical_students_is_twice_the_ce():
+  x, y = _data()
+  model = TinyMLP()
+  v = _vars(model, 0, x)
+  step = distill.make_mutual_step([model, model], optax.sgd(0.1), temperature=2.0, donate=False)
+  state = step.init([v, v], x)
+  _, m = step(state, {"x": x, "labels": y}, jax.random.key(0))
+  ce = float(L.cross_entropy(model.apply(v, x), y))
+  np.testing.assert_allclose(float(m["loss"]), 2 * ce, rtol=1e-5)
+  s2, _ = step(step.init([v, _vars(model, 5, x)], x), {"x": x, "labels": y}, jax.random.key(0))
+  assert not _tree_equal(s2.params[0], v["params"]) and not _tree_equal(s2.params[1], v["params"])
+
+
+def test_topk_objective_from_stored_representations_needs_no_teacher():
+  x, y = _data()
+  student = TinyMLP()
+  val, idx = jax.lax.top_k(jnp.asarray(np.random.default_rng(0).normal(size=(12, C)), jnp.float32), 2)
+  step = distill.make_step(student, O.topk(k=2, ce_weight=0.1), optax.sgd(0.0), donate=False)
+  state = step.init(_vars(student, 1, x), x)
+  m = step(state, {"x": x, "labels": y, "topk_indices": idx, "topk_logits": val}, jax.random.key(0))[1]
+  ref = float(L.topk_kl(student.apply(_vars(student, 1, x), x), idx, val))
+  np.testing.assert_allclose(float(m["kd"]), ref, rtol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+  x, _ = _data()
+  student = TinyMLP()
+  with pytest.raises(KfuseError, match="temperature"):
+    O.hinton(temperature=0.0)
+  with pytest.raises(KfuseError, match="kd_weight"):
+    O.hinton(ce_weight=0.0, kd_weight=0.0)
+  with pytest.raises(KfuseError, match="alpha"):
+    O.dkd(alpha=-1.0)
+  with pytest.raises(KfuseError, match="beta"):
+    O.jsd(beta=2.0)
+  with pytest.raises(KfuseError, match="teachers"):
+    distill.make_step(student, O.hinton(), optax.sgd(0.1))
+  with pytest.raises(KfuseError, match="teachers"):
+    distill.make_step(student, O.kl_dp(), optax.sgd(0.1),
+                      [distill.Teacher(student, _vars(student, 0, x))])
+  with pytest.raises(KfuseError, match="combine"):
+    distill.make_step(student, O.hinton(), optax.sgd(0.1),
+                      [distill.Teacher(student, _vars(student, 0, x))], combine="vote")
+  with pytest.raises(KfuseError, match="mixup_alpha"):
+    distill.make_step(student, O.hinton(), optax.sgd(0.1),
+                      [distill.Teacher(student, _vars(student, 0, x))], mixup_alpha=-1.0)
+  wide = TinyMLP(classes=C + 2)
+  step = distill.make_step(student, O.hinton(), optax.sgd(0.1),
+                           [distill.Teacher(wide, _vars(wide, 0, x))])
+  with pytest.raises(KfuseError, match=r"teachers\[0\] logits: class/vocabulary axis size 7"):
+    step.init(_vars(student, 1, x), x)
+  step = distill.make_step(student, O.fitnets("nope", "body"), optax.sgd(0.1),
+                           [distill.Teacher(student, _vars(student, 0, x))])
+  with pytest.raises(KfuseError, match="features: no module output at path 'nope'"):
+    step.init(_vars(student, 1, x), x)
+  step = distill.make_step(student, O.supervised(), optax.sgd(0.1))
+  state = step.init(_vars(student, 1, x), x)
+  with pytest.raises(KfuseError, match="batch: missing key 'labels'"):
+    step(state, {"x": x}, jax.random.key(0))
