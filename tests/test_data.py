@@ -145,3 +145,27 @@ def test_suite_errors(cache):
     make_suite("mnist1d", tasks=["transpose"], cache=cache)
   with pytest.raises(KfuseError, match="data.num_tasks"):
     make_suite("mnist1d", 3, tasks=["reverse"], cache=cache)
+
+
+def test_val_fraction_zero_is_the_papers_split(cache):
+  ds = load("mnist1d", val_fraction=0.0, cache=cache)
+  assert ds.sizes() == {"train": 4000, "val": 0, "test": 1000}
+  assert ds.x_val.shape == (0, 40)
+  with pytest.raises(KfuseError, match="data.val_fraction: expected a number"):
+    load("mnist1d", val_fraction="0.1", cache=cache)
+
+
+def test_pretrain_pool_is_extra_generated_data(cache):
+  base = pretrain_task("mnist1d", cache=cache)
+  pool = pretrain_task("mnist1d", num_samples=200, cache=cache)
+  assert pool.sizes() == {"train": 180, "val": 20, "test": 1000}
+  assert os.path.exists(os.path.join(cache, "mnist1d_n200_seed1000.npz"))
+  np.testing.assert_array_equal(pool.x_test, base.x_test)  # same test split, same scaling
+  # new signals, not a subset of the benchmark's training data
+  assert not any(np.allclose(pool.x_train[0], x, atol=1e-4) for x in base.x_train)
+  again = pretrain_task("mnist1d", num_samples=200, cache=cache)
+  np.testing.assert_array_equal(pool.x_train, again.x_train)
+  with pytest.raises(KfuseError, match="data.pretrain_samples"):
+    pretrain_task("digits", num_samples=200)
+  with pytest.raises(KfuseError, match="data.pretrain_samples"):
+    pretrain_task("mnist1d", num_samples=5, cache=cache)

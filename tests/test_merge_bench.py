@@ -36,6 +36,7 @@ def _tiny_config(workdir, cache):
   config.finetune.probe_steps = 20
   config.finetune.steps = 100
   config.finetune.optimizer.warmup_steps = 10
+  config.checkpoint_every = 25
   config.methods = ml_collections.ConfigDict(dict(
       simple_average=dict(method="linear", params=dict(weight=1.0), grid={}),
       task_arithmetic=dict(method="task_arithmetic", params={}, grid={"lambda": [0.5, 1.0]}),
@@ -69,6 +70,9 @@ def test_end_to_end_outputs(bench, capsys):
   assert all(f"| {n} |" in md for n in names)
   for sub in ("pretrained", "experts", "merged"):
     assert os.path.isdir(workdir / "checkpoints" / sub), sub
+  assert not os.path.exists(workdir / "train_state")  # removed once the run has finished
+  assert set(on_disk["ordering"]) >= {"individual >= every merge", "every merge >= pretrained",
+                                      "ties > task_arithmetic"}
 
 
 def test_accuracies_are_sane(bench):
@@ -152,3 +156,74 @@ def test_configs_are_complete_and_valid():
     assert specs and all(s["points"] for s in specs)
   with pytest.raises(KfuseError, match="variant"):
     full_mod.get_config("huge")
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_interrupted_run_resumes_from_its_checkpoints(bench, tmp_path, monkeypatch):
+  _, config, reference = bench
+  workdir = tmp_path / "w"
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.workdir = str(workdir)
+  calls = []
+  real_iterate = merge_bench.iterate
+
+  def killed_after(it, n):
+    for i, b in enumerate(it):
+      if i == n:
+        raise _Killed
+      yield b
+
+  def killing_iterate(*args, **kwargs):  # the 5th stream is task 2's fine-tuning
+    calls.append(1)
+    it = real_iterate(*args, **kwargs)
+    return killed_after(it, 60) if len(calls) == 5 else it
+
+  monkeypatch.setattr(merge_bench, "iterate", killing_iterate)
+  with pytest.raises(_Killed):
+    merge_bench.run(config)
+  state = workdir / "train_state"
+  assert train.latest_step(str(state / "pretrain")) == 150
+  assert train.latest_step(str(state / "finetune_reverse")) == 100
+  assert train.latest_step(str(state / "finetune_shift")) == 50  # killed at step 60
+  assert not (workdir / "results.json").exists()
+
+  # a different model cannot resume these checkpoints: the error names the field
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.hidden = (32,)
+  with pytest.raises(KfuseError, match="saved with model=.*but this run has model="):
+    merge_bench.run(other)
+
+  # rerunning the same command resumes and reproduces the uninterrupted run
+  monkeypatch.setattr(merge_bench, "iterate", real_iterate)
+  results = merge_bench.run(config)
+  assert not state.exists()
+  want = {r["name"]: r["test"] for r in reference["rows"]}
+  got = {r["name"]: r["test"] for r in results["rows"]}
+  assert set(got) == set(want)
+  for name in want:
+    assert got[name] == pytest.approx(want[name], abs=1e-6), name
+
+
+def test_wrong_types_name_the_field(tmp_path):
+  cases = [
+      (("pretrain", "steps"), "100", "config.pretrain.steps: expected int, got str"),
+      (("data", "num_tasks"), 2.5, "config.data.num_tasks: expected int or None, got float"),
+      (("finetune", "optimizer", "learning_rate"), "fast",
+       "config.finetune.optimizer.learning_rate: expected float"),
+      (("data", "relabel"), "yes", "config.data.relabel: expected bool"),
+      (("model", "hidden"), "64", "model.hidden: expected Sequence"),
+      (("model", "name"), "resnet9", "model.name: unknown model 'resnet9'"),
+      (("finetune", "trainable"), "heads", "config.finetune.trainable"),
+  ]
+  for path, value, message in cases:
+    config = _tiny_config(tmp_path / "w", tmp_path / "c").to_dict()
+    node = config
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = value  # a plain dict: ConfigDict itself would refuse the type change
+    with pytest.raises(KfuseError, match=message.replace("(", r"\(")):
+      merge_bench.run(config)
+  assert not os.path.exists(tmp_path / "c")  # nothing was generated or trained

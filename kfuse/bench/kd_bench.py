@@ -31,8 +31,10 @@ Outputs under the workdir: ``results.json`` (atomic), ``results.md``,
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -78,11 +80,22 @@ def _pm(s: Mapping, scale: float = 100.0, digits: int = 1) -> str:
   return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
+_MODELS: dict[str, Any] = {}
+
+
 def _model(cfg: Mapping, num_classes: int):
-  kw = dict(_to_dict(cfg))
-  name = kw.pop("name")
-  return models.get_model(name, num_classes=num_classes, **{k: (tuple(v) if isinstance(v, list) else v)
-                                                            for k, v in kw.items()})
+  """The registry model for ``cfg`` (cached, so jitted steps and predictors are reused)."""
+  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _to_dict(cfg).items()}
+  key = json.dumps([num_classes, _plain(kw)], sort_keys=True)
+  if key not in _MODELS:
+    kw = dict(kw)
+    name = kw.pop("name")
+    _MODELS[key] = models.get_model(name, num_classes=num_classes, **kw)
+  return _MODELS[key]
+
+
+def _stable(text: str) -> int:
+  return zlib.crc32(text.encode()) % (2 ** 31)
 
 
 def _variables(state: distill.DistillState) -> dict:
@@ -102,6 +115,13 @@ class _Runner:
     self.eval_bs = int(_get(config, "eval_batch_size", 500))
     self.progress = bool(_get(config, "progress", False))
     self._predict: dict[int, Callable] = {}
+    self._steps: dict[str, distill.DistillStep] = {}
+
+  def step(self, key: str, build: Callable[[], distill.DistillStep], teacher_vars=()):
+    """A cached step for ``key`` (built once), bound to ``teacher_vars``: one compilation per key."""
+    if key not in self._steps:
+      self._steps[key] = build()
+    return self._steps[key].with_teachers(teacher_vars)
 
   def optimizer(self, steps: int, opt_cfg: Mapping | None = None):
     return train.make_optimizer(_to_dict(opt_cfg or self.config.optimizer), steps)
@@ -164,6 +184,11 @@ def _method_specs(methods_cfg: Any) -> dict[str, dict]:
 # ------------------------------------------------------------------ experiment 1: students
 
 
+def _is_supervised(spec: Mapping) -> bool:
+  obj = spec["objective"]
+  return isinstance(obj, Mapping) and obj.get("name") == "supervised"
+
+
 def _steps_per_epoch(n: int, batch_size: int) -> int:
   return max(1, n // batch_size)
 
@@ -178,8 +203,9 @@ def _objective(spec, steps_per_epoch: int):
 
 def _train_supervised(runner: _Runner, module, ds, steps: int, key, desc: str, opt_cfg=None,
                       y_train=None, on_step=None):
-  tx = runner.optimizer(steps, opt_cfg)
-  step = distill.make_step(module, O.supervised(), tx)
+  ck = f"supervised/{id(module)}/{steps}/{json.dumps(_plain(_to_dict(opt_cfg or {})), sort_keys=True)}"
+  step = runner.step(ck, lambda: distill.make_step(module, O.supervised(),
+                                                   runner.optimizer(steps, opt_cfg)))
   k_init, k_fit = jax.random.split(key)
   state = step.init(module.init(k_init, ds.x_train[:2]), ds.x_train[:2])
   y = ds.y_train if y_train is None else y_train
@@ -189,10 +215,7 @@ def _train_supervised(runner: _Runner, module, ds, steps: int, key, desc: str, o
 def _students(runner: _Runner, name: str, dcfg: Mapping, specs: dict, seeds: Sequence[int],
               root_key) -> tuple[dict, dict]:
   """Experiment 1 on dataset ``name``. Returns (results, per-seed artefacts for experiment 3)."""
-  labels = [m for m in dcfg["methods"] if True]
-  for m in labels:
-    if m not in specs:
-      raise KfuseError(f"datasets.{name}.methods: {m!r} is not in config.methods")
+  labels = list(dcfg["methods"])
   per = {m: [] for m in labels}
   teacher_acc, artefacts = [], {}
   t_steps, s_steps = int(dcfg["teacher_steps"]), int(dcfg["student_steps"])
@@ -212,13 +235,18 @@ def _students(runner: _Runner, name: str, dcfg: Mapping, specs: dict, seeds: Seq
       spec = specs[m]
       module = _model(dcfg[spec["student"]], ds.num_classes)
       obj = _objective(spec["objective"], spe)
-      tx = runner.optimizer(s_steps)
-      teachers = [distill.Teacher(teacher, t_vars)] if obj.needs_teachers or obj.name == "topk" else []
-      step = distill.make_step(module, obj, tx, teachers, mixup_alpha=spec["mixup_alpha"],
-                               combine=spec["combine"])
-      # the same student initialisation and batch order for every method of a seed
-      k_init, k_fit = jax.random.split(jax.random.fold_in(key, 1000 + hash(spec["student"]) % 997))
-      state = step.init(module.init(k_init, ds.x_train[:2]), ds.x_train[:2], jax.random.fold_in(key, j))
+      uses_teacher = obj.needs_teachers or obj.name == "topk"
+
+      def build(module=module, obj=obj, spec=spec, uses_teacher=uses_teacher):
+        teachers = [distill.Teacher(teacher, t_vars)] if uses_teacher else []
+        return distill.make_step(module, obj, runner.optimizer(s_steps), teachers,
+                                 mixup_alpha=spec["mixup_alpha"], combine=spec["combine"])
+
+      step = runner.step(f"students/{name}/{m}", build, [t_vars] if uses_teacher else [])
+      # the same initialisation and batch order for every method using this student
+      k_init, k_fit = jax.random.split(jax.random.fold_in(key, _stable(spec["student"])))
+      state = step.init(module.init(k_init, ds.x_train[:2]), ds.x_train[:2],
+                        jax.random.fold_in(key, j))
       t0 = time.time()
       state, last = runner.fit(step, state, ds.x_train, ds.y_train, s_steps, k_fit,
                                f"{name}/{m}[{seed}]")
@@ -229,18 +257,18 @@ def _students(runner: _Runner, name: str, dcfg: Mapping, specs: dict, seeds: Seq
                    time.time() - t0)
     artefacts[seed] = {"ds": ds, "teacher": (teacher, t_vars), "students": students}
   rows = []
-  base = {s: per["alone"][i]["test"] for i, s in enumerate(seeds)} if "alone" in per else None
   for m in labels:
     accs = [r["test"] for r in per[m]]
     row = {"name": m, "student": specs[m]["student"], "objective": _plain(specs[m]["objective"]),
            "mixup_alpha": specs[m]["mixup_alpha"], "test": summarize(accs),
            "seconds": float(np.mean([r["seconds"] for r in per[m]]))}
-    ref_label = "alone" if specs[m]["student"] == "student" else f"{specs[m]['student']}_alone"
-    if ref_label in per and m != ref_label:
-      row["delta_vs_alone"] = summarize([a - r["test"] for a, r in zip(accs, per[ref_label])])
-      row["wins"] = int(sum(a > r["test"] for a, r in zip(accs, per[ref_label])))
+    ref = [r for r in labels if specs[r]["student"] == specs[m]["student"]
+           and _is_supervised(specs[r]) and not specs[r]["mixup_alpha"]]
+    if ref and m != ref[0]:
+      row["reference"] = ref[0]
+      row["delta_vs_alone"] = summarize([a - r["test"] for a, r in zip(accs, per[ref[0]])])
+      row["wins"] = int(sum(a > r["test"] for a, r in zip(accs, per[ref[0]])))
     rows.append(row)
-  del base
   return {"teacher": {"model": _plain(_to_dict(dcfg["teacher"])), "test": summarize(teacher_acc)},
           "students": {k: _plain(_to_dict(dcfg[k])) for k in ("student", "small_cnn") if k in dcfg},
           "rows": rows, "seeds": list(seeds)}, artefacts
@@ -290,14 +318,16 @@ def _forget_me_not(runner: _Runner, cfg: Mapping, seeds: Sequence[int], root_key
     extra["forgetting_final"].append(float(forgetting[-1]))
     extra["original_peak_test"].append(float(test_acc.max()))
     # distil (a) the checkpoint ensemble, (b) the final model alone, into a fresh model
-    for label, tvars in (("distilled", distill.stack_checkpoints([ckpts[m] for m in members])),
-                         ("self_distilled", None)):
-      teacher = (distill.Teacher(module, tvars, stacked=True) if tvars is not None
-                 else distill.Teacher(module, final))
-      d_steps = int(cfg["distill_steps"])
+    d_steps = int(cfg["distill_steps"])
+    for label, teacher in (
+        ("distilled", distill.Teacher(module, distill.stack_checkpoints(
+            [ckpts[m] for m in members]), stacked=True)),
+        ("self_distilled", distill.Teacher(module, final))):
       obj = O.get(_to_dict(cfg["distill_objective"]))
-      step = distill.make_step(module, obj, runner.optimizer(d_steps, cfg.get("optimizer")),
-                               [teacher], mixup_alpha=float(cfg.get("mixup_alpha", 0.0)))
+      ck = f"fmn/{label}/{len(members) if label == 'distilled' else 1}"
+      step = runner.step(ck, lambda teacher=teacher, obj=obj: distill.make_step(
+          module, obj, runner.optimizer(d_steps, cfg.get("optimizer")), [teacher],
+          mixup_alpha=float(cfg.get("mixup_alpha", 0.0))), [teacher.variables])
       k_init, k_fit = jax.random.split(jax.random.fold_in(key, 7))
       st = step.init(module.init(k_init, ds.x_train[:2]), ds.x_train[:2])
       st, _ = runner.fit(step, st, ds.x_train, y_noisy, d_steps, k_fit, f"fmn/{label}[{seed}]")
@@ -342,7 +372,9 @@ def _fantastic_gains(runner: _Runner, cfg: Mapping, artefacts: Mapping, root_key
       teachers = [distill.Teacher(t_mod, t_vars)]
       if obj.min_teachers >= 2:
         teachers.append(distill.Teacher(s_mod, s_vars))    # the frozen initial student
-      step = distill.make_step(s_mod, obj, runner.optimizer(steps, cfg["optimizer"]), teachers)
+      step = runner.step(f"fg/{label}", lambda obj=obj, teachers=teachers: distill.make_step(
+          s_mod, obj, runner.optimizer(steps, cfg["optimizer"]), teachers),
+          [t.variables for t in teachers])
       st = step.init(s_vars, ds.x_train[:2])
       st, last = runner.fit(step, st, ds.x_train, ds.y_train, steps, jax.random.fold_in(key, j),
                             f"fg/{label}[{seed}]")

@@ -34,6 +34,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -407,6 +408,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
   the directory is removed once the run has written its results.
   """
   t_start = time.time()
+  if isinstance(config, Mapping):  # a plain dict works too
+    config = ml_collections.ConfigDict(dict(config), sort_keys=False)
   check_config(config)
   specs = method_specs(config.methods)  # fail fast on typos, before training
   workdir = _check_workdir(workdir or _get(config, "workdir", ""), bool(_get(config, "overwrite", False)))

@@ -22,6 +22,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -35,56 +36,50 @@ __all__ = ["run", "train_one", "markdown_table", "check_config"]
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
-_RUN_FIELDS = {"model": dict, "steps": int, "batch_size": int, "optimizer": dict,
-               "paper": (int, float), "log_every": int}
+_RUN_SCHEMA = {"model": {"name": str}, "steps": int, "batch_size": int,
+               "optimizer": train.OPTIMIZER_SCHEMA, "paper": (float, type(None)), "log_every": int}
+_SCHEMA = {"seeds": list, "data": {"name": str, "val_fraction": float, "normalize": bool,
+                                   "cache_dir": (str, type(None))},
+           "models": dict, "eval_batch_size": int, "workdir": str, "overwrite": bool,
+           "progress": bool}
 
 
-def _type_name(t) -> str:
-  return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
-
-
-def _check_type(field: str, value: Any, expected) -> None:
-  types = expected if isinstance(expected, tuple) else (expected,)
-  ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-  if dict in types and hasattr(value, "to_dict"):
-    ok = True
-  if not ok:
-    raise KfuseError(f"{field}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
+def _as_config(config: Any) -> ml_collections.ConfigDict:
+  if isinstance(config, Mapping):
+    return ml_collections.ConfigDict(dict(config), sort_keys=False)
+  return config
 
 
 def check_config(config: Any) -> list[dict]:
   """Validate the config's fields and types; return ``[{label, **run}]`` in table order."""
-  for field, t in (("seeds", (list, tuple)), ("data", dict), ("models", dict),
-                   ("eval_batch_size", int)):
-    _check_type(f"config.{field}", _get(config, field), t)
-  seeds = list(_get(config, "seeds"))
+  config = _as_config(config)
+  train.check_types(config, _SCHEMA, "config")
+  seeds = list(config.seeds)
   if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
     raise KfuseError(f"config.seeds: expected a non-empty list of ints, got {seeds!r}")
   runs = []
   for label, spec in _to_dict(config.models).items():
     spec = dict(spec)
-    for field in spec:
-      if field not in _RUN_FIELDS:
-        raise KfuseError(f"models.{label}.{field}: unknown field (expected {', '.join(_RUN_FIELDS)})")
-    if spec.get("paper", 0) is None:
-      spec.pop("paper")
-    for field, t in _RUN_FIELDS.items():
-      if field not in spec:
-        if field in ("paper", "log_every"):
-          continue
-        raise KfuseError(f"models.{label}.{field}: missing")
-      _check_type(f"models.{label}.{field}", spec[field], t)
+    unknown = sorted(set(spec) - set(_RUN_SCHEMA))
+    if unknown:
+      raise KfuseError(f"models.{label}.{unknown[0]}: unknown field (expected {', '.join(_RUN_SCHEMA)})")
+    missing = [f for f in ("model", "steps", "batch_size", "optimizer") if f not in spec]
+    if missing:
+      raise KfuseError(f"models.{label}.{missing[0]}: missing")
+    train.check_types(spec, _RUN_SCHEMA, f"models.{label}")
     if spec["steps"] <= 0 or spec["batch_size"] <= 0:
       raise KfuseError(f"models.{label}.steps: steps and batch_size must be positive")
     model_kw = dict(_to_dict(spec["model"]))
     name = model_kw.pop("name", None)
-    if not isinstance(name, str):
-      raise KfuseError(f"models.{label}.model.name: expected a model name, got {name!r}")
+    if name is None:
+      raise KfuseError(f"models.{label}.model.name: missing")
     try:
       models.get_model(name, num_classes=10, **model_kw)  # unknown names / fields / types
       train.make_optimizer(spec["optimizer"], spec["steps"])
     except KfuseError as e:
       raise KfuseError(f"models.{label}.{e}") from None
+    if spec.get("paper", 0) is None:
+      spec.pop("paper")
     runs.append({"label": label, **spec, "model": {"name": name, **model_kw}})
   if not runs:
     raise KfuseError("config.models: no model to train")
@@ -147,6 +142,7 @@ def _setup(spec: Mapping) -> str:
 def run(config: Any, workdir: str | None = None) -> dict:
   """Train every model of ``config.models`` for every seed; write and print the table."""
   t0 = time.time()
+  config = _as_config(config)
   runs = check_config(config)
   workdir = os.path.abspath(workdir or _get(config, "workdir", "") or "workdirs/mnist1d_baselines")
   if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not _get(config, "overwrite", False):

@@ -60,6 +60,43 @@ def _histogram(digit: jax.Array, nbins: int) -> jax.Array:
   return jnp.zeros((nbins + 1,), jnp.int32).at[digit].add(1)[:nbins]
 
 
+def _suffix_sums(c: jax.Array) -> jax.Array:
+  """s[j] = Σ_{i >= j} c[i] for a short int vector (a masked sum, not a scan:
+  XLA:CPU lowers cumsum to a log-depth scan that is slow to compile)."""
+  i = lax.broadcasted_iota(jnp.int32, (c.shape[0], c.shape[0]), 0)
+  j = lax.broadcasted_iota(jnp.int32, (c.shape[0], c.shape[0]), 1)
+  return jnp.sum(jnp.where(j >= i, c[None, :], 0), axis=1, dtype=jnp.int32)
+
+
+def _block(n: int) -> int:
+  b = 1
+  while b * b < n:
+    b *= 2
+  return b
+
+
+def _last_reaching(c: jax.Array, k: jax.Array):
+  """For counts ``c`` (int, any length) and 1 <= k <= Σc: the largest j with
+  Σ_{i >= j} c[i] >= k, and Σ_{i > j} c[i]. Two levels of √n-sized blocks."""
+  n = c.shape[0]
+  b = _block(n)
+  nb = -(-n // b)
+  cb = jnp.pad(c, (0, nb * b - n)).reshape(nb, b)
+  coarse = _suffix_sums(jnp.sum(cb, axis=1, dtype=jnp.int32))       # [nb]
+  a = jnp.sum(coarse >= k, dtype=jnp.int32) - 1                       # block holding it
+  above = jnp.where(a + 1 < nb, coarse[jnp.minimum(a + 1, nb - 1)], 0)
+  fine = _suffix_sums(lax.dynamic_index_in_dim(cb, a, 0, keepdims=False)) + above
+  j = jnp.sum(fine >= k, dtype=jnp.int32) - 1
+  after = jnp.where(j + 1 < b, fine[jnp.minimum(j + 1, b - 1)], above)
+  return a * b + j, after
+
+
+def _first_reaching(c: jax.Array, r: jax.Array):
+  """The smallest j with Σ_{i <= j} c[i] >= r (1 <= r <= Σc), and Σ_{i < j} c[i]."""
+  j, after = _last_reaching(c[::-1], r)
+  return c.shape[0] - 1 - j, after
+
+
 def kth_largest(keys: jax.Array, k: jax.Array):
   """The k-th largest of ``keys`` (uint32, any shape), 1 <= k <= keys.size.
 
@@ -77,9 +114,7 @@ def kth_largest(keys: jax.Array, k: jax.Array):
     if match is not None:
       digit = jnp.where(match, digit, nb)
     hist = _histogram(digit, nb)
-    ge = jnp.cumsum(hist[::-1])[::-1]             # ge[j] = #{digit >= j}
-    j = jnp.sum(ge >= kk, dtype=jnp.int32) - 1     # the digit of the k-th largest
-    gt = jnp.where(j + 1 < nb, ge[jnp.minimum(j + 1, nb - 1)], 0)
+    j, gt = _last_reaching(hist, kk)          # the digit of the k-th largest
     eq = hist[j]
     kk = kk - gt
     prefix = (prefix << width) | j.astype(jnp.uint32)
@@ -105,11 +140,9 @@ def _tie_cut(u2: jax.Array, v: jax.Array, r: jax.Array) -> jax.Array:
   """Mask of keys > v plus the first ``r`` keys == v in row-major order."""
   eq = u2 == v
   per_row = jnp.sum(eq, axis=1, dtype=jnp.int32)
-  upto = jnp.cumsum(per_row)                       # ties in rows 0..i
-  i = jnp.sum(upto < r, dtype=jnp.int32)           # row holding the r-th tie
-  before = jnp.where(i > 0, upto[jnp.maximum(i - 1, 0)], 0)
-  row = lax.dynamic_index_in_dim(eq, i, axis=0, keepdims=False)
-  j = jnp.sum(jnp.cumsum(row.astype(jnp.int32)) < r - before, dtype=jnp.int32)
+  i, before = _first_reaching(per_row, r)          # row holding the r-th tie
+  row = lax.dynamic_index_in_dim(eq, i, axis=0, keepdims=False).astype(jnp.int32)
+  j, _ = _first_reaching(row, r - before)          # its column
   ri = lax.broadcasted_iota(jnp.int32, u2.shape, 0)
   ci = lax.broadcasted_iota(jnp.int32, u2.shape, 1)
   keep_tie = (ri < i) | ((ri == i) & (ci <= j))

@@ -1,0 +1,88 @@
+"""Test-time adaptation benchmark on MNIST-1D-C (CIFAR-10-C protocols at toy scale).
+
+    python -m kfuse.main --config=configs/tta_bench.py           # full (~25 min on 2 CPU cores)
+    python -m kfuse.main --config=configs/tta_bench.py:quick     # <= 3 min
+
+A BatchNorm ResNet-style 1-D CNN is trained on clean MNIST-1D; every method of
+``config.methods`` then adapts online on the 15 corruptions at severity 5
+(`kfuse.data.corruptions`), under the reset-per-shift and continual
+protocols, and on a long continual stream (``config.long``). Writes
+results.json, results.md, tta_bench.png and the source checkpoint under
+``config.workdir`` (see `kfuse.bench.tta_bench`).
+
+Method settings follow SPEC §C (`kfuse.adapt.default_config`): Tent, CoTTA,
+RoTTA as in their CIFAR-10 configs; EATA / ETA with the test-time-adaptation
+benchmark's CIFAR-10 overrides (Adam 1e-3, fisher_alpha 1, d_margin 0.4);
+SAR with its paper defaults (SGD 2.5e-4, momentum 0.9) and its top block
+frozen — ``layers_1`` is this CNN's last stage, the analogue of ResNet's layer4.
+One batch size (200, as Tent / CoTTA / the benchmark on CIFAR-10) for all.
+
+Override from the command line, e.g. ``--config.batch_size=64
+--config.methods.tent.optimizer.learning_rate=1e-4 --config.long.rounds=0``.
+"""
+
+import ml_collections
+
+from kfuse.tree import KfuseError
+
+
+def methods():
+  adam = dict(name="adam", learning_rate=1e-3)
+  return dict(
+      source=dict(method="source", optimizer=None, params={}),
+      bn_adapt=dict(method="bn_adapt", optimizer=None, params=dict(prior=0.0)),
+      tent=dict(method="tent", optimizer=adam, params=dict(steps=1, episodic=False)),
+      eta=dict(method="eta", optimizer=adam, params=dict(e_margin_scale=0.4, d_margin=0.4)),
+      eata=dict(method="eata", optimizer=adam,
+                params=dict(e_margin_scale=0.4, d_margin=0.4, fisher_alpha=1.0)),
+      sar=dict(method="sar", optimizer=dict(name="sgd", learning_rate=2.5e-4, momentum=0.9),
+               params=dict(e_margin_scale=0.4, rho=0.05, reset_constant=0.2,
+                           exclude=(r"backbone/layers_1/",))),
+      cotta=dict(method="cotta", optimizer=adam,
+                 params=dict(mt=0.999, rst=0.01, ap=0.92, n_augment=32)),
+      rotta=dict(method="rotta", optimizer=adam,
+                 params=dict(alpha=0.05, nu=0.001, capacity=64, update_frequency=64)),
+  )
+
+
+def get_config(arg=None):
+  """``arg``: None / 'full' (the measured benchmark) or 'quick' (a <= 3 min smoke run)."""
+  variant = arg or "full"
+  if variant not in ("full", "quick"):
+    raise KfuseError(f"config: unknown tta_bench variant {variant!r}; use full or quick")
+  config = ml_collections.ConfigDict()
+  config.task = "tta_bench"
+  config.workdir = f"workdirs/tta_bench_{variant}"
+  config.overwrite = True
+  config.seed = 0
+  config.progress = True
+  config.batch_size = 200
+  config.protocols = ("reset_per_shift", "continual")
+  config.source_checkpoint = ""     # an Orbax checkpoint of the source variables skips training
+
+  config.data = dict(
+      name="mnist1d",
+      pool="fresh",                 # fresh: pool_size new generator signals; test: the 1000-signal split
+      pool_size=10_000,
+      pool_seed=1,
+      severity=5,
+      corruptions=(),               # () = the 15 of kfuse.data.corruptions.CORRUPTIONS, in order
+      cache_dir="",                 # default: $KFUSE_CACHE or ~/.cache/kfuse
+  )
+  config.model = dict(name="cnn1d", widths=(32, 64), blocks_per_stage=1, kernel_size=5,
+                      pool="avg", bn_momentum=0.9)
+  config.source = dict(
+      steps=3000, batch_size=128, log_every=500,
+      optimizer=dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=100,
+                     kwargs=dict(weight_decay=1e-4)),
+      fisher_samples=2000, fisher_batch_size=64)   # EATA's Fisher: clean training samples
+  config.methods = ml_collections.ConfigDict(methods(), sort_keys=False)
+  config.long = dict(rounds=10, samples_per_domain=2000, batch_size=200,
+                     methods=("source", "bn_adapt", "tent", "eata", "sar", "cotta", "rotta"))
+
+  if variant == "quick":
+    config.data.pool = "test"       # 1000 signals per corruption
+    config.source.steps = 800
+    config.long = dict(rounds=3, samples_per_domain=400, batch_size=200,
+                       methods=("bn_adapt", "tent", "cotta", "rotta"))
+  return config

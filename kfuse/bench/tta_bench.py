@@ -1,0 +1,388 @@
+"""Test-time adaptation benchmark: MNIST-1D-C, the CIFAR-10-C protocols at toy scale.
+
+    python -m kfuse.main --config=configs/tta_bench.py          # full (~25 min on 2 cores)
+    python -m kfuse.main --config=configs/tta_bench.py:quick    # <= 3 min
+
+Pipeline (`run`):
+
+1. data (`kfuse.data.corruptions`): the clean MNIST-1D training split, and a
+   test pool (by default 10,000 fresh signals from the generator, like
+   CIFAR-10-C's 10,000 images) corrupted by each of the 15 corruptions at
+   ``severity`` (5);
+2. a ResNet-style BatchNorm CNN (``cnn1d``) trained on clean data only (the
+   "source" model), or restored from ``config.source_checkpoint``;
+3. every method of ``config.methods`` (`kfuse.adapt` names + optimizer +
+   parameters) on the stream of all corruptions, under each protocol of
+   ``config.protocols``: ``reset_per_shift`` (reset to the source before every
+   corruption, Tent's setting) and ``continual`` (reset once, CoTTA's /
+   the benchmark repository's setting). Predictions are online: a batch is
+   scored with the logits the method returns for it;
+4. a long continual stream (``config.long``): the corruption sequence repeated
+   ``rounds`` times without reset, error per visit (does a method degrade?);
+5. ``results.json`` (atomic), ``results.md`` (tables), ``tta_bench.png``
+   (error along the continual and long streams) and an Orbax checkpoint of the
+   source model under the workdir; the tables are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from kfuse import adapt, models, train
+from kfuse.data import corruptions as corr
+from kfuse.data import iterate
+from kfuse.tree import KfuseError
+
+PyTree = Any
+
+__all__ = ["run", "markdown_tables", "plot", "method_specs", "train_source", "evaluate_stream"]
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "tta_bench.png"
+
+
+# ------------------------------------------------------------------ config helpers
+
+
+def _to_dict(x: Any) -> dict:
+  if x is None:
+    return {}
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return dict(x)
+
+
+def _plain(v: Any) -> Any:
+  if isinstance(v, Mapping):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, np.generic):
+    return v.item()
+  if isinstance(v, np.ndarray):
+    return v.tolist()
+  return v
+
+
+def method_specs(methods_cfg: Any) -> list[dict]:
+  """Validate ``config.methods``: ``[{label, method, optimizer, params}]``.
+
+  ``config.methods.<label>`` holds ``method`` (a `kfuse.adapt` name; default the
+  label), ``optimizer`` (dict; default the method's SPEC default) and ``params``.
+  """
+  specs = []
+  for label, entry in _to_dict(methods_cfg).items():
+    entry = dict(entry or {})
+    unknown = set(entry) - {"method", "optimizer", "params"}
+    if unknown:
+      raise KfuseError(f"methods.{label}: unknown field {sorted(unknown)[0]!r}"
+                       " (expected method, optimizer, params)")
+    name = entry.get("method") or label
+    if name not in adapt.names():
+      raise KfuseError(f"methods.{label}.method: unknown TTA method {name!r};"
+                       f" known: {', '.join(adapt.names())}")
+    params = _to_dict(entry.get("params"))
+    params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()}
+    opt = entry.get("optimizer", "default")
+    opt = _to_dict(opt) if opt not in (None, "default") else opt
+    specs.append({"label": label, "method": name, "optimizer": opt, "params": params})
+  if not specs:
+    raise KfuseError("methods: no method to run")
+  return specs
+
+
+def _check_workdir(workdir: str, overwrite: bool) -> str:
+  if not workdir:
+    raise KfuseError("workdir: empty; set config.workdir or --workdir")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not overwrite:
+    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+# ------------------------------------------------------------------ source model
+
+
+def train_source(model, ds, cfg: Mapping, key: jax.Array, progress: bool) -> tuple[PyTree, list]:
+  """Train ``model`` on the clean training split; returns ``(variables, history)``."""
+  k_init, k_data, k_drop = jax.random.split(key, 3)
+  variables = model.init(k_init, ds.x_train[:2])
+  steps = int(cfg["steps"])
+  tx = train.make_optimizer(cfg["optimizer"], steps)
+  step = train.make_train_step(model, tx)
+  state = train.init_state_from_variables(variables, tx)
+  batches = iterate(k_data, ds.x_train, ds.y_train, int(cfg["batch_size"]), epochs=None)
+  state, history = train.fit(step, state, batches, steps, k_drop, desc="source",
+                             log_every=int(cfg.get("log_every", 500)), progress=progress)
+  return jax.device_get(state.variables), history
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def evaluate_stream(tta: adapt.Adapter, variables: PyTree, stream: corr.Stream, key: jax.Array,
+                    fisher: PyTree | None = None, runner: Any = None) -> dict:
+  """Run ``tta`` over ``stream``; error (%) per domain visit plus method metrics.
+
+  ``runner``: a `kfuse.adapt.make_runner` of ``tta`` to reuse its compilation.
+  """
+  extra = {"fisher": fisher} if tta.name == "eata" else {}
+  state = tta.init(variables, stream.x[0], key=key, **extra)
+  runner = runner or adapt.make_runner(tta)
+  t = time.time()
+  _, logits, metrics = runner(state, stream.x, stream.reset)
+  logits = np.asarray(logits)
+  seconds = time.time() - t
+  wrong = logits.argmax(-1) != stream.y                             # [T, B]
+  per_visit = [float(100 * wrong[stream.domain == i].mean()) for i in range(len(stream.names))]
+  summary = {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}
+  return {"errors": per_visit, "mean": float(np.mean(per_visit)), "metrics": summary,
+          "seconds": seconds, "steps": int(stream.num_batches),
+          "ms_per_batch": 1e3 * seconds / max(1, stream.num_batches)}
+
+
+def _fisher_batches(ds, cfg: Mapping) -> list[np.ndarray]:
+  n, bs = int(cfg.get("fisher_samples", 2000)), int(cfg.get("fisher_batch_size", 64))
+  x = ds.x_train[:n]
+  return [x[i:i + bs] for i in range(0, len(x) - bs + 1, bs)]
+
+
+def _build(spec: dict, model, apply_kwargs: Mapping) -> adapt.Adapter:
+  try:
+    return adapt.make(spec["method"], model.apply, optimizer=spec["optimizer"],
+                      apply_kwargs=dict(apply_kwargs), **spec["params"])
+  except KfuseError as e:
+    raise KfuseError(f"methods.{spec['label']}: {e}") from None
+
+
+# ------------------------------------------------------------------ reports
+
+
+def markdown_tables(results: Mapping) -> str:
+  """One error table per protocol (rows: methods; columns: corruptions + mean), plus the long stream."""
+  names = results["corruptions"]
+  short = {n: n.replace("_noise", "").replace("_blur", "") for n in names}
+  out = []
+  for protocol, rows in results["protocols"].items():
+    out.append(f"**{protocol}** — severity {results['severity']} error (%), online predictions\n")
+    head = ["Method"] + [short[n] for n in names] + ["**mean**"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join([" --- "] + [" ---: "] * (len(names) + 1)) + "|")
+    for label, r in rows.items():
+      cells = [label] + [f"{e:.1f}" for e in r["errors"]] + [f"**{r['mean']:.1f}**"]
+      out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+  long = results.get("long")
+  if long:
+    rounds = long["rounds"]
+    out.append(f"**long continual stream** — {rounds} rounds of the {len(names)} corruptions,"
+               f" {long['samples_per_domain']} samples per visit; mean error (%) per round\n")
+    head = ["Method"] + [f"r{i + 1}" for i in range(rounds)] + ["last − first"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join([" --- "] + [" ---: "] * (rounds + 1)) + "|")
+    for label, r in long["methods"].items():
+      pr = r["per_round"]
+      out.append("| " + " | ".join([label] + [f"{e:.1f}" for e in pr] + [f"{pr[-1] - pr[0]:+.1f}"]) + " |")
+    out.append("")
+  return "\n".join(out)
+
+
+def plot(results: Mapping, path: str) -> str:
+  """Error along the continual stream (per corruption) and along the long stream (Agg)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  long = results.get("long")
+  fig = Figure(figsize=(13, 8.5 if long else 4.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  names = results["corruptions"]
+  cont = results["protocols"].get("continual") or next(iter(results["protocols"].values()))
+  ax = fig.add_subplot(2 if long else 1, 1, 1)
+  for label, r in cont.items():
+    ax.plot(np.arange(len(names)), r["errors"], marker="o", ms=3, label=f"{label} ({r['mean']:.1f})")
+  ax.set_xticks(np.arange(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right",
+                fontsize=8)
+  ax.set_ylabel("error (%)")
+  proto = "continual" if "continual" in results["protocols"] else next(iter(results["protocols"]))
+  ax.set_title(f"tta_bench: {proto} stream, severity {results['severity']} (mean in legend)")
+  ax.legend(fontsize=7, ncols=4)
+  ax.grid(alpha=0.3)
+  if long:
+    ax2 = fig.add_subplot(2, 1, 2)
+    n = len(names)
+    for label, r in long["methods"].items():
+      e = np.asarray(r["errors"])
+      ax2.plot(np.arange(len(e)), e, lw=0.8, alpha=0.35)
+      centers = n * np.arange(long["rounds"]) + (n - 1) / 2
+      ax2.plot(centers, r["per_round"], marker="s", ms=4, color=ax2.lines[-1].get_color(),
+               label=f"{label}")
+    for i in range(1, long["rounds"]):
+      ax2.axvline(i * n - 0.5, color="gray", lw=0.5, ls=":")
+    ax2.set_xlabel("domain visit (faint: per corruption; squares: round mean)")
+    ax2.set_ylabel("error (%)")
+    ax2.set_title(f"long continual stream: {long['rounds']} rounds, no reset")
+    ax2.legend(fontsize=7, ncols=4)
+    ax2.grid(alpha=0.3)
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def run(config: Any, workdir: str | None = None) -> dict:
+  """Run the benchmark described by ``config`` (see ``configs/tta_bench.py``); returns the results."""
+  t_start = time.time()
+  get = lambda k, d=None: config.get(k, d) if hasattr(config, "get") else getattr(config, k, d)
+  workdir = _check_workdir(workdir or get("workdir", ""), bool(get("overwrite", False)))
+  progress = bool(get("progress", True))
+  data_cfg, model_cfg = _to_dict(config.data), _to_dict(config.model)
+  src_cfg, long_cfg = _to_dict(config.source), _to_dict(get("long"))
+  specs = method_specs(config.methods)
+  protocols = list(get("protocols", corr.PROTOCOLS))
+  for p in protocols:
+    if p not in corr.PROTOCOLS:
+      raise KfuseError(f"protocols: unknown protocol {p!r}; known: {', '.join(corr.PROTOCOLS)}")
+  corruptions = list(data_cfg.get("corruptions") or corr.CORRUPTIONS)
+  severity = int(data_cfg.get("severity", 5))
+  batch_size = int(get("batch_size", 200))
+  apply_kwargs = {"train": False}
+  seed = int(get("seed", 0))
+  key = jax.random.key(seed)
+  k_src, k_methods, k_long = jax.random.split(key, 3)
+  timing = {}
+
+  # 1. data
+  t = time.time()
+  cache = data_cfg.get("cache_dir") or None
+  data = corr.clean_data(data_cfg.get("name", "mnist1d"), pool=data_cfg.get("pool", "fresh"),
+                         pool_size=int(data_cfg.get("pool_size", 10_000)),
+                         pool_seed=int(data_cfg.get("pool_seed", 1)), seed=seed, cache=cache)
+  domains = corr.corrupted_domains(data, corruptions, (severity,), seed=seed, cache=cache)
+  clean_x = data.standardize(data.pool_x)
+  timing["data"] = time.time() - t
+  logging.info("tta_bench: %d corruptions x %d samples, batch %d", len(domains), len(data.pool_y),
+               batch_size)
+
+  # 2. source model
+  t = time.time()
+  mk = dict(model_cfg)
+  model = models.get_model(mk.pop("name", "cnn1d"), num_classes=data.source.num_classes, **mk)
+  ckpt = get("source_checkpoint", "") or ""
+  history = []
+  if ckpt:
+    like = model.init(jax.random.key(0), data.source.x_train[:2])
+    variables = train.restore_checkpoint(ckpt, like)
+  else:
+    variables, history = train_source(model, data.source, src_cfg, k_src, progress)
+  predict = train.make_predict(model)
+  clean = {
+      "val_accuracy": train.evaluate(predict, variables, data.source.x_val, data.source.y_val)["accuracy"],
+      "test_accuracy": train.evaluate(predict, variables, data.source.x_test, data.source.y_test)["accuracy"],
+      "pool_accuracy": train.evaluate(predict, variables, clean_x, data.pool_y)["accuracy"],
+  }
+  ckpt_path = train.save_checkpoint(os.path.join(workdir, "checkpoints", "source"), variables)
+  timing["source"] = time.time() - t
+  logging.info("source model: clean pool accuracy %.4f", clean["pool_accuracy"])
+
+  fisher = None
+  if any(s["method"] == "eata" for s in specs):
+    fisher = adapt.fisher_information(model.apply, variables, _fisher_batches(data.source, src_cfg),
+                                      apply_kwargs=apply_kwargs)
+
+  # 3. protocols
+  adapters = {s["label"]: _build(s, model, apply_kwargs) for s in specs}
+  runners = {label: adapt.make_runner(a) for label, a in adapters.items()}
+  tables: dict[str, dict] = {}
+  for protocol in protocols:
+    t = time.time()
+    stream = corr.make_stream(domains, batch_size, protocol=protocol, seed=seed)
+    rows = {}
+    for j, s in enumerate(specs):
+      r = evaluate_stream(adapters[s["label"]], variables, stream, jax.random.fold_in(k_methods, j),
+                          fisher, runners[s["label"]])
+      rows[s["label"]] = r
+      logging.info("%s %s: mean error %.2f (%.1f s)", protocol, s["label"], r["mean"], r["seconds"])
+      if progress:
+        print(f"  {protocol:15s} {s['label']:10s} mean error {r['mean']:5.1f}%"
+              f"  ({r['seconds']:.1f} s)", flush=True)
+    tables[protocol] = rows
+    timing[protocol] = time.time() - t
+
+  # 4. long continual stream
+  long = None
+  rounds = int(long_cfg.get("rounds", 0) or 0)
+  if rounds > 0:
+    t = time.time()
+    n_long = int(long_cfg.get("samples_per_domain", 2000))
+    sub = [corr.Domain(d.name, d.severity, d.x[:n_long], d.y[:n_long]) for d in domains]
+    stream = corr.make_stream(sub, int(long_cfg.get("batch_size", batch_size)), protocol="continual",
+                              repeats=rounds, seed=seed + 1)
+    labels = list(long_cfg.get("methods") or [s["label"] for s in specs])
+    unknown = [m for m in labels if m not in adapters]
+    if unknown:
+      raise KfuseError(f"long.methods: {unknown[0]!r} is not a label of config.methods")
+    out = {}
+    for j, label in enumerate(labels):
+      r = evaluate_stream(adapters[label], variables, stream, jax.random.fold_in(k_long, j), fisher,
+                          runners[label])
+      e = np.asarray(r["errors"]).reshape(rounds, len(domains))
+      r["per_round"] = [float(v) for v in e.mean(1)]
+      out[label] = r
+      if progress:
+        print(f"  long x{rounds:<3d}        {label:10s} rounds {r['per_round'][0]:5.1f}% ->"
+              f" {r['per_round'][-1]:5.1f}%  ({r['seconds']:.1f} s)", flush=True)
+    long = {"rounds": rounds, "samples_per_domain": n_long, "methods": out}
+    timing["long"] = time.time() - t
+  timing["total"] = time.time() - t_start
+
+  results = {
+      "dataset": data.source.name,
+      "severity": severity,
+      "corruptions": corruptions,
+      "batch_size": batch_size,
+      "samples_per_domain": int(len(data.pool_y)),
+      "clean": clean,
+      "source_history": history,
+      "source_checkpoint": ckpt_path,
+      "protocols": tables,
+      "long": long,
+      "timing_s": timing,
+      "config": _plain(_to_dict(config)),
+      "devices": [str(d) for d in jax.devices()],
+  }
+  tables_md = markdown_tables(results)
+  _write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(_plain(results), indent=2))
+  _write_atomic(os.path.join(workdir, RESULTS_MD),
+                f"# tta_bench: {results['dataset']}-C, severity {severity}\n\n"
+                f"Source model clean accuracy: {100 * clean['pool_accuracy']:.1f}% on the test pool"
+                f" ({results['samples_per_domain']} samples per corruption, batch {batch_size}).\n\n"
+                f"{tables_md}\n")
+  plot(results, os.path.join(workdir, PLOT_PNG))
+  print(tables_md, flush=True)
+  logging.info("tta_bench: wrote %s (%.1f s)", workdir, timing["total"])
+  return results
