@@ -18,34 +18,53 @@ import ml_collections
 
 
 def _optimizer(learning_rate, warmup_steps, weight_decay=0.0):
+  """AdamW with warmup + cosine decay and gradient clipping."""
   return dict(name="adamw", learning_rate=learning_rate, schedule="cosine",
               warmup_steps=warmup_steps, clip_norm=1.0, kwargs=dict(weight_decay=weight_decay))
 
 
-def _lambdas():
-  return [0.3, 0.5, 0.7, 1.0]
+# Methods left out, and why: `linear` (== simple_average with weights), `task_negation`
+# (forgetting, not multi-task), `slerp` / `nuslerp` / `nearswap` / `arcee_fusion` /
+# `wise_ft` (exactly one or two models), `passthrough` / `layer_swap` (layer surgery).
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)   # Task Arithmetic paper: chosen on validation
+TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)      # disjoint *mean*: TIES paper range is ~1
 
 
-def methods():
-  """Merge methods: label -> kfuse method name, fixed params and validation grid."""
+def methods(lambdas=LAMBDAS, ties_lambdas=TIES_LAMBDAS, densities=(0.2,), drop_densities=(0.5,)):
+  """Every multi-model data-free method of `kfuse.merge`: label -> method, params, validation grid.
+
+  Each method's hyper-parameters are chosen on the tasks' validation splits
+  (average accuracy) from its ``grid``, as in the papers.
+  """
+  lam = lambda: list(lambdas)
   return dict(
-      simple_average=dict(method="linear", params=dict(weight=1.0), grid={}),
+      simple_average=dict(method="simple_average", params={}, grid={}),
       task_arithmetic=dict(method="task_arithmetic", params=dict(weight=1.0),
-                           grid={"lambda": _lambdas()}),
-      ties=dict(method="ties", params=dict(weight=1.0, density=0.2),
-                grid={"lambda": _lambdas()}),
-      ties_paper=dict(method="ties_paper", params=dict(k=0.2), grid={"lambda": _lambdas()}),
-      dare_ties=dict(method="dare_ties", params=dict(weight=1.0, density=0.5),
-                     grid={"lambda": _lambdas()}),
+                           grid={"lambda": lam()}),
+      ties=dict(method="ties", params=dict(weight=1.0),                     # mergekit: mean
+                grid={"density": list(densities), "lambda": list(ties_lambdas)}),
+      ties_paper=dict(method="ties_paper", params=dict(disjoint="sum"),     # paper / FusionBench
+                      grid={"k": list(densities), "lambda": lam()}),
+      dare_linear=dict(method="dare_linear", params=dict(weight=1.0),
+                       grid={"density": list(drop_densities), "lambda": lam()}),
+      dare_ties=dict(method="dare_ties", params=dict(weight=1.0),
+                     grid={"density": list(drop_densities), "lambda": lam()}),
       breadcrumbs=dict(method="breadcrumbs", params=dict(weight=1.0, density=0.9, gamma=0.01),
-                       grid={"lambda": _lambdas()}),
-      della=dict(method="della", params=dict(weight=1.0, density=0.5, epsilon=0.1),
-                 grid={"lambda": _lambdas()}),
+                       grid={"lambda": lam()}),
+      breadcrumbs_ties=dict(method="breadcrumbs_ties",
+                            params=dict(weight=1.0, density=0.9, gamma=0.01),
+                            grid={"lambda": lam()}),
+      della=dict(method="della", params=dict(weight=1.0, epsilon=0.1),
+                 grid={"density": list(drop_densities), "lambda": list(ties_lambdas)}),
+      della_linear=dict(method="della_linear", params=dict(weight=1.0, epsilon=0.1),
+                        grid={"density": list(drop_densities), "lambda": lam()}),
       model_stock=dict(method="model_stock", params={}, grid={}),
       karcher=dict(method="karcher", params={}, grid={}),
       multislerp=dict(method="multislerp", params={}, grid={}),
-      sce=dict(method="sce", params=dict(select_topk=0.2), grid={}),
+      sce=dict(method="sce", params={}, grid={"select_topk": [0.1, 0.2, 0.5, 1.0]}),
+      varm=dict(method="varm", params={}, grid={}),
       ram=dict(method="ram", params={}, grid={}),
+      ramplus_tl=dict(method="ramplus_tl", params={}, grid={}),
   )
 
 

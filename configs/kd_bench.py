@@ -49,7 +49,7 @@ def methods():
           feat_weight=1.0, ce_weight=1.0)),
       rkd=dict(student="student", objective=dict(
           name="rkd", student_feature="backbone", teacher_feature="backbone",
-          distance_weight=25.0, angle_weight=50.0, ce_weight=1.0)),
+          distance_weight=25.0, angle_weight=50.0, ce_weight=1.0, max_samples=64)),
       cnn_alone=dict(student="small_cnn", objective=dict(name="supervised")),
       cnn_hinton=dict(student="small_cnn", objective=kd),
       cnn_attention=dict(student="small_cnn", objective=dict(
@@ -59,7 +59,8 @@ def methods():
       cnn_trg=dict(student="small_cnn", objective=[
           kd, dict(name="trg", student_feature="backbone/layers_1",
                    teacher_feature="backbone/layers_1", temperature=0.1, graph_weight=1.0,
-                   context_weight=1.0, feat_weight=1.0, ce_weight=0.0)]),
+                   context_weight=1.0, feat_weight=1.0, ce_weight=0.0, token_pool=2,
+                   max_samples=64)]),
   )
 
 

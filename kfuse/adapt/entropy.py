@@ -414,7 +414,7 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
       return _masked_mean(ent, mask), (logits, mask, e0)
 
     (loss1, (logits, mask1, e0)), g1 = jax.value_and_grad(first, has_aux=True)(sub)
-    gnorm = optax.global_norm(g1)
+    gnorm = optax.tree.norm(g1)
     perturbed = jax.tree.map(lambda p, g: p + rho * g / (gnorm + 1e-12), sub, g1)
 
     def second(sub_adv):

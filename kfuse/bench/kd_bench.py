@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -43,7 +44,6 @@ import numpy as np
 from absl import logging
 
 from kfuse import distill, models, train
-from kfuse.bench.merge_bench import _get, _plain, _to_dict, _write_json_atomic, _write_text_atomic
 from kfuse.data import iterate, load
 from kfuse.distill import objectives as O
 from kfuse.tree import KfuseError
@@ -58,6 +58,58 @@ PyTree = Any
 
 
 # ------------------------------------------------------------------ small helpers
+
+
+def _to_dict(x: Any) -> dict:
+  if x is None:
+    return {}
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return dict(x)
+
+
+def _get(cfg: Any, field: str, default: Any = None) -> Any:
+  if cfg is None:
+    return default
+  try:
+    return cfg[field] if field in cfg else default
+  except TypeError:
+    return getattr(cfg, field, default)
+
+
+def _plain(v: Any) -> Any:
+  """Tuples -> lists, numpy scalars -> Python, recursively (JSON-friendly)."""
+  if isinstance(v, Mapping):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, np.generic):
+    return v.item()
+  return v
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Write ``text`` to a temp file in the same directory, then rename it over ``path``."""
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _check_workdir(workdir: str, overwrite: bool) -> str:
+  if not workdir:
+    raise KfuseError("workdir: empty; set config.workdir or --workdir")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not overwrite:
+    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
 
 
 def add_label_noise(y: np.ndarray, num_classes: int, rate: float, seed: int) -> np.ndarray:
@@ -488,8 +540,6 @@ def plot(results: Mapping, path: str) -> str:
 def run(config: Any, workdir: str | None = None) -> dict:
   """Run the benchmark described by ``config`` (see ``configs/kd_bench.py``); returns the results."""
   t_start = time.time()
-  from kfuse.bench.merge_bench import _check_workdir
-
   workdir = _check_workdir(workdir or _get(config, "workdir", ""), bool(_get(config, "overwrite", False)))
   seeds = [int(s) for s in config.seeds]
   if not seeds or len(set(seeds)) != len(seeds):
@@ -543,8 +593,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
   results.update({"timing_s": timing, "config": _plain(_to_dict(config)),
                   "devices": [str(d) for d in jax.devices()]})
   tables = markdown_tables(results)
-  _write_json_atomic(os.path.join(workdir, RESULTS_JSON), results)
-  _write_text_atomic(os.path.join(workdir, RESULTS_MD), f"# kd_bench\n\n{tables}\n")
+  _write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(results, indent=2))
+  _write_atomic(os.path.join(workdir, RESULTS_MD), f"# kd_bench\n\n{tables}\n")
   plot(results, os.path.join(workdir, PLOT_PNG))
   print(tables, flush=True)
   logging.info("kd_bench: wrote %s (%.1f s)", workdir, timing["total"])

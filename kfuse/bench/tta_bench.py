@@ -169,10 +169,16 @@ def _build(spec: dict, model, apply_kwargs: Mapping) -> adapt.Adapter:
 # ------------------------------------------------------------------ reports
 
 
+_SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul",
+          "speckle_noise": "speck", "defocus_blur": "defoc", "gaussian_blur": "gblur",
+          "motion_blur": "motn", "translate": "trans", "brightness": "brit", "contrast": "contr",
+          "elastic": "elast", "pixelate": "pixel", "quantize": "quant", "occlusion": "occl"}
+
+
 def markdown_tables(results: Mapping) -> str:
   """One error table per protocol (rows: methods; columns: corruptions + mean), plus the long stream."""
   names = results["corruptions"]
-  short = {n: n.replace("_noise", "").replace("_blur", "") for n in names}
+  short = {n: _SHORT.get(n, n) for n in names}
   out = []
   for protocol, rows in results["protocols"].items():
     out.append(f"**{protocol}** — severity {results['severity']} error (%), online predictions\n")

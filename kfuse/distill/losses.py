@@ -387,12 +387,25 @@ def _pair_mask(where: Array | None, n: int, dtype) -> Array:
   return w[:, None] * w[None, :]
 
 
-def _pdist(x: Array, eps: float = 1e-12) -> Array:
-  """Euclidean distances ‖x_i − x_j‖ with sqrt(max(·, eps)) and an exact zero diagonal."""
-  sq = jnp.sum(x * x, axis=-1)
-  d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
-  d = jnp.sqrt(jnp.maximum(d2, eps))
-  return d * (1.0 - jnp.eye(x.shape[0], dtype=x.dtype))
+def _centered_gram(x: Array, where: Array | None) -> Array:
+  """Gram matrix of ``x`` after subtracting the (valid-sample) mean: distances and angles are
+  translation invariant, and centring keeps the Gram identities below well conditioned."""
+  w = jnp.ones((x.shape[0],), x.dtype) if where is None else jnp.asarray(where, x.dtype)
+  mean = jnp.sum(x * w[:, None], axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+  xc = x - mean
+  return xc @ xc.T
+
+
+def _sq_dists(g: Array) -> Array:
+  """‖x_i − x_j‖² = G_ii + G_jj − 2 G_ij, clipped at 0."""
+  d = jnp.diagonal(g)
+  return jnp.maximum(d[:, None] + d[None, :] - 2.0 * g, 0.0)
+
+
+def _pdist(g: Array, eps: float = 1e-12) -> Array:
+  """Euclidean distances from a Gram matrix, sqrt(max(·, eps)), with an exact zero diagonal."""
+  d = jnp.sqrt(jnp.maximum(_sq_dists(g), eps))
+  return d * (1.0 - jnp.eye(g.shape[0], dtype=g.dtype))
 
 
 def _huber(x: Array) -> Array:
@@ -424,7 +437,7 @@ def rkd_distance(student_features: Array, teacher_features: Array,
   pm = _pair_mask(where, s.shape[0], s.dtype)
 
   def normalized(x):
-    d = _pdist(x) * pm
+    d = _pdist(_centered_gram(x, where)) * pm
     mu = jnp.sum(d) / jnp.maximum(jnp.sum((d > 0).astype(d.dtype)), 1.0)
     return d / jnp.maximum(mu, 1e-12)
 
@@ -449,11 +462,16 @@ def rkd_angle(student_features: Array, teacher_features: Array,
   tm = w[:, None, None] * w[None, :, None] * w[None, None, :]
 
   def cosines(x):
-    diff = x[None, :, :] - x[:, None, :]                       # [j, i] = x_i − x_j
-    sq = jnp.sum(diff * diff, axis=-1, keepdims=True)
-    ok = sq > 1e-24                                            # i ≠ j (and distinct points)
-    e = jnp.where(ok, diff / jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)  # no sqrt'(0) in gradients
-    return jnp.einsum("jid,jkd->jik", e, e)                     # vertex j, arms i and k
+    # cos∠(x_i, x_j, x_k) = ⟨x_i − x_j, x_k − x_j⟩ / (‖x_i − x_j‖‖x_k − x_j‖) from the Gram
+    # matrix G: the numerator is G_ik − G_ij − G_jk + G_jj, so the cost is O(B³), not O(B³·d)
+    g = _centered_gram(x, where)
+    d2 = _sq_dists(g)
+    diag = jnp.diagonal(g)
+    num = g[None, :, :] - g[:, :, None] - g[:, None, :] + diag[:, None, None]   # [j, i, k]
+    scale = jnp.maximum(jnp.max(diag), 1e-30)
+    ok = d2 > 1e-10 * scale                                     # i ≠ j (and distinct points)
+    inv = jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, d2, 1.0)), 0.0)               # 1/‖x_i − x_j‖
+    return num * inv[:, :, None] * inv[:, None, :]
 
   err = _huber(cosines(s) - cosines(t))
   return jnp.sum(err * tm) / jnp.maximum(jnp.sum(tm), 1.0)

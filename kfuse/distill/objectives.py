@@ -296,24 +296,34 @@ def fitnets(student_feature: str = "backbone", teacher_feature: str = "backbone"
   return Objective("fitnets", loss, init, (student_feature,), (teacher_feature,))
 
 
+def _first(x: Array | None, n: int | None) -> Array | None:
+  return x if (x is None or n is None) else x[:n]
+
+
 def rkd(student_feature: str = "backbone", teacher_feature: str = "backbone",
-        distance_weight: float = 25.0, angle_weight: float = 50.0,
-        ce_weight: float = 1.0) -> Objective:
+        distance_weight: float = 25.0, angle_weight: float = 50.0, ce_weight: float = 1.0,
+        max_samples: int | None = None) -> Objective:
   """RKD: ce_weight·CE + distance_weight·RKD-D + angle_weight·RKD-A on per-sample features.
 
   Defaults: mdistiller's CIFAR recipe (CE 1, distance 25, angle 50);
-  torchdistill's factors are 1 / 2 (`losses.rkd`). Park et al. (CVPR 2019).
+  torchdistill's factors are 1 / 2 (`losses.rkd`). The angle term costs
+  O(B³): ``max_samples`` restricts both relation terms to the first n samples
+  of each (shuffled) batch, an unbiased subsample of the pairs / triplets (the
+  CE still uses the whole batch). Park et al. (CVPR 2019).
   """
   _weights(ce_weight=ce_weight, distance_weight=distance_weight, angle_weight=angle_weight)
+  if max_samples is not None and int(max_samples) < 3:
+    raise KfuseError(f"max_samples: need at least 3 samples for angles, got {max_samples}")
+  n = None if max_samples is None else int(max_samples)
 
   def loss(aux, student, teachers, batch, step):
-    fs = student.features[student_feature]
+    fs = _first(student.features[student_feature], n)
     where = batch.get("where")
-    where = where if where is not None and where.shape == fs.shape[:1] else None
-    dist = _mean_over_teachers(
-        lambda k: L.rkd_distance(fs, teachers.features[k][teacher_feature], where), teachers)
-    ang = _mean_over_teachers(
-        lambda k: L.rkd_angle(fs, teachers.features[k][teacher_feature], where), teachers)
+    where = _first(where, n) if where is not None and where.shape == student.features[
+        student_feature].shape[:1] else None
+    ft = lambda k: _first(teachers.features[k][teacher_feature], n)
+    dist = _mean_over_teachers(lambda k: L.rkd_distance(fs, ft(k), where), teachers)
+    ang = _mean_over_teachers(lambda k: L.rkd_angle(fs, ft(k), where), teachers)
     out = distance_weight * dist + angle_weight * ang
     return _with_ce(ce_weight, student, batch, out, {"rkd_distance": dist, "rkd_angle": ang})
 
@@ -345,26 +355,46 @@ def attention(student_features: Sequence[str], teacher_features: Sequence[str], 
   return Objective("attention", loss, student_features=sf, teacher_features=tf)
 
 
+def _pool_tokens(x: Array, pool: int) -> Array:
+  """Average non-overlapping groups of ``pool`` consecutive tokens: [B, L, d] -> [B, L // pool, d]."""
+  if pool == 1:
+    return x
+  b, l, d = x.shape
+  if l % pool:
+    raise KfuseError(f"token_pool: {pool} does not divide the {l} tokens")
+  return x.reshape(b, l // pool, pool, d).mean(axis=2)
+
+
 def trg(student_feature: str, teacher_feature: str, temperature: float = 0.1,
         graph_weight: float = 1.0, context_weight: float = 1.0, feat_weight: float = 1.0,
-        ce_weight: float = 1.0) -> Objective:
+        ce_weight: float = 1.0, token_pool: int = 1, max_samples: int | None = None) -> Objective:
   """Token-level relationship graph KD on ``[B, L, d]`` token features (`losses.trg`).
 
   ce_weight·CE + feat_weight·(graph_weight·graph + context_weight·context).
-  Compose with `hinton` via `combine` for the paper's logit term. Zhang, Liu
-  & He (2023).
+  The graph has B·L nodes (O((B·L)²) cost): ``token_pool`` averages groups of
+  consecutive tokens first and ``max_samples`` keeps the first n samples of
+  each (shuffled) batch. With ``token_pool > 1`` a ``where`` token mask is not
+  applied. Compose with `hinton` via `combine` for the paper's logit term.
+  Zhang, Liu & He (2023).
   """
   L.check_temperature(temperature)
   _weights(ce_weight=ce_weight, feat_weight=feat_weight)
   _weights(graph_weight=graph_weight, context_weight=context_weight)
+  if int(token_pool) < 1:
+    raise KfuseError(f"token_pool: must be >= 1, got {token_pool}")
+  if max_samples is not None and int(max_samples) < 1:
+    raise KfuseError(f"max_samples: must be >= 1, got {max_samples}")
+  pool, n = int(token_pool), None if max_samples is None else int(max_samples)
 
   def loss(aux, student, teachers, batch, step):
-    fs = student.features[student_feature]
+    raw = student.features[student_feature]
+    fs = _pool_tokens(_first(raw, n), pool)
     where = batch.get("where")
-    where = where if where is not None and where.shape == fs.shape[:2] else None
+    where = _first(where, n) if (pool == 1 and where is not None
+                                 and where.shape == raw.shape[:2]) else None
+    ft = lambda k: _pool_tokens(_first(teachers.features[k][teacher_feature], n), pool)
     g = _mean_over_teachers(
-        lambda k: L.trg(fs, teachers.features[k][teacher_feature], temperature, graph_weight,
-                        context_weight, where), teachers)
+        lambda k: L.trg(fs, ft(k), temperature, graph_weight, context_weight, where), teachers)
     return _with_ce(ce_weight, student, batch, feat_weight * g, {"trg": g})
 
   return Objective("trg", loss, student_features=(student_feature,),

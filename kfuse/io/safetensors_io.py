@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import fnmatch
 import json
 import math
@@ -40,6 +41,7 @@ __all__ = [
     "open_hf_dir",
     "read_hf_dir",
     "HFWriter",
+    "PlannedHFWriter",
     "write_hf_dir",
     "copy_aux_files",
     "is_hf_dir",
@@ -209,9 +211,48 @@ class SafetensorsFile:
     raw = np.asarray(self._buffer()[t.begin:t.end])
     return raw.view(t.dtype).reshape(t.shape)
 
+  def read_into(self, name: str, out: np.ndarray, start: int = 0) -> np.ndarray:
+    """Copy bytes of tensor ``name`` into ``out`` with positional reads (no memory map).
+
+    ``start`` is a byte offset into the tensor; ``out.nbytes`` bytes are read.
+    Pages are never mapped into this process, so the resident memory stays
+    that of ``out`` however much of the file is read.
+    """
+    t = self._header.tensors.get(name)
+    if t is None:
+      raise KfuseError(f"{self.path}: no tensor named {name!r}")
+    if start < 0 or start + out.nbytes > t.nbytes or not out.flags.c_contiguous:
+      raise KfuseError(f"{self.path}: tensor {name!r}: cannot read {out.nbytes} bytes at"
+                       f" {start} of {t.nbytes} into a {out.shape} buffer")
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    fd = self._fileno()
+    pos, done = self._header.data_start + t.begin + start, 0
+    while done < out.nbytes:
+      try:
+        n = os.preadv(fd, [view[done:]], pos + done)
+      except OSError as e:
+        raise KfuseError(f"{self.path}: cannot read tensor {name!r}: {e.strerror or e}") from e
+      if n <= 0:
+        raise KfuseError(f"{self.path}: tensor {name!r} ends early (file truncated?)")
+      done += n
+    return out
+
+  def _fileno(self) -> int:
+    fd = getattr(self, "_fd", None)
+    if fd is None:
+      try:
+        fd = self._fd = os.open(self.path, os.O_RDONLY)
+      except OSError as e:
+        raise KfuseError(f"{self.path}: cannot open: {e.strerror or e}") from e
+    return fd
+
   def close(self) -> None:
     """Drop the memory map (views handed out earlier keep it alive until freed)."""
     self._buf = None
+    fd = getattr(self, "_fd", None)
+    if fd is not None:
+      self._fd = None
+      os.close(fd)
 
 
 def _to_numpy(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
@@ -355,6 +396,11 @@ class HFModel:
     """Zero-copy read-only view into the memory map (valid while the model is open)."""
     self._info(name)
     return self._files[self._weight_map[name]].view(name)
+
+  def read_into(self, name: str, out: np.ndarray, start: int = 0) -> np.ndarray:
+    """Read tensor ``name`` (or ``out.nbytes`` of it from byte ``start``) into ``out``."""
+    self._info(name)
+    return self._files[self._weight_map[name]].read_into(name, out, start)
 
   def get(self, name: str, dtype: Any = None) -> np.ndarray:
     """A fresh, writable copy of tensor ``name``, optionally cast to ``dtype``."""
@@ -604,6 +650,217 @@ class HFWriter:
   def __exit__(self, exc_type, *rest) -> None:
     if exc_type is not None and not self._finished:
       self.abort()
+
+
+class PlannedHFWriter:
+  """Write a HF model directory whose tensor list is known before any data exists.
+
+  ``specs`` lists ``(name, shape, dtype)`` in output order. Shards are planned
+  up front exactly as `HFWriter` fills them (next shard when one would
+  overflow ``max_shard_bytes``; within a shard, largest itemsize first), their
+  headers written and their full size reserved on disk (``posix_fallocate``),
+  so a full disk fails before any work is done. `add` then writes each tensor
+  straight to its final offset with ``pwrite``: tensors may arrive in any
+  order and from several threads, and nothing is held in memory. `finish`
+  syncs and renames the shards and writes the index and config; `abort`
+  deletes them. Files live in ``out_dir`` under temporary names until
+  `finish`: wrap in `atomic_output_dir` for an all-or-nothing output.
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, specs, max_shard_bytes: int = 5_000_000_000,
+               metadata: Mapping[str, str] | None = None, preallocate: bool = True,
+               dtype: Any = None):
+    import threading
+    self.dtype = _as_dtype(dtype)   # recorded as config.json's torch_dtype, as HFWriter does
+    self.out_dir = os.fspath(out_dir)
+    if max_shard_bytes <= 0:
+      raise KfuseError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    os.makedirs(self.out_dir, exist_ok=True)
+    clash = [n for n in os.listdir(self.out_dir)
+             if n == INDEX_FILE or fnmatch.fnmatch(n, "model*.safetensors")]
+    if clash:
+      raise KfuseError(f"{self.out_dir}: already holds weights ({clash[0]}); write to an"
+                       " empty directory")
+    self._lock = threading.Lock()
+    self._spec: dict[str, tuple] = {}
+    self._order: list[str] = []
+    for name, shape, dtype in specs:
+      _check_name(name)
+      if name in self._spec:
+        raise KfuseError(f"{self.out_dir}: duplicate tensor name {name!r}")
+      dt = np.dtype(dtype)
+      if dt not in _NP_TO_ST:
+        raise KfuseError(f"tensor {name!r}: dtype {dt} cannot be stored in safetensors")
+      self._spec[name] = (tuple(int(d) for d in shape), dt)
+      self._order.append(name)
+    self.total_size = sum(math.prod(sh) * dt.itemsize for sh, dt in self._spec.values())
+    meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    self._shards = self._plan(int(max_shard_bytes))
+    self._where: dict[str, tuple] = {}       # name -> (fd, absolute offset, nbytes)
+    self._fds: list[int] = []
+    self._tmp: list[str] = []
+    self._written: set[str] = set()
+    self._finished = False
+    try:
+      for k, names in enumerate(self._shards, 1):
+        self._open_shard(k, names, meta, preallocate)
+    except BaseException:
+      self.abort()
+      raise
+
+  def _plan(self, max_bytes: int) -> list[list[str]]:
+    shards, cur, cur_bytes = [], [], 0
+    for name in self._order:
+      sh, dt = self._spec[name]
+      nb = math.prod(sh) * dt.itemsize
+      if cur and cur_bytes + nb > max_bytes:
+        shards.append(cur)
+        cur, cur_bytes = [], 0
+      cur.append(name)
+      cur_bytes += nb
+    shards.append(cur)
+    return shards
+
+  def _open_shard(self, k: int, names: list[str], meta: dict, preallocate: bool) -> None:
+    ordered = sorted(names, key=lambda n: -self._spec[n][1].itemsize)
+    header: dict[str, Any] = {"__metadata__": meta}
+    off = 0
+    for n in ordered:
+      sh, dt = self._spec[n]
+      nb = math.prod(sh) * dt.itemsize
+      header[n] = {"dtype": _NP_TO_ST[dt], "shape": list(sh), "data_offsets": [off, off + nb]}
+      off += nb
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    tmp = os.path.join(self.out_dir, f".shard-{k:05d}.safetensors.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    self._fds.append(fd)
+    self._tmp.append(tmp)
+    total = len(head) + off
+    try:
+      if preallocate and total and hasattr(os, "posix_fallocate"):
+        try:
+          os.posix_fallocate(fd, 0, total)
+        except OSError as e:
+          if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+      _pwrite_all(fd, memoryview(head), 0)
+    except OSError as e:
+      raise KfuseError(f"{self.out_dir}: cannot reserve {total / 1e9:.2f} GB for shard {k}"
+                       f" of the output: {e.strerror or e}") from e
+    if not preallocate or not hasattr(os, "posix_fallocate"):
+      os.ftruncate(fd, total)
+    pos = len(head)
+    for n in ordered:
+      sh, dt = self._spec[n]
+      nb = math.prod(sh) * dt.itemsize
+      self._where[n] = (fd, pos, nb)
+      pos += nb
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._order)
+
+  def add(self, name: str, array: Any) -> None:
+    """Write one planned tensor at its offset (cast to the planned dtype if floating)."""
+    with self._lock:
+      if self._finished:
+        raise KfuseError(f"{self.out_dir}: PlannedHFWriter.add({name!r}) after finish()")
+      if name not in self._spec:
+        raise KfuseError(f"{self.out_dir}: tensor {name!r} is not in the output plan")
+      if name in self._written:
+        raise KfuseError(f"{self.out_dir}: duplicate tensor name {name!r}")
+      self._written.add(name)
+    sh, dt = self._spec[name]
+    a = _to_numpy(name, array, dt)
+    if a.shape != sh or a.dtype != dt:
+      raise KfuseError(f"{self.out_dir}: tensor {name!r} is {a.dtype}{list(a.shape)}, the"
+                       f" plan says {dt}{list(sh)}")
+    fd, pos, nb = self._where[name]
+    if nb:
+      try:
+        _pwrite_all(fd, memoryview(a.reshape(-1).view(np.uint8)), pos)
+      except OSError as e:
+        raise KfuseError(f"{self.out_dir}: cannot write tensor {name!r}"
+                         f" ({nb / 1e6:.1f} MB): {e.strerror or e}") from e
+
+  def abort(self) -> None:
+    """Close and delete the temporary shards."""
+    self._finished = True
+    self._close()
+    for tmp in self._tmp:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+  def _close(self) -> None:
+    fds, self._fds = self._fds, []
+    for fd in fds:
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+
+  def finish(self, config: dict | None = None,
+             extra_files: dict[str, str] | None = None) -> list[str]:
+    """Check every tensor arrived, sync and rename the shards, write index / config / extras."""
+    if self._finished:
+      raise KfuseError(f"{self.out_dir}: PlannedHFWriter.finish() called twice")
+    missing = [n for n in self._order if n not in self._written]
+    if missing:
+      raise KfuseError(f"{self.out_dir}: tensor {missing[0]!r} was never written"
+                       f" ({len(missing)} missing)")
+    try:
+      for fd in self._fds:
+        os.fsync(fd)
+    except OSError as e:
+      raise KfuseError(f"{self.out_dir}: cannot sync the output: {e.strerror or e}") from e
+    self._finished = True
+    self._close()
+    n = len(self._shards)
+    final = [SINGLE_FILE] if n == 1 else [
+        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    written = []
+    for tmp, fname in zip(self._tmp, final):
+      dst = os.path.join(self.out_dir, fname)
+      os.replace(tmp, dst)
+      written.append(dst)
+    if n > 1:
+      owner = {name: fname for names, fname in zip(self._shards, final) for name in names}
+      index = {"metadata": {"total_size": self.total_size},
+               "weight_map": {name: owner[name] for name in self._order}}
+      written.append(self._write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n"))
+    if config is not None:
+      cfg = dict(config)
+      if self.dtype is not None and self.dtype.name in _TORCH_DTYPE_NAMES:
+        cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[self.dtype.name]
+      written.append(self._write_text(CONFIG_FILE, json.dumps(cfg, indent=2) + "\n"))
+    for fname, text in (extra_files or {}).items():
+      if os.path.basename(fname) != fname or fname in ("", ".", ".."):
+        raise KfuseError(f"extra file name {fname!r} must be a plain file name")
+      written.append(self._write_text(fname, text))
+    return written
+
+  def _write_text(self, fname: str, text: str) -> str:
+    dst = os.path.join(self.out_dir, fname)
+    atomic_write_text(dst, text)
+    return dst
+
+  def __enter__(self) -> "PlannedHFWriter":
+    return self
+
+  def __exit__(self, exc_type, *rest) -> None:
+    if exc_type is not None and not self._finished:
+      self.abort()
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+  done = 0
+  while done < len(data):
+    n = os.pwrite(fd, data[done:done + (1 << 30)], pos + done)
+    if n <= 0:
+      raise OSError(errno.EIO, "short write")
+    done += n
 
 
 def write_hf_dir(out_dir: str | os.PathLike, tensors: Mapping[str, Any],

@@ -4,55 +4,97 @@ TIES, breadcrumbs, SCE and arcee_fusion need the k largest (or smallest)
 entries of a tensor, or one of its order statistics. A full sort is the
 slowest thing XLA does on CPU (about 400 ns per element for a stable argsort
 of 25M floats) and cannot run over an axis that is sharded across devices.
-This module finds the same entries with histograms and counts only, which are
-integer reductions: exact, order-independent, and partitionable by XLA.
+This module finds the same entries with histograms and counts only: integer
+reductions, exact, independent of summation order, partitionable by XLA.
 
-Method (`kth_largest`). Map every value to a uint32 key whose unsigned order
-is the numeric order of its float32 value (`sortable_bits`). Radix-select the
-k-th largest key from the most significant digit down: one histogram of the
-top 16 bits locates the bucket holding the k-th key, a second histogram of
-the low 16 bits of the keys in that bucket finds the key itself, together
-with how many keys are strictly greater. Two passes, whatever k.
+Keys. `sortable_bits` maps every value to an unsigned key whose order is the
+numeric order of its float32 value (−0 and +0 equal): the bit pattern itself
+for non-negative values, the usual sign flip otherwise. 16-bit floats keep
+16-bit keys (one radix pass instead of two).
 
-Ties (`topk_mask`). The reference semantics (`stages.descending_rank`, a
-stable sort) keep exactly k entries and break ties at the k-th value by the
-lowest flat index. When only some of the entries equal to the k-th key can be
-kept, a third, conditional pass counts those entries per row, locates the row
-holding the last kept one, and keeps the tied entries up to it in row-major
-order. Results are bit-identical to the sort-based reference, also when the
-tensor is sharded (`tests/merge/test_select.py`, `tests/merge/test_sharding.py`).
+Cut. The k largest keys, ties at the k-th key broken by the lowest flat index
+(the reference semantics, `stages.descending_rank`: a stable sort), are
+described by a *cut* ``(v, p)``: keep ``key > v`` and ``key == v`` at flat
+index ``<= p`` (`keep_from_cut`). Radix selection finds ``v`` from the most
+significant digit down: a histogram of the top 16 bits locates the bucket
+holding the k-th key, a second histogram of the low 16 bits of the keys in
+that bucket finds the key itself and how many keys are strictly greater.
+Only when some but not all keys equal to ``v`` are kept, a tie pass counts
+them per row and locates the last kept one.
+
+Two implementations of the same cut:
+* in-kernel (`topk_mask`, `bottomk_mask`, `kth_smallest_value`): pure `jnp`
+  inside any jit, used by `kfuse.merge.merge` and every recipe by default;
+* host-driven (`find_cuts`): the histograms run as small jitted kernels and
+  the searches between passes run on the host in numpy. The merge engine uses
+  it for checkpoints (`engine.py`): compiling the searches into every
+  per-shape kernel costs about 1 s per shape on CPU, the host search costs
+  nothing. With sharded inputs the histogram kernels are partitioned by XLA.
+Both give bit-identical masks (tests/merge/test_select.py).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-__all__ = ["sortable_bits", "from_sortable_bits", "kth_largest", "topk_mask",
-           "bottomk_mask", "topk_masks", "kth_smallest_value"]
+__all__ = ["key_bits", "sortable_bits", "from_sortable_bits", "reverse_keys",
+           "magnitude_keys", "kth_largest", "topk_mask", "bottomk_mask", "topk_masks",
+           "kth_smallest_value", "keep_from_cut", "find_cuts", "Cut"]
 
-_DIGITS = (16, 16)   # radix digit widths, most significant first (sum = 32)
+_W = 16                       # radix digit width
+_NB = 1 << _W                 # bins per digit
 _SIGN = 0x80000000
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
+def key_bits(dtype) -> int:
+  """Width of the keys of a float dtype: 16 for bfloat16/float16, else 32."""
+  return 16 if jnp.dtype(dtype) in [jnp.dtype(d) for d in _HALF] else 32
 
 
 def sortable_bits(x: jax.Array, nonneg: bool = False) -> jax.Array:
   """uint32 keys ordered like the float32 values of ``x`` (−0 and +0 equal).
 
-  ``nonneg=True`` promises ``x >= 0`` (e.g. ``|δ|``): the raw bit pattern
-  is then already ordered, which saves two passes.
+  16-bit floats give keys below 2**16 from their own bits (their float32 cast
+  is exact and order-preserving); the bitcast also pins the rounding of ``x``
+  to its dtype, so every kernel computing keys from the same inputs gets the
+  same keys. ``nonneg=True`` promises ``x >= 0`` (e.g. ``|δ|``).
   """
-  b = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  if key_bits(x.dtype) == 16:
+    b = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    sign, ones = 0x8000, 0xFFFF
+  else:
+    b = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    sign, ones = _SIGN, 0xFFFFFFFF
   if nonneg:
-    return b & jnp.uint32(~_SIGN & 0xFFFFFFFF)     # −0 → +0
+    return b & jnp.uint32(ones ^ sign)                 # −0 → +0
   b = jnp.where(x == 0, jnp.uint32(0), b)
-  return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(_SIGN))
+  return jnp.where((b & jnp.uint32(sign)) != 0, b ^ jnp.uint32(ones), b | jnp.uint32(sign))
 
 
 def from_sortable_bits(key: jax.Array) -> jax.Array:
-  """Inverse of `sortable_bits` (general form): the float32 value of a key."""
-  b = jnp.where((key >> 31) == 1, key & jnp.uint32(~_SIGN & 0xFFFFFFFF), ~key)
+  """Inverse of `sortable_bits` for 32-bit signed keys: the float32 value."""
+  b = jnp.where((key >> 31) == 1, key & jnp.uint32(_SIGN - 1), ~key)
   return lax.bitcast_convert_type(b, jnp.float32)
+
+
+def reverse_keys(u: jax.Array, bits: int) -> jax.Array:
+  """Keys in the opposite order (the largest become the smallest)."""
+  return u ^ jnp.uint32(0xFFFF if bits == 16 else 0xFFFFFFFF)
+
+
+def magnitude_keys(delta: jax.Array) -> jax.Array:
+  """Keys of ``|δ|`` per model, flattened: ``[N, ...] -> [N, n]`` (TIES ranking)."""
+  return sortable_bits(jnp.abs(delta), nonneg=True).reshape(delta.shape[0], -1)
+
+
+# ------------------------------------------------------------ in-kernel
 
 
 def _histogram(digit: jax.Array, nbins: int) -> jax.Array:
@@ -68,22 +110,17 @@ def _suffix_sums(c: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(j >= i, c[None, :], 0), axis=1, dtype=jnp.int32)
 
 
-def _block(n: int) -> int:
+def _last_reaching(c: jax.Array, k: jax.Array):
+  """For counts ``c`` and 1 <= k <= Σc: the largest j with Σ_{i >= j} c[i] >= k,
+  and Σ_{i > j} c[i]. Two levels of √n-sized blocks."""
+  n = c.shape[0]
   b = 1
   while b * b < n:
     b *= 2
-  return b
-
-
-def _last_reaching(c: jax.Array, k: jax.Array):
-  """For counts ``c`` (int, any length) and 1 <= k <= Σc: the largest j with
-  Σ_{i >= j} c[i] >= k, and Σ_{i > j} c[i]. Two levels of √n-sized blocks."""
-  n = c.shape[0]
-  b = _block(n)
   nb = -(-n // b)
   cb = jnp.pad(c, (0, nb * b - n)).reshape(nb, b)
-  coarse = _suffix_sums(jnp.sum(cb, axis=1, dtype=jnp.int32))       # [nb]
-  a = jnp.sum(coarse >= k, dtype=jnp.int32) - 1                       # block holding it
+  coarse = _suffix_sums(jnp.sum(cb, axis=1, dtype=jnp.int32))
+  a = jnp.sum(coarse >= k, dtype=jnp.int32) - 1
   above = jnp.where(a + 1 < nb, coarse[jnp.minimum(a + 1, nb - 1)], 0)
   fine = _suffix_sums(lax.dynamic_index_in_dim(cb, a, 0, keepdims=False)) + above
   j = jnp.sum(fine >= k, dtype=jnp.int32) - 1
@@ -97,37 +134,31 @@ def _first_reaching(c: jax.Array, r: jax.Array):
   return c.shape[0] - 1 - j, after
 
 
-def kth_largest(keys: jax.Array, k: jax.Array):
-  """The k-th largest of ``keys`` (uint32, any shape), 1 <= k <= keys.size.
+def kth_largest(keys: jax.Array, k: jax.Array, bits: int = 32):
+  """The k-th largest of ``keys`` (uint32 below 2**bits), 1 <= k <= keys.size.
 
-  Returns ``(value, n_greater, n_equal)``: the key itself, how many keys are
-  strictly greater, and how many equal it. Two histogram passes.
+  Returns ``(value, n_greater, n_equal)``. One histogram pass per 16 bits.
   """
   u = keys.reshape(-1)
   kk = jnp.asarray(k, jnp.int32)
   prefix = jnp.uint32(0)
-  shift, match, eq = 32, None, None
-  for width in _DIGITS:
-    shift -= width
-    nb = 1 << width
-    digit = ((u >> shift) & jnp.uint32(nb - 1)).astype(jnp.int32)
+  match, eq = None, None
+  for shift in range(bits - _W, -1, -_W):
+    digit = ((u >> shift) & jnp.uint32(_NB - 1)).astype(jnp.int32)
     if match is not None:
-      digit = jnp.where(match, digit, nb)
-    hist = _histogram(digit, nb)
-    j, gt = _last_reaching(hist, kk)          # the digit of the k-th largest
+      digit = jnp.where(match, digit, _NB)
+    hist = _histogram(digit, _NB)
+    j, gt = _last_reaching(hist, kk)
     eq = hist[j]
     kk = kk - gt
-    prefix = (prefix << width) | j.astype(jnp.uint32)
+    prefix = (prefix << _W) | j.astype(jnp.uint32)
     match = (u >> shift) == prefix
-  k = jnp.asarray(k, jnp.int32)
-  return prefix, k - kk, eq
+  return prefix, jnp.asarray(k, jnp.int32) - kk, eq
 
 
 def _rows(shape: tuple) -> tuple:
-  """2-D view [R, C] used for the tie pass: rows follow axis 0 (the sharded axis)."""
-  n = 1
-  for d in shape:
-    n *= d
+  """2-D view [R, C] for tie passes: rows follow axis 0 (the sharded axis)."""
+  n = int(np.prod(shape)) if shape else 1
   if len(shape) >= 2 and shape[0] > 0:
     return shape[0], n // shape[0]
   for c in (4096, 1024, 256):
@@ -140,28 +171,25 @@ def _tie_cut(u2: jax.Array, v: jax.Array, r: jax.Array) -> jax.Array:
   """Mask of keys > v plus the first ``r`` keys == v in row-major order."""
   eq = u2 == v
   per_row = jnp.sum(eq, axis=1, dtype=jnp.int32)
-  i, before = _first_reaching(per_row, r)          # row holding the r-th tie
+  i, before = _first_reaching(per_row, r)
   row = lax.dynamic_index_in_dim(eq, i, axis=0, keepdims=False).astype(jnp.int32)
-  j, _ = _first_reaching(row, r - before)          # its column
+  j, _ = _first_reaching(row, r - before)
   ri = lax.broadcasted_iota(jnp.int32, u2.shape, 0)
   ci = lax.broadcasted_iota(jnp.int32, u2.shape, 1)
-  keep_tie = (ri < i) | ((ri == i) & (ci <= j))
-  return (u2 > v) | (eq & keep_tie)
+  return (u2 > v) | (eq & ((ri < i) | ((ri == i) & (ci <= j))))
 
 
-def _topk_keys(u: jax.Array, k: jax.Array) -> jax.Array:
+def _topk_keys(u: jax.Array, k: jax.Array, bits: int) -> jax.Array:
   """Exactly ``k`` largest keys, ties by lowest flat index; ``u`` any shape."""
-  shape = u.shape
-  n = u.size
+  shape, n = u.shape, u.size
   k = jnp.asarray(k, jnp.int32)
   if n == 0:
     return jnp.zeros(shape, bool)
   kc = jnp.clip(k, 1, n)
-  v, gt, eq = kth_largest(u, kc)
-  r = kc - gt                                      # how many ties at v to keep
+  v, gt, eq = kth_largest(u, kc, bits)
+  r = kc - gt
   u2 = u.reshape(_rows(shape))
-  mask = lax.cond(r >= eq, lambda: u2 >= v, lambda: _tie_cut(u2, v, r))
-  mask = mask.reshape(shape)
+  mask = lax.cond(r >= eq, lambda: u2 >= v, lambda: _tie_cut(u2, v, r)).reshape(shape)
   return jnp.where(k >= n, True, jnp.where(k <= 0, False, mask))
 
 
@@ -172,22 +200,23 @@ def topk_mask(x: jax.Array, k: jax.Array, nonneg: bool = False) -> jax.Array:
   reshaped, without sorting. ``k`` may be traced; k <= 0 keeps nothing and
   k >= x.size keeps everything.
   """
-  return _topk_keys(sortable_bits(x, nonneg), k)
+  return _topk_keys(sortable_bits(x, nonneg), k, key_bits(x.dtype))
 
 
 def bottomk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
   """Exactly ``k`` smallest entries of ``x`` (ties: lowest index), i.e. the
   entries of stable ascending rank < k."""
-  return _topk_keys(~sortable_bits(x), k)
+  bits = key_bits(x.dtype)
+  return _topk_keys(reverse_keys(sortable_bits(x), bits), k, bits)
 
 
 def topk_masks(x: jax.Array, k: jax.Array, nonneg: bool = False) -> jax.Array:
   """`topk_mask` for each model: ``x`` is [N, ...], ``k`` is [N].
 
-  Unrolled over the (small) model axis rather than vmapped, so every model
-  skips the tie pass on its own when it has no partial tie.
+  A loop over models (`lax.map`) rather than `vmap`: each model skips its
+  tie pass on its own, and the selection is compiled once, not N times.
   """
-  return jnp.stack([topk_mask(x[i], k[i], nonneg) for i in range(x.shape[0])])
+  return lax.map(lambda a: topk_mask(a[0], a[1], nonneg), (x, jnp.asarray(k, jnp.int32)))
 
 
 def kth_smallest_value(x: jax.Array, k: jax.Array) -> jax.Array:
@@ -195,5 +224,117 @@ def kth_smallest_value(x: jax.Array, k: jax.Array) -> jax.Array:
   ``sort(x.ravel().astype(float32))[k - 1]``."""
   n = x.size
   kc = jnp.clip(jnp.asarray(k, jnp.int32), 1, n)
-  key, _, _ = kth_largest(sortable_bits(x), n + 1 - kc)
+  key, _, _ = kth_largest(sortable_bits(x.astype(jnp.float32)), n + 1 - kc, 32)
   return from_sortable_bits(key)
+
+
+def keep_from_cut(keys: jax.Array, v: jax.Array, p: jax.Array) -> jax.Array:
+  """Per-model masks from cuts: ``keys`` [N, n] flat, ``v`` [N] uint32, ``p`` [N] int32.
+
+  Keeps ``key > v`` and ``key == v`` at flat index ``<= p``.
+  """
+  idx = lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+  v, p = v[:, None], p[:, None]
+  return (keys > v) | ((keys == v) & (idx <= p))
+
+
+# ------------------------------------------------------------ host-driven
+
+
+class Cut:
+  """Host-side cut per model: ``v`` (uint32 [N]) and ``p`` (int32 [N])."""
+
+  def __init__(self, v, p):
+    self.v = np.asarray(v, np.uint32)
+    self.p = np.asarray(p, np.int32)
+
+
+def _to_host(x) -> np.ndarray:
+  """A small (replicated) device array as numpy, also across processes."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _hist_pass(keyfn: Callable, args, shift, prefix):
+  """Per-model histograms [N, 2**16] of ``(key >> shift) & 0xFFFF`` over the keys
+  whose higher bits equal ``prefix[i]`` (shift + 16 = 32: all keys)."""
+  u = keyfn(*args)                                   # [N, n] uint32
+  n_models = u.shape[0]
+  match = (u >> (shift + _W)) == prefix[:, None]
+  digit = ((u >> shift) & jnp.uint32(_NB - 1)).astype(jnp.int32)
+  digit = jnp.where(match, digit + lax.broadcasted_iota(jnp.int32, u.shape, 0) * _NB,
+                    n_models * _NB)
+  counts = jnp.zeros((n_models * _NB + 1,), jnp.int32).at[digit.reshape(-1)].add(1)
+  return counts[:-1].reshape(n_models, _NB)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tie_rows(keyfn: Callable, rows: int, args, v):
+  """[N, rows] counts of keys equal to ``v[i]`` per row of the flat keys."""
+  u = keyfn(*args)
+  eq = (u == v[:, None]).reshape(u.shape[0], rows, -1)
+  return jnp.sum(eq, axis=2, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tie_row(keyfn: Callable, rows: int, args, v, row):
+  """[N, cols]: which keys of row ``row[i]`` equal ``v[i]``."""
+  u = keyfn(*args)
+  u = u.reshape(u.shape[0], rows, -1)
+  return jnp.stack([lax.dynamic_index_in_dim(u[i], row[i], 0, keepdims=False) == v[i]
+                    for i in range(u.shape[0])])
+
+
+def _search_desc(hist: np.ndarray, k: int):
+  """Largest digit j with #{digit >= j} >= k; returns (j, #{digit > j})."""
+  ge = np.cumsum(hist[::-1], dtype=np.int64)[::-1]
+  j = int(np.count_nonzero(ge >= k)) - 1
+  return j, int(ge[j + 1]) if j + 1 < hist.shape[0] else 0
+
+
+def find_cuts(keyfn: Callable, args, n: int, k, bits: int, rows: int = 1) -> Cut:
+  """Exact top-k cuts of ``keyfn(*args)`` ([N, n] uint32 keys), one per model.
+
+  ``k`` holds one count per model (k <= 0: nothing, k >= n: everything).
+  ``keyfn`` must be a hashable function (it selects the compiled kernels);
+  ``rows`` (dividing n) sets the row length of the tie pass. Histograms run
+  on the device holding ``args`` (sharded or not); searches run here.
+  """
+  k = np.asarray(k, np.int64).reshape(-1)
+  n_models = k.shape[0]
+  v = np.zeros(n_models, np.uint64)
+  kk = np.clip(k, 1, max(n, 1))
+  prefix = np.zeros(n_models, np.uint64)
+  eq = np.zeros(n_models, np.int64)
+  active = (k > 0) & (k < n)
+  if active.any():
+    for shift in range(bits - _W, -1, -_W):
+      hist = _to_host(_hist_pass(keyfn, args, jnp.uint32(shift),
+                                 jnp.asarray(prefix.astype(np.uint32))))
+      for i in np.flatnonzero(active):
+        j, gt = _search_desc(hist[i], int(kk[i]))
+        eq[i] = hist[i, j]
+        kk[i] -= gt
+        prefix[i] = (prefix[i] << _W) | j
+    v = prefix
+  r = kk                                                # ties at v still to keep
+  p = np.full(n_models, n - 1, np.int64)
+  cut_ties = active & (r < eq)
+  if cut_ties.any():
+    vv = jnp.asarray(v.astype(np.uint32))
+    per_row = _to_host(_tie_rows(keyfn, rows, args, vv)).astype(np.int64)
+    upto = np.cumsum(per_row, axis=1)
+    row = np.array([int(np.searchsorted(upto[i], r[i])) if cut_ties[i] else 0
+                    for i in range(n_models)])
+    before = np.array([upto[i, row[i] - 1] if row[i] > 0 else 0 for i in range(n_models)])
+    line = _to_host(_tie_row(keyfn, rows, args, vv, jnp.asarray(row, jnp.int32)))
+    cols = line.shape[1]
+    for i in np.flatnonzero(cut_ties):
+      col = int(np.flatnonzero(line[i])[r[i] - before[i] - 1])
+      p[i] = row[i] * cols + col
+  v = np.where(k <= 0, 0xFFFFFFFF, np.where(k >= n, 0, v)).astype(np.uint32)
+  p = np.where(k <= 0, -1, p)
+  return Cut(v, p)

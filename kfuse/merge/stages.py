@@ -111,12 +111,23 @@ def task_vectors() -> Stage:
 
 
 def trim_magnitude(rescale: str | None = None) -> Stage:
-  """TIES trim: keep exactly ``hp['k'][i]`` largest-|δ| entries per model."""
+  """TIES trim: keep exactly ``hp['k'][i]`` largest-|δ| entries per model.
+
+  Ties at the k-th magnitude go to the lowest flat index. When the engine has
+  already found the cut on the host (``hp['cut_v']``, ``hp['cut_p']``, see
+  `select.find_cuts`) the mask is one comparison; otherwise it is selected
+  here (`select.topk_masks`). Both give the same mask.
+  """
 
   def apply(s: MergeState) -> MergeState:
-    keep = select.topk_masks(jnp.abs(s.values), s.hp["k"], nonneg=True)
+    if "cut_v" in s.hp:
+      keys = select.magnitude_keys(s.values)
+      keep = select.keep_from_cut(keys, s.hp["cut_v"], s.hp["cut_p"]).reshape(s.values.shape)
+    else:
+      keep = select.topk_masks(jnp.abs(s.values), s.hp["k"], nonneg=True)
     return _apply_mask(s, keep, rescale)
 
+  apply.selection = "magnitude"   # the engine may precompute hp['cut_*'] from hp['k']
   return apply
 
 
@@ -141,6 +152,13 @@ def trim_outliers(rescale: str | None = None) -> Stage:
   """
 
   def apply(s: MergeState) -> MergeState:
+    if "cut_hi_v" in s.hp:  # cuts of the reversed magnitude keys, found by the engine
+      bits = select.key_bits(s.values.dtype)
+      keys = select.reverse_keys(select.magnitude_keys(s.values), bits)
+      keep = (select.keep_from_cut(keys, s.hp["cut_hi_v"], s.hp["cut_hi_p"])
+              & ~select.keep_from_cut(keys, s.hp["cut_lo_v"], s.hp["cut_lo_p"]))
+      return _apply_mask(s, keep.reshape(s.values.shape), rescale)
+
     def one(d, lo, hi):  # ascending ranks in [lo, hi) = bottom-hi minus bottom-lo
       a = jnp.abs(d)
       return select.bottomk_mask(a, hi) & ~select.bottomk_mask(a, lo)
@@ -149,6 +167,7 @@ def trim_outliers(rescale: str | None = None) -> Stage:
                       for i in range(s.values.shape[0])])
     return _apply_mask(s, keep, rescale)
 
+  apply.selection = "band"   # the engine may precompute hp['cut_{lo,hi}_*'] from lo/hi
   return apply
 
 

@@ -1,0 +1,204 @@
+"""Tent, ETA / EATA and SAR: single steps against hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kfuse import adapt
+from kfuse.tree import KfuseError
+
+from tests.adapt.helpers import logits_model, np_entropy, tiny_bn
+
+EPS = 1e-5
+
+
+def _explicit_tiny_bn(v, x, scale, bias):
+  """The TinyBN model written out by hand, BatchNorm on batch statistics."""
+  p = v["params"]
+  h = x @ p["dense"]["kernel"] + p["dense"]["bias"]
+  mu, var = h.mean(0), jnp.square(h - h.mean(0)).mean(0)
+  hn = (h - mu) / jnp.sqrt(var + EPS) * scale + bias
+  return jax.nn.relu(hn) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _mean_entropy(logits):
+  logp = jax.nn.log_softmax(logits)
+  return -(jnp.exp(logp) * logp).sum(-1).mean()
+
+
+def test_tent_single_step_matches_hand_computation():
+  model, v, x = tiny_bn(batch=8)
+  lr = 1e-3
+  tta = adapt.tent(model, optimizer=optax.adam(lr))
+  state = tta.init(v, x)
+  new, logits, m = jax.jit(tta.step)(state, x)
+  s0, b0 = v["params"]["bn"]["scale"], v["params"]["bn"]["bias"]
+  want_logits = _explicit_tiny_bn(v, x, s0, b0)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)      # pre-update logits
+  np.testing.assert_allclose(m["loss"], _mean_entropy(want_logits), rtol=1e-5)
+  gs, gb = jax.grad(lambda s, b: _mean_entropy(_explicit_tiny_bn(v, x, s, b)), (0, 1))(s0, b0)
+  # Adam's first step is -lr * g / (|g| + eps)
+  np.testing.assert_allclose(new.variables["params"]["bn"]["scale"], s0 - lr * gs / (jnp.abs(gs) + 1e-8),
+                             rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(new.variables["params"]["bn"]["bias"], b0 - lr * gb / (jnp.abs(gb) + 1e-8),
+                             rtol=1e-5, atol=2e-6)
+  for name in ("dense", "head"):                    # only the norm affine moves
+    for a, b in zip(jax.tree.leaves(new.variables["params"][name]), jax.tree.leaves(v["params"][name])):
+      np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(new.variables["batch_stats"]), jax.tree.leaves(v["batch_stats"])):
+    np.testing.assert_array_equal(a, b)             # BN forced to batch stats: running stats untouched
+
+
+def test_tent_steps_return_last_forward():
+  model, v, x = tiny_bn(batch=8)
+  tta2 = adapt.tent(model, optimizer=optax.sgd(0.1), steps=2)
+  tta1 = adapt.tent(model, optimizer=optax.sgd(0.1))
+  s = tta1.init(v, x)
+  s1, _, _ = tta1.step(s, x)
+  _, l2_ref, _ = tta1.step(s1, x)
+  s2, l2, _ = tta2.step(tta2.init(v, x), x)
+  np.testing.assert_allclose(l2, l2_ref, atol=1e-6)
+  with pytest.raises(KfuseError, match="steps"):
+    adapt.tent(model, steps=0)
+
+
+# ------------------------------------------------------------------ EATA / ETA
+
+X = jnp.array([[5.0, 0.0, 0.0],    # confident -> reliable
+               [0.0, 0.0, 0.0],    # uniform: H = ln 3 > E0 -> unreliable
+               [0.0, 4.0, 0.0],    # reliable
+               [3.0, 0.0, 0.0]])   # H = 0.367 < E0 = 0.4 ln 3 = 0.439 -> reliable
+
+
+def test_eata_filters_weights_and_loss_by_hand():
+  apply, v = logits_model()
+  e0 = 0.4 * math.log(3)
+  tta = adapt.eta(apply, optimizer=optax.sgd(0.0), d_margin=0.5)
+  state = tta.init(v, X)
+  step = jax.jit(tta.step)
+  s1, logits, m = step(state, X)
+  ent, p = np_entropy(X)
+  reliable = ent < e0
+  assert reliable.tolist() == [True, False, True, True]
+  assert float(m["num_reliable"]) == 3 and float(m["num_selected"]) == 3   # no p̄ yet
+  want_loss = (ent * np.exp(-(ent - e0)))[reliable].mean()
+  np.testing.assert_allclose(m["loss"], want_loss, rtol=1e-5)
+  pbar = p[reliable].mean(0)
+  np.testing.assert_allclose(s1.probs, pbar, rtol=1e-5)
+  assert bool(s1.has_probs)
+  np.testing.assert_allclose(logits, X)
+  # second batch: redundancy filter |cos(p̄, p_i)| < d_margin on top of reliability
+  s2, _, m2 = step(s1, X)
+  cos = p @ pbar / (np.linalg.norm(p, axis=1) * np.linalg.norm(pbar))
+  keep = reliable & (np.abs(cos) < 0.5)
+  assert float(m2["num_selected"]) == keep.sum()
+  if keep.any():
+    np.testing.assert_allclose(m2["loss"], (ent * np.exp(-(ent - e0)))[keep].mean(), rtol=1e-5)
+    np.testing.assert_allclose(s2.probs, 0.9 * pbar + 0.1 * p[keep].mean(0), rtol=1e-5)
+
+
+def test_eata_skips_update_when_nothing_survives_and_adds_ewc():
+  apply, v = logits_model()
+  tta = adapt.eta(apply, optimizer=optax.sgd(1.0, momentum=0.9))
+  state = tta.init(v, X)
+  flat = jnp.zeros((4, 3))                           # every sample has H = ln 3
+  s1, _, m = tta.step(state, flat)
+  assert float(m["num_selected"]) == 0
+  for a, b in zip(jax.tree.leaves((s1.variables, s1.opt_state, s1.probs, s1.has_probs)),
+                  jax.tree.leaves((state.variables, state.opt_state, state.probs, state.has_probs))):
+    np.testing.assert_array_equal(a, b)
+  # EATA: loss += α Σ F (θ - θ0)²
+  fisher = {"ln/scale": jnp.array([1.0, 2.0, 3.0]), "ln/bias": jnp.array([0.5, 0.5, 0.5])}
+  alpha = 7.0
+  eata = adapt.eata(apply, optimizer=optax.sgd(0.1), fisher_alpha=alpha, d_margin=0.99)
+  st = eata.init(v, X, fisher=fisher)
+  st1, _, _ = eata.step(st, X)
+  _, _, m2 = eata.step(st1, X)
+  eta_ = adapt.eta(apply, optimizer=optax.sgd(0.1), d_margin=0.99)
+  e1, _, _ = eta_.step(eta_.init(v, X), X)
+  e1 = e1._replace(variables=st1.variables, opt_state=st1.opt_state)
+  _, _, m_eta = eta_.step(e1, X)
+  p1 = st1.variables["params"]["ln"]
+  ewc = alpha * sum(float(jnp.sum(fisher[f"ln/{k}"] * jnp.square(p1[k] - v["params"]["ln"][k])))
+                    for k in ("scale", "bias"))
+  assert ewc > 0
+  np.testing.assert_allclose(float(m2["loss"]), float(m_eta["loss"]) + ewc, rtol=1e-5)
+  with pytest.raises(KfuseError, match="fisher"):
+    eata.init(v, X)
+  with pytest.raises(KfuseError, match="fisher: no entry"):
+    eata.init(v, X, fisher={"ln/scale": jnp.ones(3)})
+
+
+def test_fisher_information_is_mean_squared_gradient():
+  model, v, x = tiny_bn(batch=8)
+  batches = [x, 2.0 * x]
+  f = adapt.fisher_information(model, v, batches)
+
+  def ce(s, b, xb):
+    logits = _explicit_tiny_bn(v, xb, s, b)
+    y = jnp.argmax(logits, -1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  p = v["params"]["bn"]
+  g = [jax.grad(ce, (0, 1))(p["scale"], p["bias"], xb) for xb in batches]
+  np.testing.assert_allclose(f["bn/scale"], (g[0][0] ** 2 + g[1][0] ** 2) / 2, rtol=1e-4, atol=1e-10)
+  np.testing.assert_allclose(f["bn/bias"], (g[0][1] ** 2 + g[1][1] ** 2) / 2, rtol=1e-4, atol=1e-10)
+
+
+# ------------------------------------------------------------------ SAR
+
+
+def _masked_mean_entropy(logits, mask):
+  logp = jax.nn.log_softmax(logits)
+  ent = -(jnp.exp(logp) * logp).sum(-1)
+  return jnp.sum(ent * mask) / jnp.maximum(mask.sum(), 1)
+
+
+def test_sar_two_pass_update_by_hand():
+  apply, v = logits_model()
+  rho, lr = 0.5, 0.3
+  x = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.3, 2.5, 0.0], [0.0, 0.0, 0.1]])
+  tta = adapt.sar(apply, optimizer=optax.sgd(lr), rho=rho, reset_constant=0.0)
+  state = tta.init(v, x)
+  new, logits, m = jax.jit(tta.step)(state, x)
+  e0 = 0.4 * math.log(3)
+  ent, _ = np_entropy(x)
+  mask1 = jnp.asarray(ent < e0)
+  f = lambda s, b: x * s + b
+  s0, b0 = v["params"]["ln"]["scale"], v["params"]["ln"]["bias"]
+  g = jax.grad(lambda s, b: _masked_mean_entropy(f(s, b), mask1), (0, 1))(s0, b0)
+  norm = jnp.sqrt(jnp.sum(g[0] ** 2) + jnp.sum(g[1] ** 2))
+  s_adv, b_adv = s0 + rho * g[0] / (norm + 1e-12), b0 + rho * g[1] / (norm + 1e-12)
+  ent2, _ = np_entropy(f(s_adv, b_adv))
+  mask2 = mask1 & jnp.asarray(ent2 < e0)
+  loss2, g2 = jax.value_and_grad(lambda s, b: _masked_mean_entropy(f(s, b), mask2), (0, 1))(s_adv, b_adv)
+  np.testing.assert_allclose(logits, x)                                     # first-pass logits
+  np.testing.assert_allclose(m["num_reliable"], float(mask1.sum()))
+  np.testing.assert_allclose(m["loss_second"], loss2, rtol=1e-5)
+  np.testing.assert_allclose(new.variables["params"]["ln"]["scale"], s0 - lr * g2[0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new.variables["params"]["ln"]["bias"], b0 - lr * g2[1], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new.ema, loss2, rtol=1e-5)                     # first value: no decay
+  s2, _, m2 = tta.step(new, x)
+  np.testing.assert_allclose(s2.ema, 0.9 * new.ema + 0.1 * m2["loss_second"], rtol=1e-5)
+
+
+def test_sar_model_recovery_and_ema_quirk():
+  apply, v = logits_model()
+  x = jnp.array([[12.0, 0.0, 0.0], [0.0, 12.0, 0.0], [0.0, 0.0, 12.0], [12.0, 0.0, 0.0]])  # H ≈ 1e-4
+  for clear in (False, True):
+    tta = adapt.sar(apply, optimizer=optax.sgd(1.0), reset_constant=0.2, clear_ema_on_reset=clear)
+    state = tta.init(v, x)
+    new, _, m = tta.step(state, x)
+    assert float(m["reset"]) == 1.0 and int(new.num_resets) == 1
+    for a, b in zip(jax.tree.leaves(new.variables), jax.tree.leaves(v)):
+      np.testing.assert_array_equal(a, b)                                    # recovered to source
+    # official SAR re-assigns the low EMA after reset(): it survives unless cleared
+    assert bool(new.has_ema) is (not clear)
+  # nothing reliable: the EMA is not updated (PyTorch's mean of nothing is NaN)
+  tta = adapt.sar(apply)
+  s, _, m = tta.step(tta.init(v, x), jnp.zeros((4, 3)))
+  assert float(m["num_selected"]) == 0 and not bool(s.has_ema)
