@@ -47,7 +47,7 @@ import yaml
 from kfuse import tree as T
 from kfuse.merge import params as P
 from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
-from kfuse.merge.engine import TensorTask, execute
+from kfuse.merge.engine import TensorTask, execute, output_specs
 from kfuse.tree import KfuseError
 
 log = logging.getLogger("kfuse.mergekit")
@@ -393,7 +393,8 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
 
 def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
              overwrite: bool = False, seed: int = 0, out_shard_bytes: int = 5_000_000_000,
-             progress: bool = True, copy_tokenizer: bool = True) -> dict:
+             progress: bool = True, copy_tokenizer: bool = True, mesh=None,
+             prefetch_bytes: Optional[int] = None) -> dict:
   """Run a mergekit YAML and write an HF safetensors directory (atomically).
 
   Returns a summary dict (tensors written, output path, method).
@@ -431,10 +432,12 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
     if copy_tokenizer:  # tokenizer & co. first: finish() then writes the edited config.json
       kio.copy_aux_files(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path), tmp)
-    writer = kio.HFWriter(tmp, max_shard_bytes=out_shard_bytes, dtype=out_dtype)
-    n = execute(tasks, sources, writer.add, key=key, dtype=dtype, out_dtype=out_dtype,
-                progress=progress)
-    writer.finish(config=config)
+    specs = output_specs(tasks, sources, dtype, out_dtype)
+    with kio.PlannedHFWriter(tmp, specs, max_shard_bytes=out_shard_bytes,
+                             dtype=out_dtype) as writer:
+      n = execute(tasks, sources, writer.add, key=key, dtype=dtype, out_dtype=out_dtype,
+                  progress=progress, mesh=mesh, prefetch_bytes=prefetch_bytes)
+      writer.finish(config=config)
     with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:
       yaml.safe_dump(cfg, f, sort_keys=False)
   return {"output_dir": str(output_dir), "tensors": n, "method": method.name}

@@ -14,13 +14,14 @@ channel axes):
 4. additive Gaussian noise ``N(0, noise_std²)``.
 
 Horizontal flips are off by default: mirroring is not label-preserving for
-MNIST-1D signals or digits. Every sample draws its own parameters from
-``fold_in``-free splits of ``key``, so a call is a pure function of ``key``.
+MNIST-1D signals or digits. Every sample draws its own parameters from a
+split of ``key``, so a call is a pure function of ``(key, x)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -124,4 +125,4 @@ def make_augment(cfg: AugmentConfig | None = None, **overrides) -> Callable[[jax
   cfg = dataclasses.replace(cfg or COTTA, **overrides)
   if cfg.spatial_dims not in (1, 2):
     raise KfuseError(f"spatial_dims: must be 1 (signals) or 2 (images), got {cfg.spatial_dims}")
-  return lambda key, x: augment(key, x, cfg)
+  return jax.jit(functools.partial(augment, cfg=cfg))
