@@ -140,6 +140,7 @@ def evaluate_stream(tta: adapt.Adapter, variables: PyTree, stream: corr.Stream, 
   extra = {"fisher": fisher} if tta.name == "eata" else {}
   state = tta.init(variables, stream.x[0], key=key, **extra)
   runner = runner or adapt.make_runner(tta)
+  jax.block_until_ready(runner(state, stream.x[:1], stream.reset[:1])[1])   # compile outside the clock
   t = time.time()
   _, logits, metrics = runner(state, stream.x, stream.reset)
   logits = np.asarray(logits)

@@ -700,6 +700,7 @@ class PlannedHFWriter:
     self._fds: list[int] = []
     self._tmp: list[str] = []
     self._written: set[str] = set()
+    self._parts: dict[str, int] = {}
     self._finished = False
     try:
       for k, names in enumerate(self._shards, 1):
@@ -769,7 +770,7 @@ class PlannedHFWriter:
         raise KfuseError(f"{self.out_dir}: PlannedHFWriter.add({name!r}) after finish()")
       if name not in self._spec:
         raise KfuseError(f"{self.out_dir}: tensor {name!r} is not in the output plan")
-      if name in self._written:
+      if name in self._written or name in self._parts:
         raise KfuseError(f"{self.out_dir}: duplicate tensor name {name!r}")
       self._written.add(name)
     sh, dt = self._spec[name]
@@ -784,6 +785,36 @@ class PlannedHFWriter:
       except OSError as e:
         raise KfuseError(f"{self.out_dir}: cannot write tensor {name!r}"
                          f" ({nb / 1e6:.1f} MB): {e.strerror or e}") from e
+
+  def add_part(self, name: str, start: int, values: Any) -> None:
+    """Write flat entries ``[start, start + values.size)`` of planned tensor ``name``.
+
+    Parts must not overlap; the tensor counts as written once all its entries are.
+    """
+    sh, dt = self._spec.get(name, ((), None))
+    if dt is None:
+      raise KfuseError(f"{self.out_dir}: tensor {name!r} is not in the output plan")
+    a = _to_numpy(name, values, dt).reshape(-1)
+    numel = math.prod(sh)
+    if a.dtype != dt or start < 0 or start + a.size > numel:
+      raise KfuseError(f"{self.out_dir}: tensor {name!r}: part of {a.size} {a.dtype} entries"
+                       f" at {start} does not fit {dt}{list(sh)}")
+    with self._lock:
+      if self._finished:
+        raise KfuseError(f"{self.out_dir}: PlannedHFWriter.add_part({name!r}) after finish()")
+      got = self._parts.get(name, 0) + a.size
+      if name in self._written or got > numel:
+        raise KfuseError(f"{self.out_dir}: tensor {name!r} written twice")
+      self._parts[name] = got
+      if got == numel:
+        self._written.add(name)
+    fd, pos, _ = self._where[name]
+    if a.size:
+      try:
+        _pwrite_all(fd, memoryview(a.view(np.uint8)), pos + start * dt.itemsize)
+      except OSError as e:
+        raise KfuseError(f"{self.out_dir}: cannot write tensor {name!r}"
+                         f" ({a.nbytes / 1e6:.1f} MB at entry {start}): {e.strerror or e}") from e
 
   def abort(self) -> None:
     """Close and delete the temporary shards."""

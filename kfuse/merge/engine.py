@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kfuse import shard
 from kfuse.merge import select
@@ -218,25 +219,13 @@ def _read_rows(src, name: str, shape: tuple, dtype, lo: int, hi: int) -> np.ndar
 # ------------------------------------------------------------------ tasks
 
 
-@dataclasses.dataclass
-class _Loaded:
-  index: int
-  task: TensorTask
-  base: Any                 # jax.Array | None
-  experts: Any              # jax.Array [N, ...]
-  buffers: list             # pool buffers to recycle once the result is ready
-  in_bytes: int
-  dt: np.dtype              # working dtype
-  out_dt: np.dtype          # result dtype
-
-
 def _describe(sources, task) -> str:
   refs = ([task.base] if task.base else []) + task.experts
   return ", ".join(f"{sources[m].path}:{n}{tuple(sources[m].shape(n))}" for m, n in refs)
 
 
 def _check_task(task: TensorTask, sources) -> tuple:
-  """Shapes and stored dtypes of the task's inputs; one-line errors for bad inputs."""
+  """Shape and stored dtypes of a task's inputs; one-line errors for bad inputs."""
   refs = ([task.base] if task.base is not None else []) + list(task.experts)
   shapes, dts = [], []
   for m, name in refs:
@@ -251,11 +240,11 @@ def _check_task(task: TensorTask, sources) -> tuple:
 
 
 def task_dtypes(task: TensorTask, sources, dtype=None, out_dtype=None) -> tuple:
-  """(working dtype, output dtype) of a task, as the plan will compute them.
+  """(working dtype, output dtype) of a task, as the plan computes them.
 
-  Inputs are cast to ``dtype`` when given; otherwise mixed stored dtypes are
-  promoted (bf16 counting as float32). Non-float inputs (buffers) keep their
-  dtype. The result has the working dtype unless ``out_dtype`` is given.
+  Float inputs are cast to ``dtype`` when given; mixed stored dtypes are
+  promoted (bf16 counting as float32). The result has the working dtype
+  unless ``out_dtype`` is given (floats only).
   """
   _, dts = _check_task(task, sources)
   loaded = [np.dtype(dtype) if dtype is not None and _is_float(d) else d for d in dts]
@@ -265,7 +254,7 @@ def task_dtypes(task: TensorTask, sources, dtype=None, out_dtype=None) -> tuple:
 
 
 def output_specs(plan: Sequence[TensorTask], sources, dtype=None, out_dtype=None) -> list:
-  """``(name, shape, dtype)`` of every output tensor, in plan order (for `PlannedHFWriter`)."""
+  """``(name, shape, dtype)`` of every output tensor in plan order (`PlannedHFWriter`)."""
   specs = []
   for t in plan:
     shape, _ = _check_task(t, sources)
@@ -273,53 +262,106 @@ def output_specs(plan: Sequence[TensorTask], sources, dtype=None, out_dtype=None
   return specs
 
 
-# ------------------------------------------------------------------ kernels
+# Recipes that are elementwise once the exact cuts are known. The engine runs
+# them on fixed-size flat chunks: one compiled program serves every tensor
+# shape, and XLA's temporaries stay chunk-sized. (tests/test_streaming.py
+# checks each against the whole-tensor kernel, bit for bit.)
+ELEMENTWISE = frozenset({
+    "linear", "simple_average", "task_arithmetic", "task_negation", "ties", "breadcrumbs",
+    "breadcrumbs_ties", "nearswap", "passthrough", "wise_ft", "layer_swap", "ram"})
 
 
-def _nonfinite(x) -> jax.Array:
-  """[rows, 2] (any NaN, any Inf) per leading-axis row of a float array."""
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    return jnp.zeros((x.shape[0], 2), bool)
-  f = x.reshape(x.shape[0], -1)
-  return jnp.stack([jnp.any(jnp.isnan(f), axis=1), jnp.any(jnp.isinf(f), axis=1)], axis=1)
+def _chunkable(method: Method, static: Mapping) -> bool:
+  return method.name in ELEMENTWISE and not static.get("rescale", False)
+
+
+def _chunks(n: int, size: int) -> list:
+  """(start, lo, hi) per chunk: chunk covers flat [start, start + size), of which
+  local [lo, hi) is new. The last chunk is moved back to end at n (it overlaps
+  the one before; overlapped entries are computed twice, identically)."""
+  if n <= size:
+    return [(0, 0, n)]
+  out, s = [], 0
+  while s + size <= n:
+    out.append((s, 0, size))
+    s += size
+  if s < n:
+    out.append((n - size, size - (n - s), size))
+  return out
+
+
+def _nonfinite(xs, valid=None) -> jax.Array:
+  """[len(xs), 2]: (any NaN, any Inf) of each float array (inside ``valid``)."""
+  rows = []
+  for x in xs:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      rows.append(jnp.zeros((2,), bool))
+      continue
+    nan, inf = jnp.isnan(x), jnp.isinf(x)
+    if valid is not None:
+      nan, inf = nan & valid, inf & valid
+    rows.append(jnp.stack([jnp.any(nan), jnp.any(inf)]))
+  return jnp.stack(rows)
 
 
 @functools.lru_cache(maxsize=None)
-def _program(method: Method, static_key: tuple, dt: str, out_dt: Optional[str], has_base: bool):
-  """The jitted per-tensor program: cast inputs, run the kernel, cast the output,
-  and flag non-finite inputs (row 0: base when present, then the experts)."""
-  kern = method.kernel(dict(static_key))
-  dt = jnp.dtype(dt)
+def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: bool,
+             chunk: int):
+  """The jitted program for one tensor (``chunk=0``) or one flat chunk.
 
-  def run(base, experts, weights, hp, rng):
+  Whole tensor: ``run(base, experts[N, ...], weights, hp, rng)``. Chunk:
+  ``run(slot, inputs, weights, hp, rng, lo, hi)`` with ``inputs`` the flat
+  chunks of (base, experts...) and ``slot`` a donated output buffer the result
+  is written into (no fresh allocation per chunk). Both cast inputs to the
+  working dtype, run the method's kernel, cast the result, and flag non-finite
+  inputs (base first).
+  """
+  kern = method.kernel(dict(static_key))
+  dt, odt = jnp.dtype(dt), jnp.dtype(out_dt)
+
+  def run_tensor(base, experts, weights, hp, rng):
     b = base.astype(dt) if has_base else None
     e = experts.astype(dt)
-    out = kern(b, e, weights, hp, rng)
-    if out_dt is not None:
-      out = out.astype(out_dt)
-    bad = _nonfinite(e)
-    if has_base:
-      bad = jnp.concatenate([_nonfinite(b[None]), bad])
+    out = kern(b, e, weights, hp, rng).astype(odt)
+    bad = _nonfinite(([b] if has_base else []) + [e[i] for i in range(e.shape[0])])
     return out, bad
 
-  return jax.jit(run)
+  def run_chunk(slot, inputs, weights, hp, rng, lo, hi):
+    xs = [x.astype(dt) for x in inputs]
+    b = xs[0] if has_base else None
+    e = jnp.stack(xs[1:] if has_base else xs)
+    out = kern(b, e, weights, hp, rng).astype(odt)
+    idx = lax.iota(jnp.int32, chunk)
+    bad = _nonfinite(xs, (idx >= lo) & (idx < hi))
+    return lax.dynamic_update_slice(slot, out, (0,)), bad
+
+  if chunk:
+    return jax.jit(run_chunk, donate_argnums=0)
+  return jax.jit(run_tensor)
 
 
 @functools.lru_cache(maxsize=None)
 def _keyfn(kind: str, dt: str, has_base: bool) -> Callable:
-  """Selection keys exactly as the recipe's trim stage computes them:
-  magnitudes of δ_i = θ_i − θ_b in the working dtype (reversed for bands)."""
+  """Selection keys of one model exactly as the recipe's trim stage computes
+  them: |δ| with δ = θ_i − θ_b in the working dtype (reversed for bands)."""
   dt = jnp.dtype(dt)
 
-  def keys(base, experts):
-    e = experts.astype(dt)
-    d = e.astype(dt) - base.astype(dt)[None] if has_base else e
-    u = select.magnitude_keys(d)
+  def keys(base, expert):
+    d = expert.astype(dt)
+    if has_base:
+      d = d - base.astype(dt)
+    u = select.sortable_bits(jnp.abs(d), nonneg=True).reshape(-1)
     if kind == "band":
-      u = select.reverse_keys(u, select.key_bits(d.dtype))
+      u = select.reverse_keys(u, select.key_bits(dt))
     return u
 
   return keys
+
+
+@functools.lru_cache(maxsize=None)
+def _array_keyfn(kind: str, dt: str, has_base: bool) -> Callable:
+  keys = _keyfn(kind, dt, has_base)
+  return lambda base, experts, i: keys(base, experts[i])
 
 
 @functools.lru_cache(maxsize=None)
@@ -330,23 +372,47 @@ def _selection(method: Method, static_key: tuple) -> Optional[str]:
   return kinds.pop() if len(kinds) == 1 else None
 
 
-def _cuts(kind: str, hp: dict, args, n: int, rows: int, dt, has_base: bool) -> dict:
-  """Exact cuts on the host, returned as extra traced hyper-parameters."""
-  keyfn = _keyfn(kind, np.dtype(dt).name, has_base)
-  bits = select.key_bits(dt)
-  if kind == "magnitude":
-    c = select.find_cuts(keyfn, args, n, np.asarray(hp["k"]), bits, rows)
-    return {"cut_v": c.v, "cut_p": c.p}
-  hi = select.find_cuts(keyfn, args, n, np.asarray(hp["hi"]), bits, rows)
-  lo = select.find_cuts(keyfn, args, n, np.asarray(hp["lo"]), bits, rows)
-  return {"cut_hi_v": hi.v, "cut_hi_p": hi.p, "cut_lo_v": lo.v, "cut_lo_p": lo.p}
+@functools.lru_cache(maxsize=None)
+def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int):
+  """Jitted per-chunk selection passes over (base, experts...) flat chunks."""
+  keys = _keyfn(kind, dt, has_base)
+  nb = 1 << 16
+
+  def model_keys(inputs):
+    b = inputs[0] if has_base else None
+    es = inputs[1:] if has_base else inputs
+    return [keys(b, e) for e in es]
+
+  def valid(lo, hi):
+    idx = lax.iota(jnp.int32, chunk)
+    return (idx >= lo) & (idx < hi)
+
+  def hist(acc, inputs, shift, prefix, lo, hi):
+    ok = valid(lo, hi)
+    digits = []
+    for i, u in enumerate(model_keys(inputs)):
+      match = ok & ((u >> (shift + 16)) == prefix[i])
+      d = ((u >> shift) & jnp.uint32(nb - 1)).astype(jnp.int32) + i * nb
+      digits.append(jnp.where(match, d, n_models * nb))
+    counts = jnp.zeros((n_models * nb + 1,), jnp.int32).at[jnp.concatenate(digits)].add(1)
+    return acc + counts[:-1].reshape(n_models, nb)
+
+  def tie_counts(inputs, v, lo, hi):
+    ok = valid(lo, hi)
+    return jnp.stack([jnp.sum(ok & (u == v[i]), dtype=jnp.int32)
+                      for i, u in enumerate(model_keys(inputs))])
+
+  def tie_mask(inputs, v):
+    return jnp.stack([u == v[i] for i, u in enumerate(model_keys(inputs))])
+
+  return (jax.jit(hist, donate_argnums=0), jax.jit(tie_counts), jax.jit(tie_mask))
 
 
 # ------------------------------------------------------------------ progress
 
 
 class _Progress:
-  """tqdm bar over bytes read + written: shows tensors done, GB/s and ETA."""
+  """tqdm bar over bytes read + written: tensors done, GB/s and ETA."""
 
   def __init__(self, plan_len: int, total_bytes: int, enabled: bool):
     self.n, self.total = 0, plan_len
@@ -372,215 +438,367 @@ class _Progress:
 
 @dataclasses.dataclass
 class Stats:
-  """What `execute` measured (``stats=`` argument)."""
+  """What `execute` measured (pass ``stats=Stats()`` to get it)."""
   tensors: int = 0
+  chunked: int = 0
   bytes_read: int = 0
   bytes_written: int = 0
   seconds: float = 0.0
   peak_buffer_bytes: int = 0
 
 
+@dataclasses.dataclass
+class _Job:
+  """One task on its way through the threads."""
+  index: int
+  task: TensorTask
+  shape: tuple
+  dt: np.dtype                    # working dtype
+  out_dt: np.dtype
+  in_bytes: int
+  chunked: bool = False
+  static: dict = None
+  hp: dict = None
+  inputs: list = None             # chunked: flat host buffers (base first)
+  base: Any = None                # whole-tensor: device arrays
+  experts: Any = None
+  buffers: list = None            # pool buffers to recycle
+  full: Optional[np.ndarray] = None
+  bad: Optional[np.ndarray] = None
+
+
 def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
             write: Callable[[str, np.ndarray], None], *, key: jax.Array | None = None,
             dtype=None, out_dtype=None, progress: bool = True, mesh=None,
-            prefetch_bytes: Optional[int] = None, stats: Optional[Stats] = None) -> int:
+            prefetch_bytes: Optional[int] = None, chunk: Optional[int] = None,
+            write_part: Optional[Callable[[str, int, np.ndarray], None]] = None,
+            stats: Optional[Stats] = None) -> int:
   """Run a plan, streaming; returns the number of tensors written.
 
   Args:
-    plan: tasks in output order; `write` is called in that order.
-    sources: the models the tasks' (model index, name) refer to.
-    write: ``write(name, array)`` for each result (numpy, valid during the call
-      only when it must outlive it: copy).
+    plan: tasks in output order; ``write`` is called in that order.
+    sources: the models that the tasks' (model index, name) pairs refer to.
+    write: ``write(name, array)`` per result.
     key: run key for random methods (each tensor gets ``fold_in(key, crc32(name))``).
     dtype: cast float inputs to this dtype at load (mergekit's ``dtype:``).
     out_dtype: cast float results to this dtype.
     progress: show a progress bar (tensors done, GB/s, ETA).
     mesh: a 1-D `jax.sharding.Mesh` (`kfuse.shard.make_mesh`): shard every tensor.
-    prefetch_bytes: cap on input bytes held at once (default: the largest task,
-      at least 512 MB); reading runs ahead of computing within it.
-    stats: optional `Stats` filled in.
+    prefetch_bytes: cap on input bytes held at once (default: the largest
+      task, at least 512 MB); reading runs ahead of computing within it.
+    chunk: flat chunk length for elementwise recipes (default 2**18, or 2**20
+      when most tensors exceed 4M entries; 0 disables chunking).
+    write_part: ``write_part(name, start, flat_values)`` writes part of a
+      result (e.g. `PlannedHFWriter.add_part`); chunked results then go
+      straight to it instead of being assembled for ``write``.
+    stats: optional `Stats` to fill in.
   """
   t0 = time.perf_counter()
   plan = list(plan)
   dt_in = np.dtype(dtype) if dtype is not None else None
   dt_out = np.dtype(out_dtype) if out_dtype is not None else None
-  infos = []
-  for t in plan:
+  jobs = []
+  for i, t in enumerate(plan):
     shape, _ = _check_task(t, sources)
     dt, odt = task_dtypes(t, sources, dt_in, dt_out)
     n_in = (1 if t.base is not None else 0) + len(t.experts)
-    infos.append((shape, dt, odt, n_in * int(np.prod(shape)) * max(dt.itemsize, 1)))
-  largest = max([b for *_, b in infos], default=0)
+    jobs.append(_Job(i, t, shape, dt, odt, n_in * int(np.prod(shape)) * dt.itemsize))
+  sizes = sorted(int(np.prod(j.shape)) for j in jobs)
+  if chunk is None:
+    chunk = (1 << 20) if sizes and sizes[len(sizes) // 2] >= (1 << 22) else (1 << 18)
+  largest = max([j.in_bytes for j in jobs], default=0)
   pool = BufferPool(prefetch_bytes if prefetch_bytes else max(largest, 512 << 20))
-  total = sum(b + int(np.prod(s)) * o.itemsize for s, _, o, b in infos)
+  total = sum(j.in_bytes + int(np.prod(j.shape)) * j.out_dt.itemsize for j in jobs)
   bar = _Progress(len(plan), total, progress)
-  loaded_q: queue.Queue = queue.Queue(maxsize=64)
-  done_q: queue.Queue = queue.Queue(maxsize=2)
-  errors: list = []
   st = stats if stats is not None else Stats()
-
-  def fail(e: BaseException) -> None:
-    if not errors:
-      errors.append(e)
-    pool.close()
-
-  def reader() -> None:
-    try:
-      for i, task in enumerate(plan):
-        if errors:
-          return
-        loaded_q.put(_load(i, task, sources, infos[i], pool, mesh))
-    except _Stopped:
-      pass
-    except BaseException as e:  # noqa: BLE001 — handed to the main thread
-      fail(e)
-    finally:
-      loaded_q.put(None)
-
-  def writer() -> None:
-    try:
-      while True:
-        item = done_q.get()
-        if item is None:
-          return
-        ld, out, bad = item
-        arr = shard.to_host(out)
-        bad = np.asarray(bad)
-        for b in ld.buffers:
-          pool.give(b)
-        ld.buffers = []
-        _raise_nonfinite(bad, ld.task, sources)
-        if shard.is_writer():
-          write(ld.task.out_name, arr)
-        st.tensors += 1
-        st.bytes_read += ld.in_bytes
-        st.bytes_written += arr.nbytes
-        bar.update(ld.in_bytes + arr.nbytes)
-        del arr, out
-    except BaseException as e:  # noqa: BLE001
-      fail(e)
-      while done_q.get() is not None:   # drain so the main thread never blocks
-        pass
-
-  threads = [threading.Thread(target=reader, name="kfuse-read", daemon=True),
-             threading.Thread(target=writer, name="kfuse-write", daemon=True)]
-  for th in threads:
-    th.start()
+  run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st)
   try:
-    while True:
-      ld = loaded_q.get()
-      if ld is None or errors:
-        break
-      out, bad = _dispatch(ld, key, mesh)
-      done_q.put((ld, out, bad))
-  except BaseException as e:  # noqa: BLE001
-    fail(e)
+    run.go(jobs)
   finally:
-    done_q.put(None)
-    if errors:
-      pool.close()
-      while loaded_q.get() is not None:
-        pass
-    for th in threads:
-      th.join()
     bar.close()
     st.seconds = time.perf_counter() - t0
     st.peak_buffer_bytes = pool.peak
-  if errors:
-    raise errors[0]
   return st.tensors
 
 
-def _raise_nonfinite(bad: np.ndarray, task: TensorTask, sources) -> None:
-  refs = ([task.base] if task.base is not None else []) + list(task.experts)
-  for row, (m, name) in zip(bad, refs):
-    if row.any():
-      src = sources[m]
-      what = "NaN" if row[0] else "Inf"
-      raise KfuseError(f"{src.path}: tensor {name!r} (shape {tuple(src.shape(name))})"
-                       f" contains {what}")
+class _Run:
+  """The three threads of one `execute` call (see the module docstring)."""
 
+  def __init__(self, sources, write, write_part, key, mesh, pool, chunk, bar, stats):
+    self.sources, self.write, self.write_part = sources, write, write_part
+    self.key, self.mesh, self.pool, self.chunk = key, mesh, pool, chunk
+    self.bar, self.stats = bar, stats
+    self.loaded: queue.Queue = queue.Queue(maxsize=64)
+    self.done: queue.Queue = queue.Queue(maxsize=6)
+    self.errors: list = []
+    self.slots: dict = {}
+    self.slot_lock = threading.Lock()
 
-def _load(i: int, task: TensorTask, sources, info: tuple, pool: BufferPool, mesh) -> _Loaded:
-  """Read one task's inputs (reader thread) and place them on the device(s)."""
-  shape, dt, _, in_bytes = info
-  refs = [task.base] if task.base is not None else []
-  n = len(task.experts)
-  stored = [np.dtype(sources[m].dtype(nm)) for m, nm in refs + list(task.experts)]
-  # buffers hold stored dtypes (cast inside the kernel); mixed experts: host cast
-  e_dt = stored[-1] if len(set(stored[len(refs):])) == 1 else dt
-  b_dt = stored[0] if refs else None
-  if mesh is not None:
-    ld = _load_sharded(i, task, sources, shape, dt, e_dt, b_dt, in_bytes, mesh)
-    ld.out_dt = info[2]
-    return ld
-  numel = int(np.prod(shape))
-  bufs = []
-  base = None
-  if refs:
-    raw = pool.take(numel * b_dt.itemsize)
-    bufs.append(raw)
-    m, nm = task.base
-    base = jax.device_put(_read(sources[m], nm, raw.view(b_dt).reshape(shape)), may_alias=True)
-  raw = pool.take(n * numel * e_dt.itemsize)
-  bufs.append(raw)
-  stack = raw.view(e_dt).reshape((n,) + tuple(shape))
-  for j, (m, nm) in enumerate(task.experts):
-    _read(sources[m], nm, stack[j])
-  experts = jax.device_put(stack, may_alias=True)
-  return _Loaded(i, task, base, experts, bufs, in_bytes, dt, info[2])
+  def fail(self, e: BaseException) -> None:
+    if not self.errors:
+      self.errors.append(e)
+    self.pool.close()
 
+  # -- threads
+  def go(self, jobs) -> None:
+    threads = [threading.Thread(target=self.reader, args=(jobs,), name="kfuse-read", daemon=True),
+               threading.Thread(target=self.writer, name="kfuse-write", daemon=True)]
+    for th in threads:
+      th.start()
+    try:
+      while True:
+        job = self.loaded.get()
+        if job is None or self.errors:
+          break
+        self.dispatch(job)
+    except _Stopped:
+      pass
+    except BaseException as e:  # noqa: BLE001 — re-raised below
+      self.fail(e)
+    finally:
+      self.done.put(None)
+      if self.errors:
+        self.pool.close()
+        while self.loaded.get() is not None:
+          pass
+      for th in threads:
+        th.join()
+      self.slots.clear()
+    if self.errors:
+      raise self.errors[0]
 
-def _load_sharded(i, task, sources, shape, dt, e_dt, b_dt, in_bytes, mesh) -> _Loaded:
-  """Each device's rows read straight from disk (`shard.read_global`)."""
-  shape = tuple(shape)
-  base = None
-  if task.base is not None:
-    m, nm = task.base
+  def reader(self, jobs) -> None:
+    try:
+      for job in jobs:
+        if self.errors:
+          return
+        self.load(job)
+        self.loaded.put(job)
+    except _Stopped:
+      pass
+    except BaseException as e:  # noqa: BLE001
+      self.fail(e)
+    finally:
+      self.loaded.put(None)
 
-    def read_base(index, m=m, nm=nm):
-      lo, hi = shard.rows_of(index, shape)
-      return _read_rows(sources[m], nm, shape, b_dt, lo, hi)
+  def writer(self) -> None:
+    try:
+      while True:
+        item = self.done.get()
+        if item is None:
+          return
+        self.finish(*item)
+    except BaseException as e:  # noqa: BLE001
+      self.fail(e)
+      while self.done.get() is not None:   # never leave the main thread blocked
+        pass
 
-    base = shard.read_global(shape, b_dt, shard.tensor_sharding(mesh, shape), read_base)
-  stack_shape = (len(task.experts),) + shape
+  # -- reading (reader thread)
+  def load(self, job: _Job) -> None:
+    task, src = job.task, self.sources
+    method = task.method
+    prep = method.prepare or default_prepare
+    job.static, job.hp = prep(method, dict(task.values), task.info, len(task.experts))
+    n = int(np.prod(job.shape))
+    job.chunked = (self.mesh is None and self.chunk > 0 and n > 0
+                   and _chunkable(method, job.static))
+    refs = ([task.base] if task.base is not None else []) + list(task.experts)
+    stored = [np.dtype(src[m].dtype(nm)) for m, nm in refs]
+    if self.mesh is not None:
+      return self._load_sharded(job, stored)
+    job.buffers = []
+    if job.chunked:
+      size = max(n, self.chunk)
+      job.inputs = []
+      for (m, nm), sdt in zip(refs, stored):
+        buf = self.pool.take(size * sdt.itemsize)
+        job.buffers.append(buf)
+        flat = buf.view(sdt)
+        _read(src[m], nm, flat[:n].reshape(job.shape))
+        job.inputs.append(flat)
+      return
+    if task.base is not None:
+      m, nm = task.base
+      buf = self.pool.take(n * stored[0].itemsize)
+      job.buffers.append(buf)
+      job.base = jax.device_put(_read(src[m], nm, buf.view(stored[0]).reshape(job.shape)),
+                                may_alias=True)
+    e_stored = stored[1:] if task.base is not None else stored
+    e_dt = e_stored[0] if len(set(e_stored)) == 1 else job.dt   # mixed: cast on the host
+    buf = self.pool.take(len(task.experts) * n * e_dt.itemsize)
+    job.buffers.append(buf)
+    stack = buf.view(e_dt).reshape((len(task.experts),) + tuple(job.shape))
+    for j, (m, nm) in enumerate(task.experts):
+      _read(src[m], nm, stack[j])
+    job.experts = jax.device_put(stack, may_alias=True)
 
-  def read_experts(index):
-    lo, hi = shard.rows_of(index[1:], shape)
-    return np.stack([_read_rows(sources[m], nm, shape, e_dt, lo, hi)
-                     for m, nm in task.experts])
+  def _load_sharded(self, job: _Job, stored) -> None:
+    """Each device's rows straight from disk (`shard.read_global`)."""
+    task, src, shape, mesh = job.task, self.sources, tuple(job.shape), self.mesh
+    job.buffers = []
+    if task.base is not None:
+      m, nm = task.base
 
-  experts = shard.read_global(stack_shape, e_dt, shard.stacked_sharding(mesh, shape),
-                              read_experts)
-  return _Loaded(i, task, base, experts, [], in_bytes, dt, dt)
+      def read_base(index, m=m, nm=nm):
+        lo, hi = shard.rows_of(index, shape)
+        return _read_rows(src[m], nm, shape, stored[0], lo, hi)
 
+      job.base = shard.read_global(shape, stored[0], shard.tensor_sharding(mesh, shape),
+                                   read_base)
+    e_stored = stored[1:] if task.base is not None else stored
+    e_dt = e_stored[0] if len(set(e_stored)) == 1 else job.dt
 
-def _dispatch(ld: _Loaded, key, mesh):
-  """Prepare parameters, find cuts, and launch the kernel (main thread, async)."""
-  task = ld.task
-  method, info = task.method, task.info
-  n = ld.experts.shape[0]
-  prep = method.prepare or default_prepare
-  static, hp = prep(method, dict(task.values), info, n)
-  static_key = tuple(sorted(static.items()))
-  has_base = ld.base is not None
-  kind = _selection(method, static_key)
-  if kind is not None and has_base:
-    numel = int(np.prod(info.shape)) if info.shape else 1
-    rows = select._rows(tuple(ld.experts.shape[1:]))[0]
-    hp = dict(hp)
-    hp.update(_cuts(kind, hp, (ld.base, ld.experts), numel, rows, ld.dt, has_base))
-  if "weight" in method.param_map:
-    weights = np.asarray(task.values["weight"], np.float32)
-  else:
-    weights = np.ones((n,), np.float32)
-  if method.random and key is None:
-    raise KfuseError(f"method {method.name!r} is random: pass key=jax.random.key(seed)")
-  rng = path_key(key, task.out_name) if key is not None else jax.random.key(0)
-  hp = {k: jnp.asarray(v) for k, v in hp.items()}
-  if mesh is not None:
-    rep = shard.replicated(mesh)
-    weights, hp, rng = jax.device_put((weights, hp, rng), rep)
-  out_dt = ld.out_dt.name if ld.out_dt != ld.dt else None
-  prog = _program(method, static_key, ld.dt.name, out_dt, has_base)
-  return prog(ld.base, ld.experts, weights, hp, rng)
+    def read_experts(index):
+      lo, hi = shard.rows_of(index[1:], shape)
+      return np.stack([_read_rows(src[m], nm, shape, e_dt, lo, hi) for m, nm in task.experts])
+
+    job.experts = shard.read_global((len(task.experts),) + shape, e_dt,
+                                    shard.stacked_sharding(mesh, shape), read_experts)
+
+  # -- computing (main thread)
+  def dispatch(self, job: _Job) -> None:
+    task = job.task
+    method = task.method
+    n_models = len(task.experts)
+    has_base = task.base is not None
+    static_key = tuple(sorted(job.static.items()))
+    hp = dict(job.hp)
+    if "weight" in method.param_map:
+      weights = np.asarray(task.values["weight"], np.float32)
+    else:
+      weights = np.ones((n_models,), np.float32)
+    if method.random and self.key is None:
+      raise KfuseError(f"method {method.name!r} is random: pass key=jax.random.key(seed)")
+    rng = path_key(self.key, task.out_name) if self.key is not None else jax.random.key(0)
+    kind = _selection(method, static_key) if has_base else None
+    n = int(np.prod(job.shape))
+    if kind is not None:
+      hp.update(self._cuts(job, kind, hp, n))
+    if job.chunked:
+      return self._dispatch_chunks(job, static_key, weights, hp, rng, has_base)
+    hp = {k: jnp.asarray(v) for k, v in hp.items()}
+    if self.mesh is not None:
+      weights, hp, rng = jax.device_put((weights, hp, rng), shard.replicated(self.mesh))
+    prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0)
+    out, bad = prog(job.base, job.experts, weights, hp, rng)
+    self.done.put(("tensor", job, None, out, bad))
+
+  def _cuts(self, job: _Job, kind: str, hp: dict, n: int) -> dict:
+    """Exact cuts from the host: hp entries for the recipe's trim stage."""
+    has_base = job.task.base is not None
+    bits = select.key_bits(job.dt)
+    wanted = {"magnitude": [("cut", "k")], "band": [("cut_hi", "hi"), ("cut_lo", "lo")]}[kind]
+    out = {}
+    for name, kname in wanted:
+      k = np.asarray(hp[kname])
+      if job.chunked:
+        cut = self._chunk_cuts(job, kind, n, k, bits)
+      else:
+        rows = select._rows(tuple(job.shape))[0]
+        cut = select.find_cuts_array(_array_keyfn(kind, job.dt.name, has_base),
+                                     (job.base, job.experts), n, k, bits, rows)
+      out[f"{name}_v"], out[f"{name}_p"] = cut.v, cut.p
+    return out
+
+  def _chunk_cuts(self, job: _Job, kind: str, n: int, k, bits: int) -> select.Cut:
+    has_base = job.task.base is not None
+    n_models = len(job.task.experts)
+    hist_k, count_k, mask_k = _chunk_kernels(kind, job.dt.name, has_base, n_models, self.chunk)
+    chunks = _chunks(n, self.chunk)
+
+    def views(start):
+      return [jax.device_put(x[start:start + self.chunk], may_alias=True) for x in job.inputs]
+
+    def hist(shift, prefix):
+      acc = jnp.zeros((n_models, 1 << 16), jnp.int32)
+      sh, pre = jnp.uint32(shift), jnp.asarray(prefix)
+      for s, lo, hi in chunks:
+        acc = hist_k(acc, views(s), sh, pre, jnp.int32(lo), jnp.int32(hi))
+      return np.asarray(acc)
+
+    def block_counts(v):
+      vv = jnp.asarray(v)
+      c = [count_k(views(s), vv, jnp.int32(lo), jnp.int32(hi)) for s, lo, hi in chunks]
+      return np.stack([np.asarray(x) for x in c], axis=1), np.array([s + lo for s, lo, _ in chunks])
+
+    def block_ties(v, block):
+      vv, got = jnp.asarray(v), {}
+      res = []
+      for i, b in enumerate(block):
+        s, lo, hi = chunks[int(b)]
+        if b not in got:
+          got[b] = np.asarray(mask_k(views(s), vv))
+        res.append(got[b][i, lo:hi])
+      return res
+
+    return select.find_cuts(hist, n, k, bits, block_counts, block_ties)
+
+  def _slot(self, size: int, dt: np.dtype):
+    with self.slot_lock:
+      free = self.slots.get((size, dt.name))
+      if free:
+        return free.pop()
+    return jnp.zeros((size,), dt)
+
+  def _dispatch_chunks(self, job, static_key, weights, hp, rng, has_base) -> None:
+    task = job.task
+    prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base, self.chunk)
+    n = int(np.prod(job.shape))
+    chunks = _chunks(n, self.chunk)
+    fixed = {k: jnp.asarray(v) for k, v in hp.items() if not k.endswith("_p")}
+    cut_p = {k: np.asarray(v, np.int64) for k, v in hp.items() if k.endswith("_p")}
+    weights = jnp.asarray(weights)
+    if self.write_part is None:
+      job.full = np.empty((n,), job.out_dt)
+    for s, lo, hi in chunks:
+      hpc = dict(fixed)
+      for k, p in cut_p.items():   # the cut index relative to this chunk
+        hpc[k] = jnp.asarray(np.clip(p - s, -1, self.chunk).astype(np.int32))
+      inputs = [jax.device_put(x[s:s + self.chunk], may_alias=True) for x in job.inputs]
+      out, bad = prog(self._slot(self.chunk, job.out_dt), inputs, weights, hpc, rng,
+                      jnp.int32(lo), jnp.int32(hi))
+      self.done.put(("part", job, (s, lo, hi), out, bad))
+    self.done.put(("end", job, None, None, None))
+
+  # -- writing (writer thread)
+  def finish(self, kind: str, job: _Job, where, out, bad) -> None:
+    task = job.task
+    if kind == "part":
+      s, lo, hi = where
+      arr = np.asarray(out)
+      self._check(job, np.asarray(bad))
+      if job.full is not None:
+        job.full[s + lo:s + hi] = arr[lo:hi]
+      elif shard.is_writer():
+        self.write_part(task.out_name, s + lo, arr[lo:hi])
+      del arr
+      with self.slot_lock:
+        self.slots.setdefault((self.chunk, job.out_dt.name), []).append(out)
+      return
+    if kind == "tensor":
+      arr = shard.to_host(out)
+      self._check(job, np.asarray(bad))
+    else:  # "end" of a chunked task
+      arr = job.full.reshape(job.shape) if job.full is not None else None
+    for b in job.buffers or []:
+      self.pool.give(b)
+    job.buffers, job.inputs, job.base, job.experts = [], None, None, None
+    if arr is not None and shard.is_writer():
+      self.write(task.out_name, arr)
+    out_bytes = int(np.prod(job.shape)) * job.out_dt.itemsize
+    self.stats.tensors += 1
+    self.stats.chunked += int(job.chunked)
+    self.stats.bytes_read += job.in_bytes
+    self.stats.bytes_written += out_bytes
+    self.bar.update(job.in_bytes + out_bytes)
+    job.full = None
+
+  def _check(self, job: _Job, bad: np.ndarray) -> None:
+    task = job.task
+    refs = ([task.base] if task.base is not None else []) + list(task.experts)
+    for row, (m, name) in zip(bad, refs):
+      if row.any():
+        src = self.sources[m]
+        what = "NaN" if row[0] else "Inf"
+        raise KfuseError(f"{src.path}: tensor {name!r} (shape {tuple(src.shape(name))})"
+                         f" contains {what}")

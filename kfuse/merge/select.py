@@ -45,7 +45,7 @@ from jax import lax
 
 __all__ = ["key_bits", "sortable_bits", "from_sortable_bits", "reverse_keys",
            "magnitude_keys", "kth_largest", "topk_mask", "bottomk_mask", "topk_masks",
-           "kth_smallest_value", "keep_from_cut", "find_cuts", "Cut"]
+           "kth_smallest_value", "keep_from_cut", "find_cuts", "find_cuts_array", "Cut"]
 
 _W = 16                       # radix digit width
 _NB = 1 << _W                 # bins per digit
@@ -242,50 +242,11 @@ def keep_from_cut(keys: jax.Array, v: jax.Array, p: jax.Array) -> jax.Array:
 
 
 class Cut:
-  """Host-side cut per model: ``v`` (uint32 [N]) and ``p`` (int32 [N])."""
+  """Host-side cuts, one per model: ``v`` (uint32 [N]) and ``p`` (int32 [N])."""
 
   def __init__(self, v, p):
     self.v = np.asarray(v, np.uint32)
     self.p = np.asarray(p, np.int32)
-
-
-def _to_host(x) -> np.ndarray:
-  """A small (replicated) device array as numpy, also across processes."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _hist_pass(keyfn: Callable, args, shift, prefix):
-  """Per-model histograms [N, 2**16] of ``(key >> shift) & 0xFFFF`` over the keys
-  whose higher bits equal ``prefix[i]`` (shift + 16 = 32: all keys)."""
-  u = keyfn(*args)                                   # [N, n] uint32
-  n_models = u.shape[0]
-  match = (u >> (shift + _W)) == prefix[:, None]
-  digit = ((u >> shift) & jnp.uint32(_NB - 1)).astype(jnp.int32)
-  digit = jnp.where(match, digit + lax.broadcasted_iota(jnp.int32, u.shape, 0) * _NB,
-                    n_models * _NB)
-  counts = jnp.zeros((n_models * _NB + 1,), jnp.int32).at[digit.reshape(-1)].add(1)
-  return counts[:-1].reshape(n_models, _NB)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _tie_rows(keyfn: Callable, rows: int, args, v):
-  """[N, rows] counts of keys equal to ``v[i]`` per row of the flat keys."""
-  u = keyfn(*args)
-  eq = (u == v[:, None]).reshape(u.shape[0], rows, -1)
-  return jnp.sum(eq, axis=2, dtype=jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _tie_row(keyfn: Callable, rows: int, args, v, row):
-  """[N, cols]: which keys of row ``row[i]`` equal ``v[i]``."""
-  u = keyfn(*args)
-  u = u.reshape(u.shape[0], rows, -1)
-  return jnp.stack([lax.dynamic_index_in_dim(u[i], row[i], 0, keepdims=False) == v[i]
-                    for i in range(u.shape[0])])
 
 
 def _search_desc(hist: np.ndarray, k: int):
@@ -295,46 +256,109 @@ def _search_desc(hist: np.ndarray, k: int):
   return j, int(ge[j + 1]) if j + 1 < hist.shape[0] else 0
 
 
-def find_cuts(keyfn: Callable, args, n: int, k, bits: int, rows: int = 1) -> Cut:
-  """Exact top-k cuts of ``keyfn(*args)`` ([N, n] uint32 keys), one per model.
+def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
+              block_ties: Callable) -> Cut:
+  """Exact top-k cuts of N models' keys (n each, flat), driven from the host.
+
+  The keys live wherever the callables compute them (one device, a mesh, a
+  stream of chunks); only small arrays come back:
+
+  * ``hist(shift, prefix)`` -> [N, 2**16] counts of ``(key >> shift) & 0xFFFF``
+    over model i's keys whose bits above ``shift + 16`` equal ``prefix[i]``;
+  * ``block_counts(v)`` -> ([N, B] counts of ``key == v[i]`` in each of B
+    consecutive blocks of the flat index range, block starts [B]);
+  * ``block_ties(v, block)`` -> N bool arrays: ``key == v[i]`` within block
+    ``block[i]``.
 
   ``k`` holds one count per model (k <= 0: nothing, k >= n: everything).
-  ``keyfn`` must be a hashable function (it selects the compiled kernels);
-  ``rows`` (dividing n) sets the row length of the tie pass. Histograms run
-  on the device holding ``args`` (sharded or not); searches run here.
   """
   k = np.asarray(k, np.int64).reshape(-1)
   n_models = k.shape[0]
-  v = np.zeros(n_models, np.uint64)
   kk = np.clip(k, 1, max(n, 1))
   prefix = np.zeros(n_models, np.uint64)
   eq = np.zeros(n_models, np.int64)
   active = (k > 0) & (k < n)
   if active.any():
     for shift in range(bits - _W, -1, -_W):
-      hist = _to_host(_hist_pass(keyfn, args, jnp.uint32(shift),
-                                 jnp.asarray(prefix.astype(np.uint32))))
+      h = hist(shift, prefix.astype(np.uint32))
       for i in np.flatnonzero(active):
-        j, gt = _search_desc(hist[i], int(kk[i]))
-        eq[i] = hist[i, j]
+        j, gt = _search_desc(h[i], int(kk[i]))
+        eq[i] = h[i, j]
         kk[i] -= gt
-        prefix[i] = (prefix[i] << _W) | j
-    v = prefix
-  r = kk                                                # ties at v still to keep
+        prefix[i] = (prefix[i] << np.uint64(_W)) | np.uint64(j)
+  v = prefix.astype(np.uint32)
   p = np.full(n_models, n - 1, np.int64)
-  cut_ties = active & (r < eq)
+  cut_ties = active & (kk < eq)             # kk: ties at v still to keep
   if cut_ties.any():
-    vv = jnp.asarray(v.astype(np.uint32))
-    per_row = _to_host(_tie_rows(keyfn, rows, args, vv)).astype(np.int64)
-    upto = np.cumsum(per_row, axis=1)
-    row = np.array([int(np.searchsorted(upto[i], r[i])) if cut_ties[i] else 0
-                    for i in range(n_models)])
-    before = np.array([upto[i, row[i] - 1] if row[i] > 0 else 0 for i in range(n_models)])
-    line = _to_host(_tie_row(keyfn, rows, args, vv, jnp.asarray(row, jnp.int32)))
-    cols = line.shape[1]
+    counts, starts = block_counts(v)
+    upto = np.cumsum(np.asarray(counts, np.int64), axis=1)
+    block = np.zeros(n_models, np.int64)
+    before = np.zeros(n_models, np.int64)
     for i in np.flatnonzero(cut_ties):
-      col = int(np.flatnonzero(line[i])[r[i] - before[i] - 1])
-      p[i] = row[i] * cols + col
+      block[i] = int(np.searchsorted(upto[i], kk[i]))
+      before[i] = upto[i, block[i] - 1] if block[i] > 0 else 0
+    ties = block_ties(v, block)
+    for i in np.flatnonzero(cut_ties):
+      p[i] = int(starts[block[i]]) + int(np.flatnonzero(ties[i])[kk[i] - before[i] - 1])
   v = np.where(k <= 0, 0xFFFFFFFF, np.where(k >= n, 0, v)).astype(np.uint32)
   p = np.where(k <= 0, -1, p)
   return Cut(v, p)
+
+
+def _to_host(x) -> np.ndarray:
+  """A (replicated or sharded) device array as numpy, also across processes."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _model_hist(u: jax.Array, shift, prefix) -> jax.Array:
+  match = (u >> (shift + _W)) == prefix
+  digit = jnp.where(match, ((u >> shift) & jnp.uint32(_NB - 1)).astype(jnp.int32), _NB)
+  return _histogram(digit.reshape(-1), _NB)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _array_hist(keyfn: Callable, args, shift, prefix):
+  """[N, 2**16] histograms of ``keyfn(*args, i)`` per model (one model at a time)."""
+  n_models = prefix.shape[0]
+  return jnp.stack([_model_hist(keyfn(*args, i), shift, prefix[i]) for i in range(n_models)])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _array_block_counts(keyfn: Callable, rows: int, args, v):
+  return jnp.stack([jnp.sum((keyfn(*args, i) == v[i]).reshape(rows, -1), axis=1,
+                            dtype=jnp.int32) for i in range(v.shape[0])])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _array_block_ties(keyfn: Callable, rows: int, args, v, row):
+  return jnp.stack([lax.dynamic_index_in_dim(keyfn(*args, i).reshape(rows, -1), row[i], 0,
+                                             keepdims=False) == v[i]
+                    for i in range(v.shape[0])])
+
+
+def find_cuts_array(keyfn: Callable, args, n: int, k, bits: int, rows: int = 1) -> Cut:
+  """`find_cuts` for keys computed from whole (possibly sharded) arrays.
+
+  ``keyfn(*args, i)`` returns model i's n keys (any shape, flattened row-major);
+  it must be hashable (it keys the compiled kernels). Tie blocks are ``rows``
+  equal rows of the flat keys (rows follow a sharded axis 0 unchanged).
+  """
+  n_models = int(np.asarray(k).size)
+  cols = n // max(rows, 1)
+
+  def hist(shift, prefix):
+    return _to_host(_array_hist(keyfn, args, jnp.uint32(shift), jnp.asarray(prefix)))
+
+  def block_counts(v):
+    c = _to_host(_array_block_counts(keyfn, rows, args, jnp.asarray(v)))
+    return c, np.arange(rows, dtype=np.int64) * cols
+
+  def block_ties(v, block):
+    return _to_host(_array_block_ties(keyfn, rows, args, jnp.asarray(v),
+                                      jnp.asarray(np.asarray(block, np.int32))))
+
+  del n_models
+  return find_cuts(hist, n, k, bits, block_counts, block_ties)
