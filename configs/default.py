@@ -1,10 +1,11 @@
-"""Quick multi-task model-merging benchmark (4 MNIST-1D tasks, ~2 min on 2 CPU cores).
+"""Quick multi-task model-merging benchmark (4 MNIST-1D tasks, ~2-3 min on 2 CPU cores).
 
     python -m kfuse.main --config=configs/default.py
 
-Pretrains a small MLP on MNIST-1D, fine-tunes one expert per task (each task
-is a fixed input transformation + relabelling, see `kfuse.data.tasks`),
-merges the experts' backbones with the kfuse methods of ``config.methods``
+Pretrains a small MLP on 20,000 extra generated MNIST-1D signals, fine-tunes
+one expert per task (each task is a fixed input transformation + relabelling,
+see `kfuse.data.tasks`), merges the experts' backbones with every
+multi-model data-free kfuse method of ``config.methods``
 (hyper-parameters chosen on validation from each ``grid``) and writes
 results.json, results.md, merge_bench.png and Orbax checkpoints under
 ``config.workdir``. The full benchmark is ``configs/merge_bench.py``;
@@ -88,11 +89,11 @@ def get_config(arg=None):
       val_fraction=0.1,
       relabel=True,          # per-task fixed class permutation
       cache_dir="",          # default: $KFUSE_CACHE or ~/.cache/kfuse
-      pretrain_samples=0,    # > 0: pretrain on that many extra generated MNIST-1D signals
+      pretrain_samples=20000,  # pretrain on 20k extra generated signals (0: the base split)
   )
   config.model = dict(name="mlp", hidden=(512, 512), activation="gelu", dropout=0.2,
                       layer_norm=False)
-  config.pretrain = dict(steps=2000, batch_size=128, log_every=100,
+  config.pretrain = dict(steps=3000, batch_size=128, log_every=100,
                          optimizer=_optimizer(2e-3, 100, 1e-4))
   config.finetune = dict(
       probe_steps=200,              # linear probe of a fresh head on the frozen backbone
@@ -100,6 +101,6 @@ def get_config(arg=None):
       steps=1000,                   # then fine-tune
       trainable="all",              # all | backbone (FusionBench-style frozen head)
       batch_size=128, log_every=100,
-      optimizer=_optimizer(1e-3, 50, 1e-4))
+      optimizer=_optimizer(3e-4, 50, 1e-4))
   config.methods = ml_collections.ConfigDict(methods(), sort_keys=False)  # keep table order
   return config

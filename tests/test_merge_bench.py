@@ -29,6 +29,7 @@ def _tiny_config(workdir, cache):
   config.progress = False
   config.data.num_tasks = 2
   config.data.cache_dir = str(cache)
+  config.data.pretrain_samples = 0  # the base split: no 20k-signal pool to generate
   config.model.hidden = (64,)
   config.model.dropout = 0.0
   config.pretrain.steps = 150
@@ -36,6 +37,7 @@ def _tiny_config(workdir, cache):
   config.finetune.probe_steps = 20
   config.finetune.steps = 100
   config.finetune.optimizer.warmup_steps = 10
+  config.finetune.optimizer.learning_rate = 1e-3
   config.checkpoint_every = 25
   config.methods = ml_collections.ConfigDict(dict(
       simple_average=dict(method="linear", params=dict(weight=1.0), grid={}),

@@ -17,7 +17,7 @@ holds the SPEC §C defaults: ``adapt.make("eata", model.apply)``.
 from kfuse.adapt.augment import AugmentConfig, make_augment
 from kfuse.adapt.core import (Adapter, check_inputs, entropy as softmax_entropy, forward,
                               make_runner, norm_layer_paths, run, soft_cross_entropy,
-                              trainable_paths)
+                              trainable_mask, trainable_paths)
 from kfuse.adapt.entropy import (SAR_EXCLUDE, eata, entropy_margin, eta, fisher_information, sar,
                                  tent)
 from kfuse.adapt.mean_teacher import cotta, rotta, stochastic_restore
@@ -29,5 +29,5 @@ __all__ = [
     "default_config", "eata", "entropy_margin", "eta", "fisher_information", "forward",
     "make", "make_augment", "make_optimizer", "make_runner", "names", "norm_layer_paths",
     "rotta", "run", "sar", "soft_cross_entropy", "softmax_entropy", "source",
-    "stochastic_restore", "tent", "trainable_paths",
+    "stochastic_restore", "tent", "trainable_mask", "trainable_paths",
 ]

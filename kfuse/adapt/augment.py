@@ -120,7 +120,8 @@ def augment(key: jax.Array, x: jax.Array, cfg: AugmentConfig = COTTA) -> jax.Arr
   return jax.vmap(lambda k, xi: _one(k, xi, cfg))(keys, xf).astype(x.dtype)
 
 
-def make_augment(cfg: AugmentConfig | None = None, **overrides) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_augment(cfg: AugmentConfig | None = None,
+                 **overrides) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """``aug(key, x)`` with the ranges of ``cfg`` (default `COTTA`) updated by ``overrides``."""
   cfg = dataclasses.replace(cfg or COTTA, **overrides)
   if cfg.spatial_dims not in (1, 2):

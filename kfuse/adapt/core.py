@@ -51,8 +51,9 @@ PyTree = Any
 
 __all__ = [
     "Adapter", "NORM_MODES", "as_apply_fn", "forward", "batch_norm_paths", "norm_layer_paths",
-    "trainable_paths", "subset", "with_subset", "entropy", "soft_cross_entropy", "ema",
-    "tree_where", "guard", "is_finite", "copy_tree", "make_runner", "run", "check_inputs",
+    "trainable_paths", "trainable_mask", "subset", "with_subset", "with_params", "entropy",
+    "soft_cross_entropy", "ema", "tree_where", "guard", "is_finite", "copy_tree", "make_runner",
+    "run", "check_inputs",
 ]
 
 NORM_MODES = ("source", "batch", "ema")
@@ -83,7 +84,8 @@ def as_apply_fn(model: Any) -> Callable:
   if isinstance(model, nn.Module):
     return model.apply
   if not callable(model):
-    raise KfuseError(f"apply_fn: expected a flax.linen.Module or its apply function, got {type(model).__name__}")
+    raise KfuseError("apply_fn: expected a flax.linen.Module or its apply function,"
+                     f" got {type(model).__name__}")
   return model
 
 
@@ -141,7 +143,8 @@ def _batch_norm(module: nn.BatchNorm, x: jax.Array, plan: _NormPlan) -> jax.Arra
     mean, var = ra_mean, ra_var
   else:
     if 0 not in reduce_axes:
-      raise KfuseError(f"model: BatchNorm {path!r} normalizes over the batch axis; cannot take batch statistics")
+      raise KfuseError(f"model: BatchNorm {path!r} normalizes over the batch axis;"
+                       " cannot take batch statistics")
     if plan.mode == "batch" and plan.prior == 0.0 and x.shape[0] == 1 and plan.sample_mask is None:
       raise KfuseError("batch: size 1, but batch statistics need at least 2 samples; use"
                        " bn_adapt(prior=...) (mix in the source statistics) or rotta (RobustBN)")
@@ -172,7 +175,8 @@ def _interceptor(plan: _NormPlan):
   def intercept(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
       if kwargs.get("mask") is not None:
-        raise KfuseError("model: BatchNorm called with mask=; masked BatchNorm is not supported by kfuse.adapt")
+        raise KfuseError("model: BatchNorm called with mask=; masked BatchNorm is not"
+                         " supported by kfuse.adapt")
       return _batch_norm(context.module, args[0], plan)
     return next_fun(*args, **kwargs)
   return intercept
@@ -274,6 +278,18 @@ def trainable_paths(variables: Mapping[str, Any], trainable: Any = "norm",
     raise KfuseError(f"trainable: {trainable!r} (exclude={list(exclude)}) selects no parameter"
                      + (f"; the model has no {what}" if what else ""))
   return tuple(keep)
+
+
+def trainable_mask(variables: Mapping[str, Any], trainable: Any = "norm",
+                   exclude: Sequence[str] = ()) -> PyTree:
+  """`trainable_paths` as a boolean pytree shaped like ``variables['params']``.
+
+  Usable with ``optax.masked`` / ``optax.partition``; the methods themselves hand
+  their optimizer the flat ``{path: leaf}`` subset instead (no dead zero updates).
+  """
+  keep = set(trainable_paths(variables, trainable, exclude))
+  params = variables.get("params", {})
+  return ktree.unflatten(params, {k: (k in keep) for k in ktree.flatten(params)})
 
 
 def subset(params: PyTree, paths: Sequence[str]) -> dict[str, jax.Array]:

@@ -325,21 +325,18 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     variables, teacher, opt_state, key = start.variables, start.teacher, start.opt_state, start.key
     num_updates, loss = start.num_updates, jnp.zeros((), jnp.float32)
     for j in range(k_max):
-      snap = jax.tree.map(lambda s: s[j], snaps)
-      if (j + 1) * f <= b and b % f == 0:            # statically known to happen
-        variables, teacher, opt_state, key, loss = update_model(variables, teacher, opt_state,
-                                                                snap, key)
-        num_updates = num_updates + 1
-      else:
-        carry = (variables, teacher, opt_state, key, loss)
-        carry = jax.lax.cond(positions[j] < b, lambda c: update_model(*c[:3], snap, c[3]),
-                             lambda c: c, carry)
-        variables, teacher, opt_state, key, loss = carry
-        num_updates = num_updates + (positions[j] < b).astype(jnp.int32)
+      snap = jax.tree.map(lambda s, j=j: s[j], snaps)
+      carry = (variables, teacher, opt_state, key, loss)
+      carry = jax.lax.cond(positions[j] < b, lambda c, snap=snap: update_model(*c[:3], snap, c[3]),
+                           lambda c: c, carry)
+      variables, teacher, opt_state, key, loss = carry
+      num_updates = num_updates + (positions[j] < b).astype(jnp.int32)
     new = RottaState(variables, teacher, opt_state, memory, start.seen + b, start.source, key,
                      start.count + 1, num_updates)
     new = core.guard(finite, new, state)
-    metrics = {"loss": loss, "memory_size": memory.valid.sum().astype(jnp.float32),
+    n_valid = memory.valid.sum()
+    mean_age = jnp.sum(memory.age * memory.valid) / jnp.maximum(n_valid, 1)
+    metrics = {"loss": loss, "memory_size": n_valid.astype(jnp.float32), "memory_age": mean_age,
                "num_updates": num_updates.astype(jnp.float32),
                "uncertainty": unc.mean(), "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, ema_out, metrics

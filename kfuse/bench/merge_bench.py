@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -378,8 +379,9 @@ def _ordering(rows: Sequence[Mapping]) -> dict:
   if merges:
     out["individual >= every merge"] = bool(by["Individual"] >= max(merges.values()))
     out["every merge >= pretrained"] = bool(min(merges.values()) >= by["Pretrained"])
-  for a, b in (("ties", "simple_average"), ("task_arithmetic", "simple_average"),
-               ("ties", "task_arithmetic")):
+  for a, b in (("task_arithmetic", "simple_average"), ("ties", "simple_average"),
+               ("ties_paper", "simple_average"), ("ties", "task_arithmetic"),
+               ("ties_paper", "task_arithmetic")):
     if a in by and b in by:
       out[f"{a} > {b}"] = bool(by[a] > by[b])
   return out
@@ -493,10 +495,11 @@ def run(config: Any, workdir: str | None = None) -> dict:
   rows = [_row("Pretrained", None, None, pre_ev("val"), pre_ev("test"), ind_test),
           _row("Individual", None, None, ind_val, ind_test, ind_test)]
   merged_trees = {}
-  for j, spec in enumerate(specs):
+  for spec in specs:
     tm = time.time()
-    best, tree, trace = _merge_method(spec, backbones, pre_backbone,
-                                      jax.random.fold_in(k_merge, j), lambda bb: ev(bb, "val"))
+    k_method = jax.random.fold_in(k_merge, zlib.crc32(spec["label"].encode()) & 0x7FFFFFFF)
+    best, tree, trace = _merge_method(spec, backbones, pre_backbone, k_method,
+                                      lambda bb: ev(bb, "val"))
     rows.append(_row(spec["label"], spec["method"], best["params"], best["val"], ev(tree, "test"),
                      ind_test, grid=trace, seconds=time.time() - tm))
     merged_trees[spec["label"]] = tree

@@ -30,10 +30,9 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -133,7 +132,7 @@ def train_source(model, ds, cfg: Mapping, key: jax.Array, progress: bool) -> tup
 
 def evaluate_stream(tta: adapt.Adapter, variables: PyTree, stream: corr.Stream, key: jax.Array,
                     fisher: PyTree | None = None, runner: Any = None) -> dict:
-  """Run ``tta`` over ``stream``; error (%) per domain visit plus method metrics.
+  """Run ``tta`` over ``stream``; error (%) per domain visit plus method metrics (mean, per visit).
 
   ``runner``: a `kfuse.adapt.make_runner` of ``tta`` to reuse its compilation.
   """
@@ -146,9 +145,13 @@ def evaluate_stream(tta: adapt.Adapter, variables: PyTree, stream: corr.Stream, 
   logits = np.asarray(logits)
   seconds = time.time() - t
   wrong = logits.argmax(-1) != stream.y                             # [T, B]
-  per_visit = [float(100 * wrong[stream.domain == i].mean()) for i in range(len(stream.names))]
-  summary = {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}
+  visits = range(len(stream.names))
+  per_visit = [float(100 * wrong[stream.domain == i].mean()) for i in visits]
+  metrics = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
+  summary = {k: float(v.mean()) for k, v in metrics.items()}
+  by_visit = {k: [float(v[stream.domain == i].mean()) for i in visits] for k, v in metrics.items()}
   return {"errors": per_visit, "mean": float(np.mean(per_visit)), "metrics": summary,
+          "metrics_per_visit": by_visit,
           "seconds": seconds, "steps": int(stream.num_batches),
           "ms_per_batch": 1e3 * seconds / max(1, stream.num_batches)}
 

@@ -20,10 +20,13 @@ task is the base dataset seen through
 2. a fixed **relabelling**: a random permutation of the classes, so heads are
    not interchangeable between tasks.
 
-Pretraining (`pretrain_task`) uses the untransformed base data with the
-original labels, so the pretrained backbone plus a task's head is a weak
-"zero-shot" baseline, each expert is strong on its own task only, and a
-merged backbone has to reconcile the experts' conflicting first-layer edits.
+Pretraining (`pretrain_task`) uses untransformed inputs with the original
+labels: the base training split, or (``num_samples > 0``, the benchmark's
+default) a larger pool of extra signals from the MNIST-1D generator -- the
+analogue of CLIP's large generic pretraining corpus. The pretrained backbone
+plus a task's linear-probe head is the weak "zero-shot" baseline, each expert
+is strong on its own task only, and a merged backbone has to reconcile the
+experts' conflicting first-layer edits.
 
 All randomness (validation split, permutations, rotations, noise) is drawn
 from NumPy generators seeded by ``(seed, transform)``; a task's definition

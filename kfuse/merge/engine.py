@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import mmap
 import queue
 import threading
@@ -133,8 +134,10 @@ class BufferPool:
   """Page-aligned host buffers, recycled by size, with a cap on bytes in use.
 
   `take` blocks while the bytes in use plus the request exceed ``budget``
-  (one request always fits when nothing is in use). Freed buffers are kept for
-  reuse (already paged in) while the pool holds at most ``budget`` bytes.
+  (one request always fits when nothing is in use) and returns a buffer of at
+  least the requested size (at most twice it). Freed buffers are kept for
+  reuse while the pool holds at most ``budget`` bytes: on this kind of VM
+  faulting fresh pages in costs about 1 s per GB, more than reading them.
   """
 
   def __init__(self, budget: int):
@@ -143,6 +146,7 @@ class BufferPool:
     self.held = 0                     # bytes allocated (in use + free)
     self.peak = 0
     self._free: dict[int, list] = {}
+    self._lent: dict[int, int] = {}
     self._cv = threading.Condition()
     self.closed = False
 
@@ -163,21 +167,25 @@ class BufferPool:
         raise _Stopped()
       self.in_use += nbytes
       self.peak = max(self.peak, self.in_use)
-      free = self._free.get(nbytes)
-      if free:
-        return free.pop()
+      fit = [size for size, free in self._free.items() if free and nbytes <= size <= 2 * nbytes]
+      if fit:   # best fit: reuse pages already touched rather than fault in new ones
+        buf = self._free[min(fit)].pop()
+        self._lent[id(buf)] = nbytes
+        return buf
       # make room: drop cached buffers of other sizes
       for size in list(self._free):
         while self._free[size] and self.held + nbytes > self.budget:
           self._free[size].pop()
           self.held -= size
       self.held += nbytes
-    return self._alloc(nbytes)
+      buf = self._alloc(nbytes)
+      self._lent[id(buf)] = nbytes
+    return buf
 
   def give(self, buf: np.ndarray) -> None:
     with self._cv:
       n = buf.nbytes
-      self.in_use -= n
+      self.in_use -= self._lent.pop(id(buf), n)
       if self.held <= self.budget:
         self._free.setdefault(n, []).append(buf)
       else:
@@ -372,11 +380,26 @@ def _selection(method: Method, static_key: tuple) -> Optional[str]:
   return kinds.pop() if len(kinds) == 1 else None
 
 
+SAMPLE_MIN = 1 << 20   # tensors at least this large get a sampled selection window
+SAMPLE_STRIDE = 16
+def _materialized(x: jax.Array) -> jax.Array:
+  """``x`` computed by vectorized code before a scatter uses it as indices:
+  XLA:CPU would otherwise fuse the index maths into the scalar scatter loop."""
+  return lax.optimization_barrier(x)
+
+
+WINDOW = 1 << 19     # keys per model in a sampled selection window (`select.sample_windows`)
+
+
 @functools.lru_cache(maxsize=None)
 def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int):
-  """Jitted per-chunk selection passes over (base, experts...) flat chunks."""
+  """Jitted per-chunk selection passes over (base, experts...) flat chunks.
+
+  Histograms accumulate in place into a donated flat counter array (a last
+  slot takes what is not counted), reset by the first chunk of each pass.
+  """
   keys = _keyfn(kind, dt, has_base)
-  nb = 1 << 16
+  nb, w = 1 << 16, WINDOW
 
   def model_keys(inputs):
     b = inputs[0] if has_base else None
@@ -387,6 +410,9 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
     idx = lax.iota(jnp.int32, chunk)
     return (idx >= lo) & (idx < hi)
 
+  # Entries not counted get an out-of-range index and are dropped: XLA:CPU adds
+  # them at a fraction of the cost of a shared "other" bin, whose increments
+  # would form one long dependency chain.
   def hist(acc, inputs, shift, prefix, lo, hi):
     ok = valid(lo, hi)
     digits = []
@@ -394,8 +420,17 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
       match = ok & ((u >> (shift + 16)) == prefix[i])
       d = ((u >> shift) & jnp.uint32(nb - 1)).astype(jnp.int32) + i * nb
       digits.append(jnp.where(match, d, n_models * nb))
-    counts = jnp.zeros((n_models * nb + 1,), jnp.int32).at[jnp.concatenate(digits)].add(1)
-    return acc + counts[:-1].reshape(n_models, nb)
+    return acc.at[_materialized(jnp.concatenate(digits))].add(1, mode="drop")
+
+  def window(acc, inputs, wlo, whi, lo, hi):
+    ok = valid(lo, hi)
+    digits, above = [], []
+    for i, u in enumerate(model_keys(inputs)):
+      inside = ok & (u >= wlo[i]) & (u <= whi[i])
+      digits.append(jnp.where(inside, (u - wlo[i]).astype(jnp.int32) + i * w, n_models * (w + 1)))
+      above.append(jnp.sum(ok & (u > whi[i]), dtype=jnp.int32))
+    acc = acc.at[_materialized(jnp.concatenate(digits))].add(1, mode="drop")
+    return acc.at[n_models * w + jnp.arange(n_models)].add(jnp.stack(above))
 
   def tie_counts(inputs, v, lo, hi):
     ok = valid(lo, hi)
@@ -405,7 +440,20 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
   def tie_mask(inputs, v):
     return jnp.stack([u == v[i] for i, u in enumerate(model_keys(inputs))])
 
-  return (jax.jit(hist, donate_argnums=0), jax.jit(tie_counts), jax.jit(tie_mask))
+  return (jax.jit(hist, donate_argnums=0), jax.jit(window, donate_argnums=0),
+          jax.jit(tie_counts), jax.jit(tie_mask))
+
+
+_zero_in_place = jax.jit(lambda acc: jnp.zeros_like(acc), donate_argnums=0)
+
+
+def _host_keys(kind: str, dt: np.dtype, base: Optional[np.ndarray], expert: np.ndarray):
+  """Float32 keys of a (strided) sample on the host, as `_keyfn` computes them."""
+  d = expert.astype(dt)
+  if base is not None:
+    d = d - base.astype(dt)
+  u = np.abs(d.astype(np.float32)).view(np.uint32) & np.uint32(0x7FFFFFFF)
+  return ~u if kind == "band" else u
 
 
 # ------------------------------------------------------------------ progress
@@ -464,7 +512,7 @@ class _Job:
   experts: Any = None
   buffers: list = None            # pool buffers to recycle
   full: Optional[np.ndarray] = None
-  bad: Optional[np.ndarray] = None
+  views: Optional[dict] = None    # chunk start -> device arrays aliasing the buffers
 
 
 def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
@@ -512,9 +560,15 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   bar = _Progress(len(plan), total, progress)
   st = stats if stats is not None else Stats()
   run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st)
+  gc_was_on = gc.isenabled()
+  gc.freeze()     # full collections would rescan every long-lived JAX object
+  gc.disable()    # per dispatched chunk; nothing here makes reference cycles
   try:
     run.go(jobs)
   finally:
+    if gc_was_on:
+      gc.enable()
+    gc.unfreeze()
     bar.close()
     st.seconds = time.perf_counter() - t0
     st.peak_buffer_bytes = pool.peak
@@ -531,8 +585,10 @@ class _Run:
     self.loaded: queue.Queue = queue.Queue(maxsize=64)
     self.done: queue.Queue = queue.Queue(maxsize=6)
     self.errors: list = []
+    self.in_flight = threading.Semaphore(3)   # tasks read but not yet written
     self.slots: dict = {}
     self.slot_lock = threading.Lock()
+    self._accs: dict = {}       # reusable selection counters (no fresh pages per pass)
 
   def fail(self, e: BaseException) -> None:
     if not self.errors:
@@ -570,6 +626,9 @@ class _Run:
   def reader(self, jobs) -> None:
     try:
       for job in jobs:
+        while not self.in_flight.acquire(timeout=0.1):
+          if self.errors:
+            return
         if self.errors:
           return
         self.load(job)
@@ -613,7 +672,7 @@ class _Run:
       for (m, nm), sdt in zip(refs, stored):
         buf = self.pool.take(size * sdt.itemsize)
         job.buffers.append(buf)
-        flat = buf.view(sdt)
+        flat = buf[:size * sdt.itemsize].view(sdt)
         _read(src[m], nm, flat[:n].reshape(job.shape))
         job.inputs.append(flat)
       return
@@ -621,13 +680,14 @@ class _Run:
       m, nm = task.base
       buf = self.pool.take(n * stored[0].itemsize)
       job.buffers.append(buf)
-      job.base = jax.device_put(_read(src[m], nm, buf.view(stored[0]).reshape(job.shape)),
-                                may_alias=True)
+      view = buf[:n * stored[0].itemsize].view(stored[0]).reshape(job.shape)
+      job.base = jax.device_put(_read(src[m], nm, view), may_alias=True)
     e_stored = stored[1:] if task.base is not None else stored
     e_dt = e_stored[0] if len(set(e_stored)) == 1 else job.dt   # mixed: cast on the host
-    buf = self.pool.take(len(task.experts) * n * e_dt.itemsize)
+    nbytes = len(task.experts) * n * e_dt.itemsize
+    buf = self.pool.take(nbytes)
     job.buffers.append(buf)
-    stack = buf.view(e_dt).reshape((len(task.experts),) + tuple(job.shape))
+    stack = buf[:nbytes].view(e_dt).reshape((len(task.experts),) + tuple(job.shape))
     for j, (m, nm) in enumerate(task.experts):
       _read(src[m], nm, stack[j])
     job.experts = jax.device_put(stack, may_alias=True)
@@ -703,26 +763,44 @@ class _Run:
   def _chunk_cuts(self, job: _Job, kind: str, n: int, k, bits: int) -> select.Cut:
     has_base = job.task.base is not None
     n_models = len(job.task.experts)
-    hist_k, count_k, mask_k = _chunk_kernels(kind, job.dt.name, has_base, n_models, self.chunk)
+    hist_k, window_k, count_k, mask_k = _chunk_kernels(
+        kind, job.dt.name, has_base, n_models, self.chunk)
     chunks = _chunks(n, self.chunk)
+    accs = self._accs
 
-    def views(start):
-      return [jax.device_put(x[start:start + self.chunk], may_alias=True) for x in job.inputs]
+    views = self._views(job)
+
+    def run_pass(kernel, size, *args):
+      """One pass over all chunks on two alternating counter chains (they run
+      concurrently); returns the summed counts."""
+      chains = [accs.pop((size, c), None) for c in (0, 1)]
+      chains = [jnp.zeros((size,), jnp.int32) if c is None else _zero_in_place(c)
+                for c in chains]
+      for j, (s, lo, hi) in enumerate(chunks):
+        c = j % 2
+        chains[c] = kernel(chains[c], views(s), *args, np.int32(lo), np.int32(hi))
+      total = np.asarray(chains[0], np.int64) + np.asarray(chains[1])
+      accs[(size, 0)], accs[(size, 1)] = chains
+      return total
 
     def hist(shift, prefix):
-      acc = jnp.zeros((n_models, 1 << 16), jnp.int32)
-      sh, pre = jnp.uint32(shift), jnp.asarray(prefix)
-      for s, lo, hi in chunks:
-        acc = hist_k(acc, views(s), sh, pre, jnp.int32(lo), jnp.int32(hi))
-      return np.asarray(acc)
+      t = run_pass(hist_k, n_models * (1 << 16), np.uint32(shift),
+                   np.asarray(prefix, np.uint32))
+      return t.reshape(n_models, 1 << 16)
+
+    def window_counts(lo, hi):
+      t = run_pass(window_k, n_models * (WINDOW + 1), np.asarray(lo, np.uint32),
+                   np.asarray(hi, np.uint32))
+      return np.concatenate([t[:n_models * WINDOW].reshape(n_models, WINDOW),
+                             t[n_models * WINDOW:, None]], axis=1)
 
     def block_counts(v):
-      vv = jnp.asarray(v)
-      c = [count_k(views(s), vv, jnp.int32(lo), jnp.int32(hi)) for s, lo, hi in chunks]
+      vv = np.asarray(v, np.uint32)
+      c = [count_k(views(s), vv, np.int32(lo), np.int32(hi)) for s, lo, hi in chunks]
       return np.stack([np.asarray(x) for x in c], axis=1), np.array([s + lo for s, lo, _ in chunks])
 
     def block_ties(v, block):
-      vv, got = jnp.asarray(v), {}
+      vv, got = np.asarray(v, np.uint32), {}
       res = []
       for i, b in enumerate(block):
         s, lo, hi = chunks[int(b)]
@@ -731,7 +809,27 @@ class _Run:
         res.append(got[b][i, lo:hi])
       return res
 
-    return select.find_cuts(hist, n, k, bits, block_counts, block_ties)
+    window = None
+    if bits == 32 and n >= SAMPLE_MIN:
+      base = job.inputs[0][:n:SAMPLE_STRIDE] if has_base else None
+      sample = np.stack([_host_keys(kind, job.dt, base, x[:n:SAMPLE_STRIDE])
+                         for x in job.inputs[1 if has_base else 0:]])
+      lo, hi, ok = select.sample_windows(sample, n, k, WINDOW)
+      window = (lo, hi, ok, window_counts)
+    return select.find_cuts(hist, n, k, bits, block_counts, block_ties, window)
+
+  def _views(self, job: _Job) -> Callable:
+    """Device arrays aliasing each chunk of the task's host buffers, made once per
+    task (numpy arguments to jit would be copied into fresh pages per call)."""
+    cache = job.views = job.views if job.views is not None else {}
+
+    def views(start):
+      if start not in cache:
+        cache[start] = [jax.device_put(x[start:start + self.chunk], may_alias=True)
+                        for x in job.inputs]
+      return cache[start]
+
+    return views
 
   def _slot(self, size: int, dt: np.dtype):
     with self.slot_lock:
@@ -750,13 +848,14 @@ class _Run:
     weights = jnp.asarray(weights)
     if self.write_part is None:
       job.full = np.empty((n,), job.out_dt)
+    views = self._views(job)
     for s, lo, hi in chunks:
       hpc = dict(fixed)
       for k, p in cut_p.items():   # the cut index relative to this chunk
-        hpc[k] = jnp.asarray(np.clip(p - s, -1, self.chunk).astype(np.int32))
-      inputs = [jax.device_put(x[s:s + self.chunk], may_alias=True) for x in job.inputs]
+        hpc[k] = np.clip(p - s, -1, self.chunk).astype(np.int32)
+      inputs = views(s)
       out, bad = prog(self._slot(self.chunk, job.out_dt), inputs, weights, hpc, rng,
-                      jnp.int32(lo), jnp.int32(hi))
+                      np.int32(lo), np.int32(hi))
       self.done.put(("part", job, (s, lo, hi), out, bad))
     self.done.put(("end", job, None, None, None))
 
@@ -782,7 +881,8 @@ class _Run:
       arr = job.full.reshape(job.shape) if job.full is not None else None
     for b in job.buffers or []:
       self.pool.give(b)
-    job.buffers, job.inputs, job.base, job.experts = [], None, None, None
+    job.buffers, job.inputs, job.base, job.experts, job.views = [], None, None, None, None
+    self.in_flight.release()
     if arr is not None and shard.is_writer():
       self.write(task.out_name, arr)
     out_bytes = int(np.prod(job.shape)) * job.out_dt.itemsize

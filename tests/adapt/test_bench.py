@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _config_module():
-  spec = importlib.util.spec_from_file_location("cfg_tta_bench", os.path.join(ROOT, "configs", "tta_bench.py"))
+  path = os.path.join(ROOT, "configs", "tta_bench.py")
+  spec = importlib.util.spec_from_file_location("cfg_tta_bench", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -57,7 +58,8 @@ def test_end_to_end_outputs(bench, capsys):
     for r in rows.values():
       assert len(r["errors"]) == 2 and 0 <= r["mean"] <= 100
   # identical for the stateless methods, whatever the protocol
-  assert saved["protocols"]["continual"]["source"]["errors"] == saved["protocols"]["reset_per_shift"]["source"]["errors"]
+  protos = saved["protocols"]
+  assert protos["continual"]["source"]["errors"] == protos["reset_per_shift"]["source"]["errors"]
   # contrast at severity 5 is a pure statistics shift: BN-adapt must beat the source model
   src = saved["protocols"]["continual"]["source"]["errors"][1]
   bn = saved["protocols"]["continual"]["bn_adapt"]["errors"][1]

@@ -79,6 +79,8 @@ def test_trainable_selection():
   assert core.trainable_paths(v, r"^head/") == ("head/bias", "head/kernel")
   assert core.trainable_paths(v, "all", exclude=("head", "dense")) == ("bn/bias", "bn/scale")
   assert core.trainable_paths(v, lambda p: p.endswith("kernel")) == ("dense/kernel", "head/kernel")
+  mask = adapt.trainable_mask(v, "norm")
+  assert mask["bn"] == {"scale": True, "bias": True} and mask["head"] == {"kernel": False, "bias": False}
   ln = TinyLN().init(jax.random.key(0), jnp.zeros((2, 4)))
   assert core.trainable_paths(ln, "norm") == ("ln/bias", "ln/scale")
   with pytest.raises(KfuseError, match="trainable.*BatchNorm"):
