@@ -29,6 +29,11 @@ def get_config(arg=None):
   config.overwrite = False
   config.seed = 0
   config.progress = True
+  # scale (WORKSPACE.md, "Scale: streaming, sharding, multi-host")
+  config.num_devices = 0          # >1: shard every tensor over this many devices
+  config.prefetch_bytes = 0       # input bytes held at once; 0: largest tensor's inputs
+  config.chunk = -1               # flat chunk length for elementwise methods; -1 auto, 0 off
+  config.compile_cache = ""       # dir for JAX's persistent compilation cache; '' off
   params = {}
   for p in m.params:
     # required parameters start as None: the run fails until they are given

@@ -3,7 +3,10 @@
     python -m kfuse.main --config=configs/mergekit.py:path/to/merge.yml --config.output_dir=OUT
 
 Optional: --config.overwrite=True (replace an existing OUT), --config.seed=0
-(DARE/DELLA randomness), --config.out_shard_bytes=5000000000.
+(DARE/DELLA randomness), --config.out_shard_bytes=5000000000,
+--config.num_devices=8 (shard over 8 devices), --config.compile_cache=~/.cache/kfuse-xla
+(reuse compiled kernels across runs). Multi-host: run `python -m kfuse.shard` with the
+same flags on every host (WORKSPACE.md, "Scale").
 """
 
 import ml_collections
@@ -18,4 +21,9 @@ def get_config(arg=None):
   config.seed = 0
   config.out_shard_bytes = 5_000_000_000
   config.progress = True
+  # scale (WORKSPACE.md, "Scale: streaming, sharding, multi-host")
+  config.num_devices = 0          # >1: shard every tensor over this many devices
+  config.prefetch_bytes = 0       # input bytes held at once; 0: largest tensor's inputs
+  config.chunk = -1               # flat chunk length for elementwise methods; -1 auto, 0 off
+  config.compile_cache = ""       # dir for JAX's persistent compilation cache; '' off
   return config

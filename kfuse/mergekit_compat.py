@@ -394,10 +394,14 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
 def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
              overwrite: bool = False, seed: int = 0, out_shard_bytes: int = 5_000_000_000,
              progress: bool = True, copy_tokenizer: bool = True, mesh=None,
-             prefetch_bytes: Optional[int] = None, stats=None) -> dict:
+             prefetch_bytes: Optional[int] = None, chunk: Optional[int] = None,
+             stats=None) -> dict:
   """Run a mergekit YAML and write an HF safetensors directory (atomically).
 
-  Returns a summary dict (tensors written, output path, method).
+  Streams tensor by tensor (`kfuse.merge.engine.execute`; ``mesh``,
+  ``prefetch_bytes``, ``chunk`` and ``stats`` are passed on to it) into
+  preallocated output shards. Returns a summary dict (tensors written, output
+  path, method).
   """
   from kfuse import io as kio  # lazy: keeps `import kfuse.mergekit_compat` light
 
@@ -436,7 +440,7 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     with kio.PlannedHFWriter(tmp, specs, max_shard_bytes=out_shard_bytes,
                              dtype=out_dtype) as writer:
       n = execute(tasks, sources, writer.add, key=key, dtype=dtype, out_dtype=out_dtype,
-                  progress=progress, mesh=mesh, prefetch_bytes=prefetch_bytes,
+                  progress=progress, mesh=mesh, prefetch_bytes=prefetch_bytes, chunk=chunk,
                   write_part=writer.add_part, stats=stats)
       writer.finish(config=config)
     with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:

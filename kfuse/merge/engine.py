@@ -380,15 +380,10 @@ def _selection(method: Method, static_key: tuple) -> Optional[str]:
   return kinds.pop() if len(kinds) == 1 else None
 
 
-SAMPLE_MIN = 1 << 20   # tensors at least this large get a sampled selection window
-SAMPLE_STRIDE = 16
 def _materialized(x: jax.Array) -> jax.Array:
   """``x`` computed by vectorized code before a scatter uses it as indices:
   XLA:CPU would otherwise fuse the index maths into the scalar scatter loop."""
   return lax.optimization_barrier(x)
-
-
-WINDOW = 1 << 19     # keys per model in a sampled selection window (`select.sample_windows`)
 
 
 @functools.lru_cache(maxsize=None)
@@ -399,7 +394,7 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
   slot takes what is not counted), reset by the first chunk of each pass.
   """
   keys = _keyfn(kind, dt, has_base)
-  nb, w = 1 << 16, WINDOW
+  nb = 1 << 16
 
   def model_keys(inputs):
     b = inputs[0] if has_base else None
@@ -422,16 +417,6 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
       digits.append(jnp.where(match, d, n_models * nb))
     return acc.at[_materialized(jnp.concatenate(digits))].add(1, mode="drop")
 
-  def window(acc, inputs, wlo, whi, lo, hi):
-    ok = valid(lo, hi)
-    digits, above = [], []
-    for i, u in enumerate(model_keys(inputs)):
-      inside = ok & (u >= wlo[i]) & (u <= whi[i])
-      digits.append(jnp.where(inside, (u - wlo[i]).astype(jnp.int32) + i * w, n_models * (w + 1)))
-      above.append(jnp.sum(ok & (u > whi[i]), dtype=jnp.int32))
-    acc = acc.at[_materialized(jnp.concatenate(digits))].add(1, mode="drop")
-    return acc.at[n_models * w + jnp.arange(n_models)].add(jnp.stack(above))
-
   def tie_counts(inputs, v, lo, hi):
     ok = valid(lo, hi)
     return jnp.stack([jnp.sum(ok & (u == v[i]), dtype=jnp.int32)
@@ -440,20 +425,10 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
   def tie_mask(inputs, v):
     return jnp.stack([u == v[i] for i, u in enumerate(model_keys(inputs))])
 
-  return (jax.jit(hist, donate_argnums=0), jax.jit(window, donate_argnums=0),
-          jax.jit(tie_counts), jax.jit(tie_mask))
+  return jax.jit(hist, donate_argnums=0), jax.jit(tie_counts), jax.jit(tie_mask)
 
 
 _zero_in_place = jax.jit(lambda acc: jnp.zeros_like(acc), donate_argnums=0)
-
-
-def _host_keys(kind: str, dt: np.dtype, base: Optional[np.ndarray], expert: np.ndarray):
-  """Float32 keys of a (strided) sample on the host, as `_keyfn` computes them."""
-  d = expert.astype(dt)
-  if base is not None:
-    d = d - base.astype(dt)
-  u = np.abs(d.astype(np.float32)).view(np.uint32) & np.uint32(0x7FFFFFFF)
-  return ~u if kind == "band" else u
 
 
 # ------------------------------------------------------------------ progress
@@ -763,8 +738,7 @@ class _Run:
   def _chunk_cuts(self, job: _Job, kind: str, n: int, k, bits: int) -> select.Cut:
     has_base = job.task.base is not None
     n_models = len(job.task.experts)
-    hist_k, window_k, count_k, mask_k = _chunk_kernels(
-        kind, job.dt.name, has_base, n_models, self.chunk)
+    hist_k, count_k, mask_k = _chunk_kernels(kind, job.dt.name, has_base, n_models, self.chunk)
     chunks = _chunks(n, self.chunk)
     accs = self._accs
 
@@ -788,12 +762,6 @@ class _Run:
                    np.asarray(prefix, np.uint32))
       return t.reshape(n_models, 1 << 16)
 
-    def window_counts(lo, hi):
-      t = run_pass(window_k, n_models * (WINDOW + 1), np.asarray(lo, np.uint32),
-                   np.asarray(hi, np.uint32))
-      return np.concatenate([t[:n_models * WINDOW].reshape(n_models, WINDOW),
-                             t[n_models * WINDOW:, None]], axis=1)
-
     def block_counts(v):
       vv = np.asarray(v, np.uint32)
       c = [count_k(views(s), vv, np.int32(lo), np.int32(hi)) for s, lo, hi in chunks]
@@ -809,14 +777,7 @@ class _Run:
         res.append(got[b][i, lo:hi])
       return res
 
-    window = None
-    if bits == 32 and n >= SAMPLE_MIN:
-      base = job.inputs[0][:n:SAMPLE_STRIDE] if has_base else None
-      sample = np.stack([_host_keys(kind, job.dt, base, x[:n:SAMPLE_STRIDE])
-                         for x in job.inputs[1 if has_base else 0:]])
-      lo, hi, ok = select.sample_windows(sample, n, k, WINDOW)
-      window = (lo, hi, ok, window_counts)
-    return select.find_cuts(hist, n, k, bits, block_counts, block_ties, window)
+    return select.find_cuts(hist, n, k, bits, block_counts, block_ties)
 
   def _views(self, job: _Job) -> Callable:
     """Device arrays aliasing each chunk of the task's host buffers, made once per

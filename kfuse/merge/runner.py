@@ -17,7 +17,7 @@ import numpy as np
 from kfuse import tree as T
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
-from kfuse.merge.engine import DictSource, TensorTask, execute
+from kfuse.merge.engine import DictSource, TensorTask, execute, output_specs
 from kfuse.tree import KfuseError
 
 
@@ -27,6 +27,29 @@ def _get(config, name, default=None):
   except AttributeError:
     v = default
   return default if v is None else v
+
+
+def scale_options(config) -> dict:
+  """Streaming / sharding options shared by both merge jobs (see WORKSPACE.md, "Scale").
+
+  ``num_devices`` > 1 shards every tensor over a 1-D mesh of that many devices;
+  ``prefetch_bytes`` caps the input bytes held at once (0: the largest tensor's
+  inputs); ``chunk`` sets the flat chunk length of elementwise recipes (-1:
+  automatic, 0: whole tensors); ``compile_cache`` names a directory for JAX's
+  persistent compilation cache, so a repeated merge of the same architecture
+  skips compiling ('' : off).
+  """
+  from kfuse import shard
+  cache = _get(config, "compile_cache", "")
+  if cache:
+    cache = os.path.expanduser(str(cache))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  chunk = int(_get(config, "chunk", -1))
+  return {"mesh": shard.make_mesh(int(_get(config, "num_devices", 0))),
+          "prefetch_bytes": int(_get(config, "prefetch_bytes", 0)) or None,
+          "chunk": None if chunk < 0 else chunk}
 
 
 def run_mergekit(config, workdir=None) -> dict:
@@ -42,7 +65,7 @@ def run_mergekit(config, workdir=None) -> dict:
   res = run_yaml(yml, out, overwrite=bool(_get(config, "overwrite", False)),
                  seed=int(_get(config, "seed", 0)),
                  out_shard_bytes=int(_get(config, "out_shard_bytes", 5_000_000_000)),
-                 progress=bool(_get(config, "progress", True)))
+                 progress=bool(_get(config, "progress", True)), **scale_options(config))
   res["seconds"] = round(time.perf_counter() - t0, 3)
   print(json.dumps(res))
   return res
@@ -73,8 +96,9 @@ def open_model(path: str):
 def merge_checkpoints(method: str, models: list[str], base: str | None, output_dir: str, *,
                       params: Mapping[str, Any] | None = None, seed: int = 0,
                       overwrite: bool = False, output_format: str = "auto",
-                      dtype: str | None = None, progress: bool = True) -> dict:
-  """Merge checkpoints on disk with a registered method, tensor by tensor."""
+                      dtype: str | None = None, progress: bool = True, mesh=None,
+                      prefetch_bytes: int | None = None, chunk: int | None = None) -> dict:
+  """Merge checkpoints on disk with a registered method, streaming tensor by tensor."""
   from kfuse import io as kio
   m = get_method(method)
   params = canonical_params(params)
@@ -124,17 +148,20 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     raise KfuseError(f"method {m.name!r} needs whole-model statistics; use kfuse.merge.merge in Python")
   dt = T.resolve_dtype(dtype) if dtype else None
   key = jax.random.key(seed)
+  scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk}
   t0 = time.perf_counter()
   if fmt == "safetensors":
     with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
       donor = ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path)
       kio.copy_aux_files(donor, tmp)
-      w = kio.HFWriter(tmp, dtype=dt)
-      count = execute(tasks, all_srcs, w.add, key=key, dtype=dt, progress=progress)
-      w.finish(config=getattr(ref, "config", None))
+      with kio.PlannedHFWriter(tmp, output_specs(tasks, all_srcs, dt), dtype=dt) as w:
+        count = execute(tasks, all_srcs, w.add, key=key, dtype=dt, progress=progress,
+                        write_part=w.add_part, **scale)
+        w.finish(config=getattr(ref, "config", None))
   elif fmt == "orbax":
     out = {}
-    count = execute(tasks, all_srcs, out.__setitem__, key=key, dtype=dt, progress=progress)
+    count = execute(tasks, all_srcs, out.__setitem__, key=key, dtype=dt, progress=progress,
+                    **scale)
     like = next((o[2] for o in ([bsrc] if bsrc else []) + opened if o[2] is not None), None)
     tree = T.unflatten(like, out) if like is not None else out
     kio.save_orbax(output_dir, tree, overwrite=overwrite)
@@ -158,6 +185,7 @@ def run_native(config, workdir=None) -> dict:
                           overwrite=bool(_get(config, "overwrite", False)),
                           output_format=_get(config, "output_format", "auto"),
                           dtype=_get(config, "dtype") or None,
-                          progress=bool(_get(config, "progress", True)))
+                          progress=bool(_get(config, "progress", True)),
+                          **scale_options(config))
   print(json.dumps(res))
   return res

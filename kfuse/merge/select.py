@@ -36,7 +36,7 @@ Both give bit-identical masks (tests/merge/test_select.py).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ from jax import lax
 
 __all__ = ["key_bits", "sortable_bits", "from_sortable_bits", "reverse_keys",
            "magnitude_keys", "kth_largest", "topk_mask", "bottomk_mask", "topk_masks",
-           "kth_smallest_value", "keep_from_cut", "find_cuts", "find_cuts_array", "sample_windows", "Cut"]
+           "kth_smallest_value", "keep_from_cut", "find_cuts", "find_cuts_array", "Cut"]
 
 _W = 16                       # radix digit width
 _NB = 1 << _W                 # bins per digit
@@ -257,37 +257,8 @@ def _search_desc(hist: np.ndarray, k: int):
   return j, int(ge[j + 1]) if j + 1 < hist.shape[0] else 0
 
 
-def sample_windows(sample: np.ndarray, n: int, k, width: int):
-  """Key windows that hold each model's k-th largest key, with high probability.
-
-  ``sample`` [N, m] holds keys of an evenly strided subsample. The window spans
-  the sample's order statistics 5 standard deviations (plus 16) either side of
-  the k-th largest's expected sample rank. Returns ``(lo, hi, ok)``; ``ok`` is
-  False where the window is wider than ``width`` keys or k is trivial.
-  `find_cuts` checks every window with exact counts, so a miss costs time only.
-  """
-  sample = np.asarray(sample)
-  n_models, m = sample.shape
-  k = np.asarray(k, np.int64).reshape(-1)
-  lo = np.zeros(n_models, np.uint32)
-  hi = np.zeros(n_models, np.uint32)
-  ok = np.zeros(n_models, bool)
-  for i in range(n_models):
-    if not 0 < k[i] < n or m == 0:
-      continue
-    ks = k[i] * m / n                          # expected descending rank in the sample
-    d = 5.0 * np.sqrt(ks * (1 - ks / m)) + 16
-    top = int(np.clip(np.floor(ks - d), 1, m))       # descending ranks (1 = largest)
-    bot = int(np.clip(np.ceil(ks + d), 1, m))
-    part = np.partition(sample[i], [m - bot, m - top])
-    lo[i] = part[m - bot] if bot < m else 0
-    hi[i] = part[m - top] if top > 1 else np.iinfo(np.uint32).max
-    ok[i] = int(hi[i]) - int(lo[i]) < width
-  return lo, hi, ok
-
-
 def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
-              block_ties: Callable, window: Optional[tuple] = None) -> Cut:
+              block_ties: Callable) -> Cut:
   """Exact top-k cuts of N models' keys (n each, flat), driven from the host.
 
   The keys live wherever the callables compute them (one device, a mesh, a
@@ -300,11 +271,6 @@ def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
   * ``block_ties(v, block)`` -> N bool arrays: ``key == v[i]`` within block
     ``block[i]``.
 
-  * optionally ``window = (lo, hi, ok, counts)`` (`sample_windows`):
-    ``counts(lo, hi)`` -> [N, hi - lo + 2]: per model, a histogram of the keys
-    in ``[lo[i], hi[i]]`` by ``key - lo[i]``, then the count above ``hi[i]``.
-    One pass instead of two radix passes wherever the window holds the k-th key.
-
   ``k`` holds one count per model (k <= 0: nothing, k >= n: everything).
   """
   k = np.asarray(k, np.int64).reshape(-1)
@@ -313,21 +279,6 @@ def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
   prefix = np.zeros(n_models, np.uint64)
   eq = np.zeros(n_models, np.int64)
   active = (k > 0) & (k < n)
-  if window is not None and (active & window[2]).any():
-    lo, hi, ok, counts = window
-    c = counts(lo, hi)
-    for i in np.flatnonzero(active & ok):
-      h, above = c[i, :-1], int(c[i, -1])
-      width = int(hi[i]) - int(lo[i]) + 1
-      if not above < kk[i] <= above + int(h[:width].sum()):
-        continue                                 # the k-th key is outside: radix instead
-      j, gt = _search_desc(h[:width], int(kk[i] - above))
-      prefix[i], eq[i] = int(lo[i]) + j, h[j]
-      kk[i] -= above + gt
-      active[i] = False
-    done = (k > 0) & (k < n) & ~active
-  else:
-    done = np.zeros(n_models, bool)
   if active.any():
     for shift in range(bits - _W, -1, -_W):
       h = hist(shift, prefix.astype(np.uint32))
@@ -338,7 +289,7 @@ def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
         prefix[i] = (prefix[i] << np.uint64(_W)) | np.uint64(j)
   v = prefix.astype(np.uint32)
   p = np.full(n_models, n - 1, np.int64)
-  cut_ties = (active | done) & (kk < eq)    # kk: ties at v still to keep
+  cut_ties = active & (kk < eq)             # kk: ties at v still to keep
   if cut_ties.any():
     counts, starts = block_counts(v)
     upto = np.cumsum(np.asarray(counts, np.int64), axis=1)
