@@ -83,6 +83,6 @@ def get_config(arg=None):
   if variant == "quick":
     config.data.pool = "test"       # 1000 signals per corruption
     config.source.steps = 800
-    config.long = dict(rounds=3, samples_per_domain=400, batch_size=200,
+    config.long = dict(rounds=3, samples_per_domain=200, batch_size=200,
                        methods=("bn_adapt", "tent", "cotta", "rotta"))
   return config

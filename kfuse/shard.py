@@ -25,7 +25,9 @@ import os
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kfuse.tree import KfuseError
@@ -109,6 +111,51 @@ def read_global(shape: tuple, dtype: Any, sharding: NamedSharding,
     return cache[key]
 
   return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+def tree_sum(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+  """Σ along ``axis`` as a fixed pairwise tree of elementwise adds.
+
+  XLA is free to reorder a reduction (vector lanes, per-device partial sums),
+  and does so differently in a sharded and an unsharded program. Adding
+  halves elementwise fixes the order completely, so every placement of the
+  data gives the same bits. About one extra pass over the data.
+  """
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  width = 1
+  while width < n:
+    width *= 2
+  if width != n:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, width - n)
+    x = jnp.pad(x, pad)
+  while width > 1:
+    width //= 2
+    x = (lax.slice_in_dim(x, 0, width, axis=axis)
+         + lax.slice_in_dim(x, width, 2 * width, axis=axis))
+  return x if keepdims else jnp.squeeze(x, axis)
+
+
+def tensor_sum(x: jax.Array) -> jax.Array:
+  """Σ of all entries of ``x``, with the same bits whether ``x`` is sharded or not.
+
+  Each row (axis 0, the axis `tensor_sharding` splits) is summed where it
+  lives (`tree_sum`); the row sums are then replicated (under `jax.set_mesh`)
+  and summed the same way on every device.
+  """
+  if x.ndim == 0:
+    return x
+  rows = tree_sum(x.reshape(x.shape[0], -1), axis=1) if x.ndim >= 2 else x
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    rows = jax.lax.with_sharding_constraint(rows, P())
+  return tree_sum(rows, axis=0)
+
+
+def tensor_norm(x: jax.Array) -> jax.Array:
+  """‖x‖₂ over all entries via `tensor_sum` (sharding-independent bits)."""
+  return jnp.sqrt(tensor_sum(jnp.square(x)))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

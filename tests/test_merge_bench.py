@@ -169,6 +169,8 @@ def test_interrupted_run_resumes_from_its_checkpoints(bench, tmp_path, monkeypat
   workdir = tmp_path / "w"
   config = ml_collections.ConfigDict(config.to_dict())
   config.workdir = str(workdir)
+  keep = ("task_arithmetic", "dare_ties")  # dare_ties: its random key must not depend on order
+  config.methods = ml_collections.ConfigDict({k: config.methods[k].to_dict() for k in keep})
   calls = []
   real_iterate = merge_bench.iterate
 
@@ -204,8 +206,8 @@ def test_interrupted_run_resumes_from_its_checkpoints(bench, tmp_path, monkeypat
   assert not state.exists()
   want = {r["name"]: r["test"] for r in reference["rows"]}
   got = {r["name"]: r["test"] for r in results["rows"]}
-  assert set(got) == set(want)
-  for name in want:
+  assert set(got) == {"Pretrained", "Individual", *keep}
+  for name in got:
     assert got[name] == pytest.approx(want[name], abs=1e-6), name
 
 

@@ -221,3 +221,17 @@ def test_wrong_types_name_the_field():
   # lists for tuples, ints for floats and None where allowed are fine
   models.get_model("mlp", num_classes=10, hidden=[8, 8], dropout=0)
   models.get_model("cnn1d", num_classes=10, stem_width=None)
+
+
+def test_linear_and_plain_cnn_variants():
+  lin = models.get_model("linear", num_classes=4)
+  v = _init(lin, (40,))
+  assert jax.tree.map(jnp.shape, v) == {"params": {"head": {"kernel": (40, 4), "bias": (4,)}}}
+  plain = models.get_model("cnn1d", num_classes=4, widths=(5, 5, 5), residual=False,
+                           batch_norm=False, pool="flatten")
+  v = _init(plain, (40,))
+  assert set(v) == {"params"}  # no BatchNorm, no batch_stats
+  assert set(v["params"]["backbone"]) == {"layers_0", "layers_1", "layers_2"}
+  assert v["params"]["head"]["kernel"].shape == (5 * 5, 4)  # 40 -> 20 -> 10 -> 5
+  with pytest.raises(KfuseError, match="model.batch_norm"):
+    models.get_model("cnn1d", num_classes=4, batch_norm=False)

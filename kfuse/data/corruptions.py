@@ -21,11 +21,12 @@ digital    ``contrast``, ``brightness`` (offset), ``drift`` (low-frequency
 =========  ==================================================================
 
 `CORRUPTIONS` holds the 15 benchmark corruptions in the continual order
-(`ALL_CORRUPTIONS` adds ``occlusion``). Corruptions act on *globally* standardized inputs (one mean
-and std over the clean training set, so spatial structure is preserved); the
-result is then standardized per feature with the clean training statistics,
-exactly as `kfuse.data.sources.load` does for the clean data. Severity
-parameters are in those global units (see `SEVERITIES`).
+(`ALL_CORRUPTIONS` adds ``occlusion``). Corruptions act on *globally*
+standardized inputs (one mean and std over the clean training set, so spatial
+structure is preserved); the result is then standardized per feature with the
+clean training statistics, exactly as `kfuse.data.sources.load` does for the
+clean data. Severity parameters are in those global units (see `SEVERITIES`).
+Digits pixels are clipped to their raw range [0, 16] after corruption.
 
 Streams (`make_stream`): the corrupted domains are concatenated into
 ``x [T, B, ...]``, ``y [T, B]`` with ``domain [T]`` ids and ``reset [T]``
@@ -59,8 +60,8 @@ __all__ = [
 ]
 
 PROTOCOLS = ("reset_per_shift", "continual")
-_VERSION = 1  # bump when a corruption's definition changes (invalidates cached sets)
 LABEL_ORDERS = ("iid", "dirichlet", "sorted")
+_VERSION = 1  # bump when a corruption's definition changes (invalidates cached sets)
 
 # Severity 1..5 parameters, in global-std units (lengths in samples / pixels, fractions of the
 # size). Severity 5 was set so that a clean-trained BatchNorm CNN (the tta_bench source model)

@@ -715,7 +715,11 @@ class _Run:
     if self.mesh is not None:
       weights, hp, rng = jax.device_put((weights, hp, rng), shard.replicated(self.mesh))
     prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0)
-    out, bad = prog(job.base, job.experts, weights, hp, rng)
+    if self.mesh is not None:
+      with jax.set_mesh(self.mesh):   # lets kernels pin reductions (`shard.tensor_sum`)
+        out, bad = prog(job.base, job.experts, weights, hp, rng)
+    else:
+      out, bad = prog(job.base, job.experts, weights, hp, rng)
     self.done.put(("tensor", job, None, out, bad))
 
   def _cuts(self, job: _Job, kind: str, hp: dict, n: int) -> dict:

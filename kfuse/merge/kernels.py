@@ -15,6 +15,16 @@ from jax import lax
 from kfuse.merge.core import MergeState, Stage
 from kfuse.merge.select import kth_smallest_value, topk_mask
 from kfuse.merge.stages import _bcast, sum_models
+from kfuse.shard import tensor_norm, tensor_sum, tree_sum
+
+# Reductions over a tensor's entries use `tensor_sum` / `tree_sum` (a fixed
+# order of adds): a merge sharded over devices then gives the same bits as an
+# unsharded one (tests/merge/test_sharding.py).
+
+
+def _per_model_sum(x, shape):
+  """[N] sums over each model's entries of ``x`` ([N, ...]), viewed as ``shape``."""
+  return jnp.stack([tensor_sum(x[i].reshape(shape)) for i in range(x.shape[0])])
 
 
 def _work_dtype(x):
@@ -56,14 +66,14 @@ def slerp(dot_threshold: float = 0.9995, eps: float = 1e-8) -> Stage:
 
   def apply(s: MergeState) -> MergeState:
     wd = _work_dtype(s.base)
-    a = s.base.astype(wd).ravel()
-    b = s.values[0].astype(wd).ravel()
+    a = s.base.astype(wd)
+    b = s.values[0].astype(wd)
     t = s.hp["t"].astype(wd)
-    na = jnp.linalg.norm(a)
-    nb = jnp.linalg.norm(b)
+    na = tensor_norm(a)
+    nb = tensor_norm(b)
     na = jnp.where(na > eps, na, 1)
     nb = jnp.where(nb > eps, nb, 1)
-    dot = jnp.clip(jnp.sum((a / na) * (b / nb)), -1, 1)
+    dot = jnp.clip(tensor_sum((a / na) * (b / nb)), -1, 1)
     lin = jnp.abs(dot) > dot_threshold
     theta = jnp.arccos(jnp.where(lin, 0.0, dot))
     st = jnp.sin(theta)
@@ -76,13 +86,16 @@ def slerp(dot_threshold: float = 0.9995, eps: float = 1e-8) -> Stage:
   return apply
 
 
-def _nuslerp_vec(t, v0, v1, eps=1e-8):
-  """Slerp of vectors along the last axis (mergekit nuslerp numerics)."""
+def _nuslerp_vec(t, v0, v1, eps=1e-8, whole=False):
+  """Slerp of vectors along the last axis, or of whole tensors (mergekit nuslerp numerics)."""
+
+  def dot(x, y):
+    return tensor_sum(x * y) if whole else tree_sum(x * y, axis=-1, keepdims=True)
 
   def unit(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
+    return x / jnp.maximum(jnp.sqrt(dot(x, x)), 1e-7)
 
-  cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1, 1)
+  cos = jnp.clip(dot(unit(v0), unit(v1)), -1, 1)
   colinear = (1 - cos * cos) <= eps ** 2
   theta = jnp.arccos(jnp.where(colinear, 0, cos))
   st = jnp.sin(theta)
@@ -105,7 +118,7 @@ def nuslerp(flatten: bool = True, axis: int = -1) -> Stage:
     t = t.astype(v0.dtype)
     shape = v0.shape
     if flatten:
-      out = _nuslerp_vec(t, v0.ravel(), v1.ravel()).reshape(shape)
+      out = _nuslerp_vec(t, v0, v1, whole=True).reshape(shape)
     else:
       x0, x1 = jnp.moveaxis(v0, axis, -1), jnp.moveaxis(v1, axis, -1)
       out = jnp.moveaxis(_nuslerp_vec(t, x0, x1), -1, axis)
@@ -132,15 +145,16 @@ def multislerp(normalize_weights: bool = True, eps: float = 1e-8) -> Stage:
     w = s.weights.astype(x.dtype)
     if normalize_weights:
       w = w / jnp.sum(w)
-    norms = jnp.linalg.norm(xf, axis=-1, keepdims=True)
+    shape = x.shape[1:]
+    norms = jnp.sqrt(_per_model_sum(jnp.square(xf), shape))[:, None]
     u = xf / (norms + eps)
     mean = sum_models(u * w[:, None])
-    mn = jnp.linalg.norm(mean)
+    mn = tensor_norm(mean.reshape(shape))
     degenerate = mn < eps
     mean = mean / jnp.where(degenerate, 1, mn)
-    dots = jnp.sum(u * mean, axis=-1, keepdims=True)
+    dots = _per_model_sum(u * mean, shape)[:, None]
     tang = sum_models((u - dots * mean) * w[:, None])
-    tn = jnp.linalg.norm(tang) + eps
+    tn = tensor_norm(tang.reshape(shape)) + eps
     res = mean * jnp.cos(tn) + tang * (jnp.sin(tn) / tn)
     res = res * jnp.sum(norms[:, 0] * w)
     fallback = sum_models(xf * w[:, None])
@@ -169,27 +183,28 @@ def karcher(max_iter: int = 10) -> Stage:
     tol = s.hp["tol"].astype(jnp.float32)
     wd = _work_dtype(x)
     xf = x.reshape(n, -1)
-    norms = jnp.linalg.norm(xf.astype(wd), axis=-1)
+    shape = x.shape[1:]
+    norms = jnp.sqrt(_per_model_sum(jnp.square(xf.astype(wd)), shape))
     units = jnp.where(norms[:, None] == 0, 0, xf / jnp.where(norms == 0, 1, norms)[:, None].astype(xf.dtype))
     valid = norms > tol
     nvalid = jnp.sum(valid)
     alpha = jnp.where(valid, 1.0 / jnp.maximum(nvalid, 1), 0.0).astype(xf.dtype)
     mean = sum_models(alpha[:, None] * units)
-    mnorm = jnp.linalg.norm(mean.astype(wd))
+    mnorm = tensor_norm(mean.astype(wd).reshape(shape))
     first = units[jnp.argmax(valid)]
     mean = jnp.where(mnorm < tol, first, mean / jnp.where(mnorm < tol, 1, mnorm).astype(mean.dtype))
 
     def body(_, carry):
       mean, done = carry
-      dot = jnp.clip(units @ mean, -1.0, 1.0)
+      dot = jnp.clip(_per_model_sum(units * mean[None], shape), -1.0, 1.0)
       theta = jnp.arccos(dot)
       active = valid & (theta >= tol)
       coef = jnp.where(active, alpha * theta / jnp.where(active, jnp.sin(theta), 1), 0)
       tang = sum_models(coef[:, None] * (units - dot[:, None] * mean[None]))
-      tn = jnp.linalg.norm(tang.astype(wd)).astype(mean.dtype)
+      tn = tensor_norm(tang.astype(wd).reshape(shape)).astype(mean.dtype)
       stop = tn < tol
       new = jnp.cos(tn) * mean + jnp.sin(tn) * (tang / jnp.where(stop, 1, tn))
-      un = jnp.linalg.norm(new.astype(wd)).astype(mean.dtype)
+      un = tensor_norm(new.astype(wd).reshape(shape)).astype(mean.dtype)
       new = jnp.where(un > tol, new / jnp.where(un > tol, un, 1), new)
       upd = ~(done | stop)
       return jnp.where(upd, new, mean), done | stop
@@ -219,11 +234,15 @@ def model_stock(filter_wise: bool = False, axis: int = -1) -> Stage:
     else:
       b, ws = b.reshape(-1), ws.reshape(n, -1)
     off = ws - b[None]
+
+    def red(v):  # Σ per row (filter-wise) or over the whole tensor
+      return tree_sum(v, axis=-1) if filter_wise else tensor_sum(v.reshape(shape))
+
     cos = []
     for i in range(n):
       for j in range(i + 1, n):
-        np_ = jnp.linalg.norm(off[i], axis=-1) * jnp.linalg.norm(off[j], axis=-1)
-        cos.append(jnp.clip(jnp.sum(off[i] * off[j], axis=-1) / jnp.maximum(np_, 1e-6), -1, 1))
+        np_ = jnp.sqrt(red(jnp.square(off[i]))) * jnp.sqrt(red(jnp.square(off[j])))
+        cos.append(jnp.clip(red(off[i] * off[j]) / jnp.maximum(np_, 1e-6), -1, 1))
     c = jnp.mean(jnp.stack(cos), axis=0)[..., None]
     den = 1 + (n - 1) * c
     sing = jnp.abs(den) < 1e-6
@@ -259,7 +278,7 @@ def sce(fork_weights_only: bool = False) -> Stage:
     total = sum_models(tv_use)
     elected = jnp.where(total >= 0, 1, -1).astype(tv.dtype)
     erase = (jnp.sign(tv_use) == elected[None]).astype(tv.dtype)
-    wts = jnp.mean(jnp.square(tv_w.reshape(n, -1)), axis=1)
+    wts = _per_model_sum(jnp.square(tv_w), tv.shape[1:]) / max(tv[0].size, 1)
     wsum = jnp.sum(wts)
     wts = jnp.where(jnp.abs(wsum) < 1e-6, jnp.ones_like(wts) / n, wts / jnp.where(jnp.abs(wsum) < 1e-6, 1, wsum))
     ew = _bcast(wts, tv.ndim) * erase
@@ -319,9 +338,13 @@ def arcee_fusion(axis: int = -1, sample: int = 0) -> Stage:
     b, p = s.base, s.values[0]
     diff = jnp.abs(p - b)
     eps = 1e-8
-    pp = jax.nn.softmax(p, axis=axis) + eps
-    qq = jax.nn.softmax(b, axis=axis) + eps
-    kl = jnp.sum(pp * jnp.log(pp / qq), axis=axis, keepdims=True)
+    def softmax(x):
+      e = jnp.exp(x - jnp.max(x, axis=axis, keepdims=True))
+      return e / tree_sum(e, axis=axis, keepdims=True)
+
+    pp = softmax(p) + eps
+    qq = softmax(b) + eps
+    kl = tree_sum(pp * jnp.log(pp / qq), axis=axis, keepdims=True)
     imp = diff * kl
     flat = imp.ravel()
     if sample and flat.shape[0] > sample:
@@ -357,7 +380,8 @@ def varm(weighting: str = "square", softmax: bool = False) -> Stage:
     x = s.values.astype(jnp.float32)
     n = x.shape[0]
     d = (x - b[None].astype(jnp.float32)).reshape(n, -1)
-    v = jnp.mean(jnp.square(d), axis=1) if weighting == "square" else jnp.mean(jnp.abs(d), axis=1)
+    per = jnp.square(d) if weighting == "square" else jnp.abs(d)
+    v = _per_model_sum(per.reshape(x.shape), b.shape) / max(b.size, 1)
     tot = jnp.sum(v)
     w = jnp.where(tot > 0, v / jnp.where(tot > 0, tot, 1), jnp.ones_like(v) / n)
     if softmax:

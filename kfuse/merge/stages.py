@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from kfuse.merge import select
 from kfuse.merge.core import MergeState, Stage
+from kfuse.shard import tensor_sum
 
 # ------------------------------------------------------------------ helpers
 
@@ -72,9 +73,10 @@ def rescale_to_norm(delta: jax.Array, masked: jax.Array, norm: str = "l1",
   If either norm is below ``eps`` the masked tensor is returned unscaled.
   """
   if norm == "l1":
-    before, after = jnp.sum(jnp.abs(delta)), jnp.sum(jnp.abs(masked))
+    before, after = tensor_sum(jnp.abs(delta)), tensor_sum(jnp.abs(masked))
   elif norm == "l2":
-    before, after = jnp.linalg.norm(delta.ravel()), jnp.linalg.norm(masked.ravel())
+    before = jnp.sqrt(tensor_sum(jnp.square(delta)))
+    after = jnp.sqrt(tensor_sum(jnp.square(masked)))
   elif norm == "linf":
     before, after = jnp.max(jnp.abs(delta)), jnp.max(jnp.abs(masked))
   else:
