@@ -164,6 +164,7 @@ class _Killed(Exception):
   pass
 
 
+@pytest.mark.slow  # a second tiny benchmark (~20 s); fit-level resume is in test_train.py
 def test_interrupted_run_resumes_from_its_checkpoints(bench, tmp_path, monkeypatch):
   _, config, reference = bench
   workdir = tmp_path / "w"
