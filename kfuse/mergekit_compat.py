@@ -44,6 +44,7 @@ import jax
 import numpy as np
 import yaml
 
+from kfuse import shard
 from kfuse import tree as T
 from kfuse.merge import params as P
 from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
@@ -433,15 +434,19 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
       config["torch_dtype"] = np.dtype(out_dtype).name
   sources = [models[m] for m in models]
   key = jax.random.key(seed)
+  opts = dict(key=key, dtype=dtype, out_dtype=out_dtype, progress=progress, mesh=mesh,
+              prefetch_bytes=prefetch_bytes, chunk=chunk, stats=stats)
+  if not shard.is_writer():   # multi-host: every process computes, process 0 writes
+    n = execute(tasks, sources, lambda name, a: None, **opts)
+    return {"output_dir": str(output_dir), "tensors": n, "method": method.name}
+  kio.remove_stale_outputs(output_dir)
   with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
     if copy_tokenizer:  # tokenizer & co. first: finish() then writes the edited config.json
       kio.copy_aux_files(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path), tmp)
     specs = output_specs(tasks, sources, dtype, out_dtype)
     with kio.PlannedHFWriter(tmp, specs, max_shard_bytes=out_shard_bytes,
                              dtype=out_dtype) as writer:
-      n = execute(tasks, sources, writer.add, key=key, dtype=dtype, out_dtype=out_dtype,
-                  progress=progress, mesh=mesh, prefetch_bytes=prefetch_bytes, chunk=chunk,
-                  write_part=writer.add_part, stats=stats)
+      n = execute(tasks, sources, writer.add, write_part=writer.add_part, **opts)
       writer.finish(config=config)
     with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:
       yaml.safe_dump(cfg, f, sort_keys=False)

@@ -45,6 +45,10 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
   ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
   environment variables).
   """
+  try:   # CPU processes need a collectives backend to compute together (tests, laptops)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except Exception:  # noqa: BLE001 — older/newer JAX without the option
+    pass
   kw = {}
   if coordinator:
     kw["coordinator_address"] = coordinator

@@ -15,8 +15,10 @@ One command:
 3. measures the I/O floor: reading every input file once plus writing (and
    fsync-ing) as many bytes as the output has, from the same page-cache state;
 4. compares the two outputs tensor by tensor (relative error
-   ``max|a-b| / max|b|``; counts of differing entries) and prints a markdown
-   table row, also appended as JSON to ``--results``.
+   ``max|a-b| / max|b|``; counts of differing entries) and prints one JSON
+   row, also appended to ``--results``. ``--repeat N`` alternates N runs of
+   each tool and keeps each one's best; kfuse is also timed with a warm
+   persistent compilation cache (``--config.compile_cache``).
 
 Model files stay under ``--root``; never commit them.
 """
@@ -103,10 +105,44 @@ def _base_tensor(name, shape, seed):
   return 0.02 * r.standard_normal(shape, dtype=np.float32)
 
 
+TIE_FREE_DENSITY = 0.2   # the density of the TIES / breadcrumbs YAMLs below
+
+
+def _tie_free(base, x, density=TIE_FREE_DENSITY):
+  """Make the top-k cut of ``|float32(x - base)|`` unambiguous for ``k = int(density·n)``.
+
+  With |base| >> |delta|, float32 deltas are quantised to ulp(x), so a tensor
+  of millions of entries always has several equal magnitudes at the k-th
+  value. Which of those TIES keeps is then arbitrary in mergekit (an unstable
+  argsort) while kfuse keeps the lowest indices. Moving just enough of the
+  tied entries one ulp further from ``base`` puts the cut between two
+  distinct magnitudes, so both tools must keep exactly the same entries.
+  """
+  n = x.size
+  k = int(density * n)
+  if not 0 < k < n:
+    return x
+  for _ in range(8):
+    mag = np.abs(x - base)
+    part = np.partition(mag, (n - k - 1, n - k))
+    t_in, t_out = part[n - k], part[n - k - 1]     # smallest kept, largest dropped
+    if t_in != t_out:
+      return x
+    above = int(np.count_nonzero(mag > t_in))
+    tied = np.flatnonzero(mag == t_in)[:k - above]
+    away = np.where(x[tied] >= base[tied], np.float32(np.inf), np.float32(-np.inf))
+    x[tied] = np.nextafter(x[tied], away)
+  raise RuntimeError("could not make the top-k cut tie-free")
+
+
 def build_model(path, size, dtype, seed, expert=None):
-  """Write one model (base when ``expert`` is None, else base + delta seeded by ``expert``)."""
+  """Write one model (base when ``expert`` is None, else base + delta seeded by ``expert``).
+
+  float32 experts get an unambiguous top-k cut at ``TIE_FREE_DENSITY`` (`_tie_free`).
+  """
   marker = os.path.join(path, ".complete")
-  spec = json.dumps({"size": size, "dtype": dtype, "seed": seed, "expert": expert})
+  spec = json.dumps({"size": size, "dtype": dtype, "seed": seed, "expert": expert,
+                     "tie_free": TIE_FREE_DENSITY if dtype == "float32" else None})
   if os.path.exists(marker) and open(marker).read() == spec:
     return path
   shutil.rmtree(path, ignore_errors=True)
@@ -118,7 +154,10 @@ def build_model(path, size, dtype, seed, expert=None):
     for name, shape in llama_shapes(**cfg).items():
       x = _base_tensor(name, shape, seed)
       if expert is not None:
+        b = x.reshape(-1).copy()
         x += 0.002 * _rng(expert, name).standard_normal(shape, dtype=np.float32)
+        if dtype == "float32":
+          x = _tie_free(b, x.reshape(-1)).reshape(shape)
       w.add(name, x.astype(np_dt))
       del x
     w.finish(config=llama_config(**cfg, dtype=dtype))
@@ -186,7 +225,7 @@ def io_floor(inputs, out_bytes, scratch, chunk=64 << 20):
 
 def timed(cmd, env=None):
   """Run ``cmd`` under /usr/bin/time -v; return (wall s, peak RSS GB, stdout+stderr)."""
-  full = ["/usr/bin/time", "-v"] + cmd
+  full = ["/usr/bin/time", "-v"] + list(cmd)
   t0 = time.perf_counter()
   p = subprocess.run(full, capture_output=True, text=True, env=env)
   wall = time.perf_counter() - t0
@@ -218,6 +257,22 @@ def compare(a_dir, b_dir):
   return {"max_rel_err": worst, "worst_tensor": worst_name, "differing": mism, "numel": total}
 
 
+def run_kfuse(yml, out, extra, env):
+  cmd = [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
+         f"--config.output_dir={out}", "--config.progress=False", "--config.overwrite=True"]
+  wall, rss, log = timed(cmd + extra, env)
+  inner = json.loads([ln for ln in log.splitlines() if ln.startswith("{")][-1])["seconds"]
+  return wall, rss, inner
+
+
+def run_mergekit(yml, out, env):
+  shutil.rmtree(out, ignore_errors=True)
+  cmd = ["mergekit-yaml", yml, out, "--no-cuda", "--no-copy-tokenizer",
+         "--no-write-model-card", "--random-seed", "0", "--quiet"]
+  wall, rss, _ = timed(cmd, env)
+  return wall, rss
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size", default="136m", choices=sorted(SIZES))
@@ -226,6 +281,7 @@ def main(argv=None):
   ap.add_argument("--experts", type=int, default=3)
   ap.add_argument("--root", default="/tmp/kfuse_perf")
   ap.add_argument("--mergekit", default="auto", choices=["auto", "on", "off"])
+  ap.add_argument("--repeat", type=int, default=1, help="runs of each tool; the best is kept")
   ap.add_argument("--kfuse-args", default="", help="extra --config.X=Y flags for kfuse")
   ap.add_argument("--results", default=os.path.join(REPO, "experiments/perf/results.jsonl"))
   ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
@@ -248,40 +304,52 @@ def main(argv=None):
   in_bytes = sum(os.path.getsize(f) for f in inputs)
   out_bytes = sum(os.path.getsize(f) for f in weight_files(base))
   io_floor(inputs, out_bytes, work)  # warm the page cache: every run below starts from it
-  floor, f_read, f_write = io_floor(inputs, out_bytes, work)
+  floor, f_read, f_write = min(io_floor(inputs, out_bytes, work) for _ in range(2))
   print(f"I/O floor {floor:.2f}s (read {in_bytes / 1e9:.2f} GB in {f_read:.2f}s,"
         f" write {out_bytes / 1e9:.2f} GB in {f_write:.2f}s)", flush=True)
 
   env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-  k_out = os.path.join(work, "kfuse_out")
-  kcmd = [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
-          f"--config.output_dir={k_out}", "--config.progress=False"] + args.kfuse_args.split()
-  k_wall, k_rss, k_log = timed(kcmd, env)
-  print(f"kfuse: {k_wall:.2f}s wall, peak RSS {k_rss:.2f} GB", flush=True)
-  row = {"size": args.size, "params_M": round(num_params(args.size) / 1e6, 1),
-         "dtype": args.dtype, "method": args.method, "experts": args.experts,
-         "in_GB": round(in_bytes / 1e9, 3), "out_GB": round(out_bytes / 1e9, 3),
-         "floor_s": round(floor, 2), "kfuse_s": round(k_wall, 2), "kfuse_rss_GB": round(k_rss, 2),
-         "kfuse_GBps": round((in_bytes + out_bytes) / 1e9 / k_wall, 2),
-         "kfuse_args": args.kfuse_args, "cores": os.cpu_count()}
-
+  k_out, m_out = os.path.join(work, "kfuse_out"), os.path.join(work, "mergekit_out")
+  extra = args.kfuse_args.split()
   have_mk = shutil.which("mergekit-yaml") is not None
-  if args.mergekit == "on" or (args.mergekit == "auto" and have_mk):
-    m_out = os.path.join(work, "mergekit_out")
-    mcmd = ["mergekit-yaml", yml, m_out, "--no-cuda", "--no-copy-tokenizer",
-            "--no-write-model-card", "--random-seed", "0", "--quiet"]
-    m_wall, m_rss, _ = timed(mcmd, env)
-    print(f"mergekit: {m_wall:.2f}s wall, peak RSS {m_rss:.2f} GB", flush=True)
+  use_mk = args.mergekit == "on" or (args.mergekit == "auto" and have_mk)
+  k_runs, m_runs = [], []
+  load0 = os.getloadavg()[0]
+  for _ in range(args.repeat):   # alternate, so both tools see the same machine
+    k_runs.append(run_kfuse(yml, k_out, extra, env))
+    print(f"kfuse: {k_runs[-1][0]:.2f}s wall ({k_runs[-1][2]:.2f}s merging),"
+          f" peak RSS {k_runs[-1][1]:.2f} GB", flush=True)
+    if use_mk:
+      m_runs.append(run_mergekit(yml, m_out, env))
+      print(f"mergekit: {m_runs[-1][0]:.2f}s wall, peak RSS {m_runs[-1][1]:.2f} GB", flush=True)
+  cache = os.path.join(work, "xla_cache")
+  run_kfuse(yml, k_out, extra + [f"--config.compile_cache={cache}"], env)
+  warm = run_kfuse(yml, k_out, extra + [f"--config.compile_cache={cache}"], env)
+  print(f"kfuse, warm compilation cache: {warm[0]:.2f}s wall", flush=True)
+  k_wall, k_rss, k_inner = min(k_runs)
+  n_in = 1 if args.method == "slerp" else args.experts
+  largest = max(int(np.prod(sh)) for sh in llama_shapes(**SIZES[args.size]).values())
+  itemsize = np.dtype(resolve_dtype(args.dtype)).itemsize
+  row = {"size": args.size, "params_M": round(num_params(args.size) / 1e6, 1),
+         "dtype": args.dtype, "method": args.method, "experts": n_in,
+         "in_GB": round(in_bytes / 1e9, 3), "out_GB": round(out_bytes / 1e9, 3),
+         "floor_s": round(floor, 2), "kfuse_s": round(k_wall, 2),
+         "kfuse_merge_s": round(k_inner, 2), "kfuse_warm_s": round(warm[0], 2),
+         "kfuse_rss_GB": round(k_rss, 2),
+         "kfuse_GBps": round((in_bytes + out_bytes) / 1e9 / k_wall, 2),
+         "x_floor": round(k_wall / floor, 2), "x_floor_merge": round(k_inner / floor, 2),
+         "rss_bound_GB": round((n_in + 2) * largest * itemsize / 1e9 + 1.0, 2),
+         "kfuse_args": args.kfuse_args, "cores": os.cpu_count(), "repeat": args.repeat,
+         "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+         "kfuse_walls": [round(r[0], 2) for r in k_runs]}
+  if m_runs:
+    m_wall, m_rss = min(m_runs)
     cmp_ = compare(k_out, m_out)
     print(f"agreement: {cmp_}", flush=True)
     row.update({"mergekit_s": round(m_wall, 2), "mergekit_rss_GB": round(m_rss, 2),
+                "mergekit_walls": [round(r[0], 2) for r in m_runs],
                 "speedup": round(m_wall / k_wall, 2), "rss_ratio": round(k_rss / m_rss, 3),
                 **cmp_})
-  row["x_floor"] = round(k_wall / floor, 2)
-  bound = (args.experts + 2) * max(
-      int(np.prod(s)) for s in llama_shapes(**SIZES[args.size]).values()) * np.dtype(
-          resolve_dtype(args.dtype)).itemsize / 1e9 + 1.0
-  row["rss_bound_GB"] = round(bound, 2)
   print(json.dumps(row), flush=True)
   with open(args.results, "a") as f:
     f.write(json.dumps(row) + "\n")

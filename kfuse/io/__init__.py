@@ -19,6 +19,7 @@ from kfuse.io.safetensors_io import (
     open_hf_dir,
     read_hf_dir,
     read_safetensors_header,
+    remove_stale_outputs,
     write_hf_dir,
     write_safetensors,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "open_hf_dir",
     "read_hf_dir",
     "read_safetensors_header",
+    "remove_stale_outputs",
     "write_hf_dir",
     "write_safetensors",
     "is_orbax_checkpoint",

@@ -42,6 +42,7 @@ __all__ = [
     "read_hf_dir",
     "HFWriter",
     "PlannedHFWriter",
+    "remove_stale_outputs",
     "write_hf_dir",
     "copy_aux_files",
     "is_hf_dir",
@@ -657,9 +658,9 @@ class PlannedHFWriter:
 
   ``specs`` lists ``(name, shape, dtype)`` in output order. Shards are planned
   up front exactly as `HFWriter` fills them (next shard when one would
-  overflow ``max_shard_bytes``; within a shard, largest itemsize first), their
-  headers written and their full size reserved on disk (``posix_fallocate``),
-  so a full disk fails before any work is done. `add` then writes each tensor
+  overflow ``max_shard_bytes``; within a shard, largest itemsize first) and
+  their headers written; ``preallocate`` first checks the disk has room for
+  all of it, so a full disk fails before any work. `add` then writes each tensor
   straight to its final offset with ``pwrite``: tensors may arrive in any
   order and from several threads, and nothing is held in memory. `finish`
   syncs and renames the shards and writes the index and config; `abort`
@@ -694,6 +695,8 @@ class PlannedHFWriter:
       self._spec[name] = (tuple(int(d) for d in shape), dt)
       self._order.append(name)
     self.total_size = sum(math.prod(sh) * dt.itemsize for sh, dt in self._spec.values())
+    if preallocate:
+      _check_free_space(self.out_dir, self.total_size)
     meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     self._shards = self._plan(int(max_shard_bytes))
     self._where: dict[str, tuple] = {}       # name -> (fd, absolute offset, nbytes)
@@ -740,18 +743,11 @@ class PlannedHFWriter:
     self._tmp.append(tmp)
     total = len(head) + off
     try:
-      if preallocate and total and hasattr(os, "posix_fallocate"):
-        try:
-          os.posix_fallocate(fd, 0, total)
-        except OSError as e:
-          if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
       _pwrite_all(fd, memoryview(head), 0)
+      os.ftruncate(fd, total)     # sparse: filling fallocate-d extents is ~10x slower (ext4)
     except OSError as e:
-      raise KfuseError(f"{self.out_dir}: cannot reserve {total / 1e9:.2f} GB for shard {k}"
-                       f" of the output: {e.strerror or e}") from e
-    if not preallocate or not hasattr(os, "posix_fallocate"):
-      os.ftruncate(fd, total)
+      raise KfuseError(f"{self.out_dir}: cannot create shard {k} of the output"
+                       f" ({total / 1e9:.2f} GB): {e.strerror or e}") from e
     pos = len(head)
     for n in ordered:
       sh, dt = self._spec[n]
@@ -883,6 +879,53 @@ class PlannedHFWriter:
   def __exit__(self, exc_type, *rest) -> None:
     if exc_type is not None and not self._finished:
       self.abort()
+
+
+def remove_stale_outputs(path: str | os.PathLike) -> list[str]:
+  """Delete temporary siblings of output ``path`` left behind by killed runs.
+
+  `atomic_output_dir` writes into ``.{name}.tmp-{pid}-{random}`` next to the
+  output; a run killed with SIGKILL cannot remove it. Those whose process no
+  longer exists (on this host) are deleted; returns their paths.
+  """
+  parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+  prefix = f".{name}.tmp-"
+  removed = []
+  if not os.path.isdir(parent):
+    return removed
+  for entry in os.listdir(parent):
+    pid = entry[len(prefix):].split("-")[0] if entry.startswith(prefix) else ""
+    if not pid.isdigit() or _pid_alive(int(pid)):
+      continue
+    full = os.path.join(parent, entry)
+    shutil.rmtree(full, ignore_errors=True)
+    removed.append(full)
+  return removed
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True
+  return True
+
+
+def _check_free_space(directory: str, need: int) -> None:
+  """Fail before any work when the output cannot fit (a full disk mid-write is
+  still reported, by `add`, and leaves nothing behind)."""
+  try:
+    st = os.statvfs(directory)
+  except (OSError, AttributeError):
+    return
+  free = st.f_bavail * st.f_frsize
+  if free < need:
+    raise KfuseError(f"{directory}: the output needs {need / 1e9:.2f} GB but only"
+                     f" {free / 1e9:.2f} GB are free (No space left on device)")
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

@@ -12,12 +12,11 @@ import time
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 
 from kfuse import tree as T
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
-from kfuse.merge.engine import DictSource, TensorTask, execute, output_specs
+from kfuse.merge.engine import OrbaxSource, TensorTask, execute, output_specs
 from kfuse.tree import KfuseError
 
 
@@ -85,9 +84,8 @@ def open_model(path: str):
   if kio.is_hf_dir(path):
     return kio.open_hf_dir(path), "safetensors", None
   if kio.is_orbax_checkpoint(path):
-    tree = kio.restore_orbax(path)
-    flat = {k: np.asarray(v) for k, v in T.flatten(tree).items()}
-    return DictSource(flat, path), "orbax", tree
+    src = OrbaxSource(path)   # restores one tensor at a time while merging
+    return src, "orbax", src.tree
   if not os.path.exists(path):
     raise KfuseError(f"model {path} does not exist")
   raise KfuseError(f"model {path} is neither a safetensors directory nor an Orbax checkpoint")
@@ -150,6 +148,13 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
   key = jax.random.key(seed)
   scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk}
   t0 = time.perf_counter()
+  from kfuse import shard
+  if not shard.is_writer():   # multi-host: every process computes, process 0 writes
+    count = execute(tasks, all_srcs, lambda name, a: None, key=key, dtype=dt,
+                    progress=progress, **scale)
+    return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
+            "seconds": round(time.perf_counter() - t0, 3)}
+  kio.remove_stale_outputs(output_dir)
   if fmt == "safetensors":
     with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
       donor = ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path)

@@ -1,0 +1,239 @@
+"""Streaming merges: planned output shards, bounded memory, faults, Orbax per-leaf reads.
+
+Faults covered: the disk filling up while writing, a killed run, an input
+shard missing from its index. Each must fail with one clear line, leave no
+output that looks complete, never touch the inputs, and the same command must
+work when re-run.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kfuse import io as kio
+from kfuse.io import safetensors_io as sio
+from kfuse.merge import engine as E
+from kfuse.mergekit_compat import run_yaml
+from kfuse.tree import KfuseError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def llama(path, seed, layers=2, base=None, max_shard_bytes=5e9):
+  r = np.random.default_rng(seed)
+  shapes = {"model.embed_tokens.weight": (96, 32)}
+  for i in range(layers):
+    shapes[f"model.layers.{i}.self_attn.q_proj.weight"] = (32, 32)
+    shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (64, 32)
+    shapes[f"model.layers.{i}.input_layernorm.weight"] = (32,)
+  shapes["model.norm.weight"] = (32,)
+  shapes["lm_head.weight"] = (96, 32)
+  t = {k: (r.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
+  if base is not None:
+    t = {k: base[k] + v * 0.1 for k, v in t.items()}
+  cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+         "num_hidden_layers": layers}
+  kio.write_hf_dir(path, t, config=cfg, max_shard_bytes=max_shard_bytes)
+  return t
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+  root = tmp_path_factory.mktemp("zoo")
+  base = llama(str(root / "base"), 0)
+  for i in (1, 2):
+    llama(str(root / f"e{i}"), i, base=base)
+  yml = root / "ties.yml"
+  yml.write_text(textwrap.dedent(f"""
+      merge_method: ties
+      base_model: {root / 'base'}
+      models:
+        - model: {root / 'e1'}
+          parameters: {{weight: 1.0, density: 0.3}}
+        - model: {root / 'e2'}
+          parameters: {{weight: 0.7, density: 0.5}}
+      """))
+  return root, yml
+
+
+def tree_hash(path) -> str:
+  h = hashlib.sha256()
+  for dirpath, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      h.update(f.encode())
+      with open(os.path.join(dirpath, f), "rb") as fh:
+        h.update(fh.read())
+  return h.hexdigest()
+
+
+def leftovers(parent, name):
+  return [n for n in os.listdir(parent) if n.startswith(f".{name}.")]
+
+
+# ------------------------------------------------------------- planned writer
+
+
+def test_planned_writer_matches_hfwriter_in_any_order(tmp_path):
+  r = np.random.default_rng(0)
+  t = {f"w{i}": r.standard_normal((7, 5)).astype(np.float32) for i in range(5)}
+  t["half"] = r.standard_normal(9).astype(np.float16)
+  specs = [(k, v.shape, v.dtype) for k, v in t.items()]
+  with kio.HFWriter(tmp_path / "a", max_shard_bytes=300) as w:
+    for k, v in t.items():
+      w.add(k, v)
+    w.finish()
+  with kio.PlannedHFWriter(tmp_path / "b", specs, max_shard_bytes=300) as w:
+    for k in reversed(list(t)):                       # any order
+      if k == "w2":
+        w.add_part(k, 20, t[k].reshape(-1)[20:])      # in parts
+        w.add_part(k, 0, t[k].reshape(-1)[:20])
+      else:
+        w.add(k, t[k])
+    w.finish()
+  assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+  for f in os.listdir(tmp_path / "a"):
+    assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_planned_writer_refuses_unfinished_and_cleans_up(tmp_path):
+  w = kio.PlannedHFWriter(tmp_path, [("a", (3,), np.float32), ("b", (2,), np.float32)])
+  w.add("a", np.ones(3, np.float32))
+  with pytest.raises(KfuseError, match="'b' was never written"):
+    w.finish()
+  with pytest.raises(KfuseError, match="not in the output plan"):
+    w.add("c", np.ones(1, np.float32))
+  w.abort()
+  assert os.listdir(tmp_path) == []
+
+
+def test_full_disk_is_reported_before_any_work(tmp_path, monkeypatch):
+  class Full:
+    f_bavail, f_frsize = 10, 4096
+
+  monkeypatch.setattr(os, "statvfs", lambda path: Full())
+  with pytest.raises(KfuseError, match="needs 0.00 GB but only 0.00 GB are free"):
+    kio.PlannedHFWriter(tmp_path, [("a", (100_000,), np.float32)])
+  assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------- engine
+
+
+def test_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+  peaks = []
+  for layers in (2, 12):
+    base = llama(str(tmp_path / f"b{layers}"), 0, layers)
+    llama(str(tmp_path / f"e{layers}"), 1, layers, base=base)
+    yml = tmp_path / f"m{layers}.yml"
+    yml.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / f'b{layers}'}\n"
+                   f"models:\n  - model: {tmp_path / f'e{layers}'}\n"
+                   "    parameters: {weight: 0.5}\n")
+    st = E.Stats()
+    run_yaml(str(yml), str(tmp_path / f"o{layers}"), progress=False, stats=st,
+             prefetch_bytes=1)   # one task at a time: peak = the largest task's inputs
+    peaks.append(st.peak_buffer_bytes)
+    assert st.tensors == 3 * layers + 3
+  assert peaks[0] == peaks[1] > 0
+
+
+def test_progress_bar_shows_tensors_and_rate(zoo, tmp_path, capsys):
+  root, yml = zoo
+  run_yaml(str(yml), str(tmp_path / "out"), progress=True)
+  err = capsys.readouterr().err
+  assert "tensors" in err and "B/s" in err
+
+
+# ------------------------------------------------------------- faults
+
+
+def test_disk_full_while_writing_leaves_nothing_and_rerun_works(zoo, tmp_path, monkeypatch):
+  root, yml = zoo
+  before = tree_hash(root)
+  out = tmp_path / "merged"
+  calls = {"n": 0}
+  real = sio._pwrite_all
+
+  def fill_up(fd, data, pos):
+    calls["n"] += 1
+    if calls["n"] > 3:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fd, data, pos)
+
+  monkeypatch.setattr(sio, "_pwrite_all", fill_up)
+  with pytest.raises(KfuseError, match="No space left on device"):
+    run_yaml(str(yml), str(out), progress=False)
+  assert not out.exists() and leftovers(tmp_path, "merged") == []
+  assert tree_hash(root) == before
+  monkeypatch.setattr(sio, "_pwrite_all", real)
+  run_yaml(str(yml), str(out), progress=False)
+  assert len(kio.read_hf_dir(str(out))) == 9
+
+
+def test_missing_input_shard_is_named_and_nothing_is_written(tmp_path):
+  base = llama(str(tmp_path / "base"), 0, max_shard_bytes=20_000)
+  llama(str(tmp_path / "e1"), 1, base=base, max_shard_bytes=20_000)
+  index = json.loads((tmp_path / "e1" / sio.INDEX_FILE).read_text())
+  victim = sorted(set(index["weight_map"].values()))[1]
+  os.remove(tmp_path / "e1" / victim)
+  yml = tmp_path / "m.yml"
+  yml.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\n"
+                 f"models:\n  - model: {tmp_path / 'e1'}\n    parameters: {{weight: 1.0}}\n")
+  with pytest.raises(KfuseError, match=f"shard file '{victim}'.* not found"):
+    run_yaml(str(yml), str(tmp_path / "out"), progress=False)
+  assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
+
+
+def test_killed_run_leaves_no_complete_looking_output_and_rerun_works(zoo, tmp_path):
+  root, yml = zoo
+  before = tree_hash(root)
+  out = tmp_path / "merged"
+  cmd = [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
+         f"--config.output_dir={out}", "--config.progress=False"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not leftovers(tmp_path, "merged") and time.time() < deadline and p.poll() is None:
+    time.sleep(0.005)
+  p.kill()          # SIGKILL: no cleanup can run
+  p.wait()
+  assert not out.exists() or kio.read_hf_dir(str(out))   # never a partial output at OUT
+  if not out.exists():
+    assert leftovers(tmp_path, "merged"), "the kill should have left a temporary directory"
+  again = cmd if not out.exists() else cmd + ["--config.overwrite=True"]
+  subprocess.run(again, env=env, check=True, capture_output=True)
+  assert len(kio.read_hf_dir(str(out))) == 9
+  assert leftovers(tmp_path, "merged") == []           # the dead run's temp dir is gone
+  assert tree_hash(root) == before
+
+
+# ------------------------------------------------------------- orbax
+
+
+def test_orbax_source_restores_one_leaf_at_a_time(tmp_path, monkeypatch):
+  r = np.random.default_rng(0)
+  tree = {"params": {"dense": {"kernel": r.standard_normal((4, 3)).astype(np.float32),
+                               "bias": np.zeros(3, np.float32)}}}
+  kio.save_orbax(str(tmp_path / "ck"), tree)
+  from kfuse.io import orbax_io
+
+  def whole(*a, **k):
+    raise AssertionError("restored the whole checkpoint")
+
+  monkeypatch.setattr(orbax_io, "restore_orbax", whole)
+  src = E.OrbaxSource(str(tmp_path / "ck"))
+  assert sorted(src.names) == ["params/dense/bias", "params/dense/kernel"]
+  assert src.shape("params/dense/kernel") == (4, 3)
+  np.testing.assert_array_equal(src.get("params/dense/kernel"),
+                                tree["params"]["dense"]["kernel"])
+  with pytest.raises(KfuseError, match="no tensor"):
+    src.get("params/nope")
