@@ -1,7 +1,8 @@
 """Tent step throughput: kfuse (jitted JAX) vs a straightforward PyTorch CPU implementation.
 
-    python experiments/tta_bench/speed.py                  # bs 200, the tta_bench cnn1d
-    python experiments/tta_bench/speed.py --batch-size 64 --rounds 7
+    python experiments/tta_bench/speed.py                # bs 200, both single-threaded on one core
+    python experiments/tta_bench/speed.py --threads 0    # both with their default threading
+    python experiments/tta_bench/speed.py --batch-size 64
 
 Both sides run the same model with the same weights (the ResNet-style 1-D
 BatchNorm CNN of ``configs/tta_bench.py``, copied from the Flax variables into
@@ -11,8 +12,10 @@ step on the BatchNorm scale/shift only, pre-update logits returned. The
 script first checks that both produce the same logits and the same updated
 parameters after one step, then times ``--steps`` steps per round,
 alternating JAX and PyTorch rounds, and reports the median throughput of
-each (samples / s) and their ratio. PyTorch is optional: without it only
-the JAX number is printed.
+each (samples / s) and their ratio. By default both libraries run
+single-threaded on the same pinned core (the robust comparison on a shared
+machine); ``--threads 0`` leaves each library's own threading. PyTorch is
+optional: without it only the JAX number is printed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,27 @@ import platform
 import statistics
 import sys
 import time
+
+
+def _parse(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--batch-size", type=int, default=200)
+  ap.add_argument("--widths", default="32,64")
+  ap.add_argument("--steps", type=int, default=50, help="steps per timed round")
+  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--threads", type=int, default=1,
+                  help="1 (default): JAX and PyTorch single-threaded, pinned to one core;"
+                       " 0: each library's default threading on all cores")
+  ap.add_argument("--json", default="", help="also write the measurements to this file")
+  return ap.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads == 1:     # must precede the jax import
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
 import jax
 import jax.numpy as jnp
@@ -138,15 +162,7 @@ def torch_tent(variables, widths):
 # ------------------------------------------------------------------ main
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--batch-size", type=int, default=200)
-  ap.add_argument("--widths", default="32,64")
-  ap.add_argument("--steps", type=int, default=50, help="steps per timed round")
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
-  ap.add_argument("--json", default="", help="also write the measurements to this file")
-  args = ap.parse_args(argv)
+def main(args):
   widths = tuple(int(w) for w in args.widths.split(","))
   model, variables, tta, state0, x = jax_tent(widths, args.batch_size)
   step = jax.jit(tta.step)
@@ -159,11 +175,12 @@ def main(argv=None):
   except ImportError:
     torch = None
   out = {"batch_size": args.batch_size, "widths": list(widths), "steps_per_round": args.steps,
+         "threads": "1 (pinned, single-threaded)" if args.threads == 1 else "library defaults",
          "rounds": args.rounds, "jax": jax.__version__, "platform": platform.platform(),
          "cpu_count": os.cpu_count()}
   if torch is not None:
-    if args.threads:
-      torch.set_num_threads(args.threads)
+    if args.threads == 1:
+      torch.set_num_threads(1)
     out.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     net, tstep = torch_tent(variables, widths)
     xt = torch.tensor(x)
@@ -212,4 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  main(ARGS)

@@ -102,16 +102,19 @@ class _NormPlan:
 
 
 def _moments(x: jax.Array, axes: tuple, sample_mask: jax.Array | None):
-  """Biased mean and variance of ``x`` over ``axes``; rows weighted by ``sample_mask``."""
+  """Biased mean and variance of ``x`` over ``axes``; rows weighted by ``sample_mask``.
+
+  One pass, ``σ² = max(E[x²] - E[x]², 0)``, as Flax's BatchNorm (``use_fast_variance``).
+  """
   if sample_mask is None:
     mean = x.mean(axes)
-    var = jnp.square(x - jnp.expand_dims(mean, axes)).mean(axes)
-    return mean, var
-  w = sample_mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-  count = jnp.maximum(jnp.sum(jnp.broadcast_to(w, x.shape), axes), 1.0)
-  mean = jnp.sum(w * x, axes) / count
-  var = jnp.sum(w * jnp.square(x - jnp.expand_dims(mean, axes)), axes) / count
-  return mean, var
+    mean_sq = jnp.square(x).mean(axes)
+  else:
+    w = sample_mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    count = jnp.maximum(jnp.sum(jnp.broadcast_to(w, x.shape), axes), 1.0)
+    mean = jnp.sum(w * x, axes) / count
+    mean_sq = jnp.sum(w * jnp.square(x), axes) / count
+  return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
 def _batch_norm(module: nn.BatchNorm, x: jax.Array, plan: _NormPlan) -> jax.Array:
@@ -162,11 +165,13 @@ def _batch_norm(module: nn.BatchNorm, x: jax.Array, plan: _NormPlan) -> jax.Arra
       if module.is_mutable_collection("batch_stats"):
         module.put_variable("batch_stats", "mean", jax.lax.stop_gradient(mean))
         module.put_variable("batch_stats", "var", jax.lax.stop_gradient(var))
-  y = (xf - mean.reshape(bshape)) * jax.lax.rsqrt(var.reshape(bshape) + module.epsilon)
+  mul = jax.lax.rsqrt(var + module.epsilon)                 # per feature: y = x·a + c
   if module.use_scale:
-    y = y * module.get_variable("params", "scale").reshape(bshape)
+    mul = mul * module.get_variable("params", "scale").reshape(mul.shape)
+  add = -mean * mul
   if module.use_bias:
-    y = y + module.get_variable("params", "bias").reshape(bshape)
+    add = add + module.get_variable("params", "bias").reshape(mul.shape)
+  y = xf * mul.reshape(bshape) + add.reshape(bshape)
   out_dtype = module.dtype or jnp.result_type(x.dtype, module.param_dtype)
   return y.astype(out_dtype)
 
