@@ -339,7 +339,10 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     new = core.guard(finite, new, state)
     n_valid = memory.valid.sum()
     mean_age = jnp.sum(memory.age * memory.valid) / jnp.maximum(n_valid, 1)
+    # Items stored during this step have age <= B (older ones were >= 1 and aged by B).
+    memory_new = jnp.sum(memory.valid & (memory.age <= b)).astype(jnp.float32)
     metrics = {"loss": loss, "memory_size": n_valid.astype(jnp.float32), "memory_age": mean_age,
+               "memory_new": memory_new,
                "num_updates": num_updates.astype(jnp.float32),
                "uncertainty": unc.mean(), "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, ema_out, metrics

@@ -54,7 +54,8 @@ def _norm_method(name: str, apply_fn: Any, norm: str, prior: float,
     logits, _ = core.forward(apply_fn, state.variables, x, norm=norm, prior=prior,
                              apply_kwargs=apply_kwargs, require_bn=(norm == "batch"))
     finite = core.is_finite(x)
-    return (NormState(state.variables, state.count + 1), logits,
+    count = state.count + finite.astype(jnp.int32)    # a skipped (NaN) batch is not counted
+    return (NormState(state.variables, count), logits,
             {"skipped": 1.0 - finite.astype(jnp.float32)})
 
   def reset(state: NormState) -> NormState:

@@ -113,9 +113,12 @@ def test_models_without_normalization_layers_are_refused():
 def test_batch_of_one_is_refused_or_uses_the_prior():
   model, v, _ = tiny_bn()
   x1 = jnp.ones((1, 4))
-  for make in (adapt.bn_adapt, adapt.tent, adapt.sar):
+  for make in (adapt.bn_adapt, adapt.tent, adapt.eta, adapt.sar):
     with pytest.raises(KfuseError, match="batch: size 1"):
       make(model).init(v, x1)
+  fisher = adapt.fisher_information(model, v, [jnp.ones((4, 4))])
+  with pytest.raises(KfuseError, match="batch: size 1"):
+    adapt.eata(model).init(v, x1, fisher=fisher)
   with pytest.raises(KfuseError, match="batch: size 1"):
     adapt.cotta(model, n_augment=1).init(v, x1, key=jax.random.key(0))
   tta = adapt.bn_adapt(model, prior=0.9)           # documented fallback: BN-alpha

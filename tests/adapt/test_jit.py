@@ -35,6 +35,17 @@ def test_step_compiles_once_and_keeps_state_types(name):
     assert all(jnp.shape(m) == () for m in metrics.values())
     assert _types(state) == types
   assert step._cache_size() == 1          # no recompilation across batches
+  # NaN inputs: documented fallback for every method, the state is left unchanged
+  # (CoTTA alone still advances its PRNG key, so the next batch draws fresh augmentations)
+  bad_state, _, metrics = step(state, x.at[0, 0].set(jnp.nan))
+  assert float(metrics["skipped"]) == 1.0
+  if name == "cotta":
+    bad_state = bad_state._replace(key=state.key)
+  for a, b in zip(jax.tree.leaves(bad_state), jax.tree.leaves(state)):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(a, b)
+  assert step._cache_size() == 1
   state = reset(state)
   assert _types(state) == types
   state, _, _ = step(state, x)

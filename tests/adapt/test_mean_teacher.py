@@ -142,6 +142,24 @@ def test_memory_full_under_quota_evicts_from_majority_classes():
   np.testing.assert_array_equal(m.label, [2, 1, 1, 0])
 
 
+def test_memory_admission_bound_does_not_decay_with_age():
+  """Age saturates (σ(a/K) < 1), so a newcomer whose entropy exceeds a stored item's by
+  more than ½·(λ_t/λ_u)·ln C never replaces it, however old: the bank can freeze (the
+  mechanism behind RoTTA's continual-stream failure in experiments/tta_bench/README.md)."""
+  k, c = 4, 2
+  m = mem.init_memory(k, (1,))
+  for i in range(k):
+    m = mem.add(m, jnp.array([float(i)]), jnp.int32(i % c), jnp.float32(0.0), num_classes=c)
+  m = m._replace(age=jnp.full((k,), 1e6, jnp.float32))        # stored scores -> 1 + 0/ln C = 1
+  bound = 0.5 * math.log(c)                                    # newcomer: 0.5 + u/ln C
+  add = lambda u: mem.add(m, jnp.array([9.0]), jnp.int32(0), jnp.float32(u), num_classes=c)
+  np.testing.assert_array_equal(add(bound + 0.01).x[:, 0], [0, 1, 2, 3])   # rejected
+  assert 9.0 in np.asarray(add(bound - 0.01).x[:, 0])                      # accepted
+  lambda_u0 = mem.add(m, jnp.array([9.0]), jnp.int32(0), jnp.float32(5.0), num_classes=c,
+                      lambda_u=0.0)
+  assert 9.0 in np.asarray(lambda_u0.x[:, 0])                  # age-only score: always accepted
+
+
 def test_timeliness_weights():
   np.testing.assert_allclose(mem.timeliness(jnp.array([0.0, 64.0, 128.0]), 64),
                              [0.5, math.exp(-1) / (1 + math.exp(-1)), math.exp(-2) / (1 + math.exp(-2))],
@@ -163,6 +181,7 @@ def test_rotta_step_teacher_output_rbn_and_ema():
   memory = new.memory
   valid = np.asarray(memory.valid)
   assert valid.sum() == m["memory_size"] and valid.sum() >= 1
+  assert m["memory_new"] == valid.sum()              # every stored item came from this batch
   # teacher RobustBN: μ ← (1-α)μ + α μ_memory, over the valid memory rows
   p = v["params"]["dense"]
   h = (np.asarray(memory.x) @ np.asarray(p["kernel"]) + np.asarray(p["bias"]))[valid]
