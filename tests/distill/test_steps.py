@@ -260,3 +260,49 @@ def test_bad_inputs_name_the_argument():
   state = step.init(_vars(student, 1, x), x)
   with pytest.raises(KfuseError, match="batch: missing key 'labels'"):
     step(state, {"x": x}, jax.random.key(0))
+
+
+def test_relation_objectives_relate_only_the_first_max_samples():
+  # max_samples bounds the O(B^3) RKD angle and O((B L)^2) TRG graph cost (without it the
+  # full kd_bench spent ~20 min per seed in these two rows): only the first n samples
+  # enter the relation terms, which then equal the loss on those n samples.
+  rng = np.random.default_rng(3)
+  b, n = 16, 5
+  fs, ft = rng.normal(size=(b, 6)), rng.normal(size=(b, 4))
+  ts, tt = rng.normal(size=(b, 8, 3)), rng.normal(size=(b, 8, 5))
+  logits = jnp.asarray(rng.normal(size=(b, C)), jnp.float32)
+  batch = {"x": jnp.zeros((b, 1)), "labels": jnp.asarray(rng.integers(0, C, b))}
+
+  def run(obj, s_feats, t_feats, path):
+    s = distill.Outputs(logits, {path: jnp.asarray(s_feats, jnp.float32)})
+    t = distill.TeacherOutputs(logits[None], jnp.ones((1, b)),
+                               ({path: jnp.asarray(t_feats, jnp.float32)},))
+    return float(obj.loss({}, s, t, batch, 0)[0])
+
+  rkd = O.rkd(distance_weight=25.0, angle_weight=50.0, ce_weight=0.0, max_samples=n)
+  want = float(L.rkd(fs[:n], ft[:n], 25.0, 50.0))
+  np.testing.assert_allclose(run(rkd, fs, ft, "backbone"), want, rtol=1e-5)
+  fs2 = fs.copy()
+  fs2[n:] = rng.normal(size=(b - n, 6))
+  np.testing.assert_allclose(run(rkd, fs2, ft, "backbone"), want, rtol=1e-5)
+
+  trg = O.trg("block", "block", ce_weight=0.0, token_pool=2, max_samples=n)
+  pool = lambda x: x[:n].reshape(n, 4, 2, -1).mean(axis=2)
+  want = float(L.trg(jnp.asarray(pool(ts), jnp.float32), jnp.asarray(pool(tt), jnp.float32)))
+  np.testing.assert_allclose(run(trg, ts, tt, "block"), want, rtol=1e-5)
+  ts2 = ts.copy()
+  ts2[n:] = rng.normal(size=(b - n, 8, 3))
+  np.testing.assert_allclose(run(trg, ts2, tt, "block"), want, rtol=1e-5)
+
+
+def test_full_bench_config_caps_the_relation_losses():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "kd_bench.py")
+  spec = importlib.util.spec_from_file_location("kd_bench_config_caps", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  methods = mod.get_config().methods
+  assert methods.rkd.objective.max_samples <= 64
+  trg = [o for o in methods.cnn_trg.objective if o["name"] == "trg"][0]
+  assert trg["max_samples"] <= 64 and trg["token_pool"] >= 2
