@@ -18,11 +18,17 @@ TASKS = {
 }
 
 
-def run(config: Any, workdir: str | None = None) -> Any:
+def entry(config: Any):
+  """The function that runs ``config.task`` (its module imported)."""
   task = config.get("task") if hasattr(config, "get") else None
   if task not in TASKS:
     raise KfuseError(f"config.task: unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
   mod, fn = TASKS[task].split(":")
+  return getattr(importlib.import_module(mod), fn)
+
+
+def run(config: Any, workdir: str | None = None) -> Any:
+  fn = entry(config)
   if workdir is None:
     workdir = config.get("workdir")
-  return getattr(importlib.import_module(mod), fn)(config, workdir)
+  return fn(config, workdir)

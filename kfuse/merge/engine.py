@@ -528,8 +528,8 @@ class _Progress:
       self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
                       desc="merge", leave=False, dynamic_ncols=True)
 
-  def update(self, nbytes: int) -> None:
-    self.n += 1
+  def update(self, nbytes: int, tensor_done: bool = True) -> None:
+    self.n += int(tensor_done)
     if self.bar is not None:
       self.bar.set_postfix_str(f"{self.n}/{self.total} tensors", refresh=self.n == self.total)
       self.bar.update(nbytes)
@@ -542,6 +542,7 @@ class _Progress:
 # ------------------------------------------------------------------ execute
 
 LOOKAHEAD = 2   # tasks whose cuts are being found while earlier ones compute
+SEGMENT_CHUNKS = 4   # streamed tensors are read in flat segments of this many chunks
 
 
 @dataclasses.dataclass
@@ -576,6 +577,12 @@ class _Job:
   static_key: tuple = ()
   weights: Any = None
   rng: Any = None
+  seg: Optional[tuple] = None     # flat [start, stop) of a streamed segment; None: whole
+  last: bool = True               # the task's last (or only) job
+
+  @property
+  def numel(self) -> int:
+    return self.seg[1] - self.seg[0] if self.seg else int(np.prod(self.shape))
 
 
 def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
@@ -617,9 +624,11 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   sizes = sorted(int(np.prod(j.shape)) for j in jobs)
   if chunk is None:
     chunk = (1 << 20) if sizes and sizes[len(sizes) // 2] >= (1 << 22) else (1 << 18)
+  if write_part is not None and mesh is None and chunk > 0:
+    jobs = _segmented(jobs, sources, SEGMENT_CHUNKS * chunk)
   largest = max([j.in_bytes for j in jobs], default=0)
   pool = BufferPool(prefetch_bytes if prefetch_bytes else max(largest, 512 << 20))
-  total = sum(j.in_bytes + int(np.prod(j.shape)) * j.out_dt.itemsize for j in jobs)
+  total = sum(j.in_bytes + j.numel * j.out_dt.itemsize for j in jobs)
   bar = _Progress(len(plan), total, progress)
   st = stats if stats is not None else Stats()
   run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st)
@@ -636,6 +645,44 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
     st.seconds = time.perf_counter() - t0
     st.peak_buffer_bytes = pool.peak
   return st.tensors
+
+
+def _streamable(task: TensorTask, sources) -> bool:
+  """Whether a task can be computed segment by segment: an elementwise recipe
+  with no whole-tensor selection and no randomness, over sources that read
+  byte ranges."""
+  method = task.method
+  if method.random:
+    return False
+  refs = ([task.base] if task.base is not None else []) + list(task.experts)
+  if not all(hasattr(sources[m], "read_into") for m, _ in refs):
+    return False
+  prep = method.prepare or default_prepare
+  static, _ = prep(method, dict(task.values), task.info, len(task.experts))
+  if not _chunkable(method, static):
+    return False
+  return task.base is None or _selection(method, tuple(sorted(static.items()))) is None
+
+
+def _segmented(jobs: list, sources, seg: int) -> list:
+  """Split large streamable tasks into flat segments of ``seg`` entries.
+
+  Each segment is read, computed and written on its own (results go to
+  ``write_part`` at their flat offset), so the input buffers in flight are a
+  few segments, not whole tensors: no fresh pages for the largest tensors and
+  reads overlap computing within one tensor.
+  """
+  out = []
+  for j in jobs:
+    n = int(np.prod(j.shape))
+    if n <= seg or not _streamable(j.task, sources):
+      out.append(j)
+      continue
+    for a in range(0, n, seg):
+      b = min(n, a + seg)
+      out.append(dataclasses.replace(j, in_bytes=j.in_bytes * (b - a) // n, seg=(a, b),
+                                     last=b == n))
+  return out
 
 
 class _Run:
@@ -736,9 +783,11 @@ class _Run:
     method = task.method
     prep = method.prepare or default_prepare
     job.static, job.hp = prep(method, dict(task.values), task.info, len(task.experts))
-    n = int(np.prod(job.shape))
+    n = job.numel
     job.chunked = (self.mesh is None and self.chunk > 0 and n > 0
                    and _chunkable(method, job.static))
+    if job.seg is not None and not job.chunked:
+      raise AssertionError(f"{task.out_name}: a segmented task must be chunkable")
     refs = ([task.base] if task.base is not None else []) + list(task.experts)
     stored = [np.dtype(src[m].dtype(nm)) for m, nm in refs]
     if self.mesh is not None:
@@ -751,7 +800,10 @@ class _Run:
         buf = self.pool.take(size * sdt.itemsize, wait=j == 0)
         job.buffers.append(buf)
         flat = buf[:size * sdt.itemsize].view(sdt)
-        _read(src[m], nm, flat[:n].reshape(job.shape))
+        if job.seg is not None:
+          src[m].read_into(nm, flat[:n], start=job.seg[0] * sdt.itemsize)
+        else:
+          _read(src[m], nm, flat[:n].reshape(job.shape))
         job.inputs.append(flat)
       return
     if task.base is not None:
@@ -918,7 +970,7 @@ class _Run:
   def _dispatch_chunks(self, job, static_key, weights, hp, rng, has_base) -> None:
     task = job.task
     prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base, self.chunk)
-    n = int(np.prod(job.shape))
+    n = job.numel
     chunks = _chunks(n, self.chunk)
     fixed = {k: jnp.asarray(v) for k, v in hp.items() if not k.endswith("_p")}
     cut_p = {k: np.asarray(v, np.int64) for k, v in hp.items() if k.endswith("_p")}
@@ -946,7 +998,8 @@ class _Run:
       if job.full is not None:
         job.full[s + lo:s + hi] = arr[lo:hi]
       elif shard.is_writer():
-        self.write_part(task.out_name, s + lo, arr[lo:hi])
+        off = job.seg[0] if job.seg is not None else 0
+        self.write_part(task.out_name, off + s + lo, arr[lo:hi])
       del arr
       with self.slot_lock:
         self.slots.setdefault((self.chunk, job.out_dt.name), []).append(out)
@@ -962,12 +1015,12 @@ class _Run:
     self.in_flight.release()
     if arr is not None and shard.is_writer():
       self.write(task.out_name, arr)
-    out_bytes = int(np.prod(job.shape)) * job.out_dt.itemsize
-    self.stats.tensors += 1
-    self.stats.chunked += int(job.chunked)
+    out_bytes = job.numel * job.out_dt.itemsize
+    self.stats.tensors += int(job.last)
+    self.stats.chunked += int(job.chunked and job.last)
     self.stats.bytes_read += job.in_bytes
     self.stats.bytes_written += out_bytes
-    self.bar.update(job.in_bytes + out_bytes)
+    self.bar.update(job.in_bytes + out_bytes, tensor_done=job.last)
     job.full = None
 
   def _check(self, job: _Job, bad: np.ndarray) -> None:
