@@ -35,6 +35,7 @@ from kfuse.tree import KfuseError
 AXIS = "x"
 
 __all__ = ["AXIS", "make_mesh", "tensor_sharding", "stacked_sharding", "replicated",
+           "put_replicated",
            "read_global", "to_host", "initialize", "is_writer"]
 
 
@@ -97,6 +98,27 @@ def stacked_sharding(mesh: Mesh, shape: tuple) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf of ``tree`` (the same value on every process) replicated over ``mesh``.
+
+  `jax.device_put` only reaches this process's devices; with several
+  processes each builds its local copies (`jax.make_array_from_callback`).
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = np.asarray(jax.random.key_data(x))
+      raw = jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
+      return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(x))
+    a = np.asarray(x)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def read_global(shape: tuple, dtype: Any, sharding: NamedSharding,

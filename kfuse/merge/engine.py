@@ -714,17 +714,25 @@ class _Run:
       th.start()
     job = True
     pending: collections.deque = collections.deque()
-    ex = concurrent.futures.ThreadPoolExecutor(LOOKAHEAD, thread_name_prefix="kfuse-select")
+    # Several processes must issue their collectives in the same order: one thread then.
+    inline = jax.process_count() > 1
+    lookahead = 1 if inline else LOOKAHEAD
+    ex = concurrent.futures.ThreadPoolExecutor(lookahead, thread_name_prefix="kfuse-select")
     try:
       # Exact cuts need host round trips between histogram passes. Preparing the
       # next tasks on worker threads keeps XLA busy during those round trips.
       while True:
-        while job is not None and len(pending) < LOOKAHEAD and not self.errors:
+        while job is not None and len(pending) < lookahead and not self.errors:
           try:
             job = self.loaded.get(block=not pending)
           except queue.Empty:
             break
-          if job is not None:
+          if job is not None and inline:
+            fut = concurrent.futures.Future()
+            self.prepare(job)
+            fut.set_result(None)
+            pending.append((job, fut))
+          elif job is not None:
             pending.append((job, ex.submit(self.prepare, job)))
         if not pending or self.errors:
           break
@@ -874,11 +882,13 @@ class _Run:
       return self._dispatch_chunks(job, static_key, weights, hp, rng, has_base)
     hp = {k: jnp.asarray(v) for k, v in hp.items()}
     if self.mesh is not None:
-      weights, hp, rng = jax.device_put((weights, hp, rng), shard.replicated(self.mesh))
+      weights, hp, rng = shard.put_replicated((weights, hp, rng), self.mesh)
     prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh):   # lets kernels pin reductions (`shard.tensor_sum`)
         out, bad = prog(job.base, job.experts, weights, hp, rng)
+      if jax.process_count() > 1:     # gathers are collectives: keep them in this thread's order
+        out, bad = shard.to_host(out), shard.to_host(bad)
     else:
       out, bad = prog(job.base, job.experts, weights, hp, rng)
     self.done.put(("tensor", job, None, out, bad))

@@ -131,3 +131,50 @@ def test_cli_num_devices_gives_the_same_files(tmp_path):
   assert outs[0].keys() == outs[1].keys()
   for k in outs[0]:
     np.testing.assert_array_equal(outs[0][k], outs[1][k], err_msg=k)
+
+
+def test_two_processes_give_the_same_files(tmp_path):
+  """Multi-host: two processes (jax.distributed over localhost, 2 CPU devices each)
+  run `python -m kfuse.shard` on a 4-device mesh; process 0 writes. The files must
+  equal a single-process, unsharded run's bit for bit."""
+  import socket
+  import numpy as np
+  from kfuse import io as kio
+  base = _tiny_llama(str(tmp_path / "base"), 0)
+  for i in (1, 2):
+    _tiny_llama(str(tmp_path / f"e{i}"), i, base)
+  yml = tmp_path / "m.yml"
+  yml.write_text(textwrap.dedent(f"""
+      merge_method: ties
+      base_model: {tmp_path / 'base'}
+      models:
+        - model: {tmp_path / 'e1'}
+          parameters: {{weight: 1.0, density: 0.4}}
+        - model: {tmp_path / 'e2'}
+          parameters: {{weight: 0.5, density: 0.6}}
+      """))
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  flags = [f"--config={REPO}/configs/mergekit.py:{yml}", "--config.progress=False"]
+  procs = []
+  for pid in (0, 1):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "kfuse.shard", *flags, f"--config.output_dir={tmp_path / 'mh'}",
+         "--config.num_devices=4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "kfuse.main", *flags,
+                      f"--config.output_dir={tmp_path / 'one'}"], capture_output=True, text=True,
+                     env=env, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  a, b = kio.read_hf_dir(str(tmp_path / "mh")), kio.read_hf_dir(str(tmp_path / "one"))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
