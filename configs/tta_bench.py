@@ -1,6 +1,6 @@
 """Test-time adaptation benchmark on MNIST-1D-C (CIFAR-10-C protocols at toy scale).
 
-    python -m kfuse.main --config=configs/tta_bench.py           # full (~25 min on 2 CPU cores)
+    python -m kfuse.main --config=configs/tta_bench.py           # full (~8 min on 2 idle CPU cores)
     python -m kfuse.main --config=configs/tta_bench.py:quick     # <= 3 min
 
 A BatchNorm ResNet-style 1-D CNN is trained on clean MNIST-1D; every method of

@@ -1,6 +1,6 @@
 """Test-time adaptation benchmark: MNIST-1D-C, the CIFAR-10-C protocols at toy scale.
 
-    python -m kfuse.main --config=configs/tta_bench.py          # full (~25 min on 2 cores)
+    python -m kfuse.main --config=configs/tta_bench.py          # full (~8 min on 2 idle cores)
     python -m kfuse.main --config=configs/tta_bench.py:quick    # <= 3 min
 
 Pipeline (`run`):
