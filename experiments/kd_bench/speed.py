@@ -1,20 +1,30 @@
 """KD step throughput: kfuse (JAX, jit) versus a straightforward PyTorch CPU implementation.
 
-    python experiments/kd_bench/speed.py                 # batch 128, the kd_bench setting
-    python experiments/kd_bench/speed.py --batch 32 --steps 300
+    python experiments/kd_bench/speed.py                 # batch 128, both single-threaded, one core
+    python experiments/kd_bench/speed.py --threads 0     # each library's default threading
+    python experiments/kd_bench/speed.py --batch 32
 
 Same teacher (the kd_bench MNIST-1D ResNet-style cnn1d, widths (16, 32), BatchNorm in eval
-mode), same student (MLP 40-256-256-10, tanh-GELU), same batch, same loss (Hinton KD, T = 4,
+mode), same student (MLP 40-256-256-10, tanh-GELU), same batches, same loss (Hinton KD, T = 4,
 ce_weight 0.1, kd_weight 0.9) and same optimizer (AdamW lr 2e-3, wd 1e-4, global-norm clip
-1.0). The PyTorch models receive the JAX weights, and their logits are checked against the
-JAX ones before timing, so both sides compute the same functions. PyTorch runs eagerly
-(``torch.no_grad`` teacher forward, ``zero_grad`` / ``backward`` / ``clip_grad_norm_`` /
-``step``); kfuse runs one ``jax.jit``-compiled `kfuse.distill.make_step`. Repeats are
-interleaved (JAX, torch, JAX, torch, ...) so that load from other processes hits both; the
-median steps/s of each side are compared. PyTorch is timed with one intra-op thread and with
-its default thread count, and the faster setting is the reference (on a shared 2-core machine
-the default OpenMP threads can be several times slower than one thread). Writes
-``speed.json`` next to this file (``--out`` to change).
+1.0). The PyTorch models receive the JAX weights; before timing the script checks that both
+sides give the same teacher and student logits and, after one training step from the same
+weights on the same batch, the same loss and the same updated student weights. PyTorch runs
+eagerly (``torch.no_grad`` teacher forward, ``zero_grad`` / ``backward`` /
+``clip_grad_norm_`` / ``step``); kfuse runs one ``jax.jit``-compiled
+`kfuse.distill.make_step` (teacher forward, student forward/backward and the optax update
+in one XLA program, state donated). Rounds alternate (JAX, PyTorch, JAX, ...) so that load
+from other processes hits both; the medians of each side are compared, both in wall-clock
+steps/s and in steps per CPU-second of the process (``time.process_time``, all threads):
+on a shared machine the CPU-time rate is the load-independent measure of work per step.
+
+``--threads 1`` (default, the robust comparison on a shared machine): both libraries
+single-threaded and pinned to the same core (XLA_FLAGS set before jax is imported,
+``torch.set_num_threads(1)``). ``--threads 0``: each library's default threading on all
+cores. Also reported: where the JAX step's time goes (teacher forward alone, student
+forward+backward+update alone, an empty jitted call with the same arguments = dispatch).
+Writes ``speed_threads<N>.json`` next to this file (``--out`` to change) and appends a
+one-line summary of the run to ``speed_runs.jsonl`` beside it.
 """
 
 from __future__ import annotations
@@ -26,14 +36,38 @@ import platform
 import statistics
 import time
 
+
+def _parse(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=100, help="steps per timed round")
+  ap.add_argument("--rounds", type=int, default=9)
+  ap.add_argument("--threads", type=int, default=1, choices=(0, 1),
+                  help="1 (default): JAX and PyTorch single-threaded, pinned to one core;"
+                       " 0: each library's default threading")
+  ap.add_argument("--out", default="")
+  return ap.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads == 1:     # must precede the jax import
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfuse import distill, models
-from kfuse.data import load
-from kfuse.distill import objectives as O
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from kfuse import distill, models  # noqa: E402
+from kfuse.data import load  # noqa: E402
+from kfuse.distill import objectives as O  # noqa: E402
 
 T, CE_W, KD_W, LR, WD = 4.0, 0.1, 0.9, 2e-3, 1e-4
 
@@ -174,84 +208,182 @@ def torch_step_fn(teacher, student):
   return step
 
 
-# ------------------------------------------------------------------ timing
+# ------------------------------------------------------------------ parity and timing
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--steps", type=int, default=200, help="steps per timed repeat")
-  ap.add_argument("--repeats", type=int, default=7)
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "speed.json"))
-  args = ap.parse_args()
-  import torch
+def parity(torch, teacher, student, tv, sv, step, batches, x_check) -> dict:
+  """Max abs differences: logits of both models, and loss + student weights after one step."""
+  t_teacher, t_student = torch_models(tv, sv)
+  with torch.no_grad():
+    err_t = float(np.abs(t_teacher(torch.tensor(x_check)).numpy()
+                         - np.asarray(teacher.apply(tv, x_check, train=False))).max())
+    err_s = float(np.abs(t_student(torch.tensor(x_check)).numpy()
+                         - np.asarray(student.apply(sv, x_check))).max())
+  x, y = batches[0]
+  state = step.init(sv, x[:2])
+  state, m = step(state, {"x": jnp.asarray(x), "labels": jnp.asarray(y)}, jax.random.key(0))
+  loss_t = float(torch_step_fn(t_teacher, t_student)(
+      torch.tensor(x), torch.tensor(y, dtype=torch.long)).detach())
+  p = jax.device_get(state.params)
+  pairs = list(zip(list(t_student.layers) + [t_student.head],
+                   [p["backbone"]["layers_0"], p["backbone"]["layers_1"], p["head"]]))
+  err_w = max(max(float(np.abs(lin.weight.detach().numpy().T - np.asarray(q["kernel"])).max()),
+                  float(np.abs(lin.bias.detach().numpy() - np.asarray(q["bias"])).max()))
+              for lin, q in pairs)
+  out = {"teacher_logits": err_t, "student_logits": err_s,
+         "loss_after_one_step": abs(loss_t - float(m["loss"])),
+         "student_weights_after_one_step": err_w}
+  bad = {k: v for k, v in out.items() if not v < 1e-3}
+  if bad:
+    raise SystemExit(f"parity check failed (max abs differences): {bad}")
+  return out
+
+
+def _rate(fn, n: int) -> tuple[float, float]:
+  """(steps per wall-clock second, steps per CPU second of this process, all its threads)."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  fn(n)
+  return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
+
+
+def main(args):
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None and args.threads == 1:
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
 
   ds, teacher, student, tv, sv, step, state, batches = jax_setup(args.batch)
-  t_teacher, t_student = torch_models(tv, sv)
-  xb = ds.x_test[:64]
-  with torch.no_grad():
-    err_t = float(np.abs(t_teacher(torch.tensor(xb)).numpy()
-                         - np.asarray(teacher.apply(tv, xb, train=False))).max())
-    err_s = float(np.abs(t_student(torch.tensor(xb)).numpy()
-                         - np.asarray(student.apply(sv, xb))).max())
-  assert err_t < 1e-3 and err_s < 1e-3, (err_t, err_s)
-  tb = [(torch.tensor(x), torch.tensor(y, dtype=torch.long)) for x, y in batches]
   key = jax.random.key(0)
-  default_threads = torch.get_num_threads()
-  settings = sorted({1, default_threads})
-  tsteps = {}
-  for nt in settings:   # fresh twins per setting: same starting weights
-    tsteps[nt] = torch_step_fn(*torch_models(tv, sv))
+  jb = [{"x": jnp.asarray(x), "labels": jnp.asarray(y)} for x, y in batches]
+  holder = {"state": state}
 
-  def run_jax(state, n):
-    t0 = time.perf_counter()
+  def jax_kd(n):
+    st = holder["state"]
     for i in range(n):
-      x, y = batches[i % len(batches)]
-      state, m = step(state, {"x": x, "labels": y}, key)
+      st, m = step(st, jb[i % len(jb)], key)
     jax.block_until_ready(m["loss"])
-    return state, n / (time.perf_counter() - t0)
+    holder["state"] = st
 
-  def run_torch(nt, n):
-    torch.set_num_threads(nt)
-    t0 = time.perf_counter()
+  # breakdown of the JAX step: teacher forward alone, student step alone, dispatch alone
+  t_fwd = jax.jit(lambda v, x: teacher.apply(v, x, train=False))
+  s_step = distill.make_step(student, O.supervised(), optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=WD)))
+  s_holder = {"state": s_step.init(sv, batches[0][0][:2])}
+  empty = jax.jit(lambda st, t, b, k: st.step + 1)
+
+  def jax_teacher(n):
     for i in range(n):
-      loss = tsteps[nt](*tb[i % len(tb)])
-    float(loss.detach())
-    return n / (time.perf_counter() - t0)
+      z = t_fwd(tv, jb[i % len(jb)]["x"])
+    jax.block_until_ready(z)
 
-  state, _ = run_jax(state, 20)     # compile + warm up
-  for nt in settings:
-    run_torch(nt, 20)
-  jax_sps, torch_sps = [], {nt: [] for nt in settings}
-  for _ in range(args.repeats):
-    state, s = run_jax(state, args.steps)
-    jax_sps.append(s)
-    for nt in settings:
-      torch_sps[nt].append(run_torch(nt, args.steps))
-  torch.set_num_threads(default_threads)
-  med = {nt: statistics.median(v) for nt, v in torch_sps.items()}
-  best = max(med, key=med.get)
-  ratios = [a / b for a, b in zip(jax_sps, torch_sps[best])]
-  out = {
-      "batch": args.batch, "steps_per_repeat": args.steps, "repeats": args.repeats,
-      "jax_steps_per_s": {"median": statistics.median(jax_sps), "all": jax_sps},
-      "torch_steps_per_s": {str(nt): {"median": med[nt], "all": torch_sps[nt]} for nt in settings},
-      "torch_reference_threads": best,
-      "ratio_median": statistics.median(jax_sps) / med[best],
-      "ratio_per_repeat": ratios,
-      "max_abs_logit_diff": {"teacher": err_t, "student": err_s},
-      "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                   "python": platform.python_version()},
-      "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-  }
-  with open(args.out, "w") as f:
+  def jax_student(n):
+    st = s_holder["state"]
+    for i in range(n):
+      st, m = s_step(st, jb[i % len(jb)], key)
+    jax.block_until_ready(m["loss"])
+    s_holder["state"] = st
+
+  def jax_dispatch(n):
+    for i in range(n):
+      z = empty(holder["state"], step.teacher_variables, jb[i % len(jb)], key)
+    jax.block_until_ready(z)
+
+  timers = {"jax": jax_kd, "jax_teacher_forward": jax_teacher,
+            "jax_student_step": jax_student, "jax_dispatch": jax_dispatch}
+  out = {"batch": args.batch, "threads": args.threads,
+         "mode": "single-threaded, pinned to one core" if args.threads == 1
+         else "library default threading"}
+  if torch is not None:
+    out["max_abs_diff"] = parity(torch, teacher, student, tv, sv, step, batches, ds.x_test[:64])
+    t_teacher, t_student = torch_models(tv, sv)
+    t_step = torch_step_fn(t_teacher, t_student)
+    tb = [(torch.tensor(x), torch.tensor(y, dtype=torch.long)) for x, y in batches]
+
+    def torch_kd(n):
+      for i in range(n):
+        loss = t_step(*tb[i % len(tb)])
+      float(loss.detach())
+
+    def torch_teacher(n):
+      with torch.no_grad():
+        for i in range(n):
+          z = t_teacher(tb[i % len(tb)][0])
+      float(z[0, 0])
+
+    timers.update(torch=torch_kd, torch_teacher_forward=torch_teacher)
+  for fn in timers.values():    # compile + warm up
+    fn(10)
+
+  def flops(jitted, *a):
+    try:
+      cost = jitted.lower(*a).compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      return float(cost.get("flops", float("nan")))
+    except Exception:   # cost analysis is best effort
+      return float("nan")
+
+  out["xla_flops_per_step"] = {
+      "jax": flops(step.jitted, holder["state"], step.teacher_variables, jb[0], key),
+      "jax_teacher_forward": flops(t_fwd, tv, jb[0]["x"]),
+      "jax_student_step": flops(s_step.jitted, s_holder["state"], s_step.teacher_variables,
+                                jb[0], key)}
+  rates = {k: [] for k in timers}
+  cpu_rates = {k: [] for k in timers}
+  for _ in range(args.rounds):   # alternate: every round times each variant once
+    for k, fn in timers.items():
+      wall, cpu = _rate(fn, args.steps)
+      rates[k].append(wall)
+      cpu_rates[k].append(cpu)
+  med = {k: statistics.median(v) for k, v in rates.items()}
+  cmed = {k: statistics.median(v) for k, v in cpu_rates.items()}
+  out["steps_per_s"] = {k: {"median": med[k], "all": v} for k, v in rates.items()}
+  out["steps_per_cpu_s"] = {k: {"median": cmed[k], "all": v} for k, v in cpu_rates.items()}
+  out["ms_per_step_median"] = {k: 1000.0 / v for k, v in med.items()}
+  out["cpu_ms_per_step_median"] = {k: 1000.0 / v for k, v in cmed.items()}
+  out["jax_compilations_of_the_kd_step"] = step.jitted._cache_size()
+  out["jax_gflops_per_cpu_s"] = {k: v * cmed[k] / 1e9 for k, v in out["xla_flops_per_step"].items()}
+  if torch is not None:
+    out["ratio_median"] = med["jax"] / med["torch"]
+    out["ratio_per_round"] = [a / b for a, b in zip(rates["jax"], rates["torch"])]
+    out["cpu_time_ratio_median"] = cmed["jax"] / cmed["torch"]
+  out.update({
+      "steps_per_round": args.steps, "rounds": args.rounds,
+      "versions": {"jax": jax.__version__, "python": platform.python_version(),
+                   "torch": torch.__version__ if torch is not None else None},
+      "cpu_count": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+  })
+  path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  f"speed_threads{args.threads}.json")
+  with open(path, "w") as f:
     json.dump(out, f, indent=2)
-  others = ", ".join(f"{nt} thread(s) {med[nt]:.0f}" for nt in settings)
-  print(f"batch {args.batch}: kfuse {out['jax_steps_per_s']['median']:.0f} steps/s, PyTorch"
-        f" {others} steps/s; ratio vs the faster PyTorch {out['ratio_median']:.2f}x"
-        f" (per repeat {min(ratios):.2f}-{max(ratios):.2f}x), load {out['load_average_1min']:.1f}")
+  summary = {k: out[k] for k in ("date", "batch", "threads", "load_average_1min_at_end")}
+  summary.update({f"{u}_{k}": round(v, 1) for u, m in (("steps_per_s", med), ("steps_per_cpu_s", cmed))
+                  for k, v in m.items()})
+  if torch is not None:
+    summary.update(ratio_median=round(out["ratio_median"], 3),
+                   cpu_time_ratio_median=round(out["cpu_time_ratio_median"], 3))
+  with open(os.path.join(os.path.dirname(path), "speed_runs.jsonl"), "a") as f:
+    f.write(json.dumps(summary) + "\n")
+  for label, m, ms in (("wall", med, out["ms_per_step_median"]),
+                       ("CPU", cmed, out["cpu_ms_per_step_median"])):
+    line = (f"[{label}] batch {args.batch}, {out['mode']}: kfuse {m['jax']:.0f} steps/s"
+            f" ({ms['jax']:.2f} ms: teacher fwd {ms['jax_teacher_forward']:.2f}, student step"
+            f" {ms['jax_student_step']:.2f}, dispatch {ms['jax_dispatch']:.3f})")
+    if torch is not None:
+      line += (f"; PyTorch {m['torch']:.0f} steps/s ({ms['torch']:.2f} ms: teacher fwd"
+               f" {ms['torch_teacher_forward']:.2f}); ratio {m['jax'] / m['torch']:.2f}x")
+    print(line)
+  print(f"XLA flops/step {out['xla_flops_per_step']}; GFLOP per CPU-second"
+        f" {out['jax_gflops_per_cpu_s']}; KD step compiled {out['jax_compilations_of_the_kd_step']}x")
+  if torch is not None:
+    r = out["ratio_per_round"]
+    print(f"wall ratio per round {min(r):.2f}-{max(r):.2f}x; parity {out['max_abs_diff']}")
+  print(f"load average {out['load_average_1min_at_end']:.1f}; wrote {path}")
 
 
 if __name__ == "__main__":
-  main()
+  main(ARGS)

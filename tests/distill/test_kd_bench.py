@@ -62,6 +62,8 @@ def test_tiny_run_writes_tables_plot_and_json(tmp_path):
   config.forget_me_not.checkpoint_every = 10
   config.forget_me_not.distill_steps = 20
   config.fantastic_gains.steps = 10
+  config.optimizer.warmup_steps = 5              # < the 20-40 steps of this tiny run
+  config.forget_me_not.optimizer.warmup_steps = 5
   results = kd_bench.run(config)
   out = tmp_path / "kd"
   for name in ("results.json", "results.md", "kd_bench.png"):
@@ -72,3 +74,17 @@ def test_tiny_run_writes_tables_plot_and_json(tmp_path):
   assert len(rows["hinton"]["test"]["values"]) == 2 and "delta_vs_alone" in rows["hinton"]
   assert {r["name"] for r in results["forget_me_not"]["rows"]} >= {"original", "distilled"}
   assert {r["name"] for r in results["fantastic_gains"]["rows"]} >= {"kl", "kl_dp"}
+
+
+def test_tables_and_plot_from_the_recorded_full_run(tmp_path):
+  # fast coverage of the reporting path (the slow test above runs the whole pipeline)
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "kd_bench",
+                      "results_full.json")
+  if not os.path.exists(path):
+    pytest.skip("experiments/kd_bench/results_full.json not present")
+  with open(path) as f:
+    results = json.load(f)
+  tables = kd_bench.markdown_tables(results)
+  assert "| hinton | student |" in tables and "| distilled |" in tables and "| kl_dp |" in tables
+  png = kd_bench.plot(results, str(tmp_path / "p.png"))
+  assert os.path.getsize(png) > 10_000
