@@ -41,7 +41,7 @@ def _parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--steps", type=int, default=100, help="steps per timed round")
-  ap.add_argument("--rounds", type=int, default=9)
+  ap.add_argument("--rounds", type=int, default=21)
   ap.add_argument("--threads", type=int, default=1, choices=(0, 1),
                   help="1 (default): JAX and PyTorch single-threaded, pinned to one core;"
                        " 0: each library's default threading")
