@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 
@@ -51,12 +52,10 @@ def _parse(argv=None):
 
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.threads == 1:     # must precede the jax import
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-  if hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from pinning import pin_one_core  # noqa: E402  (experiments/pinning.py)
+  pin_one_core()
 
-import sys
 
 import jax
 import jax.numpy as jnp
