@@ -33,19 +33,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from kfuse import distill, models, train
 from kfuse.data import iterate, load
 from kfuse.distill import objectives as O
+from kfuse.bench.common import to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir, write_text as _write_atomic  # noqa: E501
 from kfuse.tree import KfuseError
 
 __all__ = ["run", "markdown_tables", "plot", "add_label_noise", "summarize"]
@@ -58,58 +57,6 @@ PyTree = Any
 
 
 # ------------------------------------------------------------------ small helpers
-
-
-def _to_dict(x: Any) -> dict:
-  if x is None:
-    return {}
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  return dict(x)
-
-
-def _get(cfg: Any, field: str, default: Any = None) -> Any:
-  if cfg is None:
-    return default
-  try:
-    return cfg[field] if field in cfg else default
-  except TypeError:
-    return getattr(cfg, field, default)
-
-
-def _plain(v: Any) -> Any:
-  """Tuples -> lists, numpy scalars -> Python, recursively (JSON-friendly)."""
-  if isinstance(v, Mapping):
-    return {str(k): _plain(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return [_plain(x) for x in v]
-  if isinstance(v, np.generic):
-    return v.item()
-  return v
-
-
-def _write_atomic(path: str, text: str) -> None:
-  """Write ``text`` to a temp file in the same directory, then rename it over ``path``."""
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _check_workdir(workdir: str, overwrite: bool) -> str:
-  if not workdir:
-    raise KfuseError("workdir: empty; set config.workdir or --workdir")
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not overwrite:
-    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
-  os.makedirs(workdir, exist_ok=True)
-  return workdir
 
 
 def add_label_noise(y: np.ndarray, num_classes: int, rate: float, seed: int) -> np.ndarray:

@@ -26,10 +26,8 @@ experts' accuracy (merged / expert, per task).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
-import tempfile
 import time
 import zlib
 from typing import Any, Mapping, Sequence
@@ -41,6 +39,7 @@ from absl import logging
 
 from kfuse import models, train
 from kfuse.data import iterate, make_suite, pretrain_task
+from kfuse.bench.common import to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir, write_json as _write_json_atomic, write_text as _write_text_atomic  # noqa: E501
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -53,34 +52,6 @@ PLOT_PNG = "merge_bench.png"
 
 
 # ------------------------------------------------------------------ config helpers
-
-
-def _to_dict(x: Any) -> dict:
-  if x is None:
-    return {}
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  return dict(x)
-
-
-def _get(cfg: Any, field: str, default: Any = None) -> Any:
-  if cfg is None:
-    return default
-  try:
-    return cfg[field] if field in cfg else default
-  except TypeError:
-    return getattr(cfg, field, default)
-
-
-def _plain(v: Any) -> Any:
-  """Tuples -> lists, numpy scalars -> Python, recursively (JSON-friendly)."""
-  if isinstance(v, Mapping):
-    return {str(k): _plain(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return [_plain(x) for x in v]
-  if isinstance(v, np.generic):
-    return v.item()
-  return v
 
 
 def grid_points(params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[dict]:
@@ -127,16 +98,6 @@ def method_specs(methods_cfg: Any) -> list[dict]:
       raise KfuseError(f"methods.{label}.{e}") from None
     specs.append({"label": label, "method": name, "points": points, "grid": sorted(grid)})
   return specs
-
-
-def _check_workdir(workdir: str, overwrite: bool) -> str:
-  if not workdir:
-    raise KfuseError("workdir: empty; set config.workdir or --workdir")
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not overwrite:
-    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
-  os.makedirs(workdir, exist_ok=True)
-  return workdir
 
 
 # ------------------------------------------------------------------ config checks
@@ -345,27 +306,6 @@ def plot(results: Mapping, path: str) -> str:
   ax.legend(fontsize=7, ncols=min(4, len(tasks) + 1), loc="upper right")
   fig.savefig(path, dpi=120)
   return path
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, allow_nan=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ entry point

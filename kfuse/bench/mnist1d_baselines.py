@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 
 from kfuse import models, train
-from kfuse.bench.merge_bench import _get, _plain, _to_dict, _write_json_atomic, _write_text_atomic
+from kfuse.bench.common import get as _get, plain as _plain, to_dict as _to_dict
+from kfuse.bench.common import write_json as _write_json_atomic, write_text as _write_text_atomic
 from kfuse.data import iterate, load
 from kfuse.tree import KfuseError
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -39,6 +38,7 @@ from absl import logging
 from kfuse import adapt, models, train
 from kfuse.data import corruptions as corr
 from kfuse.data import iterate
+from kfuse.bench.common import to_dict as _to_dict, plain as _plain, check_workdir as _check_workdir, write_text as _write_atomic  # noqa: E501
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -51,26 +51,6 @@ PLOT_PNG = "tta_bench.png"
 
 
 # ------------------------------------------------------------------ config helpers
-
-
-def _to_dict(x: Any) -> dict:
-  if x is None:
-    return {}
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  return dict(x)
-
-
-def _plain(v: Any) -> Any:
-  if isinstance(v, Mapping):
-    return {str(k): _plain(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return [_plain(x) for x in v]
-  if isinstance(v, np.generic):
-    return v.item()
-  if isinstance(v, np.ndarray):
-    return v.tolist()
-  return v
 
 
 def method_specs(methods_cfg: Any) -> list[dict]:
@@ -98,16 +78,6 @@ def method_specs(methods_cfg: Any) -> list[dict]:
   if not specs:
     raise KfuseError("methods: no method to run")
   return specs
-
-
-def _check_workdir(workdir: str, overwrite: bool) -> str:
-  if not workdir:
-    raise KfuseError("workdir: empty; set config.workdir or --workdir")
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not overwrite:
-    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
-  os.makedirs(workdir, exist_ok=True)
-  return workdir
 
 
 # ------------------------------------------------------------------ source model
@@ -246,19 +216,6 @@ def plot(results: Mapping, path: str) -> str:
     ax2.grid(alpha=0.3)
   fig.savefig(path, dpi=110)
   return path
-
-
-def _write_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 # ------------------------------------------------------------------ entry point

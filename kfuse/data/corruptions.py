@@ -45,7 +45,6 @@ import dataclasses
 import hashlib
 import os
 import random
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -300,27 +299,7 @@ def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarra
 # ------------------------------------------------------------------ corrupted data sets
 
 
-def _cached(path: str, build: Callable[[], dict]) -> dict:
-  """Load ``path`` (.npz) or build it and write it atomically (temp file + rename)."""
-  if os.path.exists(path):
-    try:
-      with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-    except (OSError, ValueError):
-      pass  # unreadable entry: rebuild
-  arrays = build()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return arrays
+_cached = sources._cached   # load the .npz, or build it and write it atomically
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""Small helpers shared by the benchmark jobs: config access, JSON-friendly values,
+the workdir check and atomic result files."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from kfuse.io.atomic import atomic_write_text
+from kfuse.tree import KfuseError
+
+__all__ = ["to_dict", "get", "plain", "check_workdir", "write_json", "write_text"]
+
+
+def to_dict(x: Any) -> dict:
+  """A ConfigDict / mapping / None as a plain dict."""
+  if x is None:
+    return {}
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return dict(x)
+
+
+def get(cfg: Any, field: str, default: Any = None) -> Any:
+  """``cfg[field]`` for ConfigDicts and mappings, else the attribute; ``default`` if absent."""
+  if cfg is None:
+    return default
+  try:
+    return cfg[field] if field in cfg else default
+  except TypeError:
+    return getattr(cfg, field, default)
+
+
+def plain(v: Any) -> Any:
+  """Tuples -> lists, numpy scalars -> Python, recursively (JSON-friendly)."""
+  if isinstance(v, Mapping):
+    return {str(k): plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [plain(x) for x in v]
+  if isinstance(v, np.generic):
+    return v.item()
+  return v
+
+
+def check_workdir(workdir: str, overwrite: bool, results: str = "results.json") -> str:
+  """The absolute workdir, created; refuses one that already holds ``results``
+  unless ``overwrite``."""
+  if not workdir:
+    raise KfuseError("workdir: empty; set config.workdir or --workdir")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, results)) and not overwrite:
+    raise KfuseError(f"workdir: {workdir} already holds {results}; set config.overwrite=True")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+def write_json(path: str, obj: Any) -> None:
+  """``obj`` as indented JSON, written atomically (temp sibling, fsync, rename)."""
+  atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True))
+
+
+def write_text(path: str, text: str) -> None:
+  atomic_write_text(path, text)
