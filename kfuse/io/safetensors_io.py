@@ -546,6 +546,41 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------- writing
 
 
+def _commit_shards(out_dir: str, tmps: list, shard_names: list, order: list, total_size: int,
+                   dtype, config: dict | None, extra_files: dict[str, str] | None) -> list[str]:
+  """Rename finished temporary shards to their HF names, then write the index (when
+  sharded), config.json (``torch_dtype`` from ``dtype``) and extra files; return the paths."""
+  n = len(tmps)
+  final = [SINGLE_FILE] if n == 1 else [
+      f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+  written = []
+  for tmp, fname in zip(tmps, final):
+    dst = os.path.join(out_dir, fname)
+    os.replace(tmp, dst)
+    written.append(dst)
+
+  def write_text(fname: str, text: str) -> None:
+    dst = os.path.join(out_dir, fname)
+    atomic_write_text(dst, text)
+    written.append(dst)
+
+  if n > 1:
+    owner = {name: fname for names, fname in zip(shard_names, final) for name in names}
+    index = {"metadata": {"total_size": total_size},
+             "weight_map": {name: owner[name] for name in order}}
+    write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n")
+  if config is not None:
+    cfg = dict(config)
+    if dtype is not None and dtype.name in _TORCH_DTYPE_NAMES:
+      cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[dtype.name]
+    write_text(CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+  for fname, text in (extra_files or {}).items():
+    if os.path.basename(fname) != fname or fname in ("", ".", ".."):
+      raise KfuseError(f"extra file name {fname!r} must be a plain file name")
+    write_text(fname, text)
+  return written
+
+
 class HFWriter:
   """Stream tensors into a HF model directory, holding at most one shard in memory.
 
@@ -616,34 +651,9 @@ class HFWriter:
     if self._pending or not self._shards:
       self._flush()
     self._finished = True
-    n = len(self._shards)
-    final = [SINGLE_FILE] if n == 1 else [
-        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    written = []
-    for (tmp, _), fname in zip(self._shards, final):
-      dst = os.path.join(self.out_dir, fname)
-      os.replace(tmp, dst)
-      written.append(dst)
-    if n > 1:
-      owner = {name: fname for (_, names), fname in zip(self._shards, final) for name in names}
-      index = {"metadata": {"total_size": self.total_size},
-               "weight_map": {name: owner[name] for name in self._order}}
-      written.append(self._write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n"))
-    if config is not None:
-      cfg = dict(config)
-      if self.dtype is not None and self.dtype.name in _TORCH_DTYPE_NAMES:
-        cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[self.dtype.name]
-      written.append(self._write_text(CONFIG_FILE, json.dumps(cfg, indent=2) + "\n"))
-    for fname, text in (extra_files or {}).items():
-      if os.path.basename(fname) != fname or fname in ("", ".", ".."):
-        raise KfuseError(f"extra file name {fname!r} must be a plain file name")
-      written.append(self._write_text(fname, text))
-    return written
-
-  def _write_text(self, fname: str, text: str) -> str:
-    dst = os.path.join(self.out_dir, fname)
-    atomic_write_text(dst, text)
-    return dst
+    return _commit_shards(self.out_dir, [tmp for tmp, _ in self._shards],
+                          [names for _, names in self._shards], self._order, self.total_size,
+                          self.dtype, config, extra_files)
 
   def __enter__(self) -> "HFWriter":
     return self
@@ -844,34 +854,8 @@ class PlannedHFWriter:
       raise KfuseError(f"{self.out_dir}: cannot sync the output: {e.strerror or e}") from e
     self._finished = True
     self._close()
-    n = len(self._shards)
-    final = [SINGLE_FILE] if n == 1 else [
-        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    written = []
-    for tmp, fname in zip(self._tmp, final):
-      dst = os.path.join(self.out_dir, fname)
-      os.replace(tmp, dst)
-      written.append(dst)
-    if n > 1:
-      owner = {name: fname for names, fname in zip(self._shards, final) for name in names}
-      index = {"metadata": {"total_size": self.total_size},
-               "weight_map": {name: owner[name] for name in self._order}}
-      written.append(self._write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n"))
-    if config is not None:
-      cfg = dict(config)
-      if self.dtype is not None and self.dtype.name in _TORCH_DTYPE_NAMES:
-        cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[self.dtype.name]
-      written.append(self._write_text(CONFIG_FILE, json.dumps(cfg, indent=2) + "\n"))
-    for fname, text in (extra_files or {}).items():
-      if os.path.basename(fname) != fname or fname in ("", ".", ".."):
-        raise KfuseError(f"extra file name {fname!r} must be a plain file name")
-      written.append(self._write_text(fname, text))
-    return written
-
-  def _write_text(self, fname: str, text: str) -> str:
-    dst = os.path.join(self.out_dir, fname)
-    atomic_write_text(dst, text)
-    return dst
+    return _commit_shards(self.out_dir, self._tmp, self._shards, self._order, self.total_size,
+                          self.dtype, config, extra_files)
 
   def __enter__(self) -> "PlannedHFWriter":
     return self
