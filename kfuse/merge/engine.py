@@ -647,7 +647,13 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   return st.tensors
 
 
-def _streamable(task: TensorTask, sources) -> bool:
+def _resolve(task: TensorTask) -> tuple:
+  """The method's (static options, hyper-parameters) for one task."""
+  prep = task.method.prepare or default_prepare
+  return prep(task.method, dict(task.values), task.info, len(task.experts))
+
+
+def _streamable(task: TensorTask, static: Mapping, sources) -> bool:
   """Whether a task can be computed segment by segment: an elementwise recipe
   with no whole-tensor selection and no randomness, over sources that read
   byte ranges."""
@@ -657,8 +663,6 @@ def _streamable(task: TensorTask, sources) -> bool:
   refs = ([task.base] if task.base is not None else []) + list(task.experts)
   if not all(hasattr(sources[m], "read_into") for m, _ in refs):
     return False
-  prep = method.prepare or default_prepare
-  static, _ = prep(method, dict(task.values), task.info, len(task.experts))
   if not _chunkable(method, static):
     return False
   return task.base is None or _selection(method, tuple(sorted(static.items()))) is None
@@ -675,13 +679,14 @@ def _segmented(jobs: list, sources, seg: int) -> list:
   out = []
   for j in jobs:
     n = int(np.prod(j.shape))
-    if n <= seg or not _streamable(j.task, sources):
+    static, hp = _resolve(j.task) if n > seg else (None, None)
+    if n <= seg or not _streamable(j.task, static, sources):
       out.append(j)
       continue
-    for a in range(0, n, seg):
+    for a in range(0, n, seg):   # resolved once, shared by the segments
       b = min(n, a + seg)
       out.append(dataclasses.replace(j, in_bytes=j.in_bytes * (b - a) // n, seg=(a, b),
-                                     last=b == n))
+                                     last=b == n, static=static, hp=hp))
   return out
 
 
@@ -714,9 +719,9 @@ class _Run:
       th.start()
     job = True
     pending: collections.deque = collections.deque()
-    # Several processes must issue their collectives in the same order: one thread then.
-    inline = jax.process_count() > 1
-    lookahead = 1 if inline else LOOKAHEAD
+    # Several processes must issue their collectives in the same order: with one task
+    # ahead, each task is prepared only while the main thread waits for it.
+    lookahead = 1 if jax.process_count() > 1 else LOOKAHEAD
     ex = concurrent.futures.ThreadPoolExecutor(lookahead, thread_name_prefix="kfuse-select")
     try:
       # Exact cuts need host round trips between histogram passes. Preparing the
@@ -727,12 +732,7 @@ class _Run:
             job = self.loaded.get(block=not pending)
           except queue.Empty:
             break
-          if job is not None and inline:
-            fut = concurrent.futures.Future()
-            self.prepare(job)
-            fut.set_result(None)
-            pending.append((job, fut))
-          elif job is not None:
+          if job is not None:
             pending.append((job, ex.submit(self.prepare, job)))
         if not pending or self.errors:
           break
@@ -789,8 +789,8 @@ class _Run:
   def load(self, job: _Job) -> None:
     task, src = job.task, self.sources
     method = task.method
-    prep = method.prepare or default_prepare
-    job.static, job.hp = prep(method, dict(task.values), task.info, len(task.experts))
+    if job.static is None:
+      job.static, job.hp = _resolve(task)
     n = job.numel
     job.chunked = (self.mesh is None and self.chunk > 0 and n > 0
                    and _chunkable(method, job.static))
