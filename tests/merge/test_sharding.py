@@ -100,9 +100,8 @@ def _tiny_llama(path, seed, base=None):
   return t
 
 
-def test_cli_num_devices_gives_the_same_files(tmp_path):
-  import numpy as np
-  from kfuse import io as kio
+def _ties_zoo(tmp_path):
+  """A tiny base, two experts and a TIES YAML over them; returns the YAML path."""
   base = _tiny_llama(str(tmp_path / "base"), 0)
   for i in (1, 2):
     _tiny_llama(str(tmp_path / f"e{i}"), i, base)
@@ -116,9 +115,22 @@ def test_cli_num_devices_gives_the_same_files(tmp_path):
         - model: {tmp_path / 'e2'}
           parameters: {{weight: 0.5, density: 0.6}}
       """))
+  return yml
+
+
+def _assert_same_files(a_dir, b_dir):
+  import numpy as np
+  from kfuse import io as kio
+  a, b = kio.read_hf_dir(str(a_dir)), kio.read_hf_dir(str(b_dir))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_cli_num_devices_gives_the_same_files(tmp_path):
+  yml = _ties_zoo(tmp_path)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  outs = []
   for nd in (0, 8):
     out = tmp_path / f"out{nd}"
     p = subprocess.run([sys.executable, "-m", "kfuse.main",
@@ -127,10 +139,7 @@ def test_cli_num_devices_gives_the_same_files(tmp_path):
                         "--config.progress=False"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    outs.append(kio.read_hf_dir(str(out)))
-  assert outs[0].keys() == outs[1].keys()
-  for k in outs[0]:
-    np.testing.assert_array_equal(outs[0][k], outs[1][k], err_msg=k)
+  _assert_same_files(tmp_path / "out0", tmp_path / "out8")
 
 
 def test_two_processes_give_the_same_files(tmp_path):
@@ -138,21 +147,7 @@ def test_two_processes_give_the_same_files(tmp_path):
   run `python -m kfuse.shard` on a 4-device mesh; process 0 writes. The files must
   equal a single-process, unsharded run's bit for bit."""
   import socket
-  import numpy as np
-  from kfuse import io as kio
-  base = _tiny_llama(str(tmp_path / "base"), 0)
-  for i in (1, 2):
-    _tiny_llama(str(tmp_path / f"e{i}"), i, base)
-  yml = tmp_path / "m.yml"
-  yml.write_text(textwrap.dedent(f"""
-      merge_method: ties
-      base_model: {tmp_path / 'base'}
-      models:
-        - model: {tmp_path / 'e1'}
-          parameters: {{weight: 1.0, density: 0.4}}
-        - model: {tmp_path / 'e2'}
-          parameters: {{weight: 0.5, density: 0.6}}
-      """))
+  yml = _ties_zoo(tmp_path)
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -174,7 +169,4 @@ def test_two_processes_give_the_same_files(tmp_path):
                       f"--config.output_dir={tmp_path / 'one'}"], capture_output=True, text=True,
                      env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
-  a, b = kio.read_hf_dir(str(tmp_path / "mh")), kio.read_hf_dir(str(tmp_path / "one"))
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  _assert_same_files(tmp_path / "mh", tmp_path / "one")
