@@ -35,11 +35,10 @@ def main(argv):
   import jax
   logging.info("JAX devices: %s", jax.devices())
   try:
-    fn = tasks.entry(FLAGS.config)      # imports the task's module
+    tasks.entry(FLAGS.config)           # imports the task's module (with GC still off)
     gc.freeze()                         # long-lived import-time objects: never rescanned
     gc.enable()
-    workdir = FLAGS.workdir if FLAGS.workdir is not None else FLAGS.config.get("workdir")
-    fn(FLAGS.config, workdir)
+    tasks.run(FLAGS.config, FLAGS.workdir)
   except KfuseError as e:
     print(f"kfuse: error: {e}", file=sys.stderr)
     sys.exit(2)
