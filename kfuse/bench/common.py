@@ -12,7 +12,8 @@ import numpy as np
 from kfuse.io.atomic import atomic_write_text
 from kfuse.tree import KfuseError
 
-__all__ = ["to_dict", "get", "plain", "check_workdir", "write_json", "write_text"]
+__all__ = ["to_dict", "get", "plain", "method_entries", "check_workdir", "write_json",
+           "write_text"]
 
 
 def to_dict(x: Any) -> dict:
@@ -43,6 +44,20 @@ def plain(v: Any) -> Any:
   if isinstance(v, np.generic):
     return v.item()
   return v
+
+
+def method_entries(methods_cfg: Any, fields: tuple) -> list[tuple[str, dict]]:
+  """``[(label, entry)]`` for each ``config.methods.<label>`` as a plain dict, refusing
+  fields outside ``fields`` (fails before any training)."""
+  out = []
+  for label, entry in to_dict(methods_cfg).items():
+    entry = dict(to_dict(entry))
+    unknown = set(entry) - set(fields)
+    if unknown:
+      raise KfuseError(f"methods.{label}: unknown field {sorted(unknown)[0]!r}"
+                       f" (expected {', '.join(fields)})")
+    out.append((label, entry))
+  return out
 
 
 def check_workdir(workdir: str, overwrite: bool, results: str = "results.json") -> str:

@@ -44,7 +44,9 @@ from absl import logging
 from kfuse import distill, models, train
 from kfuse.data import iterate, load
 from kfuse.distill import objectives as O
-from kfuse.bench.common import to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir, write_text as _write_atomic  # noqa: E501
+from kfuse.bench.common import (
+    to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir,
+    write_text as _write_atomic, method_entries)
 from kfuse.tree import KfuseError
 
 __all__ = ["run", "markdown_tables", "plot", "add_label_noise", "summarize"]
@@ -160,12 +162,8 @@ class _Runner:
 def _method_specs(methods_cfg: Any) -> dict[str, dict]:
   """Validate ``config.methods`` (fail before any training) -> {label: spec}."""
   out = {}
-  for label, entry in _to_dict(methods_cfg).items():
-    entry = dict(_to_dict(entry))
-    unknown = set(entry) - {"student", "objective", "mixup_alpha", "combine"}
-    if unknown:
-      raise KfuseError(f"methods.{label}: unknown field {sorted(unknown)[0]!r}"
-                       " (expected student, objective, mixup_alpha, combine)")
+  for label, entry in method_entries(methods_cfg, ("student", "objective", "mixup_alpha",
+                                                    "combine")):
     if "objective" not in entry:
       raise KfuseError(f"methods.{label}.objective: missing")
     spec = entry["objective"]

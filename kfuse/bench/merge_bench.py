@@ -39,7 +39,9 @@ from absl import logging
 
 from kfuse import models, train
 from kfuse.data import iterate, make_suite, pretrain_task
-from kfuse.bench.common import to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir, write_json as _write_json_atomic, write_text as _write_text_atomic  # noqa: E501
+from kfuse.bench.common import (
+    to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir,
+    write_json as _write_json_atomic, write_text as _write_text_atomic, method_entries)
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -75,12 +77,7 @@ def method_specs(methods_cfg: Any) -> list[dict]:
   from kfuse import merge
 
   specs = []
-  for label, entry in _to_dict(methods_cfg).items():
-    entry = dict(entry or {})
-    unknown = set(entry) - {"method", "params", "grid"}
-    if unknown:
-      raise KfuseError(f"methods.{label}: unknown field {sorted(unknown)[0]!r}"
-                       " (expected method, params, grid)")
+  for label, entry in method_entries(methods_cfg, ("method", "params", "grid")):
     name = entry.get("method") or label
     try:
       m = merge.get_method(name)

@@ -38,7 +38,9 @@ from absl import logging
 from kfuse import adapt, models, train
 from kfuse.data import corruptions as corr
 from kfuse.data import iterate
-from kfuse.bench.common import to_dict as _to_dict, plain as _plain, check_workdir as _check_workdir, write_text as _write_atomic  # noqa: E501
+from kfuse.bench.common import (
+    to_dict as _to_dict, plain as _plain, check_workdir as _check_workdir,
+    write_text as _write_atomic, method_entries)
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -60,12 +62,7 @@ def method_specs(methods_cfg: Any) -> list[dict]:
   label), ``optimizer`` (dict; default the method's SPEC default) and ``params``.
   """
   specs = []
-  for label, entry in _to_dict(methods_cfg).items():
-    entry = dict(entry or {})
-    unknown = set(entry) - {"method", "optimizer", "params"}
-    if unknown:
-      raise KfuseError(f"methods.{label}: unknown field {sorted(unknown)[0]!r}"
-                       " (expected method, optimizer, params)")
+  for label, entry in method_entries(methods_cfg, ("method", "optimizer", "params")):
     name = entry.get("method") or label
     if name not in adapt.names():
       raise KfuseError(f"methods.{label}.method: unknown TTA method {name!r};"
