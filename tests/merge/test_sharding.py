@@ -170,3 +170,15 @@ def test_two_processes_give_the_same_files(tmp_path):
                      env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   _assert_same_files(tmp_path / "mh", tmp_path / "one")
+
+
+def test_more_devices_than_visible_is_a_one_line_error():
+  import jax
+  import pytest
+  from kfuse import shard
+  from kfuse.tree import KfuseError
+  n = len(jax.devices()) + 1
+  with pytest.raises(KfuseError, match=rf"config.num_devices={n} but only {n - 1} device\(s\)"
+                                       r" are visible \(cpu\); on CPU set XLA_FLAGS"):
+    shard.make_mesh(n)
+  assert shard.make_mesh(1) is None and shard.make_mesh(0) is None
