@@ -319,11 +319,14 @@ def test_unwritable_output_is_one_line(zoo, tmp_path):
   assert "cannot create the output directory /proc/kfuse_out" in one_line_error(r)
 
 
-def test_config_mistakes_are_one_line():
+def test_config_field_typos_are_one_line_and_name_the_closest_field():
   r = cli("--config=configs/merge.py:ties", "--config.params.denisty=0.2")
   assert "no field 'denisty' (did you mean 'density'?)" in one_line_error(r)
   r = cli("--config=configs/mergekit.py", "--config.outptu_dir=x")
   assert "no field 'outptu_dir' (did you mean 'output_dir'?)" in one_line_error(r)
+
+
+def test_config_file_mistakes_are_one_line():
   r = cli("--config=configs/merg.py")
   assert "config file configs/merg.py does not exist (did you mean 'configs/merge.py'?)" \
       in one_line_error(r)
