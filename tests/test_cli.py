@@ -280,12 +280,12 @@ def test_per_model_weights_from_the_command_line(zoo, tmp_path):
   assert "'weight' has 3 per-model values for 2 models" in one_line_error(r)
 
 
-def sweep_params(m):
+def sweep_params(m, n):
   out = []
   for p in m.params:
     field = "lambda_" if p.name == "lambda" else p.name
     if p.default is REQUIRED or (p.default is None and p.per_model):
-      out.append(f"--config.params.{field}={'0.5,0.5' if p.per_model else '0.5'}")
+      out.append(f"--config.params.{field}={','.join(['0.5'] * n) + ',' if p.per_model else '0.5'}")
   return out
 
 
@@ -297,7 +297,7 @@ def test_every_method_runs_from_the_command_line(zoo, tmp_path, method):
   models = [f"{root}/e0", f"{root}/e1"][:1 if m.max_models == 1 else 2]
   base = [] if m.base == "unused" else [f"--config.base={root}/base"]
   r = cli(f"--config=configs/merge.py:{method}", f"--config.models={','.join(models)}", *base,
-          *sweep_params(m), f"--config.output_dir={tmp_path / 'o'}", "--config.progress=False")
+          *sweep_params(m, len(models)), f"--config.output_dir={tmp_path / 'o'}", "--config.progress=False")
   if m.tree_stats is not None:
     assert "needs whole-model statistics" in one_line_error(r)
     return
@@ -316,6 +316,14 @@ def test_unwritable_output_is_one_line(zoo, tmp_path):
           f"--config.output_dir={tmp_path / 'file' / 'out'}")
   assert f"{tmp_path / 'file'} is not a directory" in one_line_error(r)
   r = cli("--config=configs/merge.py:linear", models, "--config.output_dir=/proc/kfuse_out")
+  assert "cannot create the output directory /proc/kfuse_out" in one_line_error(r)
+
+
+def test_unwritable_orbax_output_is_one_line_before_the_work(zoo, tmp_path):
+  """Orbax output into /proc printed ~150 lines of tracebacks and hung for 5 minutes."""
+  root, _ = zoo
+  r = cli("--config=configs/merge.py:linear", f"--config.models={root}/e0,{root}/e1",
+          "--config.output_format=orbax", "--config.output_dir=/proc/kfuse_out")
   assert "cannot create the output directory /proc/kfuse_out" in one_line_error(r)
 
 

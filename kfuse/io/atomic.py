@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "check_output_free",
     "check_output_outside_inputs",
+    "check_output_writable",
     "commit_dir",
     "remove_stale_outputs",
     "temp_sibling",
@@ -185,6 +186,32 @@ def commit_dir(tmp: str, path: str | os.PathLike, overwrite: bool) -> None:
   _fsync_path(os.path.dirname(dst), directory=True)
 
 
+def _make_sibling(dst: str, tmp: str) -> None:
+  """Create ``dst``'s parent directories and the directory ``tmp``; one line on failure."""
+  try:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.mkdir(tmp)
+  except OSError as e:
+    anc = os.path.dirname(dst)
+    while anc != os.path.dirname(anc) and not os.path.lexists(anc):
+      anc = os.path.dirname(anc)
+    why = (f"{anc} is not a directory" if not os.path.isdir(anc)
+           else f"{e.strerror or e} ({e.filename or tmp})")
+    raise KfuseError(f"cannot create the output directory {dst}: {why}") from e
+
+
+def check_output_writable(path: str | os.PathLike) -> None:
+  """Fail with one line, before any work, when no directory can be created next to ``path``.
+
+  Creates the missing parents and a probe sibling (removed at once), as
+  `atomic_output_dir` and `kfuse.io.save_orbax` will.
+  """
+  dst = _norm(path)
+  probe = temp_sibling(dst, "probe")
+  _make_sibling(dst, probe)
+  os.rmdir(probe)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
   """Yield a temporary directory that becomes ``path`` when the block exits cleanly.
@@ -196,16 +223,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
   check_output_free(path, overwrite)
   dst = _norm(path)
   tmp = temp_sibling(dst)
-  try:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.mkdir(tmp)
-  except OSError as e:
-    anc = os.path.dirname(dst)
-    while anc != os.path.dirname(anc) and not os.path.lexists(anc):
-      anc = os.path.dirname(anc)
-    why = (f"{anc} is not a directory" if not os.path.isdir(anc)
-           else f"{e.strerror or e} ({e.filename or tmp})")
-    raise KfuseError(f"cannot create the output directory {dst}: {why}") from e
+  _make_sibling(dst, tmp)
   try:
     yield tmp
     fsync_tree(tmp)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax
 
 from kfuse import tree as T
+from kfuse.io.atomic import check_output_writable
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
 from kfuse.merge.engine import OrbaxSource, TensorTask, execute, output_specs
@@ -156,6 +157,7 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
             "seconds": round(time.perf_counter() - t0, 3)}
   kio.remove_stale_outputs(output_dir)
+  check_output_writable(output_dir)   # one line now, not a traceback after the work
   if fmt == "safetensors":
     with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
       donor = ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path)
