@@ -196,7 +196,7 @@ def _make_sibling(dst: str, tmp: str) -> None:
     while anc != os.path.dirname(anc) and not os.path.lexists(anc):
       anc = os.path.dirname(anc)
     why = (f"{anc} is not a directory" if not os.path.isdir(anc)
-           else f"{e.strerror or e} ({e.filename or tmp})")
+           else f"{e.strerror or e}" + (f" ({e.filename})" if e.filename not in (None, tmp) else ""))
     raise KfuseError(f"cannot create the output directory {dst}: {why}") from e
 
 
