@@ -5,14 +5,24 @@
         --config.output_dir=out/ties --config.params.density=0.2 --config.params.lambda_=0.5
 
 The argument after ':' picks the method (default: task_arithmetic); its
-parameters appear under config.params with their defaults, so any of them can
-be overridden with --config.params.NAME=VALUE. Per-model values: give a
-list in a config file of your own (`config.params.weight = [1.0, 0.5]`).
+parameters appear under config.params with their defaults (required ones
+unset), so any of them can be set with --config.params.NAME=VALUE
+(`lambda` is `lambda_`). Values are Python literals:
+  --config.params.t=0.5                     a number, the same for every tensor
+  --config.params.weight=1.0,0.5            a per-model parameter: one value per model
+  --config.params.t=0,0.5,1                 any other parameter: a per-layer gradient
+  --config.params.density="[{'filter': 'mlp', 'value': 0.3}, {'value': 0.5}]"   rules
+`--config=configs/merge.py:METHOD --help` lists the method's parameters.
 """
 
 import ml_collections
+from ml_collections.config_dict import FieldReference
 
 from kfuse.merge import get_method, REQUIRED
+
+
+def _field(name):
+  return "lambda_" if name == "lambda" else name  # `lambda` cannot be a flag path
 
 
 def get_config(arg=None):
@@ -22,22 +32,33 @@ def get_config(arg=None):
   config.task = "merge"
   config.method = method
   config.models = ""          # comma-separated paths
-  config.base = ""
-  config.output_dir = ""
+  config.base = ""              # base model path (methods with a base)
+  config.output_dir = ""        # where the merged model is written; never inside an input
   config.output_format = "auto"   # auto | safetensors | orbax
   config.dtype = ""               # cast inputs (e.g. bfloat16); empty: keep
-  config.overwrite = False
-  config.seed = 0
-  config.progress = True
+  config.overwrite = False      # replace an existing output_dir (never an input)
+  config.seed = 0               # key for random methods (DARE, DELLA)
+  config.progress = True        # progress bar on stderr
   # scale (WORKSPACE.md, "Scale: streaming, sharding, multi-host")
   config.num_devices = 0          # >1: shard every tensor over this many devices
   config.prefetch_bytes = 0       # input bytes held at once; 0: largest tensor's inputs
   config.chunk = -1               # flat chunk length for elementwise methods; -1 auto, 0 off
   config.compile_cache = ""       # dir for JAX's persistent compilation cache; '' off
-  params = {}
+  params = ml_collections.ConfigDict()
   for p in m.params:
-    # required parameters start as None: the run fails until they are given
-    name = "lambda_" if p.name == "lambda" else p.name  # `lambda` cannot be a flag path
-    params[name] = None if p.default is REQUIRED else p.default
+    # any literal type (a number, a per-model list, a gradient, rules); unset = None
+    params[_field(p.name)] = FieldReference(None if p.default is REQUIRED else p.default,
+                                            field_type=object)
   config.params = params
   return config
+
+
+def field_docs(arg=None):
+  """One line per method parameter for `--help` (from the method's registry entry)."""
+  m = get_method(arg or "task_arithmetic")
+  docs = {}
+  for p in m.params:
+    what = ("required; " if p.default is REQUIRED else "") + (
+        "one value per model, or one for all; " if p.per_model else "") + p.kind.__name__
+    docs[f"params.{_field(p.name)}"] = f"{p.doc} ({what})" if p.doc else f"({what})"
+  return docs

@@ -421,6 +421,7 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
       if src.model not in models:
         p = src.model if os.path.isabs(src.model) or os.path.exists(src.model) else str(base_dir / src.model)
         models[src.model] = kio.open_hf_dir(p)
+  kio.check_output_outside_inputs(output_dir, [config_path] + [m.path for m in models.values()])
   tasks, out_names, total_layers = build_plan(slices, top_params, method, models, config_path)
   dup = {n for n in out_names if out_names.count(n) > 1}
   if dup:

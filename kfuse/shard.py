@@ -210,17 +210,15 @@ def rows_of(index: tuple, shape: tuple) -> tuple:
 def main() -> None:
   """``python -m kfuse.shard FLAGS``: `kfuse.main` on every host of a multi-host run.
 
-  Joins the run first (`initialize`, from the environment: a TPU pod, SLURM,
-  or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), then runs
-  the job given by the same flags as `python -m kfuse.main`.
+  Parses the same flags as `python -m kfuse.main` (one-line errors), joins the
+  run (`initialize`, from the environment: a TPU pod, SLURM, or
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), then runs the job.
   """
-  initialize(os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
-             int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0),
-             int(os.environ.get("JAX_PROCESS_ID", "-1") or -1))
-  from absl import app, flags
   from kfuse import main as kfuse_main
-  flags.mark_flag_as_required("config")
-  app.run(kfuse_main.main)
+  kfuse_main.cli(setup=lambda: initialize(
+      os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+      int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0),
+      int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)))
 
 
 if __name__ == "__main__":

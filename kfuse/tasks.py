@@ -17,6 +17,16 @@ TASKS = {
     "kd_bench": "kfuse.bench.kd_bench:run",
 }
 
+# task name -> one line for `python -m kfuse.main --help`
+ABOUT = {
+    "mergekit": "run a mergekit YAML into config.output_dir (streaming, atomic)",
+    "merge": "merge safetensors / Orbax checkpoints with any kfuse method",
+    "merge_bench": "multi-task merge benchmark (methods x tasks, measured table)",
+    "mnist1d_baselines": "MNIST-1D paper baselines (logreg, MLP, CNN)",
+    "tta_bench": "test-time adaptation benchmark on MNIST-1D-C",
+    "kd_bench": "knowledge-distillation benchmark (KD losses, Forget-Me-Not, Fantastic Gains)",
+}
+
 
 def entry(config: Any):
   """The function that runs ``config.task`` (its module imported)."""

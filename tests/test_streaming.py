@@ -193,24 +193,51 @@ def test_missing_input_shard_is_named_and_nothing_is_written(tmp_path):
   assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
+# Runs `kfuse.main` with the output writer blocked after its first tensor: the
+# test kills the process while it waits, i.e. mid-write, every time.
+BLOCKED_RUN = textwrap.dedent("""
+    import sys, threading
+    from absl import app
+    from kfuse.io import safetensors_io as sio
+    from kfuse import main
+    marker, argv = sys.argv[1], sys.argv[2:]
+
+    def blocking(original):
+      def wrapped(self, *a, **k):
+        original(self, *a, **k)             # one tensor is in the temporary output
+        open(marker, "w").close()           # tell the test, then wait to be killed
+        threading.Event().wait()
+      return wrapped
+
+    sio.PlannedHFWriter.add = blocking(sio.PlannedHFWriter.add)
+    sio.PlannedHFWriter.add_part = blocking(sio.PlannedHFWriter.add_part)
+    sys.argv = ["kfuse"] + argv
+    main.cli()
+    """)
+
+
 def test_killed_run_leaves_no_complete_looking_output_and_rerun_works(zoo, tmp_path):
   root, yml = zoo
   before = tree_hash(root)
-  out = tmp_path / "merged"
-  cmd = [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
-         f"--config.output_dir={out}", "--config.progress=False"]
+  out, marker = tmp_path / "merged", tmp_path / "writing"
+  flags = [f"--config={REPO}/configs/mergekit.py:{yml}", f"--config.output_dir={out}",
+           "--config.progress=False"]
   env = dict(os.environ, PYTHONPATH=REPO)
-  p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  p = subprocess.Popen([sys.executable, "-c", BLOCKED_RUN, str(marker), *flags], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
-  while not leftovers(tmp_path, "merged") and time.time() < deadline and p.poll() is None:
-    time.sleep(0.005)
-  p.kill()          # SIGKILL: no cleanup can run
+  while not marker.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  assert marker.exists(), f"the run never reached the writer: {p.poll()} {p.stderr.read()[-2000:]}"
+  p.kill()          # SIGKILL mid-write: no cleanup can run
   p.wait()
-  assert not out.exists() or kio.read_hf_dir(str(out))   # never a partial output at OUT
-  if not out.exists():
-    assert leftovers(tmp_path, "merged"), "the kill should have left a temporary directory"
-  again = cmd if not out.exists() else cmd + ["--config.overwrite=True"]
-  subprocess.run(again, env=env, check=True, capture_output=True)
+  p.stderr.close()
+  assert not out.exists()                                # nothing complete-looking at OUT
+  assert len(leftovers(tmp_path, "merged")) == 1         # only the dead run's temporary
+  assert tree_hash(root) == before
+  r = subprocess.run([sys.executable, "-m", "kfuse.main", *flags], env=env, capture_output=True,
+                     text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
   assert len(kio.read_hf_dir(str(out))) == 9
   assert leftovers(tmp_path, "merged") == []           # the dead run's temp dir is gone
   assert tree_hash(root) == before

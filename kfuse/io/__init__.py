@@ -1,6 +1,7 @@
 """Checkpoint I/O: HF safetensors directories, orbax pytrees, atomic outputs."""
 
-from kfuse.io.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_text
+from kfuse.io.atomic import (atomic_output_dir, atomic_write_bytes, atomic_write_text,
+                             check_output_outside_inputs)
 from kfuse.io.orbax_io import (
     is_orbax_checkpoint,
     load_params,
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_output_dir",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_outside_inputs",
     "HFModel",
     "HFWriter",
     "LazyTensors",

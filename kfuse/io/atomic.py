@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import socket
 import tempfile
 from typing import Iterator
 
@@ -22,7 +24,10 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "check_output_free",
+    "check_output_outside_inputs",
+    "check_output_writable",
     "commit_dir",
+    "remove_stale_outputs",
     "temp_sibling",
     "fsync_tree",
 ]
@@ -34,11 +39,21 @@ def _norm(path: str | os.PathLike) -> str:
   return p.rstrip(os.sep) or os.sep
 
 
+def _host() -> str:
+  """This host's name as it appears in temporary names (no separators)."""
+  return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
 def temp_sibling(path: str | os.PathLike, tag: str = "tmp") -> str:
-  """A fresh, non-existing name ``.{name}.{tag}-{pid}-{random}`` next to ``path``."""
+  """A fresh, non-existing name ``.{name}.{tag}-{host}-{pid}-{random}`` next to ``path``.
+
+  The host makes the pid meaningful on a shared filesystem: only the host that
+  wrote a temporary can tell whether its process is still alive
+  (`remove_stale_outputs`).
+  """
   p = _norm(path)
   parent, name = os.path.split(p)
-  return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+  return os.path.join(parent, f".{name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
@@ -46,6 +61,67 @@ def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
   if os.path.lexists(os.fspath(path)) and not overwrite:
     raise KfuseError(f"output directory {os.fspath(path)} exists; pass overwrite=True"
                      " (--config.overwrite=True) to replace it")
+
+
+def _inside(path: str, root: str) -> bool:
+  """Whether real path ``path`` lies strictly below real path ``root``."""
+  return path != root and os.path.commonpath([path, root]) == root
+
+
+def check_output_outside_inputs(output: str | os.PathLike,
+                                inputs: "list[str | os.PathLike]") -> None:
+  """Refuse an output that is, contains or sits inside one of ``inputs``.
+
+  Writing such an output would replace (``overwrite=True``) or mix with the
+  inputs, so every front end calls this before anything is created or removed.
+  Paths are compared after resolving symlinks (`os.path.realpath`).
+  """
+  out = os.path.realpath(os.fspath(output))
+  for inp in inputs:
+    src = os.path.realpath(os.fspath(inp))
+    how = ("is" if out == src else "contains" if _inside(src, out)
+           else "is inside" if _inside(out, src) else None)
+    if how:
+      raise KfuseError(f"output directory {os.fspath(output)} {how} the input {os.fspath(inp)};"
+                       " choose an output outside every input")
+
+
+def remove_stale_outputs(path: str | os.PathLike) -> list[str]:
+  """Delete this host's temporary siblings of output ``path`` left by killed runs.
+
+  `atomic_output_dir` writes into ``.{name}.tmp-{host}-{pid}-{random}`` next
+  to the output; a run killed with SIGKILL cannot remove it. Only temporaries
+  written by this host whose process no longer exists are deleted: on a shared
+  filesystem another host's pid means nothing here, and its run may still be
+  writing. Returns the removed paths.
+  """
+  parent, name = os.path.split(_norm(path))
+  prefix, host = f".{name}.tmp-", _host()
+  removed = []
+  if not os.path.isdir(parent):
+    return removed
+  for entry in os.listdir(parent):
+    if not entry.startswith(prefix):
+      continue
+    parts = entry[len(prefix):].rsplit("-", 2)   # host, pid, random
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+      continue
+    full = os.path.join(parent, entry)
+    _remove(full)
+    removed.append(full)
+  return removed
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True
+  return True
 
 
 def _fsync_path(path: str, directory: bool) -> None:
@@ -110,6 +186,32 @@ def commit_dir(tmp: str, path: str | os.PathLike, overwrite: bool) -> None:
   _fsync_path(os.path.dirname(dst), directory=True)
 
 
+def _make_sibling(dst: str, tmp: str) -> None:
+  """Create ``dst``'s parent directories and the directory ``tmp``; one line on failure."""
+  try:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.mkdir(tmp)
+  except OSError as e:
+    anc = os.path.dirname(dst)
+    while anc != os.path.dirname(anc) and not os.path.lexists(anc):
+      anc = os.path.dirname(anc)
+    why = (f"{anc} is not a directory" if not os.path.isdir(anc)
+           else f"{e.strerror or e}" + (f" ({e.filename})" if e.filename not in (None, tmp) else ""))
+    raise KfuseError(f"cannot create the output directory {dst}: {why}") from e
+
+
+def check_output_writable(path: str | os.PathLike) -> None:
+  """Fail with one line, before any work, when no directory can be created next to ``path``.
+
+  Creates the missing parents and a probe sibling (removed at once), as
+  `atomic_output_dir` and `kfuse.io.save_orbax` will.
+  """
+  dst = _norm(path)
+  probe = temp_sibling(dst, "probe")
+  _make_sibling(dst, probe)
+  os.rmdir(probe)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
   """Yield a temporary directory that becomes ``path`` when the block exits cleanly.
@@ -120,9 +222,8 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
   """
   check_output_free(path, overwrite)
   dst = _norm(path)
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
   tmp = temp_sibling(dst)
-  os.mkdir(tmp)
+  _make_sibling(dst, tmp)
   try:
     yield tmp
     fsync_tree(tmp)

@@ -28,7 +28,8 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from kfuse.io.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_text
+from kfuse.io.atomic import (atomic_output_dir, atomic_write_bytes, atomic_write_text,
+                             remove_stale_outputs)
 from kfuse.tree import KfuseError, resolve_dtype
 
 __all__ = [
@@ -863,40 +864,6 @@ class PlannedHFWriter:
   def __exit__(self, exc_type, *rest) -> None:
     if exc_type is not None and not self._finished:
       self.abort()
-
-
-def remove_stale_outputs(path: str | os.PathLike) -> list[str]:
-  """Delete temporary siblings of output ``path`` left behind by killed runs.
-
-  `atomic_output_dir` writes into ``.{name}.tmp-{pid}-{random}`` next to the
-  output; a run killed with SIGKILL cannot remove it. Those whose process no
-  longer exists (on this host) are deleted; returns their paths.
-  """
-  parent, name = os.path.split(os.path.abspath(os.fspath(path)))
-  prefix = f".{name}.tmp-"
-  removed = []
-  if not os.path.isdir(parent):
-    return removed
-  for entry in os.listdir(parent):
-    pid = entry[len(prefix):].split("-")[0] if entry.startswith(prefix) else ""
-    if not pid.isdigit() or _pid_alive(int(pid)):
-      continue
-    full = os.path.join(parent, entry)
-    shutil.rmtree(full, ignore_errors=True)
-    removed.append(full)
-  return removed
-
-
-def _pid_alive(pid: int) -> bool:
-  if pid == os.getpid():
-    return True
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except OSError:
-    return True
-  return True
 
 
 def _check_free_space(directory: str, need: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax
 
 from kfuse import tree as T
+from kfuse.io.atomic import check_output_writable
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
 from kfuse.merge.engine import OrbaxSource, TensorTask, execute, output_specs
@@ -102,6 +103,7 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
   params = canonical_params(params)
   if not models:
     raise KfuseError("config.models: empty model list")
+  kio.check_output_outside_inputs(output_dir, list(models) + ([base] if base else []))
   opened = [open_model(p) for p in models]
   srcs = [o[0] for o in opened]
   bsrc = None
@@ -155,6 +157,7 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
             "seconds": round(time.perf_counter() - t0, 3)}
   kio.remove_stale_outputs(output_dir)
+  check_output_writable(output_dir)   # one line now, not a traceback after the work
   if fmt == "safetensors":
     with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
       donor = ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path)
@@ -176,16 +179,42 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
           "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def cli_params(method: str, params: Mapping[str, Any]) -> dict:
+  """Method parameters as given in a config / on the command line, as `merge` takes them.
+
+  Unset (``None``) fields are dropped. A list (``--config.params.weight=1.0,0.5``
+  parses as a tuple) holds one value per model for a per-model parameter and
+  the anchors of a per-layer gradient (mergekit semantics) for any other; a
+  list of ``{filter|regex, value}`` dicts is a rule list. A string given to a
+  number or boolean parameter is refused with its name.
+  """
+  from kfuse.merge import params as P
+  spec = get_method(method).param_map
+  out = {}
+  for name, v in params.items():
+    if v is None:
+      continue
+    if isinstance(v, tuple):
+      v = list(v)
+    p = spec.get("lambda" if name == "lambda_" else name)
+    if p is not None and p.kind in (float, int, bool) and isinstance(v, str):
+      raise KfuseError(f"config.params.{name}: expected a {p.kind.__name__}, got {v!r}")
+    if p is not None and not p.per_model and isinstance(v, list) and not P.is_rule_list(v):
+      v = P.Gradient(v)
+    out[name] = v
+  return out
+
+
 def run_native(config, workdir=None) -> dict:
   """``configs/merge.py``: merge checkpoints named on the command line."""
   params = _get(config, "params", {})
   params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
-  params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if v is not None}
   out = _get(config, "output_dir")
   if not out:
     raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
-  res = merge_checkpoints(_get(config, "method"), _split(_get(config, "models")),
-                          _get(config, "base") or None, out, params=params,
+  method = _get(config, "method")
+  res = merge_checkpoints(method, _split(_get(config, "models")),
+                          _get(config, "base") or None, out, params=cli_params(method, params),
                           seed=int(_get(config, "seed", 0)),
                           overwrite=bool(_get(config, "overwrite", False)),
                           output_format=_get(config, "output_format", "auto"),

@@ -104,3 +104,24 @@ def test_greedy_soup_adds_only_helpful_models():
   assert sorted(chosen) == [0, 1]
   np.testing.assert_allclose(soup["w"], [1.0, 1.0], rtol=1e-6)
   assert best == pytest.approx(0.0, abs=1e-10)
+
+
+def test_config_file_of_ones_own_sets_per_model_lists(ckpts, tmp_path):
+  """configs/merge.py's documented route for per-model values: a config file that sets
+  `config.params.weight = [...]` (fields accept any literal, not only the default's type)."""
+  import importlib.util
+  from kfuse.merge.runner import run_native
+  root, trees = ckpts
+  spec = importlib.util.spec_from_file_location("merge_cfg", os.path.join(REPO, "configs/merge.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("linear")
+  c.models = f"{root}/m1,{root}/m2"
+  c.params.weight = [1.0, 0.5]
+  c.output_dir = str(tmp_path / "lin")
+  c.output_format = "safetensors"
+  c.progress = False
+  run_native(c)
+  got = kio.read_hf_dir(str(tmp_path / "lin"))
+  a, b = (np.asarray(t["params"]["Dense_0"]["kernel"], np.float64) for t in trees[1:])
+  np.testing.assert_allclose(got["params/Dense_0/kernel"], (a + 0.5 * b) / 1.5, rtol=1e-6)
