@@ -428,11 +428,11 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
   top = {k: _to_setting(v) for k, v in top_params.items()}
   warnings: dict = {}   # (kind, name) -> one line, printed once the plan is complete
   odd_density: dict = {}  # model -> densities outside (0, 1] it gets somewhere
-  _check_names(method, top, f"{cfg_path}: parameters", False, warnings)
+  _check_names(method, top, f"{cfg_path}: top-level parameters", False, warnings)
   for si, slc in enumerate(slices):
     _check_names(method, slc.parameters, f"{cfg_path}: slices[{si}].parameters", False, warnings)
     for src in slc.sources:
-      _check_names(method, src.parameters, f"{cfg_path}: parameters of model {src.model!r}", True,
+      _check_names(method, src.parameters, f"{cfg_path}: model {src.model!r}", True,
                    warnings)
   tasks: list[TensorTask] = []
   out_names: list[str] = []
