@@ -31,9 +31,10 @@ Accepted as mergekit accepts them, with one ``kfuse: warning: ...`` line on
 stderr each: a parameter some mergekit method defines but this method does
 not use (mergekit's own test YAMLs put ``weight`` on slerp, sce, ram, …), a
 shared parameter given per model (ignored there), and a ``density`` outside
-(0, 1] (≤ 0 drops that model's task vector, > 1 keeps all of it). Not supported yet: ``modules:``,
-tokenizer merging (``tokenizer``/``tokenizer_source`` other than ``base``),
-LoRA model references.
+(0, 1] (≤ 0 drops that model's task vector, > 1 keeps all of it).
+
+Not supported yet: ``modules:``, tokenizer merging (``tokenizer`` /
+``tokenizer_source`` other than ``base``), LoRA model references.
 """
 
 from __future__ import annotations
@@ -306,10 +307,10 @@ def _check_coverage(tasks: list, slices: list, models: Mapping, ref_model: str,
       hit = _LAYER.match(name)
       if hit and not any(a <= int(hit.group(2)) < b for a, b in ranges.get(p, [])):
         continue
+      if name in ref:   # read from the ref elsewhere (e.g. layers beyond its config's count)
+        continue
       shard_of = getattr(m, "shard_of", None)
       where = os.path.join(m.path, shard_of(name)) if shard_of and os.path.isdir(m.path) else m.path
-      if name in ref:
-        continue
       raise KfuseError(f"{ref.path}: missing tensor {name!r} that {where} has (every input "
                        f"must hold the same tensors; the native merge refuses this too)")
 

@@ -71,7 +71,7 @@ def test_fixture_dir_is_complete():
   assert not any("tokenizer_source" in c or "tokenizer" in c for c in cfgs)
   texts = "".join(read_fixture(n).text for n in NAMES)
   assert "filter:" in texts and re.search(r"value: \[", texts)   # filter rules, gradients
-  assert sum(bool(read_fixture(n).warns) for n in NAMES) >= 9   # parameters a method ignores
+  assert sum(bool(read_fixture(n).warns) for n in NAMES) >= 9  # parameters a method ignores
 
 
 def test_parameter_tables_match_mergekit():
