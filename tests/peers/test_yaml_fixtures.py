@@ -75,7 +75,7 @@ def test_fixture_dir_is_complete():
 
 
 def test_parameter_tables_match_mergekit():
-  """MERGEKIT_PARAMS / SPARSIFYING are mergekit's, and kfuse reads every parameter mergekit reads."""
+  """MERGEKIT_PARAMS and SPARSIFYING are mergekit's; kfuse reads every parameter mergekit reads."""
   from mergekit.merge_methods import registry
   from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
   names, sparsifying = set(), set()
