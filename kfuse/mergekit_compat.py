@@ -22,11 +22,19 @@ mergekit 0.1.5's for every deterministic method (float32 relative error
   ``out_dtype`` casts the saved tensors (default: the merge dtype).
 
 Where kfuse is stricter than mergekit (on purpose, each a one-line error):
-unknown parameter names (mergekit ignores them silently), unknown top-level
-keys, tensors missing from or shaped differently in some model, NaN/Inf
-inputs, an existing output directory. Not supported yet: ``modules:``,
-tokenizer merging (``tokenizer``/``tokenizer_source`` other than ``base``),
-LoRA model references.
+parameter names that no mergekit method defines (typos; mergekit ignores
+them silently), unknown top-level keys, tensors missing from or shaped
+differently in some model (also a tensor every expert has but the base
+lacks), NaN/Inf inputs, an existing output directory.
+
+Accepted as mergekit accepts them, with one ``kfuse: warning: ...`` line on
+stderr each: a parameter some mergekit method defines but this method does
+not use (mergekit's own test YAMLs put ``weight`` on slerp, sce, ram, …), a
+shared parameter given per model (ignored there), and a ``density`` outside
+(0, 1] (≤ 0 drops that model's task vector, > 1 keeps all of it).
+
+Not supported yet: ``modules:``, tokenizer merging (``tokenizer`` /
+``tokenizer_source`` other than ``base``), LoRA model references.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -49,6 +58,7 @@ from kfuse import tree as T
 from kfuse.merge import params as P
 from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
 from kfuse.merge.engine import TensorTask, execute, output_specs
+from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
 log = logging.getLogger("kfuse.mergekit")
@@ -56,6 +66,16 @@ log = logging.getLogger("kfuse.mergekit")
 TOP_KEYS = {"models", "slices", "modules", "merge_method", "base_model", "dtype",
             "out_dtype", "parameters", "tokenizer", "tokenizer_source", "chat_template",
             "name"}
+# Every parameter name a mergekit 0.1.5 merge method defines (the union of the
+# shared and per-input parameters of its registered methods; the peer test
+# tests/peers/test_yaml_fixtures.py checks it against the installed mergekit).
+MERGEKIT_PARAMS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask",
+    "t", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "scale",
+    "filter_wise", "select_topk", "r", "alpha", "max_iter", "tol"})
+# mergekit methods whose per-model ``density`` sparsifies the task vector.
+SPARSIFYING = frozenset({"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                         "della", "della_linear"})
 _LAYER = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 _POST = re.compile(r"(^|\.)(norm|final_layernorm|ln_f|final_layer_norm)\.(weight|bias)$|^lm_head\.")
 
@@ -76,6 +96,11 @@ class Slice:
 
 def _fail(path, msg):
   raise KfuseError(f"{path}: {msg}")
+
+
+def warn(msg: str) -> None:
+  """One ``kfuse: warning: ...`` line on stderr (the CLI's ``kfuse: error:`` style)."""
+  print(f"kfuse: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -222,13 +247,72 @@ def _to_setting(v):
   return v
 
 
-def _check_names(method: Method, params: Mapping, where: str, per_model: bool):
+def _check_names(method: Method, params: Mapping, where: str, per_model: bool,
+                 warnings: dict) -> None:
+  """Refuse typos; note (in ``warnings``, once per name) parameters mergekit ignores.
+
+  mergekit ignores every parameter its method does not read. A name that some
+  mergekit method defines is accepted here with a warning; a shared parameter
+  given per model is ignored there (mergekit's resolver skips that level); a
+  name no mergekit method (nor this kfuse method) knows is an error that
+  suggests the closest valid name.
+  """
   spec = method.param_map
   for k in params:
-    if k not in spec:
-      known = ", ".join(sorted(spec)) or "none"
-      raise KfuseError(f"{where}: unknown parameter {k!r} for merge_method {method.name!r}"
-                       f" (known: {known})")
+    if k in spec:
+      if per_model and not spec[k].per_model:
+        warnings.setdefault(("shared", k), f"{where}: parameter {k!r} of merge_method "
+                            f"{method.name!r} is shared, so a per-model value is ignored "
+                            f"(as mergekit does); set it in the top-level or slice 'parameters'")
+      continue
+    if k in MERGEKIT_PARAMS:
+      warnings.setdefault(("unused", k), f"{where}: parameter {k!r} is not used by merge_method "
+                          f"{method.name!r}; ignored (as mergekit does)")
+      continue
+    hint = suggest(k, spec) or suggest(k, MERGEKIT_PARAMS)
+    known = ", ".join(sorted(spec)) or "none"
+    raise KfuseError(f"{where}: unknown parameter {k!r} for merge_method {method.name!r}"
+                     f"{hint} (known: {known})")
+
+
+def _fmt_values(vals) -> str:
+  vals = sorted(vals)
+  return f"{vals[0]:g}" if len(vals) == 1 else f"{vals[0]:g}..{vals[-1]:g} ({len(vals)} values)"
+
+
+def _check_coverage(tasks: list, slices: list, models: Mapping, ref_model: str,
+                    layout: "Layout") -> None:
+  """Refuse a tensor some input holds but the plan never reads (the layout's model lacks it).
+
+  The layout comes from the base (or first) model, so a tensor every expert
+  holds but the base lacks would otherwise be dropped from the output
+  silently; the native merge (`kfuse.merge.runner.merge_checkpoints`) refuses
+  the same inputs. Layers outside a source's ``layer_range`` are not expected.
+  """
+  paths = list(models)
+  read = {p: set() for p in paths}
+  for task in tasks:
+    for mi, name in ([task.base] if task.base is not None else []) + list(task.experts):
+      read[paths[mi]].add(name)
+  ranges: dict = {}
+  for slc in slices:
+    for src in slc.sources:
+      ranges.setdefault(src.model, []).append(src.layer_range or (0, layout.num_layers))
+  ref = models[ref_model]
+  for p in paths:
+    m = models[p]
+    for name in m.names:
+      if name in read[p]:
+        continue
+      hit = _LAYER.match(name)
+      if hit and not any(a <= int(hit.group(2)) < b for a, b in ranges.get(p, [])):
+        continue
+      if name in ref:   # read from the ref elsewhere (e.g. layers beyond its config's count)
+        continue
+      shard_of = getattr(m, "shard_of", None)
+      where = os.path.join(m.path, shard_of(name)) if shard_of and os.path.isdir(m.path) else m.path
+      raise KfuseError(f"{ref.path}: missing tensor {name!r} that {where} has (every input "
+                       f"must hold the same tensors; the native merge refuses this too)")
 
 
 # ------------------------------------------------------------- architecture
@@ -343,7 +427,14 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
   ref_model = slices[0].base_model or slices[0].sources[0].model
   layout = infer_layout(models[ref_model].names, getattr(models[ref_model], "config", None))
   top = {k: _to_setting(v) for k, v in top_params.items()}
-  _check_names(method, top, f"{cfg_path}: parameters", False)
+  warnings: dict = {}   # (kind, name) -> one line, printed once the plan is complete
+  odd_density: dict = {}  # model -> densities outside (0, 1] it gets somewhere
+  _check_names(method, top, f"{cfg_path}: top-level parameters", False, warnings)
+  for si, slc in enumerate(slices):
+    _check_names(method, slc.parameters, f"{cfg_path}: slices[{si}].parameters", False, warnings)
+    for src in slc.sources:
+      _check_names(method, src.parameters, f"{cfg_path}: model {src.model!r}", True,
+                   warnings)
   tasks: list[TensorTask] = []
   out_names: list[str] = []
   total_layers = sum(
@@ -353,14 +444,14 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
   def add(out_name, slc, si, in_names, t, layer, where):
     base_i, experts = _contract(method, slc, where)
     shared_levels = [{k: _to_setting(v) for k, v in slc.parameters.items()}, top]
-    _check_names(method, shared_levels[0], f"{where}.parameters", False)
-    model_levels = []
-    for i in experts:
-      lv = {k: _to_setting(v) for k, v in slc.sources[i].parameters.items()}
-      _check_names(method, lv, f"{where}.sources[{i}].parameters", True)
-      model_levels.append([lv])
+    model_levels = [[{k: _to_setting(v) for k, v in slc.sources[i].parameters.items()}]
+                    for i in experts]
     vals = _resolve(method, shared_levels, model_levels, out_name,
                     [in_names[i] for i in experts], t, len(experts), f"{cfg_path}: {where}")
+    if method.name in SPARSIFYING:
+      for i, d in zip(experts, vals.get("density", ())):
+        if not 0 < d <= 1:
+          odd_density.setdefault(slc.sources[i].model, set()).add(d)
     vals["_mergekit"] = True  # mergekit's lenient density range
     ref = (mindex[slc.sources[base_i].model], in_names[base_i]) if base_i is not None else None
     exps = [(mindex[slc.sources[i].model], in_names[i]) for i in experts]
@@ -389,6 +480,12 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
   for nm in layout.post:
     last = slices[-1]
     add(nm, last, len(slices) - 1, [nm] * len(last.sources), 0.0, None, f"slices[{len(slices) - 1}]")
+  _check_coverage(tasks, slices, models, ref_model, layout)
+  for line in warnings.values():
+    warn(line)
+  for model, ds in odd_density.items():
+    warn(f"{cfg_path}: density {_fmt_values(ds)} for model {model!r} is outside (0, 1]; "
+         f"accepted as mergekit does (<= 0 drops that model's task vector, > 1 keeps all of it)")
   return tasks, out_names, offset
 
 

@@ -260,3 +260,151 @@ def test_existing_output_refused_then_overwritten(zoo, tmp_path):
   run_yaml(y, out, overwrite=True, progress=False)
   assert not (out / "keep.txt").exists()
   assert kio.is_hf_dir(str(out))
+
+
+# ---------------------------------------------------------------- mergekit's leniency, kept
+
+
+def warnings_of(err: str) -> list:
+  return [ln for ln in err.splitlines() if ln.startswith("kfuse: warning:")]
+
+
+def test_base_lacking_a_tensor_every_expert_has_is_refused_like_the_native_merge(zoo, tmp_path):
+  """The layout came from the base, so its missing lm_head was silently left out."""
+  from kfuse.merge.runner import merge_checkpoints
+  root, base = zoo
+  b = {k: v for k, v in base.items() if k != "lm_head.weight"}
+  kio.write_hf_dir(str(tmp_path / "base_nohead"), b, config={
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": L})
+  y = write_yaml(tmp_path / "m.yml", f"""
+      merge_method: ties
+      base_model: {tmp_path}/base_nohead
+      parameters: {{weight: 1.0, density: 0.5}}
+      models: [{{model: {root}/e0}}, {{model: {root}/e1}}, {{model: {root}/e2}}]
+  """)
+  with pytest.raises(KfuseError) as ei:
+    run_yaml(y, tmp_path / "out", progress=False)
+  msg = str(ei.value)
+  assert "\n" not in msg
+  assert msg.startswith(f"{tmp_path}/base_nohead: missing tensor 'lm_head.weight'"), msg
+  assert f"{root}/e0/model.safetensors" in msg, msg   # the file that holds it
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(KfuseError, match="lm_head.weight"):  # the native path agrees
+    merge_checkpoints("ties", [f"{root}/e{i}" for i in range(3)], f"{tmp_path}/base_nohead",
+                      str(tmp_path / "out_native"), params={"weight": 1.0, "density": 0.5},
+                      progress=False)
+
+
+def test_slices_outside_layer_range_are_not_expected(zoo, tmp_path):
+  """The coverage check leaves out layers a source does not contribute."""
+  root, _ = zoo
+  y = write_yaml(tmp_path / "pt.yml", f"""
+      merge_method: passthrough
+      slices:
+        - sources: [{{model: {root}/e0, layer_range: [0, 1]}}]
+        - sources: [{{model: {root}/e1, layer_range: [2, 3]}}]
+  """)
+  run_yaml(y, tmp_path / "out", progress=False)
+  assert json.load(open(tmp_path / "out" / "config.json"))["num_hidden_layers"] == 2
+
+
+def test_weight_on_a_method_without_weights_runs_with_one_warning(zoo, tmp_path, capsys):
+  """mergekit's test YAMLs put `weight` on every model, also for nearswap (it ignores it)."""
+  root, base = zoo
+  y = write_yaml(tmp_path / "ns.yml", f"""
+      merge_method: nearswap
+      base_model: {root}/base
+      parameters: {{t: 0.02}}
+      models:
+        - {{model: {root}/base, parameters: {{weight: 1.0}}}}
+        - {{model: {root}/e0, parameters: {{weight: 0.5}}}}
+  """)
+  run_yaml(y, tmp_path / "out", progress=False)
+  err = capsys.readouterr().err
+  w = warnings_of(err)
+  assert len(w) == 1, err
+  assert "'weight' is not used by merge_method 'nearswap'" in w[0] and "ns.yml" in w[0]
+  out = kio.read_hf_dir(str(tmp_path / "out"))
+  e0 = kio.read_hf_dir(str(root / "e0"))
+  for k in out:  # nearswap closed form in float64 (mergekit's nearswap.py)
+    a, b = base[k].astype(np.float64), e0[k].astype(np.float64)
+    w64 = np.clip(0.02 / np.maximum(np.abs(a - b), 1e-6), 0, 1)
+    np.testing.assert_allclose(out[k], w64 * b + (1 - w64) * a, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_shared_parameter_given_per_model_is_ignored_with_a_warning(zoo, tmp_path, capsys):
+  root, base = zoo
+  y = write_yaml(tmp_path / "ta.yml", f"""
+      merge_method: task_arithmetic
+      base_model: {root}/base
+      models:
+        - {{model: {root}/e0, parameters: {{weight: 0.5, lambda: 3.0}}}}
+  """)
+  run_yaml(y, tmp_path / "out", progress=False)
+  w = warnings_of(capsys.readouterr().err)
+  assert len(w) == 1 and "'lambda'" in w[0] and "shared" in w[0], w
+  out = kio.read_hf_dir(str(tmp_path / "out"))
+  e0 = kio.read_hf_dir(str(root / "e0"))
+  k = "model.layers.1.mlp.up_proj.weight"  # lambda stays 1.0
+  ref = base[k].astype(np.float64) + 0.5 * (e0[k].astype(np.float64) - base[k])
+  np.testing.assert_allclose(out[k], ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,typo,hint", [
+    ("nearswap", "wieght", "weight"),     # not a nearswap parameter: closest mergekit name
+    ("ties", "densty", "density"),
+    ("slerp", "tt", "t"),
+])
+def test_typo_in_parameter_name_is_an_error_with_a_suggestion(zoo, tmp_path, method, typo, hint):
+  root, _ = zoo
+  y = write_yaml(tmp_path / "bad.yml", f"""
+      merge_method: {method}
+      base_model: {root}/base
+      parameters: {{t: 0.5, weight: 1.0}}
+      models: [{{model: {root}/e0, parameters: {{{typo}: 0.5}}}}]
+  """)
+  with pytest.raises(KfuseError) as ei:
+    run_yaml(y, tmp_path / "out", progress=False)
+  msg = str(ei.value)
+  assert f"unknown parameter {typo!r}" in msg and f"(did you mean {hint!r}?)" in msg, msg
+  assert "\n" not in msg
+  assert not (tmp_path / "out").exists()
+
+
+def test_density_outside_unit_interval_is_kept_with_one_warning_per_model(zoo, tmp_path, capsys):
+  """density 0 drops a model's task vector, 1.5 keeps all of it (mergekit's sparsify)."""
+  root, base = zoo
+  y = write_yaml(tmp_path / "ties.yml", f"""
+      merge_method: ties
+      base_model: {root}/base
+      models:
+        - {{model: {root}/e0, parameters: {{weight: 1.0, density: 0.0}}}}
+        - {{model: {root}/e1, parameters: {{weight: 0.5, density: 1.5}}}}
+        - {{model: {root}/e2, parameters: {{weight: 0.5, density: [1.0, -0.5]}}}}
+  """)
+  run_yaml(y, tmp_path / "out", progress=False)
+  w = warnings_of(capsys.readouterr().err)
+  assert len(w) == 3, w
+  assert any(f"density 0 for model '{root}/e0'" in x for x in w), w
+  assert any(f"density 1.5 for model '{root}/e1'" in x for x in w), w
+  # e2's gradient goes below 0 at layer 2 only (t = 1: -0.5; t = 0.5: 0.25 is in range)
+  assert any(f"density -0.5 for model '{root}/e2'" in x for x in w), w
+  out = kio.read_hf_dir(str(tmp_path / "out"))
+  e1, e2 = kio.read_hf_dir(str(root / "e1")), kio.read_hf_dir(str(root / "e2"))
+  k = f"model.layers.{L - 1}.mlp.up_proj.weight"   # only e1's full delta survives
+  b = base[k].astype(np.float64)
+  # TIES (normalize): sum of agreeing weighted deltas / sum of their weights = δ1 where δ1 != 0
+  np.testing.assert_allclose(out[k], b + (e1[k] - b), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(out[k], e2[k])
+
+
+def test_density_in_range_gives_no_warning(zoo, tmp_path, capsys):
+  root, _ = zoo
+  y = write_yaml(tmp_path / "ties.yml", f"""
+      merge_method: ties
+      base_model: {root}/base
+      parameters: {{density: [1.0, 0.5], weight: 1.0}}
+      models: [{{model: {root}/e0}}, {{model: {root}/e1}}]
+  """)
+  run_yaml(y, tmp_path / "out", progress=False)
+  assert warnings_of(capsys.readouterr().err) == []

@@ -740,18 +740,14 @@ def _delta_stats(merged: Dict, base: Dict):
     return out
 
 
-@pytest.mark.parametrize("case_id", STATS_CASES)
-def test_mergekit_parity_stats(case_id, llama_family, mergekit_outputs, kfuse_outputs):
-    density = CASES[case_id][2].get("density")
-    base = load_tensors(llama_family["base"])
-    ref = load_tensors(mergekit_outputs(case_id))
+def assert_same_stats(got: Dict, ref: Dict, base: Dict, density, label: str = ""):
+    """Random methods: kept fraction within STATS_FRAC_TOL of ``density`` (or of mergekit's
+    fraction when None) and L1(merged - base) within STATS_NORM_TOL of mergekit's."""
     ref_stats = _delta_stats(ref, base)
     assert ref_stats, "no tensor large enough for statistics"
     if density is not None:  # harness sanity: mergekit itself keeps ~density
         for name, (frac, _) in ref_stats.items():
             assert abs(frac - density) <= STATS_FRAC_TOL, f"mergekit {name}: kept {frac:.3f} vs {density}"
-
-    got = load_tensors(kfuse_outputs(case_id))
     assert set(got) == set(ref), f"tensor names differ: {sorted(set(got) ^ set(ref))[:8]}"
     for name in ref:
         assert tuple(got[name].shape) == tuple(ref[name].shape), name
@@ -766,4 +762,13 @@ def test_mergekit_parity_stats(case_id, llama_family, mergekit_outputs, kfuse_ou
             failures.append(f"{name}: kept fraction {gfrac:.3f} vs {target:.3f}")
         if not (abs(gl1 / max(rl1, 1e-30) - 1.0) <= STATS_NORM_TOL):
             failures.append(f"{name}: L1(merged-base) ratio kfuse/mergekit {gl1 / max(rl1, 1e-30):.3f}")
-    assert not failures, f"{case_id}:\n" + "\n".join(failures[:20])
+    assert not failures, f"{label}:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("case_id", STATS_CASES)
+def test_mergekit_parity_stats(case_id, llama_family, mergekit_outputs, kfuse_outputs):
+    density = CASES[case_id][2].get("density")
+    base = load_tensors(llama_family["base"])
+    ref = load_tensors(mergekit_outputs(case_id))
+    got = load_tensors(kfuse_outputs(case_id))
+    assert_same_stats(got, ref, base, density, case_id)
