@@ -104,7 +104,7 @@ def main(argv=None):
   print(f"{'variant':16s} " + " ".join(f"{n:>5s}" for n in names) + "   mean")
   for j, name in enumerate(args.variants.split(",")):
     t = time.time()
-    r = tta_bench.evaluate_stream(build[name](), variables, stream, jax.random.key(j))
+    r = adapt.evaluate_stream(build[name](), variables, stream, jax.random.key(j))
     r["wall_s"] = time.time() - t
     out["variants"][name] = r
     print(f"{name:16s} " + " ".join(f"{e:5.1f}" for e in r["errors"]) + f"  {r['mean']:5.1f}",
