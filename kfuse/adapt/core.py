@@ -298,7 +298,8 @@ def trainable_mask(variables: Mapping[str, Any], trainable: Any = "norm",
   """`trainable_paths` as a boolean pytree shaped like ``variables['params']``.
 
   Usable with ``optax.masked`` / ``optax.partition``; the methods themselves hand
-  their optimizer the flat ``{path: leaf}`` subset instead (no dead zero updates).
+  their optimizer the flat ``{path: leaf}`` subset instead (`Trainable`: no dead gradients
+  or zero updates of frozen weights).
   """
   keep = set(trainable_paths(variables, trainable, exclude))
   params = variables.get("params", {})

@@ -93,7 +93,7 @@ def tent(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
     optimizer: optax optimizer (default ``optax.adam(1e-3)``, Tent's CIFAR setting).
     steps: gradient steps per batch (the returned logits are those of the last forward).
     episodic: reset to the source before every batch.
-    trainable: parameter selection (`core.trainable_paths`); ``"bn"`` is the official
+    trainable: parameter selection (`core.Trainable` / `core.trainable_paths`); ``"bn"`` is the official
       Tent (BatchNorm only), ``"norm"`` the benchmark's (BN/LN/GN).
     exclude: regexes of parameters to freeze.
     apply_kwargs: extra keyword arguments for ``apply_fn``.
@@ -294,23 +294,22 @@ def fisher_information(apply_fn: Any, variables: PyTree, batches: Any, *,
     batches: iterable of input batches ``[B, ...]`` (clean / source-like data).
   """
   apply_fn = core.as_apply_fn(apply_fn)
-  paths = core.trainable_paths(variables, trainable, exclude)
-  sub0 = core.subset(variables["params"], paths)
+  sel = core.Trainable(trainable, tuple(exclude))
+  sel.paths(variables)                                  # refuse an empty selection up front
 
   @jax.jit
-  def sq_grad(sub, x):
-    def loss_fn(sub):
-      v = core.with_params(variables, core.with_subset(variables["params"], sub))
+  def sq_grad(variables, x):
+    def loss_fn(v):
       logits, _ = core.forward(apply_fn, v, x, norm="batch", apply_kwargs=apply_kwargs)
       labels = jnp.argmax(jax.lax.stop_gradient(logits), -1)
       return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    g = jax.grad(loss_fn)(sub)
+    _, g = sel.value_and_grad(loss_fn, variables, has_aux=False)
     return jax.tree.map(jnp.square, g)
 
   total, n = None, 0
   for x in batches:
     core.check_inputs(jnp.asarray(x)[None], "fisher batches")
-    g2 = sq_grad(sub0, jnp.asarray(x))
+    g2 = sq_grad(variables, jnp.asarray(x))
     total = g2 if total is None else jax.tree.map(jnp.add, total, g2)
     n += 1
   if n == 0:
