@@ -208,3 +208,25 @@ def test_rotta_update_clock_across_batches():
   s2, _, m2 = step(s1, x)                            # samples 9..16: after 9, 12, 15
   assert float(m1["num_updates"]) == 2 and float(m2["num_updates"]) == 5
   assert int(s2.seen) == 16
+
+
+def test_randomness_comes_from_the_per_call_key_only():
+  """Same state + batch + key: the same step; another key: other augmentations / restore mask."""
+  apply, v = logits_model(classes=50)
+  x = jax.random.normal(jax.random.key(1), (8, 50))
+  noisy = lambda key, x: x + jax.random.normal(key, x.shape)
+  cotta = adapt.cotta(apply, optimizer=optax.sgd(100.0), rst=0.5, ap=1.01, n_augment=2,
+                      augment=noisy)
+  model, vb, xb = tiny_bn(batch=8)
+  rotta = adapt.rotta(model, optimizer=optax.sgd(0.5), capacity=8, update_frequency=8,
+                      augment=noisy)
+  for tta, variables, batch in ((cotta, v, x), (rotta, vb, xb)):
+    state = tta.init(variables, {"x": batch})
+    a, la, _ = run_step(tta, state, batch, jax.random.key(7))
+    b, lb, _ = run_step(tta, state, batch, jax.random.key(7))
+    c, _, _ = run_step(tta, state, batch, jax.random.key(8))
+    for p, q in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+      np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(la, lb)
+    assert any(not np.array_equal(p, q)
+               for p, q in zip(jax.tree.leaves(a.variables), jax.tree.leaves(c.variables)))
