@@ -11,7 +11,7 @@ from kfuse.adapt import entropy as ent_lib
 
 from tests.adapt.helpers import run_step, tiny_bn
 
-SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=4)}
+SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=8)}   # 1 update / step
 
 
 def _all_finite(tree):
