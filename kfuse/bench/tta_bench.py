@@ -60,7 +60,7 @@ def method_specs(methods_cfg: Any) -> list[dict]:
   """Validate ``config.methods``: ``[{label, method, optimizer, params}]``.
 
   ``config.methods.<label>`` holds ``method`` (a `kfuse.adapt` name; default the
-  label), ``optimizer`` (dict; default the method's SPEC default) and ``params``.
+  label), ``optimizer`` (dict; default the method's registered paper default) and ``params``.
   """
   specs = []
   for label, entry in method_entries(methods_cfg, ("method", "optimizer", "params")):
