@@ -10,7 +10,7 @@ protocols, and on a long continual stream (``config.long``). Writes
 results.json, results.md, tta_bench.png and the source checkpoint under
 ``config.workdir`` (see `kfuse.bench.tta_bench`).
 
-Method settings follow SPEC §C (`kfuse.adapt.default_config`): Tent, CoTTA,
+Method settings follow the papers' defaults (`kfuse.adapt.default_config`): Tent, CoTTA,
 RoTTA as in their CIFAR-10 configs; EATA / ETA with the test-time-adaptation
 benchmark's CIFAR-10 overrides (Adam 1e-3, fisher_alpha 1, d_margin 0.4);
 SAR with its paper defaults (SGD 2.5e-4, momentum 0.9) and its top block

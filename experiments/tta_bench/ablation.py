@@ -10,7 +10,7 @@ in a few variants that each switch off one ingredient.
 
 Why does RoTTA fail on the blur corruptions of the continual stream?
 
-* ``rotta``            — SPEC §C defaults (the benchmark row);
+* ``rotta``            — the registered paper defaults (the benchmark row);
 * ``rotta_nu0``        — ν = 0: the teacher's weights never move, so only its
                          RobustBN statistics (updated on the memory bank) adapt;
 * ``rotta_lambda_u0``  — λ_u = 0: the CSTU score is age only (no uncertainty term);
@@ -26,7 +26,7 @@ Why is SAR no better than BN-adapt?
 Per corruption it prints the error and ``memory_new`` (RoTTA: the mean number
 of the 64 memory slots refilled by each batch; 0 = the bank is frozen) or
 ``reset`` (SAR: the share of batches that ended in a model reset). These are
-diagnostics, not tuned defaults: the benchmark keeps the SPEC values.
+diagnostics, not tuned defaults: the benchmark keeps the paper defaults.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main(argv=None):
   print(f"{'variant':16s} " + " ".join(f"{n:>5s}" for n in names) + "   mean")
   for j, name in enumerate(args.variants.split(",")):
     t = time.time()
-    r = tta_bench.evaluate_stream(build[name](), variables, stream, jax.random.key(j))
+    r = adapt.evaluate_stream(build[name](), variables, stream, jax.random.key(j))
     r["wall_s"] = time.time() - t
     out["variants"][name] = r
     print(f"{name:16s} " + " ".join(f"{e:5.1f}" for e in r["errors"]) + f"  {r['mean']:5.1f}",

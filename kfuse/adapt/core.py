@@ -1,12 +1,12 @@
 """Shared machinery of the test-time adaptation (TTA) methods.
 
-Every method is an `Adapter`: a triple of pure functions over an explicit
-state pytree (optax-style)::
+Every method is an `Adapter`, the library's step protocol (`kfuse.protocol`)
+plus a ``reset``, over an explicit state pytree::
 
     tta = adapt.tent(model.apply, optimizer=optax.adam(1e-3))
-    state = tta.init(variables, x_example)            # holds the source variables
-    state, logits, metrics = jax.jit(tta.step)(state, x)
-    state = tta.reset(state)                          # back to the source model
+    state = tta.init(variables, {"x": x_example}, key)   # holds the source variables
+    state, metrics = tta.step(state, {"x": x}, key)       # already jitted; metrics["logits"]
+    state = tta.reset(state)                             # back to the source model
 
 This module holds what the methods share:
 
@@ -18,13 +18,17 @@ This module holds what the methods share:
   that is updated by the batch (``norm="ema"``, RoTTA's RobustBN). The model
   itself is called in inference mode (``apply_kwargs``, e.g. ``train=False``),
   so dropout and other train-only behaviour stay off;
-* **trainable subsets** (`trainable_paths`): ``"norm"`` (the affine
-  ``scale``/``bias`` of BatchNorm / LayerNorm / GroupNorm layers), ``"bn"``,
-  ``"all"``, a regex or a predicate over '/'-joined parameter paths. The
-  selection is a pure function of the tree structure, so it is static under
-  ``jit``; optimizers act on the flat ``{path: leaf}`` dict of the subset;
-* **losses**: `entropy`, `soft_cross_entropy`; tree helpers `ema`,
-  `tree_where`; and `make_runner`, a driver for whole streams.
+* **trainable subsets** (`Trainable`, the one piece every method uses):
+  ``"norm"`` (the affine ``scale``/``bias`` of BatchNorm / LayerNorm / GroupNorm
+  layers), ``"bn"``, ``"all"``, a regex or a predicate over '/'-joined parameter
+  paths. The selection is a pure function of the tree structure, so it is
+  static under ``jit``; gradients are taken and optimizers act on the flat
+  ``{path: leaf}`` dict of the subset only (no dead gradients of frozen weights);
+* **losses**: `entropy`, `soft_cross_entropy`, `tree_norm` (gradient-safe at
+  zero); tree helpers `ema`, `tree_where`; and `adapter`, which turns a
+  method's array-level step into the protocol's jitted ``step(state, batch, key)``.
+
+Streams of batches are run by `kfuse.adapt.stream`.
 
 Bad input: a model without any BatchNorm layer raises `KfuseError` when a
 method needs batch statistics; a batch of size 1 raises when pure batch
@@ -43,34 +47,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from kfuse import protocol
 from kfuse import tree as ktree
 from kfuse.tree import KfuseError
 
 PyTree = Any
 
 __all__ = [
-    "Adapter", "NORM_MODES", "as_apply_fn", "forward", "batch_norm_paths", "norm_layer_paths",
-    "trainable_paths", "trainable_mask", "subset", "with_subset", "with_params", "entropy",
-    "soft_cross_entropy", "ema", "tree_where", "guard", "is_finite", "copy_tree", "make_runner",
-    "run", "check_inputs",
+    "Adapter", "NORM_MODES", "Trainable", "adapter", "as_apply_fn", "forward", "batch_norm_paths",
+    "norm_layer_paths", "trainable_paths", "trainable_mask", "subset", "with_subset", "with_params",
+    "entropy", "soft_cross_entropy", "tree_norm", "ema", "tree_where", "guard", "is_finite",
+    "copy_tree", "check_inputs", "need_key",
 ]
 
 NORM_MODES = ("source", "batch", "ema")
 
 
 class Adapter(NamedTuple):
-  """A test-time adaptation method: a triple of pure functions.
+  """A test-time adaptation method: a `kfuse.protocol.Learner` plus ``reset``.
 
   Attributes:
-    init: ``init(variables, x_example, *, key=None, **extra) -> state``. The
+    init: ``init(variables, example_batch, key=None, **extra) -> state``. The
       state holds a copy of the source ``variables`` so `reset` needs nothing else.
-      ``x_example`` (an array or ``jax.ShapeDtypeStruct`` shaped like one test
-      batch) sizes the state and validates the model once, eagerly.
-    step: ``step(state, x) -> (state, logits, metrics)``; pure and jit-able.
-      ``logits`` are the method's *online* predictions for ``x``.
-    reset: ``reset(state) -> state``, the state right after `init` (the PRNG
-      key is carried on, not rewound).
+      ``example_batch`` (``{"x": array or jax.ShapeDtypeStruct}`` shaped like one
+      test batch) sizes the state and validates the model once, eagerly. No
+      PRNG key is stored in the state.
+    step: ``step(state, {"x": x}, key) -> (state, metrics)``, jit-compiled by the
+      library. ``metrics["logits"]`` are the method's *online* predictions for
+      ``x``. Stochastic methods (CoTTA, RoTTA) draw all their randomness from
+      ``key``; the others ignore it (``None`` is accepted).
+    reset: ``reset(state) -> state``, the state right after `init` (jitted).
     name: registry name.
   """
   init: Callable[..., Any]
@@ -290,11 +298,59 @@ def trainable_mask(variables: Mapping[str, Any], trainable: Any = "norm",
   """`trainable_paths` as a boolean pytree shaped like ``variables['params']``.
 
   Usable with ``optax.masked`` / ``optax.partition``; the methods themselves hand
-  their optimizer the flat ``{path: leaf}`` subset instead (no dead zero updates).
+  their optimizer the flat ``{path: leaf}`` subset instead (`Trainable`: no dead gradients
+  or zero updates of frozen weights).
   """
   keep = set(trainable_paths(variables, trainable, exclude))
   params = variables.get("params", {})
   return ktree.unflatten(params, {k: (k in keep) for k in ktree.flatten(params)})
+
+
+class Trainable(NamedTuple):
+  """The trainable subset of a method: `trainable_paths` + its optimizer plumbing.
+
+  The one shared piece of every gradient-based method: gradients are taken with
+  respect to the flat subset ``{path: leaf}`` only, and ``tx`` (any optax
+  transformation) sees only that subset, so frozen weights cost nothing.
+
+      sel = Trainable("norm", exclude)
+      opt_state = sel.init(tx, variables)
+      (loss, aux), grads = sel.value_and_grad(loss_fn, variables)   # loss_fn(variables)
+      variables, opt_state = sel.update(tx, grads, opt_state, variables)
+  """
+  trainable: Any = "norm"
+  exclude: tuple = ()
+
+  def paths(self, variables: Mapping[str, Any]) -> tuple[str, ...]:
+    return trainable_paths(variables, self.trainable, self.exclude)
+
+  def get(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The flat trainable subset ``{path: leaf}`` of ``variables['params']``."""
+    return subset(variables["params"], self.paths(variables))
+
+  def put(self, variables: Mapping[str, Any], sub: Mapping[str, jax.Array]) -> dict:
+    """``variables`` with the trainable leaves replaced by ``sub``."""
+    return with_params(variables, with_subset(variables["params"], sub))
+
+  def init(self, tx: Any, variables: Mapping[str, Any]) -> PyTree:
+    return tx.init(self.get(variables))
+
+  def value_and_grad(self, loss_fn: Callable, variables: Mapping[str, Any], *,
+                     has_aux: bool = True) -> tuple:
+    """``loss_fn(variables)`` and its gradient with respect to the trainable subset."""
+    return jax.value_and_grad(lambda sub: loss_fn(self.put(variables, sub)),
+                              has_aux=has_aux)(self.get(variables))
+
+  def update(self, tx: Any, grads: Mapping[str, jax.Array], opt_state: PyTree,
+             variables: Mapping[str, Any], take: jax.Array | None = None) -> tuple[dict, PyTree]:
+    """One ``tx`` step on the subset; ``take`` (scalar bool) False keeps both unchanged."""
+    sub = self.get(variables)
+    updates, new_opt = tx.update(grads, opt_state, sub)
+    new_sub = optax.apply_updates(sub, updates)
+    if take is not None:
+      new_sub = tree_where(take, new_sub, sub)
+      new_opt = tree_where(take, new_opt, opt_state)
+    return self.put(variables, new_sub), new_opt
 
 
 def subset(params: PyTree, paths: Sequence[str]) -> dict[str, jax.Array]:
@@ -330,6 +386,18 @@ def soft_cross_entropy(logits: jax.Array, target_logits: jax.Array) -> jax.Array
   return -jnp.sum(p_t * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
 
 
+def tree_norm(tree: PyTree) -> jax.Array:
+  """``‖t‖₂`` over every leaf, gradient-safe at zero (gradient 0 there, not NaN).
+
+  ``sqrt`` has an infinite derivative at 0; the double ``where`` keeps both the
+  value (exactly ``optax.tree.norm``) and its gradient finite for an all-zero tree.
+  """
+  sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+  sq = jnp.asarray(sq, jnp.float32)
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
 def ema(old: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree:
   """``decay·old + (1 - decay)·new`` leafwise (mean-teacher update)."""
   return jax.tree.map(lambda o, n: (decay * o + (1.0 - decay) * n).astype(o.dtype), old, new)
@@ -360,15 +428,41 @@ def check_variables(variables: Any, name: str) -> None:
                      f" got {type(variables).__name__}")
 
 
-def check_example(x: Any, name: str) -> jax.ShapeDtypeStruct:
+def check_example(batch: Any, name: str) -> jax.ShapeDtypeStruct:
+  """The shape of ``batch["x"]`` of an ``init`` example batch (raises `KfuseError`)."""
+  protocol.check_batch(batch, where=f"batch: {name}.init")
+  x = batch["x"]
   if x is None or not hasattr(x, "shape") or len(x.shape) < 1:
-    raise KfuseError(f"x_example: {name}.init needs an example batch (array or jax.ShapeDtypeStruct)")
+    raise KfuseError(f"batch: {name}.init needs an example batch {{'x': array or"
+                     " jax.ShapeDtypeStruct}")
   return jax.ShapeDtypeStruct(tuple(x.shape), getattr(x, "dtype", jnp.float32))
 
 
-def validate(adapter_step: Callable, state: Any, example: jax.ShapeDtypeStruct) -> None:
+def validate(array_step: Callable, state: Any, example: jax.ShapeDtypeStruct) -> None:
   """Trace one step abstractly so configuration errors surface at ``init`` time."""
-  jax.eval_shape(adapter_step, state, example)
+  jax.eval_shape(lambda s, x: array_step(s, x, jax.random.key(0)), state, example)
+
+
+def need_key(key: Any, name: str) -> jax.Array:
+  """``key``, or `KfuseError` for a stochastic method called without one."""
+  if key is None:
+    raise KfuseError(f"key: {name}.step needs a PRNG key (jax.random.key(seed)) on every call")
+  return key
+
+
+def adapter(name: str, init: Callable, array_step: Callable, reset: Callable) -> Adapter:
+  """The protocol's `Adapter` from a method's ``array_step(state, x, key) -> (state, logits, metrics)``.
+
+  ``step(state, batch, key=None)`` checks ``batch`` is a mapping with ``"x"``, runs
+  ``array_step`` on ``batch["x"]`` and returns ``(state, {**metrics, "logits": logits})``;
+  it and ``reset`` are jit-compiled here, once, for every method.
+  """
+  def step(state, batch, key=None):
+    protocol.check_batch(batch, where=f"batch: {name}.step")
+    state, logits, metrics = array_step(state, batch["x"], key)
+    return state, {**metrics, "logits": logits}
+
+  return Adapter(init, jax.jit(step), jax.jit(reset), name)
 
 
 # ------------------------------------------------------------------ stream drivers
@@ -381,39 +475,3 @@ def check_inputs(xs: Any, name: str = "stream") -> None:
     bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
     if bad.any():
       raise KfuseError(f"{name}: batch {int(np.argmax(bad))} contains NaN or Inf inputs")
-
-
-def make_runner(adapter: Adapter) -> Callable:
-  """``run(state, xs [T, B, ...], resets [T] bool) -> (state, logits [T, B, C], metrics)``.
-
-  A host loop over the jitted ``step`` (compiled once per batch shape; dispatch is
-  asynchronous, so the loop costs little). Where ``resets[t]`` the state is reset
-  before batch ``t`` (reset-per-shift protocol); all-False resets give the
-  continual protocol. A ``lax.scan`` over the stream would be one compilation,
-  but XLA:CPU runs convolution gradients inside loops several times slower.
-  """
-  step = jax.jit(adapter.step)
-  reset = jax.jit(adapter.reset)
-
-  def run_stream(state, xs, resets):
-    resets = np.asarray(resets, bool)
-    logits, metrics = [], []
-    for t in range(len(xs)):
-      if resets[t]:
-        state = reset(state)
-      state, out, m = step(state, xs[t])
-      logits.append(out)
-      metrics.append(m)
-    stacked = {k: jnp.stack([m[k] for m in metrics]) for k in (metrics[0] if metrics else {})}
-    return state, jnp.stack(logits), stacked
-
-  return run_stream
-
-
-def run(adapter: Adapter, state: Any, xs: Any, resets: Any = None) -> tuple:
-  """Check ``xs`` on the host, then run `make_runner` (no resets by default)."""
-  check_inputs(xs)
-  resets = np.zeros((len(xs),), bool) if resets is None else np.asarray(resets, bool)
-  if resets.shape != (len(xs),):
-    raise KfuseError(f"resets: expected shape ({len(xs)},), got {tuple(resets.shape)}")
-  return make_runner(adapter)(state, xs, resets)

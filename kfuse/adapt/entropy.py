@@ -93,7 +93,7 @@ def tent(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
     optimizer: optax optimizer (default ``optax.adam(1e-3)``, Tent's CIFAR setting).
     steps: gradient steps per batch (the returned logits are those of the last forward).
     episodic: reset to the source before every batch.
-    trainable: parameter selection (`core.trainable_paths`); ``"bn"`` is the official
+    trainable: parameter selection (`core.Trainable` / `core.trainable_paths`); ``"bn"`` is the official
       Tent (BatchNorm only), ``"norm"`` the benchmark's (BN/LN/GN).
     exclude: regexes of parameters to freeze.
     apply_kwargs: extra keyword arguments for ``apply_fn``.
@@ -103,17 +103,15 @@ def tent(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
   if int(steps) < 1:
     raise KfuseError(f"steps: must be >= 1, got {steps}")
 
-  def paths_of(variables):
-    return core.trainable_paths(variables, trainable, exclude)
+  sel = core.Trainable(trainable, tuple(exclude))
 
-  def fresh(source, count_dtype=jnp.int32):
-    sub = core.subset(source["params"], paths_of(source))
-    return TentState(source, tx.init(sub), source, jnp.zeros((), count_dtype))
+  def fresh(source):
+    return TentState(source, sel.init(tx, source), source, jnp.zeros((), jnp.int32))
 
-  def init(variables, x_example, *, key=None):
+  def init(variables, batch, key=None):
     del key
     core.check_variables(variables, "tent")
-    example = core.check_example(x_example, "tent")
+    example = core.check_example(batch, "tent")
     state = fresh(core.copy_tree(variables))
     core.validate(step, state, example)
     return state
@@ -121,28 +119,24 @@ def tent(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
   def reset(state: TentState) -> TentState:
     return fresh(state.source)
 
-  def step(state: TentState, x):
+  def step(state: TentState, x, key):
+    del key
     finite = core.is_finite(x)
     start = reset(state) if episodic else state
-    paths = paths_of(start.variables)
 
-    def loss_fn(sub, variables):
-      v = core.with_params(variables, core.with_subset(variables["params"], sub))
+    def loss_fn(v):
       logits, _ = core.forward(apply_fn, v, x, norm="batch", apply_kwargs=apply_kwargs)
       return core.entropy(logits).mean(), logits
 
     variables, opt_state = start.variables, start.opt_state
     for _ in range(int(steps)):
-      sub = core.subset(variables["params"], paths)
-      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub, variables)
-      updates, opt_state = tx.update(grads, opt_state, sub)
-      sub = optax.apply_updates(sub, updates)
-      variables = core.with_params(variables, core.with_subset(variables["params"], sub))
+      (loss, logits), grads = sel.value_and_grad(loss_fn, variables)
+      variables, opt_state = sel.update(tx, grads, opt_state, variables)
     new = TentState(variables, opt_state, start.source, start.count + 1)
     new = core.guard(finite, new, state)
     return new, logits, {"loss": loss, "skipped": 1.0 - finite.astype(jnp.float32)}
 
-  return core.Adapter(init, step, reset, "tent")
+  return core.adapter("tent", init, step, reset)
 
 
 # ------------------------------------------------------------------ EATA / ETA
@@ -169,9 +163,13 @@ class EataState(NamedTuple):
 
 
 def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-  """Row-wise cosine similarity of ``a [C]`` with ``b [B, C]`` (PyTorch's eps clamp)."""
-  na = jnp.maximum(jnp.linalg.norm(a), eps)
-  nb = jnp.maximum(jnp.linalg.norm(b, axis=-1), eps)
+  """Row-wise cosine similarity of ``a [C]`` with ``b [B, C]`` (PyTorch's eps clamp).
+
+  ``max(‖v‖, eps)`` as ``sqrt(max(‖v‖², eps²))``: the same value, a finite gradient
+  at ``v = 0`` (``‖·‖`` itself has none there).
+  """
+  na = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(a)), eps * eps))
+  nb = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(b), axis=-1), eps * eps))
   return (b @ a) / (na * nb)
 
 
@@ -200,20 +198,18 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
   if d_margin <= 0:
     raise KfuseError(f"d_margin: must be > 0, got {d_margin}")
 
-  def paths_of(variables):
-    return core.trainable_paths(variables, trainable, exclude)
+  sel = core.Trainable(trainable, tuple(exclude))
 
   def fresh(source, fisher, num_classes):
-    sub = core.subset(source["params"], paths_of(source))
-    return EataState(source, tx.init(sub), source, jnp.zeros((num_classes,), jnp.float32),
-                     jnp.zeros((), bool), fisher, sub, jnp.zeros((), jnp.int32))
+    return EataState(source, sel.init(tx, source), source, jnp.zeros((num_classes,), jnp.float32),
+                     jnp.zeros((), bool), fisher, sel.get(source), jnp.zeros((), jnp.int32))
 
-  def init(variables, x_example, *, key=None, fisher=None):
+  def init(variables, batch, key=None, *, fisher=None):
     del key
     core.check_variables(variables, name)
-    example = core.check_example(x_example, name)
+    example = core.check_example(batch, name)
     variables = core.copy_tree(variables)
-    paths = paths_of(variables)
+    paths = sel.paths(variables)
     if fisher_alpha > 0:
       if fisher is None:
         raise KfuseError(f"fisher: {name} with fisher_alpha={fisher_alpha} needs fisher="
@@ -233,14 +229,12 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
   def reset(state: EataState) -> EataState:
     return fresh(state.source, state.fisher, state.probs.shape[0])
 
-  def step(state: EataState, x):
+  def step(state: EataState, x, key):
+    del key
     finite = core.is_finite(x)
     start = reset(state) if episodic else state
-    paths = paths_of(start.variables)
-    sub = core.subset(start.variables["params"], paths)
 
-    def loss_fn(sub):
-      v = core.with_params(start.variables, core.with_subset(start.variables["params"], sub))
+    def loss_fn(v):
       logits, _ = core.forward(apply_fn, v, x, norm="batch", apply_kwargs=apply_kwargs)
       ent = core.entropy(logits)
       e0 = e_margin if e_margin is not None else entropy_margin(_num_classes(logits), e_margin_scale)
@@ -253,22 +247,19 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
       coeff = jnp.exp(-(ent_sg - e0))                       # 1 / exp(E - E0)
       loss = _masked_mean(ent * coeff, mask)
       if fisher_alpha > 0:
-        ewc = sum(jnp.sum(start.fisher[p] * jnp.square(sub[p] - start.anchor[p])) for p in paths)
+        sub = sel.get(v)
+        ewc = sum(jnp.sum(start.fisher[p] * jnp.square(sub[p] - start.anchor[p])) for p in sub)
         loss = loss + fisher_alpha * ewc
       return loss, (logits, probs, reliable, mask)
 
-    (loss, (logits, probs, reliable, mask)), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
+    (loss, (logits, probs, reliable, mask)), grads = sel.value_and_grad(loss_fn, start.variables)
     n_sel = jnp.sum(mask)
-    updates, opt_state = tx.update(grads, start.opt_state, sub)
-    new_sub = optax.apply_updates(sub, updates)
     take = n_sel > 0                                        # EATA skips the step when nothing survives
-    new_sub = core.tree_where(take, new_sub, sub)
-    opt_state = core.tree_where(take, opt_state, start.opt_state)
+    variables, opt_state = sel.update(tx, grads, start.opt_state, start.variables, take)
     sel_mean = jnp.sum(mask[:, None] * probs, 0) / jnp.maximum(n_sel, 1)
     new_probs = jnp.where(start.has_probs, probs_decay * start.probs + (1 - probs_decay) * sel_mean,
                           sel_mean)
     probs_bar = jnp.where(take, new_probs, start.probs)
-    variables = core.with_params(start.variables, core.with_subset(start.variables["params"], new_sub))
     new = EataState(variables, opt_state, start.source, probs_bar, start.has_probs | take,
                     start.fisher, start.anchor, start.count + 1)
     new = core.guard(finite, new, state)
@@ -277,7 +268,7 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, logits, metrics
 
-  return core.Adapter(init, step, reset, name)
+  return core.adapter(name, init, step, reset)
 
 
 def eta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None,
@@ -303,23 +294,22 @@ def fisher_information(apply_fn: Any, variables: PyTree, batches: Any, *,
     batches: iterable of input batches ``[B, ...]`` (clean / source-like data).
   """
   apply_fn = core.as_apply_fn(apply_fn)
-  paths = core.trainable_paths(variables, trainable, exclude)
-  sub0 = core.subset(variables["params"], paths)
+  sel = core.Trainable(trainable, tuple(exclude))
+  sel.paths(variables)                                  # refuse an empty selection up front
 
   @jax.jit
-  def sq_grad(sub, x):
-    def loss_fn(sub):
-      v = core.with_params(variables, core.with_subset(variables["params"], sub))
+  def sq_grad(variables, x):
+    def loss_fn(v):
       logits, _ = core.forward(apply_fn, v, x, norm="batch", apply_kwargs=apply_kwargs)
       labels = jnp.argmax(jax.lax.stop_gradient(logits), -1)
       return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    g = jax.grad(loss_fn)(sub)
+    _, g = sel.value_and_grad(loss_fn, variables, has_aux=False)
     return jax.tree.map(jnp.square, g)
 
   total, n = None, 0
   for x in batches:
     core.check_inputs(jnp.asarray(x)[None], "fisher batches")
-    g2 = sq_grad(sub0, jnp.asarray(x))
+    g2 = sq_grad(variables, jnp.asarray(x))
     total = g2 if total is None else jax.tree.map(jnp.add, total, g2)
     n += 1
   if n == 0:
@@ -374,21 +364,19 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
   if rho < 0:
     raise KfuseError(f"rho: must be >= 0, got {rho}")
 
-  def paths_of(variables):
-    return core.trainable_paths(variables, trainable, exclude)
+  sel = core.Trainable(trainable, tuple(exclude))
 
   def fresh(source, ema=None, has_ema=None, num_resets=None):
-    sub = core.subset(source["params"], paths_of(source))
-    return SarState(source, tx.init(sub), source,
+    return SarState(source, sel.init(tx, source), source,
                     jnp.zeros((), jnp.float32) if ema is None else ema,
                     jnp.zeros((), bool) if has_ema is None else has_ema,
                     jnp.zeros((), jnp.int32) if num_resets is None else num_resets,
                     jnp.zeros((), jnp.int32))
 
-  def init(variables, x_example, *, key=None):
+  def init(variables, batch, key=None):
     del key
     core.check_variables(variables, "sar")
-    example = core.check_example(x_example, "sar")
+    example = core.check_example(batch, "sar")
     state = fresh(core.copy_tree(variables))
     core.validate(step, state, example)
     return state
@@ -396,41 +384,37 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
   def reset(state: SarState) -> SarState:
     return fresh(state.source)
 
-  def step(state: SarState, x):
+  def step(state: SarState, x, key):
+    del key
     finite = core.is_finite(x)
     start = reset(state) if episodic else state
-    paths = paths_of(start.variables)
-    sub = core.subset(start.variables["params"], paths)
 
-    def entropies(sub):
-      v = core.with_params(start.variables, core.with_subset(start.variables["params"], sub))
+    def entropies(v):
       logits, _ = core.forward(apply_fn, v, x, norm="batch", apply_kwargs=apply_kwargs)
       return core.entropy(logits), logits
 
-    def first(sub):
-      ent, logits = entropies(sub)
+    def first(v):
+      ent, logits = entropies(v)
       e0 = e_margin if e_margin is not None else entropy_margin(_num_classes(logits), e_margin_scale)
       mask = jax.lax.stop_gradient(ent) < e0
       return _masked_mean(ent, mask), (logits, mask, e0)
 
-    (loss1, (logits, mask1, e0)), g1 = jax.value_and_grad(first, has_aux=True)(sub)
-    gnorm = optax.tree.norm(g1)
-    perturbed = jax.tree.map(lambda p, g: p + rho * g / (gnorm + 1e-12), sub, g1)
+    (loss1, (logits, mask1, e0)), g1 = sel.value_and_grad(first, start.variables)
+    gnorm = core.tree_norm(g1)                               # 0 (not NaN) for a zero gradient
+    perturbed = jax.tree.map(lambda p, g: p + rho * g / (gnorm + 1e-12), sel.get(start.variables), g1)
 
-    def second(sub_adv):
-      ent2, _ = entropies(sub_adv)
+    def second(v_adv):
+      ent2, _ = entropies(v_adv)
       mask2 = mask1 & (jax.lax.stop_gradient(ent2) < e0)
       return _masked_mean(ent2, mask2), mask2
 
-    (loss2, mask2), g2 = jax.value_and_grad(second, has_aux=True)(perturbed)
-    updates, opt_state = tx.update(g2, start.opt_state, sub)
-    new_sub = optax.apply_updates(sub, updates)
+    (loss2, mask2), g2 = sel.value_and_grad(second, sel.put(start.variables, perturbed))
+    variables, opt_state = sel.update(tx, g2, start.opt_state, start.variables)
     n2 = jnp.sum(mask2)
     # PyTorch's mean over an empty selection is NaN and the EMA update is skipped.
     new_ema = jnp.where(start.has_ema, ema_decay * start.ema + (1 - ema_decay) * loss2, loss2)
     ema_val = jnp.where(n2 > 0, new_ema, start.ema)
     has_ema = start.has_ema | (n2 > 0)
-    variables = core.with_params(start.variables, core.with_subset(start.variables["params"], new_sub))
     updated = SarState(variables, opt_state, start.source, ema_val, has_ema, start.num_resets,
                        start.count + 1)
     recover = has_ema & (ema_val < reset_constant)
@@ -446,4 +430,4 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, logits, metrics
 
-  return core.Adapter(init, step, reset, "sar")
+  return core.adapter("sar", init, step, reset)

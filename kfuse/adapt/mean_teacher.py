@@ -46,12 +46,6 @@ PyTree = Any
 __all__ = ["CottaState", "RottaState", "cotta", "rotta", "stochastic_restore"]
 
 
-def _need_key(key, name):
-  if key is None:
-    raise KfuseError(f"key: {name}.init needs a PRNG key (jax.random.key(seed)) for its randomness")
-  return key
-
-
 def stochastic_restore(key: jax.Array, params: Mapping[str, jax.Array],
                        source: Mapping[str, jax.Array], p: float) -> dict[str, jax.Array]:
   """``θ ← M ⊙ θ_src + (1-M) ⊙ θ``, ``M ~ Bernoulli(p)`` per element (CoTTA)."""
@@ -74,14 +68,14 @@ class CottaState(NamedTuple):
     teacher: the EMA teacher's variables.
     opt_state: optimizer state over the student's trainable subset.
     source: the source (anchor) variables, also the restore target.
-    key: PRNG key, split every step.
     count: steps since the last reset.
+
+  The augmentations and the restore mask are drawn from the per-call key.
   """
   variables: PyTree
   teacher: PyTree
   opt_state: PyTree
   source: PyTree
-  key: jax.Array
   count: jax.Array
 
 
@@ -115,32 +109,29 @@ def cotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
   if int(n_augment) < 1:
     raise KfuseError(f"n_augment: must be >= 1, got {n_augment}")
 
-  def paths_of(variables):
-    return core.trainable_paths(variables, trainable, exclude)
+  sel = core.Trainable(trainable, tuple(exclude))
 
-  def fresh(source, key):
-    sub = core.subset(source["params"], paths_of(source))
-    return CottaState(source, source, tx.init(sub), source, key, jnp.zeros((), jnp.int32))
+  def fresh(source):
+    return CottaState(source, source, sel.init(tx, source), source, jnp.zeros((), jnp.int32))
 
-  def init(variables, x_example, *, key=None):
+  def init(variables, batch, key=None):
+    del key
     core.check_variables(variables, "cotta")
-    example = core.check_example(x_example, "cotta")
-    state = fresh(core.copy_tree(variables), _need_key(key, "cotta"))
+    example = core.check_example(batch, "cotta")
+    state = fresh(core.copy_tree(variables))
     core.validate(step, state, example)
     return state
 
   def reset(state: CottaState) -> CottaState:
-    return fresh(state.source, state.key)
+    return fresh(state.source)
 
   def fwd(variables, x):
     return core.forward(apply_fn, variables, x, norm="batch", apply_kwargs=apply_kwargs)[0]
 
-  def step(state: CottaState, x):
+  def step(state: CottaState, x, key):
+    k_aug, k_rst = jax.random.split(core.need_key(key, "cotta"))
     finite = core.is_finite(x)
     start = reset(state) if episodic else state
-    key, k_aug, k_rst = jax.random.split(start.key, 3)
-    paths = paths_of(start.variables)
-    sub = core.subset(start.variables["params"], paths)
     anchor_prob = jnp.max(jax.nn.softmax(fwd(start.source, x).astype(jnp.float32), -1), -1).mean()
     teacher_x = fwd(start.teacher, x)
 
@@ -154,30 +145,27 @@ def cotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     target = jax.lax.cond(anchor_prob < ap, averaged, lambda: teacher_x.astype(jnp.float32))
     target = jax.lax.stop_gradient(target)
 
-    def loss_fn(sub):
-      v = core.with_params(start.variables, core.with_subset(start.variables["params"], sub))
+    def loss_fn(v):
       logits = fwd(v, x)
       loss = core.soft_cross_entropy(logits, target)
       if symmetric:
         loss = 0.5 * loss + 0.5 * core.soft_cross_entropy(target, logits)
       return loss.mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(sub)
-    updates, opt_state = tx.update(grads, start.opt_state, sub)
-    sub = optax.apply_updates(sub, updates)
-    student_params = core.with_subset(start.variables["params"], sub)
-    teacher_params = core.ema(start.teacher["params"], student_params, mt)
-    restored = stochastic_restore(k_rst, sub, core.subset(start.source["params"], paths), rst)
-    variables = core.with_params(start.variables, core.with_subset(student_params, restored))
+    loss, grads = sel.value_and_grad(loss_fn, start.variables, has_aux=False)
+    student, opt_state = sel.update(tx, grads, start.opt_state, start.variables)
+    teacher_params = core.ema(start.teacher["params"], student["params"], mt)
+    restored = stochastic_restore(k_rst, sel.get(student), sel.get(start.source), rst)
+    variables = sel.put(student, restored)
     teacher = core.with_params(start.teacher, teacher_params)
-    new = CottaState(variables, teacher, opt_state, start.source, key, start.count + 1)
-    new = core.guard(finite, new, state._replace(key=key))
+    new = CottaState(variables, teacher, opt_state, start.source, start.count + 1)
+    new = core.guard(finite, new, state)
     metrics = {"loss": loss, "anchor_prob": anchor_prob,
                "augmented": (anchor_prob < ap).astype(jnp.float32),
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, target, metrics
 
-  return core.Adapter(init, step, reset, "cotta")
+  return core.adapter("cotta", init, step, reset)
 
 
 # ------------------------------------------------------------------ RoTTA
@@ -193,9 +181,10 @@ class RottaState(NamedTuple):
     memory: the CSTU bank (`kfuse.adapt.memory.Memory`).
     seen: samples offered to the memory so far (the update clock).
     source: the source variables.
-    key: PRNG key.
     count: steps since the last reset.
     num_updates: student updates since the last reset.
+
+  The strong augmentations are drawn from the per-call key.
   """
   variables: PyTree
   teacher: PyTree
@@ -203,7 +192,6 @@ class RottaState(NamedTuple):
   memory: mem_lib.Memory
   seen: jax.Array
   source: PyTree
-  key: jax.Array
   count: jax.Array
   num_updates: jax.Array
 
@@ -238,31 +226,28 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
   if int(capacity) < 1 or int(update_frequency) < 1:
     raise KfuseError(f"capacity/update_frequency: must be >= 1, got {capacity}/{update_frequency}")
 
-  def paths_of(variables):
-    return core.trainable_paths(variables, trainable, exclude)
+  sel = core.Trainable(trainable, tuple(exclude))
 
-  def fresh(source, key, x_shape, x_dtype):
-    sub = core.subset(source["params"], paths_of(source))
-    return RottaState(source, source, tx.init(sub),
+  def fresh(source, x_shape, x_dtype):
+    return RottaState(source, source, sel.init(tx, source),
                       mem_lib.init_memory(capacity, x_shape, x_dtype), jnp.zeros((), jnp.int32),
-                      source, key, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+                      source, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def init(variables, x_example, *, key=None):
+  def init(variables, batch, key=None):
+    del key
     core.check_variables(variables, "rotta")
-    example = core.check_example(x_example, "rotta")
+    example = core.check_example(batch, "rotta")
     if not core.batch_norm_paths(variables):
       raise KfuseError("variables: rotta needs BatchNorm layers (RobustBN); the model has none")
-    state = fresh(core.copy_tree(variables), _need_key(key, "rotta"), example.shape[1:],
-                  example.dtype)
+    state = fresh(core.copy_tree(variables), example.shape[1:], example.dtype)
     core.validate(step, state, example)
     return state
 
   def reset(state: RottaState) -> RottaState:
-    return fresh(state.source, state.key, state.memory.x.shape[1:], state.memory.x.dtype)
+    return fresh(state.source, state.memory.x.shape[1:], state.memory.x.dtype)
 
-  def update_model(variables, teacher, opt_state, memory, key):
+  def update_model(variables, teacher, opt_state, memory, k_aug):
     """One student update on the memory bank, then the teacher EMA."""
-    key, k_aug = jax.random.split(key)
     valid = memory.valid
     n = valid.sum()
     weights = mem_lib.timeliness(memory.age, capacity) * valid
@@ -270,31 +255,26 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
                                      sample_mask=valid, apply_kwargs=apply_kwargs, require_bn=True)
     t_logits = jax.lax.stop_gradient(t_logits)
     x_strong = aug(k_aug, memory.x)
-    paths = paths_of(variables)
-    sub = core.subset(variables["params"], paths)
 
-    def loss_fn(sub):
-      v = core.with_params(variables, core.with_subset(variables["params"], sub))
+    def loss_fn(v):
       logits, stats = core.forward(apply_fn, v, x_strong, norm="ema", momentum=alpha,
                                    sample_mask=valid, apply_kwargs=apply_kwargs, require_bn=True)
       ce = core.soft_cross_entropy(logits, t_logits)
       return jnp.sum(ce * weights) / jnp.maximum(n, 1).astype(jnp.float32), stats
 
-    (loss, s_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
-    updates, new_opt = tx.update(grads, opt_state, sub)
-    new_sub = optax.apply_updates(sub, updates)
+    (loss, s_stats), grads = sel.value_and_grad(loss_fn, variables)
     has = n > 0                                  # an empty bank: no loss, no step
-    new_sub = core.tree_where(has, new_sub, sub)
-    opt_state = core.tree_where(has, new_opt, opt_state)
+    student, opt_state = sel.update(tx, grads, opt_state, variables, has)
     s_stats = core.tree_where(has, s_stats, variables["batch_stats"])
     t_stats = core.tree_where(has, t_stats, teacher["batch_stats"])
-    student_params = core.with_subset(variables["params"], new_sub)
+    student_params = student["params"]
     variables = {**variables, "params": student_params, "batch_stats": s_stats}
     teacher = {**teacher, "params": core.ema(teacher["params"], student_params, 1.0 - nu),
                "batch_stats": t_stats}
-    return variables, teacher, opt_state, key, loss
+    return variables, teacher, opt_state, loss
 
-  def step(state: RottaState, x):
+  def step(state: RottaState, x, key):
+    key = core.need_key(key, "rotta")
     finite = core.is_finite(x)
     start = reset(state) if episodic else state
     ema_out, _ = core.forward(apply_fn, start.teacher, x, norm="source", apply_kwargs=apply_kwargs)
@@ -322,19 +302,19 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
     snaps0 = jax.tree.map(lambda m: jnp.broadcast_to(m, (k_max,) + m.shape), start.memory)
     (memory, snaps), _ = jax.lax.scan(per_sample, (start.memory, snaps0),
                                       (jnp.arange(b), x, pseudo, unc))
-    variables, teacher, opt_state, key = start.variables, start.teacher, start.opt_state, start.key
+    variables, teacher, opt_state = start.variables, start.teacher, start.opt_state
     num_updates, loss = start.num_updates, jnp.zeros((), jnp.float32)
     for j in range(k_max):
       snap = jax.tree.map(lambda s, j=j: s[j], snaps)
       # Computed unconditionally and selected: XLA:CPU runs convolution gradients inside a
       # lax.cond several times slower than the update itself (with B % F == 0 nothing is wasted).
       due = positions[j] < b
-      new_vars, new_teacher, new_opt, key, new_loss = update_model(variables, teacher, opt_state,
-                                                                   snap, key)
+      new_vars, new_teacher, new_opt, new_loss = update_model(variables, teacher, opt_state, snap,
+                                                              jax.random.fold_in(key, j))
       variables, teacher, opt_state, loss = core.tree_where(
           due, (new_vars, new_teacher, new_opt, new_loss), (variables, teacher, opt_state, loss))
       num_updates = num_updates + due.astype(jnp.int32)
-    new = RottaState(variables, teacher, opt_state, memory, start.seen + b, start.source, key,
+    new = RottaState(variables, teacher, opt_state, memory, start.seen + b, start.source,
                      start.count + 1, num_updates)
     new = core.guard(finite, new, state)
     n_valid = memory.valid.sum()
@@ -347,4 +327,4 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
                "uncertainty": unc.mean(), "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, ema_out, metrics
 
-  return core.Adapter(init, step, reset, "rotta")
+  return core.adapter("rotta", init, step, reset)

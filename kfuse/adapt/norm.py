@@ -39,10 +39,10 @@ def _norm_method(name: str, apply_fn: Any, norm: str, prior: float,
                  apply_kwargs: Mapping[str, Any] | None) -> core.Adapter:
   apply_fn = core.as_apply_fn(apply_fn)
 
-  def init(variables, x_example, *, key=None):
+  def init(variables, batch, key=None):
     del key
     core.check_variables(variables, name)
-    example = core.check_example(x_example, name)
+    example = core.check_example(batch, name)
     if norm == "batch" and not core.batch_norm_paths(variables):
       raise KfuseError(f"variables: {name} needs BatchNorm layers (a 'batch_stats' collection);"
                        " the model has none")
@@ -50,7 +50,8 @@ def _norm_method(name: str, apply_fn: Any, norm: str, prior: float,
     core.validate(step, state, example)
     return state
 
-  def step(state: NormState, x):
+  def step(state: NormState, x, key):
+    del key
     logits, _ = core.forward(apply_fn, state.variables, x, norm=norm, prior=prior,
                              apply_kwargs=apply_kwargs, require_bn=(norm == "batch"))
     finite = core.is_finite(x)
@@ -61,7 +62,7 @@ def _norm_method(name: str, apply_fn: Any, norm: str, prior: float,
   def reset(state: NormState) -> NormState:
     return NormState(state.variables, jnp.zeros((), jnp.int32))
 
-  return core.Adapter(init, step, reset, name)
+  return core.adapter(name, init, step, reset)
 
 
 def source(apply_fn: Any, *, apply_kwargs: Mapping[str, Any] | None = None) -> core.Adapter:

@@ -1,8 +1,9 @@
-"""Registry of the test-time adaptation methods and their SPEC §C defaults.
+"""Registry of the test-time adaptation methods and their paper defaults.
 
 ``make(name, apply_fn, optimizer=..., **params)`` builds an `Adapter`;
-``default_config(name)`` gives the paper / reference-repository defaults in one
-place (optimizer + method parameters), ``names()`` lists the methods.
+``default_config(name)`` gives the paper / reference-repository defaults
+(optimizer + method parameters), declared once, at registration, in `REGISTRY`
+(a `kfuse.registry.Registry`); ``names()`` lists the methods.
 
 | name | paper defaults (reference repository) |
 |---|---|
@@ -18,59 +19,69 @@ place (optimizer + method parameters), ``names()`` lists the methods.
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import optax
 
 from kfuse.adapt import core, entropy, mean_teacher, norm
+from kfuse.registry import Registry
 from kfuse.tree import KfuseError
 
-__all__ = ["METHODS", "names", "default_config", "make", "make_optimizer"]
+__all__ = ["REGISTRY", "names", "default_config", "make", "make_optimizer"]
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 
-METHODS: dict[str, Callable[..., core.Adapter]] = {
-    "source": norm.source,
-    "bn_adapt": norm.bn_adapt,
-    "tent": entropy.tent,
-    "eta": entropy.eta,
-    "eata": entropy.eata,
-    "sar": entropy.sar,
-    "cotta": mean_teacher.cotta,
-    "rotta": mean_teacher.rotta,
-}
+REGISTRY = Registry("TTA method")
+"""name -> builder ``fn(apply_fn, [optimizer,] **params) -> Adapter``; ``defaults`` hold
+``optimizer`` (a `make_optimizer` dict, or None for gradient-free methods) and the
+method's parameters."""
 
-_DEFAULTS: dict[str, dict] = {
-    "source": dict(optimizer=None, params={}),
-    "bn_adapt": dict(optimizer=None, params=dict(prior=0.0)),
-    "tent": dict(optimizer=dict(name="adam", learning_rate=1e-3), params=dict(steps=1, episodic=False)),
-    "eta": dict(optimizer=dict(name="sgd", learning_rate=2.5e-4, momentum=0.9),
-                params=dict(e_margin_scale=0.4, d_margin=0.05)),
-    "eata": dict(optimizer=dict(name="sgd", learning_rate=2.5e-4, momentum=0.9),
-                 params=dict(e_margin_scale=0.4, d_margin=0.05, fisher_alpha=2000.0)),
-    "sar": dict(optimizer=dict(name="sgd", learning_rate=2.5e-4, momentum=0.9),
-                params=dict(e_margin_scale=0.4, rho=0.05, reset_constant=0.2)),
-    "cotta": dict(optimizer=dict(name="adam", learning_rate=1e-3),
-                  params=dict(mt=0.999, rst=0.01, ap=0.92, n_augment=32)),
-    "rotta": dict(optimizer=dict(name="adam", learning_rate=1e-3),
-                  params=dict(alpha=0.05, nu=0.001, capacity=64, update_frequency=64)),
-}
+_ADAM = dict(name="adam", learning_rate=1e-3)
+_SGD = dict(name="sgd", learning_rate=2.5e-4, momentum=0.9)
+
+REGISTRY.register("source", norm.source, defaults=dict(optimizer=None), doc="""
+    Source model: BatchNorm with its running statistics, no adaptation (the baseline).""")
+REGISTRY.register("bn_adapt", norm.bn_adapt, defaults=dict(optimizer=None, prior=0.0), doc="""
+    BN-adapt: μ = p·μ_src + (1-p)·μ_B, σ² likewise (p = prior). Schneider et al., NeurIPS 2020.""")
+REGISTRY.register("tent", entropy.tent, defaults=dict(optimizer=_ADAM, steps=1, episodic=False), doc="""
+    Tent: one step on L = mean_i H(softmax(f(x_i))) over the norm-layer affine, BN on batch
+    statistics. Wang et al., ICLR 2021.""")
+REGISTRY.register("eta", entropy.eta, defaults=dict(optimizer=_SGD, e_margin_scale=0.4,
+                                                     d_margin=0.05), doc="""
+    ETA: L = Σ m_i e^{-(E_i - E0)} E_i / Σ m_i, m_i = [E_i < E0]·[|cos(p̄, p_i)| < ε].
+    Niu et al., ICML 2022.""")
+REGISTRY.register("eata", entropy.eata, defaults=dict(optimizer=_SGD, e_margin_scale=0.4,
+                                                       d_margin=0.05, fisher_alpha=2000.0), doc="""
+    EATA: ETA's loss + α Σ_k F_k (θ_k - θ⁰_k)² (diagonal Fisher anchor). Niu et al., ICML 2022.""")
+REGISTRY.register("sar", entropy.sar, defaults=dict(optimizer=_SGD, e_margin_scale=0.4, rho=0.05,
+                                                     reset_constant=0.2), doc="""
+    SAR: reliable entropy with a SAM step ε = ρ g / ‖g‖, model recovery when the entropy EMA
+    falls below the reset constant. Niu et al., ICLR 2023.""")
+REGISTRY.register("cotta", mean_teacher.cotta, defaults=dict(optimizer=_ADAM, mt=0.999, rst=0.01,
+                                                              ap=0.92, n_augment=32), doc="""
+    CoTTA: EMA teacher θ′ ← mθ′ + (1-m)θ, augmentation-averaged targets when the anchor
+    confidence < AP, stochastic restore θ ← M⊙θ_src + (1-M)⊙θ. Wang et al., CVPR 2022.""")
+REGISTRY.register("rotta", mean_teacher.rotta, defaults=dict(optimizer=_ADAM, alpha=0.05, nu=0.001,
+                                                              capacity=64, update_frequency=64), doc="""
+    RoTTA: RobustBN, CSTU memory, timeliness-weighted teacher→student CE, θ′ ← (1-ν)θ′ + νθ.
+    Yuan et al., CVPR 2023.""")
 
 
 def names() -> list[str]:
-  return list(METHODS)
+  return REGISTRY.names()
+
+
+def _get(name: str):
+  try:
+    return REGISTRY.get(name)
+  except KfuseError as e:
+    raise KfuseError(f"method: {e}") from None
 
 
 def default_config(name: str) -> dict:
-  """``{'optimizer': {...} | None, 'params': {...}}`` — the SPEC §C defaults of ``name``."""
-  _check(name)
-  return copy.deepcopy(_DEFAULTS[name])
-
-
-def _check(name: str) -> None:
-  if name not in METHODS:
-    raise KfuseError(f"method: unknown TTA method {name!r}; known: {', '.join(METHODS)}")
+  """``{'optimizer': {...} | None, 'params': {...}}`` — the registered defaults of ``name``."""
+  params = dict(REGISTRY.defaults(_get(name).name))
+  return {"optimizer": params.pop("optimizer"), "params": params}
 
 
 def make_optimizer(cfg: Mapping[str, Any] | optax.GradientTransformation | None) -> Any:
@@ -92,16 +103,16 @@ def make_optimizer(cfg: Mapping[str, Any] | optax.GradientTransformation | None)
 
 def make(name: str, apply_fn: Any, *, optimizer: Any = "default", **params: Any) -> core.Adapter:
   """Build method ``name``; ``optimizer='default'`` and missing params take `default_config`."""
-  _check(name)
+  entry = _get(name)
   defaults = default_config(name)
   opt_cfg = defaults["optimizer"] if isinstance(optimizer, str) and optimizer == "default" else optimizer
   kwargs = {**defaults["params"], **params}
-  if name in ("source", "bn_adapt"):
+  if defaults["optimizer"] is None:                       # gradient-free (source, bn_adapt)
     if opt_cfg is not None and optimizer != "default":
       raise KfuseError(f"optimizer: {name} has no trainable parameters; pass none")
   else:
     kwargs["optimizer"] = make_optimizer(opt_cfg)
   try:
-    return METHODS[name](apply_fn, **kwargs)
+    return entry.fn(apply_fn, **kwargs)
   except TypeError as e:
     raise KfuseError(f"params: invalid parameters {sorted(params)} for TTA method {name!r}: {e}") from None

@@ -12,7 +12,8 @@ Pipeline (`run`):
 2. a ResNet-style BatchNorm CNN (``cnn1d``) trained on clean data only (the
    "source" model), or restored from ``config.source_checkpoint``;
 3. every method of ``config.methods`` (`kfuse.adapt` names + optimizer +
-   parameters) on the stream of all corruptions, under each protocol of
+   parameters) on the stream of all corruptions (`kfuse.adapt.evaluate_stream`),
+   under each protocol of
    ``config.protocols``: ``reset_per_shift`` (reset to the source before every
    corruption, Tent's setting) and ``continual`` (reset once, CoTTA's /
    the benchmark repository's setting). Predictions are online: a batch is
@@ -45,7 +46,7 @@ from kfuse.tree import KfuseError
 
 PyTree = Any
 
-__all__ = ["run", "markdown_tables", "plot", "method_specs", "train_source", "evaluate_stream"]
+__all__ = ["run", "markdown_tables", "plot", "method_specs", "train_source"]
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -59,7 +60,7 @@ def method_specs(methods_cfg: Any) -> list[dict]:
   """Validate ``config.methods``: ``[{label, method, optimizer, params}]``.
 
   ``config.methods.<label>`` holds ``method`` (a `kfuse.adapt` name; default the
-  label), ``optimizer`` (dict; default the method's SPEC default) and ``params``.
+  label), ``optimizer`` (dict; default the method's registered paper default) and ``params``.
   """
   specs = []
   for label, entry in method_entries(methods_cfg, ("method", "optimizer", "params")):
@@ -94,33 +95,7 @@ def train_source(model, ds, cfg: Mapping, key: jax.Array, progress: bool) -> tup
   return jax.device_get(state.variables), history
 
 
-# ------------------------------------------------------------------ evaluation
-
-
-def evaluate_stream(tta: adapt.Adapter, variables: PyTree, stream: corr.Stream, key: jax.Array,
-                    fisher: PyTree | None = None, runner: Any = None) -> dict:
-  """Run ``tta`` over ``stream``; error (%) per domain visit plus method metrics (mean, per visit).
-
-  ``runner``: a `kfuse.adapt.make_runner` of ``tta`` to reuse its compilation.
-  """
-  extra = {"fisher": fisher} if tta.name == "eata" else {}
-  state = tta.init(variables, stream.x[0], key=key, **extra)
-  runner = runner or adapt.make_runner(tta)
-  jax.block_until_ready(runner(state, stream.x[:1], stream.reset[:1])[1])   # compile outside the clock
-  t = time.time()
-  _, logits, metrics = runner(state, stream.x, stream.reset)
-  logits = np.asarray(logits)
-  seconds = time.time() - t
-  wrong = logits.argmax(-1) != stream.y                             # [T, B]
-  visits = range(len(stream.names))
-  per_visit = [float(100 * wrong[stream.domain == i].mean()) for i in visits]
-  metrics = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
-  summary = {k: float(v.mean()) for k, v in metrics.items()}
-  by_visit = {k: [float(v[stream.domain == i].mean()) for i in visits] for k, v in metrics.items()}
-  return {"errors": per_visit, "mean": float(np.mean(per_visit)), "metrics": summary,
-          "metrics_per_visit": by_visit,
-          "seconds": seconds, "steps": int(stream.num_batches),
-          "ms_per_batch": 1e3 * seconds / max(1, stream.num_batches)}
+# ------------------------------------------------------------------ methods
 
 
 def _fisher_batches(ds, cfg: Mapping) -> list[np.ndarray]:
@@ -287,8 +262,9 @@ def run(config: Any, workdir: str | None = None) -> dict:
     stream = corr.make_stream(domains, batch_size, protocol=protocol, seed=seed)
     rows = {}
     for j, s in enumerate(specs):
-      r = evaluate_stream(adapters[s["label"]], variables, stream, jax.random.fold_in(k_methods, j),
-                          fisher, runners[s["label"]])
+      r = adapt.evaluate_stream(adapters[s["label"]], variables, stream,
+                                jax.random.fold_in(k_methods, j), fisher=fisher,
+                                runner=runners[s["label"]])
       rows[s["label"]] = r
       logging.info("%s %s: mean error %.2f (%.1f s)", protocol, s["label"], r["mean"], r["seconds"])
       if progress:
@@ -312,8 +288,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
       raise KfuseError(f"long.methods: {unknown[0]!r} is not a label of config.methods")
     out = {}
     for j, label in enumerate(labels):
-      r = evaluate_stream(adapters[label], variables, stream, jax.random.fold_in(k_long, j), fisher,
-                          runners[label])
+      r = adapt.evaluate_stream(adapters[label], variables, stream, jax.random.fold_in(k_long, j),
+                                fisher=fisher, runner=runners[label])
       e = np.asarray(r["errors"]).reshape(rounds, len(domains))
       r["per_round"] = [float(v) for v in e.mean(1)]
       out[label] = r

@@ -65,3 +65,13 @@ def np_entropy(logits):
   z = z - z.max(-1, keepdims=True)
   p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
   return -(p * np.log(p)).sum(-1), p
+
+
+KEY = jax.random.key(0)
+
+
+def run_step(tta, state, x, key=KEY):
+  """One protocol step of ``tta`` on ``{"x": x}``, as ``(state, logits, other metrics)``."""
+  state, metrics = tta.step(state, {"x": x}, key)
+  metrics = dict(metrics)
+  return state, metrics.pop("logits"), metrics

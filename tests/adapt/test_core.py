@@ -10,7 +10,7 @@ from kfuse import adapt
 from kfuse.adapt import core
 from kfuse.tree import KfuseError
 
-from tests.adapt.helpers import TinyLN, TinyMLP, logits_model, np_entropy, tiny_bn
+from tests.adapt.helpers import run_step, TinyLN, TinyMLP, logits_model, np_entropy, tiny_bn
 
 EPS = 1e-5
 
@@ -97,16 +97,16 @@ def test_models_without_normalization_layers_are_refused():
   v = mlp.init(jax.random.key(0), jnp.zeros((4, 4)))
   x = jnp.ones((4, 4))
   with pytest.raises(KfuseError, match="bn_adapt needs BatchNorm"):
-    adapt.bn_adapt(mlp).init(v, x)
+    adapt.bn_adapt(mlp).init(v, {"x": x})
   with pytest.raises(KfuseError, match="rotta needs BatchNorm"):
-    adapt.rotta(mlp).init(v, x, key=jax.random.key(0))
+    adapt.rotta(mlp).init(v, {"x": x}, jax.random.key(0))
   for make in (adapt.tent, adapt.eta, adapt.sar):
     with pytest.raises(KfuseError, match="no normalization-layer"):
-      make(mlp).init(v, x)
+      make(mlp).init(v, {"x": x})
   # a LayerNorm model is fine for Tent (nothing to force to batch statistics)
   ln = TinyLN()
   vl = ln.init(jax.random.key(0), x)
-  state = adapt.tent(ln).init(vl, x)
+  state = adapt.tent(ln).init(vl, {"x": x})
   assert set(core.trainable_paths(state.variables, "norm")) == {"ln/bias", "ln/scale"}
 
 
@@ -115,15 +115,15 @@ def test_batch_of_one_is_refused_or_uses_the_prior():
   x1 = jnp.ones((1, 4))
   for make in (adapt.bn_adapt, adapt.tent, adapt.eta, adapt.sar):
     with pytest.raises(KfuseError, match="batch: size 1"):
-      make(model).init(v, x1)
+      make(model).init(v, {"x": x1})
   fisher = adapt.fisher_information(model, v, [jnp.ones((4, 4))])
   with pytest.raises(KfuseError, match="batch: size 1"):
-    adapt.eata(model).init(v, x1, fisher=fisher)
+    adapt.eata(model).init(v, {"x": x1}, fisher=fisher)
   with pytest.raises(KfuseError, match="batch: size 1"):
-    adapt.cotta(model, n_augment=1).init(v, x1, key=jax.random.key(0))
+    adapt.cotta(model, n_augment=1).init(v, {"x": x1}, jax.random.key(0))
   tta = adapt.bn_adapt(model, prior=0.9)           # documented fallback: BN-alpha
-  state = tta.init(v, x1)
-  _, logits, _ = tta.step(state, x1)
+  state = tta.init(v, {"x": x1})
+  _, logits, _ = run_step(tta, state, x1)
   h = _hidden(v, x1)
   mu = 0.9 * np.asarray(v["batch_stats"]["bn"]["mean"]) + 0.1 * h.mean(0)
   var = 0.9 * np.asarray(v["batch_stats"]["bn"]["var"]) + 0.1 * h.var(0)
@@ -135,8 +135,8 @@ def test_batch_of_one_is_refused_or_uses_the_prior():
 def test_nan_batch_leaves_state_unchanged_and_run_refuses_it():
   model, v, x = tiny_bn()
   tta = adapt.tent(model)
-  state = tta.init(v, x)
-  step = jax.jit(tta.step)
+  state = tta.init(v, {"x": x})
+  step = lambda s, x: run_step(tta, s, x)
   state, _, m = step(state, x)
   assert float(m["skipped"]) == 0.0
   bad = x.at[2, 1].set(jnp.nan)
@@ -153,16 +153,16 @@ def test_nan_batch_leaves_state_unchanged_and_run_refuses_it():
 def test_episodic_and_reset_return_to_source():
   model, v, x = tiny_bn()
   tta = adapt.tent(model, episodic=True)
-  state = tta.init(v, x)
-  step = jax.jit(tta.step)
+  state = tta.init(v, {"x": x})
+  step = lambda s, x: run_step(tta, s, x)
   s1, _, _ = step(state, x)
   s2, _, _ = step(s1, x)                            # episodic: same update from the source
   for a, b in zip(jax.tree.leaves(s1.variables), jax.tree.leaves(s2.variables)):
     np.testing.assert_allclose(a, b, atol=1e-7)
   cont = adapt.tent(model)
-  c = cont.init(v, x)
-  c1, _, _ = cont.step(c, x)
-  c2, _, _ = cont.step(c1, x)
+  c = cont.init(v, {"x": x})
+  c1, _, _ = run_step(cont, c, x)
+  c2, _, _ = run_step(cont, c1, x)
   assert not np.allclose(c2.variables["params"]["bn"]["scale"], s2.variables["params"]["bn"]["scale"])
   r = cont.reset(c2)
   for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(c)):
@@ -172,7 +172,7 @@ def test_episodic_and_reset_return_to_source():
 def test_runner_resets_per_shift():
   model, v, x = tiny_bn(batch=8)
   tta = adapt.tent(model, optimizer=optax.sgd(0.5))
-  state = tta.init(v, x)
+  state = tta.init(v, {"x": x})
   xs = np.stack([np.asarray(x) * s for s in (1.0, 2.0, 1.0, 2.0)])
   _, lr, _ = adapt.run(tta, state, xs, resets=[True, False, True, False])
   _, lc, _ = adapt.run(tta, state, xs)
@@ -189,7 +189,9 @@ def test_apply_fn_and_variables_checks():
   apply, v = logits_model()
   with pytest.raises(KfuseError, match="variables"):
     adapt.tent(apply).init({"kernel": 1}, jnp.ones((2, 3)))
-  with pytest.raises(KfuseError, match="x_example"):
-    adapt.tent(apply).init(v, None)
+  with pytest.raises(KfuseError, match="batch: tent.init"):
+    adapt.tent(apply).init(v, {"x": None})
+  with pytest.raises(KfuseError, match="batch: tent.init: missing key 'x'"):
+    adapt.tent(apply).init(v, {"y": jnp.ones((2, 3))})
   with pytest.raises(KfuseError, match="norm: unknown"):
     core.forward(apply, v, jnp.ones((2, 3)), norm="train")

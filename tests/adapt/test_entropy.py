@@ -11,7 +11,7 @@ import pytest
 from kfuse import adapt
 from kfuse.tree import KfuseError
 
-from tests.adapt.helpers import logits_model, np_entropy, tiny_bn
+from tests.adapt.helpers import run_step, logits_model, np_entropy, tiny_bn
 
 EPS = 1e-5
 
@@ -34,8 +34,8 @@ def test_tent_single_step_matches_hand_computation():
   model, v, x = tiny_bn(batch=8)
   lr = 1e-3
   tta = adapt.tent(model, optimizer=optax.adam(lr))
-  state = tta.init(v, x)
-  new, logits, m = jax.jit(tta.step)(state, x)
+  state = tta.init(v, {"x": x})
+  new, logits, m = run_step(tta, state, x)
   s0, b0 = v["params"]["bn"]["scale"], v["params"]["bn"]["bias"]
   want_logits = _explicit_tiny_bn(v, x, s0, b0)
   np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)      # pre-update logits
@@ -55,13 +55,20 @@ def test_tent_single_step_matches_hand_computation():
 
 def test_tent_steps_return_last_forward():
   model, v, x = tiny_bn(batch=8)
-  tta2 = adapt.tent(model, optimizer=optax.sgd(0.1), steps=2)
-  tta1 = adapt.tent(model, optimizer=optax.sgd(0.1))
-  s = tta1.init(v, x)
-  s1, _, _ = tta1.step(s, x)
-  _, l2_ref, _ = tta1.step(s1, x)
-  s2, l2, _ = tta2.step(tta2.init(v, x), x)
-  np.testing.assert_allclose(l2, l2_ref, atol=1e-6)
+  lr = 0.5
+  tta2 = adapt.tent(model, optimizer=optax.sgd(lr), steps=2)
+  s2, l2, _ = run_step(tta2, tta2.init(v, {"x": x}), x)
+  # hand-written reference: two SGD steps on the mean entropy of the explicit model
+  loss = lambda s, b: _mean_entropy(_explicit_tiny_bn(v, x, s, b))
+  s0, b0 = v["params"]["bn"]["scale"], v["params"]["bn"]["bias"]
+  gs, gb = jax.grad(loss, (0, 1))(s0, b0)
+  s1, b1 = s0 - lr * gs, b0 - lr * gb
+  gs, gb = jax.grad(loss, (0, 1))(s1, b1)
+  want = _explicit_tiny_bn(v, x, s1, b1)                 # the second forward's logits
+  np.testing.assert_allclose(l2, want, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(l2, _explicit_tiny_bn(v, x, s0, b0), atol=1e-3)   # not the first forward
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["scale"], s1 - lr * gs, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["bias"], b1 - lr * gb, rtol=1e-4, atol=1e-6)
   with pytest.raises(KfuseError, match="steps"):
     adapt.tent(model, steps=0)
 
@@ -78,8 +85,8 @@ def test_eata_filters_weights_and_loss_by_hand():
   apply, v = logits_model()
   e0 = 0.4 * math.log(3)
   tta = adapt.eta(apply, optimizer=optax.sgd(0.0), d_margin=0.5)
-  state = tta.init(v, X)
-  step = jax.jit(tta.step)
+  state = tta.init(v, {"x": X})
+  step = lambda s, x: run_step(tta, s, x)
   s1, logits, m = step(state, X)
   ent, p = np_entropy(X)
   reliable = ent < e0
@@ -95,18 +102,18 @@ def test_eata_filters_weights_and_loss_by_hand():
   s2, _, m2 = step(s1, X)
   cos = p @ pbar / (np.linalg.norm(p, axis=1) * np.linalg.norm(pbar))
   keep = reliable & (np.abs(cos) < 0.5)
-  assert float(m2["num_selected"]) == keep.sum()
-  if keep.any():
-    np.testing.assert_allclose(m2["loss"], (ent * np.exp(-(ent - e0)))[keep].mean(), rtol=1e-5)
-    np.testing.assert_allclose(s2.probs, 0.9 * pbar + 0.1 * p[keep].mean(0), rtol=1e-5)
+  assert keep.tolist() == [False, False, True, False]     # cos = 0.89, 0.80, 0.49, 0.91
+  assert float(m2["num_selected"]) == 1
+  np.testing.assert_allclose(m2["loss"], (ent * np.exp(-(ent - e0)))[keep].mean(), rtol=1e-5)
+  np.testing.assert_allclose(s2.probs, 0.9 * pbar + 0.1 * p[keep].mean(0), rtol=1e-5)
 
 
 def test_eata_skips_update_when_nothing_survives_and_adds_ewc():
   apply, v = logits_model()
   tta = adapt.eta(apply, optimizer=optax.sgd(1.0, momentum=0.9))
-  state = tta.init(v, X)
+  state = tta.init(v, {"x": X})
   flat = jnp.zeros((4, 3))                           # every sample has H = ln 3
-  s1, _, m = tta.step(state, flat)
+  s1, _, m = run_step(tta, state, flat)
   assert float(m["num_selected"]) == 0
   for a, b in zip(jax.tree.leaves((s1.variables, s1.opt_state, s1.probs, s1.has_probs)),
                   jax.tree.leaves((state.variables, state.opt_state, state.probs, state.has_probs))):
@@ -115,22 +122,28 @@ def test_eata_skips_update_when_nothing_survives_and_adds_ewc():
   fisher = {"ln/scale": jnp.array([1.0, 2.0, 3.0]), "ln/bias": jnp.array([0.5, 0.5, 0.5])}
   alpha = 7.0
   eata = adapt.eata(apply, optimizer=optax.sgd(0.1), fisher_alpha=alpha, d_margin=0.99)
-  st = eata.init(v, X, fisher=fisher)
-  st1, _, _ = eata.step(st, X)
-  _, _, m2 = eata.step(st1, X)
-  eta_ = adapt.eta(apply, optimizer=optax.sgd(0.1), d_margin=0.99)
-  e1, _, _ = eta_.step(eta_.init(v, X), X)
-  e1 = e1._replace(variables=st1.variables, opt_state=st1.opt_state)
-  _, _, m_eta = eta_.step(e1, X)
-  p1 = st1.variables["params"]["ln"]
-  ewc = alpha * sum(float(jnp.sum(fisher[f"ln/{k}"] * jnp.square(p1[k] - v["params"]["ln"][k])))
+  st = eata.init(v, {"x": X}, fisher=fisher)
+  st1, _, _ = run_step(eata, st, X)
+  _, _, m2 = run_step(eata, st1, X)
+  p1 = {k: np.asarray(a, np.float64) for k, a in st1.variables["params"]["ln"].items()}
+  ewc = alpha * sum(float(np.sum(np.asarray(fisher[f"ln/{k}"]) *
+                                 np.square(p1[k] - np.asarray(v["params"]["ln"][k]))))
                     for k in ("scale", "bias"))
-  assert ewc > 0
-  np.testing.assert_allclose(float(m2["loss"]), float(m_eta["loss"]) + ewc, rtol=1e-5)
+  assert ewc > 0                                          # the first step moved θ away from θ⁰
+  # float64 reference of the second step's loss at θ1: ETA's weighted entropy + the EWC term
+  e0 = 0.4 * math.log(3)
+  ent1, prob1 = np_entropy(np.asarray(X, np.float64) * p1["scale"] + p1["bias"])
+  assert bool(st1.has_probs)
+  pbar1 = np.asarray(st1.probs, np.float64)
+  cos1 = prob1 @ pbar1 / (np.linalg.norm(prob1, axis=1) * np.linalg.norm(pbar1))
+  keep1 = (ent1 < e0) & (np.abs(cos1) < 0.99)
+  assert keep1.any()
+  want = (ent1 * np.exp(-(ent1 - e0)))[keep1].mean() + ewc
+  np.testing.assert_allclose(float(m2["loss"]), want, rtol=1e-5)
   with pytest.raises(KfuseError, match="fisher"):
-    eata.init(v, X)
+    eata.init(v, {"x": X})
   with pytest.raises(KfuseError, match="fisher: no entry"):
-    eata.init(v, X, fisher={"ln/scale": jnp.ones(3)})
+    eata.init(v, {"x": X}, fisher={"ln/scale": jnp.ones(3)})
 
 
 def test_fisher_information_is_mean_squared_gradient():
@@ -163,8 +176,8 @@ def test_sar_two_pass_update_by_hand():
   rho, lr = 0.5, 0.3
   x = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.3, 2.5, 0.0], [0.0, 0.0, 0.1]])
   tta = adapt.sar(apply, optimizer=optax.sgd(lr), rho=rho, reset_constant=0.0)
-  state = tta.init(v, x)
-  new, logits, m = jax.jit(tta.step)(state, x)
+  state = tta.init(v, {"x": x})
+  new, logits, m = run_step(tta, state, x)
   e0 = 0.4 * math.log(3)
   ent, _ = np_entropy(x)
   mask1 = jnp.asarray(ent < e0)
@@ -182,7 +195,7 @@ def test_sar_two_pass_update_by_hand():
   np.testing.assert_allclose(new.variables["params"]["ln"]["scale"], s0 - lr * g2[0], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(new.variables["params"]["ln"]["bias"], b0 - lr * g2[1], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(new.ema, loss2, rtol=1e-5)                     # first value: no decay
-  s2, _, m2 = tta.step(new, x)
+  s2, _, m2 = run_step(tta, new, x)
   np.testing.assert_allclose(s2.ema, 0.9 * new.ema + 0.1 * m2["loss_second"], rtol=1e-5)
 
 
@@ -191,8 +204,8 @@ def test_sar_model_recovery_and_ema_quirk():
   x = jnp.array([[12.0, 0.0, 0.0], [0.0, 12.0, 0.0], [0.0, 0.0, 12.0], [12.0, 0.0, 0.0]])  # H ≈ 1e-4
   for clear in (False, True):
     tta = adapt.sar(apply, optimizer=optax.sgd(1.0), reset_constant=0.2, clear_ema_on_reset=clear)
-    state = tta.init(v, x)
-    new, _, m = tta.step(state, x)
+    state = tta.init(v, {"x": x})
+    new, _, m = run_step(tta, state, x)
     assert float(m["reset"]) == 1.0 and int(new.num_resets) == 1
     for a, b in zip(jax.tree.leaves(new.variables), jax.tree.leaves(v)):
       np.testing.assert_array_equal(a, b)                                    # recovered to source
@@ -200,5 +213,5 @@ def test_sar_model_recovery_and_ema_quirk():
     assert bool(new.has_ema) is (not clear)
   # nothing reliable: the EMA is not updated (PyTorch's mean of nothing is NaN)
   tta = adapt.sar(apply)
-  s, _, m = tta.step(tta.init(v, x), jnp.zeros((4, 3)))
+  s, _, m = run_step(tta, tta.init(v, {"x": x}), jnp.zeros((4, 3)))
   assert float(m["num_selected"]) == 0 and not bool(s.has_ema)

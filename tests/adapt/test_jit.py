@@ -1,4 +1,5 @@
-"""Every method: jit compiles its step once, keeps the state's types, reset is pure; the registry."""
+"""Every method on the step protocol: the library-jitted step compiles once, keeps the state's
+types, reset is pure; the registry."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from kfuse import adapt
 from kfuse.adapt import augment
 from kfuse.tree import KfuseError
 
-from tests.adapt.helpers import tiny_bn
+from tests.adapt.helpers import run_step, tiny_bn
 
 SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=4)}
 
@@ -24,43 +25,44 @@ def test_step_compiles_once_and_keeps_state_types(name):
   params = dict(SMALL.get(name, {}))
   tta = adapt.make(name, model, **params)
   extra = {"fisher": adapt.fisher_information(model, v, [x])} if name == "eata" else {}
-  state = tta.init(v, x, key=jax.random.key(0), **extra)
-  step = jax.jit(tta.step)
-  reset = jax.jit(tta.reset)
+  state = tta.init(v, {"x": x}, jax.random.key(0), **extra)
+  step = lambda s, x, i=0: run_step(tta, s, x, jax.random.key(i))
+  reset = tta.reset
   types = _types(state)
   for i in range(3):
     xi = x * (1.0 + 0.5 * i) + 0.1 * i
-    state, logits, metrics = step(state, xi)
+    state, logits, metrics = step(state, xi, i)
     assert logits.shape == (8, 3) and bool(jnp.all(jnp.isfinite(logits)))
     assert all(jnp.shape(m) == () for m in metrics.values())
     assert _types(state) == types
-  assert step._cache_size() == 1          # no recompilation across batches
+  assert tta.step._cache_size() == 1      # no recompilation across batches
+  # no PRNG key lives in the state: randomness comes from the per-call key only
+  assert not any(jnp.issubdtype(jnp.result_type(a), jax.dtypes.prng_key)
+                 for a in jax.tree.leaves(state))
   # NaN inputs: documented fallback for every method, the state is left unchanged
-  # (CoTTA alone still advances its PRNG key, so the next batch draws fresh augmentations)
   bad_state, _, metrics = step(state, x.at[0, 0].set(jnp.nan))
   assert float(metrics["skipped"]) == 1.0
-  if name == "cotta":
-    bad_state = bad_state._replace(key=state.key)
   for a, b in zip(jax.tree.leaves(bad_state), jax.tree.leaves(state)):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_array_equal(a, b)
-  assert step._cache_size() == 1
+  assert tta.step._cache_size() == 1
   state = reset(state)
   assert _types(state) == types
   state, _, _ = step(state, x)
-  assert step._cache_size() == 1
+  assert tta.step._cache_size() == 1
+  with pytest.raises(KfuseError, match=f"batch: {name}.step"):
+    tta.step(state, x, jax.random.key(0))              # a bare array is not a batch mapping
 
 
 def test_registry_defaults_and_errors():
-  assert adapt.names() == ["source", "bn_adapt", "tent", "eta", "eata", "sar", "cotta", "rotta"]
+  assert adapt.names() == sorted(["source", "bn_adapt", "tent", "eta", "eata", "sar", "cotta", "rotta"])
+  assert "ICLR 2021" in adapt.REGISTRY.get("tent").doc
   assert adapt.default_config("tent") == {"optimizer": {"name": "adam", "learning_rate": 1e-3},
                                           "params": {"steps": 1, "episodic": False}}
   cfg = adapt.default_config("cotta")["params"]
   assert (cfg["mt"], cfg["rst"], cfg["ap"], cfg["n_augment"]) == (0.999, 0.01, 0.92, 32)
   cfg = adapt.default_config("eata")
   assert cfg["optimizer"]["name"] == "sgd" and cfg["params"]["fisher_alpha"] == 2000.0
-  with pytest.raises(KfuseError, match="method: unknown TTA method 'tnet'"):
+  with pytest.raises(KfuseError, match="method: unknown TTA method 'tnet' \\(did you mean 'tent'"):
     adapt.make("tnet", lambda v, x: x)
   with pytest.raises(KfuseError, match="optimizer.name"):
     adapt.make("tent", lambda v, x: x, optimizer=dict(name="adagrad9"))

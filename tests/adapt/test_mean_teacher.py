@@ -12,7 +12,7 @@ from kfuse import adapt
 from kfuse.adapt import memory as mem
 from kfuse.tree import KfuseError
 
-from tests.adapt.helpers import logits_model, tiny_bn
+from tests.adapt.helpers import run_step, logits_model, tiny_bn
 
 X = jnp.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.2, 0.1, 0.0], [0.0, 0.0, 1.5]])
 
@@ -39,8 +39,8 @@ def test_cotta_anchor_threshold_ema_and_output(ap, augmented):
   lr, mt = 0.5, 0.9
   tta = adapt.cotta(apply, optimizer=optax.sgd(lr), mt=mt, rst=0.0, ap=ap, n_augment=3,
                     augment=_plus_one)
-  state = tta.init(v, X, key=jax.random.key(0))
-  new, logits, m = jax.jit(tta.step)(state, X)
+  state = tta.init(v, {"x": X}, jax.random.key(0))
+  new, logits, m = run_step(tta, state, X)
   probs = jax.nn.softmax(X)
   np.testing.assert_allclose(m["anchor_prob"], probs.max(-1).mean(), rtol=1e-6)
   assert float(m["augmented"]) == float(augmented)
@@ -59,7 +59,7 @@ def test_cotta_stochastic_restore():
   double = lambda key, x: 2.0 * x                    # augmented target differs from the student
   full = adapt.cotta(apply, optimizer=optax.sgd(lr), mt=mt, rst=1.0, ap=1.01, n_augment=2,
                      augment=double)
-  s, _, _ = full.step(full.init(v, x, key=jax.random.key(0)), x)
+  s, _, _ = run_step(full, full.init(v, {"x": x}, jax.random.key(0)), x)
   for a, b in zip(jax.tree.leaves(s.variables), jax.tree.leaves(v)):       # everything restored
     np.testing.assert_array_equal(a, b)
   student, teacher = _cotta_expected(v, x, 2.0 * x, lr, mt)
@@ -68,7 +68,7 @@ def test_cotta_stochastic_restore():
   student, _ = _cotta_expected(v, x, 2.0 * x, 1000.0, mt)                  # big steps: all elements move
   half = adapt.cotta(apply, optimizer=optax.sgd(1000.0), mt=mt, rst=0.3, ap=1.01, n_augment=2,
                      augment=double)
-  s, _, _ = half.step(half.init(v, x, key=jax.random.key(0)), x)
+  s, _, _ = run_step(half, half.init(v, {"x": x}, jax.random.key(0)), x)
   restored = np.asarray(s.variables["params"]["ln"]["scale"]) == np.asarray(v["params"]["ln"]["scale"])
   moved = np.isclose(s.variables["params"]["ln"]["scale"], student["scale"], rtol=1e-5)
   assert np.all(restored | moved)
@@ -82,8 +82,9 @@ def test_cotta_stochastic_restore():
 
 def test_cotta_needs_a_key_and_valid_hyperparameters():
   apply, v = logits_model()
-  with pytest.raises(KfuseError, match="key"):
-    adapt.cotta(apply).init(v, X)
+  tta = adapt.cotta(apply)
+  with pytest.raises(KfuseError, match="key: cotta.step needs a PRNG key"):
+    tta.step(tta.init(v, {"x": X}), {"x": X}, None)
   with pytest.raises(KfuseError, match="rst"):
     adapt.cotta(apply, rst=2.0)
 
@@ -174,8 +175,8 @@ def test_rotta_step_teacher_output_rbn_and_ema():
   nu, alpha = 0.1, 0.05
   tta = adapt.rotta(model, optimizer=optax.sgd(0.5), nu=nu, alpha=alpha, capacity=8,
                     update_frequency=8, augment=lambda k, x: 2.0 * x)
-  state = tta.init(v, x, key=jax.random.key(0))
-  new, logits, m = jax.jit(tta.step)(state, x)
+  state = tta.init(v, {"x": x}, jax.random.key(0))
+  new, logits, m = run_step(tta, state, x)
   np.testing.assert_allclose(logits, model.apply(v, x, train=False), rtol=1e-5, atol=1e-6)
   assert float(m["num_updates"]) == 1
   memory = new.memory
@@ -201,9 +202,31 @@ def test_rotta_step_teacher_output_rbn_and_ema():
 def test_rotta_update_clock_across_batches():
   model, v, x = tiny_bn(batch=8)
   tta = adapt.rotta(model, capacity=8, update_frequency=3)
-  state = tta.init(v, x, key=jax.random.key(0))
-  step = jax.jit(tta.step)
+  state = tta.init(v, {"x": x}, jax.random.key(0))
+  step = lambda s, x: run_step(tta, s, x)
   s1, _, m1 = step(state, x)                         # samples 1..8: updates after 3, 6
   s2, _, m2 = step(s1, x)                            # samples 9..16: after 9, 12, 15
   assert float(m1["num_updates"]) == 2 and float(m2["num_updates"]) == 5
   assert int(s2.seen) == 16
+
+
+def test_randomness_comes_from_the_per_call_key_only():
+  """Same state + batch + key: the same step; another key: other augmentations / restore mask."""
+  apply, v = logits_model(classes=50)
+  x = jax.random.normal(jax.random.key(1), (8, 50))
+  noisy = lambda key, x: x + jax.random.normal(key, x.shape)
+  cotta = adapt.cotta(apply, optimizer=optax.sgd(100.0), rst=0.5, ap=1.01, n_augment=2,
+                      augment=noisy)
+  model, vb, xb = tiny_bn(batch=8)
+  rotta = adapt.rotta(model, optimizer=optax.sgd(0.5), capacity=8, update_frequency=8,
+                      augment=noisy)
+  for tta, variables, batch in ((cotta, v, x), (rotta, vb, xb)):
+    state = tta.init(variables, {"x": batch})
+    a, la, _ = run_step(tta, state, batch, jax.random.key(7))
+    b, lb, _ = run_step(tta, state, batch, jax.random.key(7))
+    c, _, _ = run_step(tta, state, batch, jax.random.key(8))
+    for p, q in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+      np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(la, lb)
+    assert any(not np.array_equal(p, q)
+               for p, q in zip(jax.tree.leaves(a.variables), jax.tree.leaves(c.variables)))
