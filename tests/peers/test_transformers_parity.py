@@ -32,7 +32,7 @@ from kfuse.mergekit_compat import run_yaml  # noqa: E402
 
 pytestmark = pytest.mark.peers
 
-_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _save(model_cls, cfg, path, seed, dtype="float32"):
@@ -52,6 +52,13 @@ def _llama(path, seed, dtype="float32"):
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
                                  max_position_embeddings=64, tie_word_embeddings=False)
   return _save(transformers.LlamaForCausalLM, cfg, path, seed, dtype)
+
+
+def _mistral(path, seed, dtype="float32"):
+  cfg = transformers.MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+  return _save(transformers.MistralForCausalLM, cfg, path, seed, dtype)
 
 
 def _qwen2(path, seed):
@@ -109,10 +116,12 @@ def _cast(x, dtype):
   return np.asarray(torch.from_numpy(np.asarray(x, np.float64)).to(_TORCH[dtype]).float().numpy())
 
 
-@pytest.mark.parametrize("in_dtype,out_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
-def test_dtype_of_a_merge_is_the_dtype_transformers_loads(tmp_path, in_dtype, out_dtype):
-  a = _llama(tmp_path / "a", 1, in_dtype)
-  b = _llama(tmp_path / "b", 2, in_dtype)
+@pytest.mark.parametrize("make,in_dtype,out_dtype", [(_llama, "float32", "bfloat16"),
+                                                     (_llama, "bfloat16", "float32"),
+                                                     (_mistral, "float32", "float16")])
+def test_dtype_of_a_merge_is_the_dtype_transformers_loads(tmp_path, make, in_dtype, out_dtype):
+  a = make(tmp_path / "a", 1, in_dtype)
+  b = make(tmp_path / "b", 2, in_dtype)
   assert json.load(open(os.path.join(a, "config.json")))["dtype"] == in_dtype
   out = str(tmp_path / "out")
   run_yaml(_yaml(tmp_path, f"""
@@ -131,7 +140,7 @@ def test_dtype_of_a_merge_is_the_dtype_transformers_loads(tmp_path, in_dtype, ou
   ref = _reference(a, want, out_dtype)
   # logits in float32 from the stored weights: equal up to the last-bit rounding of the cast
   np.testing.assert_allclose(_logits(got.float()), _logits(ref.float()), rtol=0,
-                             atol=1e-2 if out_dtype == "bfloat16" else 1e-4)
+                             atol={"bfloat16": 1e-2, "float16": 2e-3}.get(out_dtype, 1e-4))
 
 
 def _frankenmerge(tmp_path, make, prefix):
