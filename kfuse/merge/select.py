@@ -31,8 +31,9 @@ the first rows of a tensor, which in bfloat16, where ties are everywhere,
 skews a TIES merge). The seed depends only on the tensor's size and the
 model's position (`tie_seed`), and the hash only on the flat index, so the
 Python API, the streaming engine's chunks and a sharded run keep the same
-entries. mergekit sorts with ``torch`` (no documented tie order), so with
-ties at the cut the kept entries can differ from mergekit's.
+entries. mergekit keeps ``torch.argsort(|δ|, descending=True)[:k]`` (an
+unstable sort: no defined tie order), so with ties at the cut the kept
+entries can differ from mergekit's.
 
 Two implementations of the same cut:
 * in-kernel (`topk_mask`, `bottomk_mask`, `kth_smallest_value`): pure `jnp`
