@@ -35,7 +35,7 @@ pytestmark = pytest.mark.peers
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _save(model_cls, cfg, path, seed, dtype="float32"):
+def _save(model_cls, cfg, path, seed, dtype="float32", **save_kw):
   torch.manual_seed(seed)
   m = model_cls(cfg)
   with torch.no_grad():   # larger than the default init, so logits move visibly per layer
@@ -43,7 +43,7 @@ def _save(model_cls, cfg, path, seed, dtype="float32"):
       if p.ndim >= 2:
         p.normal_(0.0, 0.2)
   m = m.to(_TORCH[dtype])
-  m.save_pretrained(path)
+  m.save_pretrained(path, **save_kw)
   return str(path)
 
 
@@ -68,10 +68,10 @@ def _qwen2(path, seed):
   return _save(transformers.Qwen2ForCausalLM, cfg, path, seed)
 
 
-def _gpt2(path, seed):
+def _gpt2(path, seed, **save_kw):
   cfg = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=97, n_positions=64,
                                 bos_token_id=0, eos_token_id=0)   # ties lm_head to wte
-  return _save(transformers.GPT2LMHeadModel, cfg, path, seed)
+  return _save(transformers.GPT2LMHeadModel, cfg, path, seed, **save_kw)
 
 
 def _yaml(tmp_path, text):
@@ -184,8 +184,11 @@ def test_qwen2_frankenmerge_updates_layer_types(tmp_path):
 
 
 def test_sharded_tied_gpt2_ties_merge_loads_as_merged(tmp_path):
-  """A TIES merge of a tied GPT-2 written as several shards (index file) loads whole."""
-  base, e1, e2 = _gpt2(tmp_path / "base", 1), _gpt2(tmp_path / "e1", 2), _gpt2(tmp_path / "e2", 3)
+  """A TIES merge of tied GPT-2s, one input sharded by transformers, written as several
+  shards (index file), loads whole."""
+  base, e1 = _gpt2(tmp_path / "base", 1), _gpt2(tmp_path / "e1", 2)
+  e2 = _gpt2(tmp_path / "e2", 3, max_shard_size="50KB")
+  assert os.path.isfile(os.path.join(e2, "model.safetensors.index.json"))
   out = str(tmp_path / "out")
   run_yaml(_yaml(tmp_path, f"""
       merge_method: ties
