@@ -39,7 +39,6 @@ Not supported yet: ``modules:``, tokenizer merging (``tokenizer`` /
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -50,7 +49,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import numpy as np
 import yaml
 
 from kfuse import shard
@@ -341,10 +339,9 @@ def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
       post.append(n)
     else:
       pre.append(n)
-  nl = max_idx + 1
-  if config and isinstance(config.get("num_hidden_layers"), int):
-    nl = config["num_hidden_layers"]
-  return Layout(pre, post, templates, nl)
+  from kfuse.io.safetensors_io import config_num_layers
+  nl = config_num_layers(config)
+  return Layout(pre, post, templates, max_idx + 1 if nl is None else nl)
 
 
 # --------------------------------------------------------------- planning
@@ -489,6 +486,19 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
   return tasks, out_names, offset
 
 
+def _layer_sources(slices: list[Slice], models: dict, donor) -> list:
+  """(source config, source layer) of every output block, as `build_plan` lays them out:
+  slice by slice, each block from its slice's first input (the base when it has one)."""
+  out = []
+  for slc in slices:
+    first = slc.base_model or slc.sources[0].model
+    src = next((s for s in slc.sources if s.model == first), slc.sources[0])
+    m = models[src.model]
+    lo, hi = src.layer_range or (0, infer_layout(m.names, m.config).num_layers)
+    out += [(m.config or donor.config, i) for i in range(lo, hi)]
+  return out
+
+
 def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
              overwrite: bool = False, seed: int = 0, out_shard_bytes: int = 5_000_000_000,
              progress: bool = True, copy_tokenizer: bool = True, mesh=None,
@@ -524,12 +534,10 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   if dup:
     raise KfuseError(f"{config_path}: output tensor {sorted(dup)[0]!r} would be written twice")
   donor = models[slices[0].base_model or slices[0].sources[0].model]
-  config = copy.deepcopy(donor.config) if donor.config else None
-  if config is not None:
-    if cfg.get("slices") and "num_hidden_layers" in config:
-      config["num_hidden_layers"] = total_layers
-    if out_dtype is not None:
-      config["torch_dtype"] = np.dtype(out_dtype).name
+  config = None
+  if donor.config:   # dtype keys and every layer field (checked against the tensors on write)
+    config = kio.hf_config(donor.config, out_dtype, _layer_sources(slices, models, donor),
+                           where=f"{config_path}: config.json")
   sources = [models[m] for m in models]
   key = jax.random.key(seed)
   opts = dict(key=key, dtype=dtype, out_dtype=out_dtype, progress=progress, mesh=mesh,

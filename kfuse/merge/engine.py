@@ -500,15 +500,19 @@ def _chunk_kernels(kind: str, dt: str, has_base: bool, n_models: int, chunk: int
       digits.append(jnp.where(match, d, n_models * nb))
     return acc.at[_materialized(jnp.concatenate(digits))].add(1, mode="drop")
 
-  def tie_counts(inputs, v, lo, hi):
+  def tie_hist(acc, inputs, v, seed, shift, prefix, start, lo, hi):
+    """`hist` of the tie keys (`select.tie_keys` at flat index start + j)."""
     ok = valid(lo, hi)
-    return jnp.stack([jnp.sum(ok & (u == v[i]), dtype=jnp.int32)
-                      for i, u in enumerate(model_keys(inputs))])
+    idx = lax.iota(jnp.uint32, chunk) + start.astype(jnp.uint32)
+    digits = []
+    for i, u in enumerate(model_keys(inputs)):
+      t = select.tie_keys(u, v[i], idx[:u.shape[0]], seed[i])
+      match = ok[:u.shape[0]] & ((t >> (shift + 16)) == prefix[i])
+      d = ((t >> shift) & jnp.uint32(nb - 1)).astype(jnp.int32) + i * nb
+      digits.append(jnp.where(match, d, n_models * nb))
+    return acc.at[_materialized(jnp.concatenate(digits))].add(1, mode="drop")
 
-  def tie_mask(inputs, v):
-    return jnp.stack([u == v[i] for i, u in enumerate(model_keys(inputs))])
-
-  return jax.jit(hist, donate_argnums=0), jax.jit(tie_counts), jax.jit(tie_mask)
+  return jax.jit(hist, donate_argnums=0), jax.jit(tie_hist, donate_argnums=0)
 
 
 _zero_in_place = jax.jit(lambda acc: jnp.zeros_like(acc), donate_argnums=0)
@@ -908,20 +912,22 @@ class _Run:
         cut = select.find_cuts_array(_array_keyfn(kind, job.dt.name, has_base),
                                      (job.base, job.experts), n, k, bits, rows)
       out[f"{name}_v"], out[f"{name}_p"] = cut.v, cut.p
+    out["tie_seed"] = select.tie_seeds(n, len(job.task.experts))
     return out
 
   def _chunk_cuts(self, job: _Job, kind: str, n: int, k, bits: int) -> select.Cut:
     has_base = job.task.base is not None
     n_models = len(job.task.experts)
-    hist_k, count_k, mask_k = _chunk_kernels(kind, job.dt.name, has_base, n_models, self.chunk)
+    hist_k, tie_k = _chunk_kernels(kind, job.dt.name, has_base, n_models, self.chunk)
     chunks = _chunks(n, self.chunk)
     accs = self._accs
 
     views = self._views(job)
 
-    def run_pass(kernel, size, *args):
+    def run_pass(kernel, size, *args, start=False):
       """One pass over all chunks on two alternating counter chains (they can run
-      concurrently); returns the summed counts. Counters are reused across passes."""
+      concurrently); returns the summed counts. Counters are reused across passes.
+      ``start``: the kernel also takes the chunk's flat start."""
       with self.acc_lock:
         free = accs.setdefault(size, [])
         chains = [free.pop() if free else None for _ in range(2)]
@@ -929,7 +935,8 @@ class _Run:
                 for c in chains]
       for j, (s, lo, hi) in enumerate(chunks):
         c = j % 2
-        chains[c] = kernel(chains[c], views(s), *args, np.int32(lo), np.int32(hi))
+        at = (np.int32(s),) if start else ()
+        chains[c] = kernel(chains[c], views(s), *args, *at, np.int32(lo), np.int32(hi))
       total = np.asarray(chains[0], np.int64) + np.asarray(chains[1])
       with self.acc_lock:
         accs[size].extend(chains)
@@ -940,22 +947,14 @@ class _Run:
                    np.asarray(prefix, np.uint32))
       return t.reshape(n_models, 1 << 16)
 
-    def block_counts(v):
-      vv = np.asarray(v, np.uint32)
-      c = [count_k(views(s), vv, np.int32(lo), np.int32(hi)) for s, lo, hi in chunks]
-      return np.stack([np.asarray(x) for x in c], axis=1), np.array([s + lo for s, lo, _ in chunks])
+    seeds = select.tie_seeds(n, n_models)
 
-    def block_ties(v, block):
-      vv, got = np.asarray(v, np.uint32), {}
-      res = []
-      for i, b in enumerate(block):
-        s, lo, hi = chunks[int(b)]
-        if b not in got:
-          got[b] = np.asarray(mask_k(views(s), vv))
-        res.append(got[b][i, lo:hi])
-      return res
+    def tie_hist(v, shift, prefix):
+      t = run_pass(tie_k, n_models * (1 << 16), np.asarray(v, np.uint32), seeds,
+                   np.uint32(shift), np.asarray(prefix, np.uint32), start=True)
+      return t.reshape(n_models, 1 << 16)
 
-    return select.find_cuts(hist, n, k, bits, block_counts, block_ties)
+    return select.find_cuts(hist, n, k, bits, tie_hist)
 
   def _views(self, job: _Job) -> Callable:
     """Device arrays aliasing each chunk of the task's host buffers, made once per
@@ -982,16 +981,15 @@ class _Run:
     prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base, self.chunk)
     n = job.numel
     chunks = _chunks(n, self.chunk)
-    fixed = {k: jnp.asarray(v) for k, v in hp.items() if not k.endswith("_p")}
-    cut_p = {k: np.asarray(v, np.int64) for k, v in hp.items() if k.endswith("_p")}
+    fixed = {k: jnp.asarray(v) for k, v in hp.items()}
     weights = jnp.asarray(weights)
     if self.write_part is None:
       job.full = np.empty((n,), job.out_dt)
     views = self._views(job)
     for s, lo, hi in chunks:
       hpc = dict(fixed)
-      for k, p in cut_p.items():   # the cut index relative to this chunk
-        hpc[k] = np.clip(p - s, -1, self.chunk).astype(np.int32)
+      if "tie_seed" in hp:         # ties hash the flat index: the chunk's start
+        hpc["tie_offset"] = np.int32(s)
       inputs = views(s)
       out, bad = prog(self._slot(self.chunk, job.out_dt), inputs, weights, hpc, rng,
                       np.int32(lo), np.int32(hi))

@@ -172,7 +172,9 @@ def karcher(max_iter: int = 10) -> Stage:
   u_i = θ_i/‖θ_i‖; start at the normalised mean of the valid u_i
   (‖θ_i‖ > tol); iterate T = Σ α_i θ_i/sinθ_i (u_i − cosθ_i·u),
   u ← cos‖T‖u + sin‖T‖T/‖T‖ (renormalised) until ‖T‖ < tol or max_iter.
-  Output (Σ α_i‖θ_i‖)·u with α_i = 1/N.
+  Output (Σ α_i‖θ_i‖)·u with α_i = 1/N. Computed in float32 (float64 for
+  float64 inputs) and cast back: in bfloat16 the iteration lands 4.7× farther
+  from a float64 merge than mergekit's (which upcasts).
   """
 
   def apply(s: MergeState) -> MergeState:
@@ -182,7 +184,7 @@ def karcher(max_iter: int = 10) -> Stage:
       return s.replace(result=x[0])
     tol = s.hp["tol"].astype(jnp.float32)
     wd = _work_dtype(x)
-    xf = x.reshape(n, -1)
+    xf = x.reshape(n, -1).astype(wd)
     shape = x.shape[1:]
     norms = jnp.sqrt(_per_model_sum(jnp.square(xf.astype(wd)), shape))
     units = jnp.where(norms[:, None] == 0, 0, xf / jnp.where(norms == 0, 1, norms)[:, None].astype(xf.dtype))

@@ -79,25 +79,64 @@ def _split(v) -> list[str]:
   return [str(x) for x in v]
 
 
+def latest_step(path: str) -> str | None:
+  """The newest step directory of an Orbax CheckpointManager root, or None.
+
+  Step directories are named by their integer step (``root/100``); orbax's
+  unfinished temporaries (``100.orbax-checkpoint-tmp-…``) are not steps.
+  """
+  from kfuse import io as kio
+  if not os.path.isdir(path):
+    return None
+  steps = [int(n) for n in os.listdir(path)
+           if n.isdigit() and kio.is_orbax_checkpoint(os.path.join(path, n))]
+  return os.path.join(path, str(max(steps))) if steps else None
+
+
 def open_model(path: str):
-  """A tensor source for an HF safetensors dir/file or an Orbax checkpoint."""
+  """A tensor source for an HF safetensors dir/file, an Orbax checkpoint (a step
+  directory or a CheckpointManager root, whose latest step is used)."""
   from kfuse import io as kio
   if kio.is_hf_dir(path):
     return kio.open_hf_dir(path), "safetensors", None
+  if not kio.is_orbax_checkpoint(path):
+    path = latest_step(path) or path
   if kio.is_orbax_checkpoint(path):
     src = OrbaxSource(path)   # restores one tensor at a time while merging
     return src, "orbax", src.tree
   if not os.path.exists(path):
     raise KfuseError(f"model {path} does not exist")
-  raise KfuseError(f"model {path} is neither a safetensors directory nor an Orbax checkpoint")
+  raise KfuseError(f"model {path} is neither a safetensors directory nor an Orbax checkpoint"
+                   " (nor a CheckpointManager directory of step checkpoints)")
+
+
+def input_layout(names, layout: str = "auto") -> str:
+  """Row-wise rules' layout: 'torch' ([out, in]) or 'flax' ([in, out]).
+
+  ``auto`` infers it from the tensor names, whatever the file format, with the
+  rule of `kfuse.merge.merge` (HF names such as ``model.layers.0.mlp.up_proj.weight``
+  are PyTorch layout, Flax paths such as ``params/Dense_0/kernel`` are not).
+  """
+  from kfuse.merge.api import _layout_of
+  if layout == "auto":
+    return _layout_of(dict.fromkeys(names))
+  if layout not in ("torch", "flax"):
+    raise KfuseError(f"config.layout: unknown layout {layout!r} (auto|torch|flax)")
+  return layout
 
 
 def merge_checkpoints(method: str, models: list[str], base: str | None, output_dir: str, *,
                       params: Mapping[str, Any] | None = None, seed: int = 0,
                       overwrite: bool = False, output_format: str = "auto",
                       dtype: str | None = None, progress: bool = True, mesh=None,
-                      prefetch_bytes: int | None = None, chunk: int | None = None) -> dict:
-  """Merge checkpoints on disk with a registered method, streaming tensor by tensor."""
+                      prefetch_bytes: int | None = None, chunk: int | None = None,
+                      layout: str = "auto") -> dict:
+  """Merge checkpoints on disk with a registered method, streaming tensor by tensor.
+
+  ``output_format='auto'`` writes safetensors when every input (base included)
+  is a safetensors directory, else Orbax. ``layout`` (auto|torch|flax) is the
+  weight layout of row-wise rules (`input_layout`).
+  """
   from kfuse import io as kio
   m = get_method(method)
   params = canonical_params(params)
@@ -113,7 +152,7 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     raise KfuseError(f"config.base: method {m.name!r} requires a base model")
   if m.base == "include" and bsrc is not None:
     srcs = [bsrc[0]] + srcs
-    bsrc = None
+    opened, bsrc = [bsrc] + opened, None
   if m.base == "unused":
     bsrc = None
   n = len(srcs)
@@ -130,11 +169,11 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     missing = [k for k in ref.names if k not in s.names]
     if missing:
       raise KfuseError(f"{s.path}: missing key {missing[0]!r} present in {ref.path}")
-  kinds = {o[1] for o in opened}
+  kinds = {o[1] for o in opened + ([bsrc] if bsrc else [])}
   fmt = output_format
   if fmt == "auto":
     fmt = "safetensors" if kinds == {"safetensors"} else "orbax"
-  layout = "torch" if kinds == {"safetensors"} else "flax"
+  layout = input_layout(ref.names, layout)
   L = T.num_layers(ref.names)
   off = 1 if bsrc else 0
   tasks = []
@@ -220,6 +259,6 @@ def run_native(config, workdir=None) -> dict:
                           output_format=_get(config, "output_format", "auto"),
                           dtype=_get(config, "dtype") or None,
                           progress=bool(_get(config, "progress", True)),
-                          **scale_options(config))
+                          layout=_get(config, "layout", "auto"), **scale_options(config))
   print(json.dumps(res))
   return res

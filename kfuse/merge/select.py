@@ -12,15 +12,28 @@ numeric order of its float32 value (−0 and +0 equal): the bit pattern itself
 for non-negative values, the usual sign flip otherwise. 16-bit floats keep
 16-bit keys (one radix pass instead of two).
 
-Cut. The k largest keys, ties at the k-th key broken by the lowest flat index
-(the reference semantics, `stages.descending_rank`: a stable sort), are
-described by a *cut* ``(v, p)``: keep ``key > v`` and ``key == v`` at flat
-index ``<= p`` (`keep_from_cut`). Radix selection finds ``v`` from the most
-significant digit down: a histogram of the top 16 bits locates the bucket
-holding the k-th key, a second histogram of the low 16 bits of the keys in
-that bucket finds the key itself and how many keys are strictly greater.
-Only when some but not all keys equal to ``v`` are kept, a tie pass counts
-them per row and locates the last kept one.
+Cut. The k largest keys, ties at the k-th key broken by a seeded hash of
+the flat index (`tie_hash`: the tied entries with the smallest hashes are
+kept), are described by a *cut* ``(v, p)``: keep ``key > v`` and ``key == v``
+with ``tie_hash(index, seed) <= p`` (`keep_from_cut`). Radix selection finds
+``v`` from the most significant digit down: a histogram of the top 16 bits
+locates the bucket holding the k-th key, a second histogram of the low 16 bits
+of the keys in that bucket finds the key itself and how many keys are strictly
+greater. Only when some but not all keys equal to ``v`` are kept, two more
+histogram passes over the hashes of the tied entries find ``p``.
+
+Ties. `tie_hash` is a bijection of [0, 2**31) (xor-shift / odd-multiply
+rounds of MurmurHash3's fmix32, masked to 31 bits), so hashes of distinct
+indices never collide and the cut keeps exactly k entries. Its order has no
+relation to the position: among equal magnitudes every entry has the same
+chance to be kept, wherever it lies (keeping the lowest indices instead keeps
+the first rows of a tensor, which in bfloat16, where ties are everywhere,
+skews a TIES merge). The seed depends only on the tensor's size and the
+model's position (`tie_seed`), and the hash only on the flat index, so the
+Python API, the streaming engine's chunks and a sharded run keep the same
+entries. mergekit keeps ``torch.argsort(|δ|, descending=True)[:k]`` (an
+unstable sort: no defined tie order), so with ties at the cut the kept
+entries can differ from mergekit's.
 
 Two implementations of the same cut:
 * in-kernel (`topk_mask`, `bottomk_mask`, `kth_smallest_value`): pure `jnp`
@@ -45,12 +58,15 @@ from jax import lax
 
 __all__ = ["key_bits", "sortable_bits", "from_sortable_bits", "reverse_keys",
            "magnitude_keys", "kth_largest", "topk_mask", "bottomk_mask", "topk_masks",
-           "kth_smallest_value", "keep_from_cut", "find_cuts", "find_cuts_array", "Cut"]
+           "kth_smallest_value", "keep_from_cut", "find_cuts", "find_cuts_array", "Cut",
+           "tie_hash", "tie_seed", "tie_seeds", "tie_keys"]
 
 _W = 16                       # radix digit width
 _NB = 1 << _W                 # bins per digit
 _SIGN = 0x80000000
 _HALF = (jnp.bfloat16, jnp.float16)
+_HMASK = 0x7FFFFFFF           # tie hashes live in [0, 2**31)
+_TOP = 1 << 31
 
 
 def key_bits(dtype) -> int:
@@ -129,12 +145,6 @@ def _last_reaching(c: jax.Array, k: jax.Array):
   return a * b + j, after
 
 
-def _first_reaching(c: jax.Array, r: jax.Array):
-  """The smallest j with Σ_{i <= j} c[i] >= r (1 <= r <= Σc), and Σ_{i < j} c[i]."""
-  j, after = _last_reaching(c[::-1], r)
-  return c.shape[0] - 1 - j, after
-
-
 def kth_largest(keys: jax.Array, k: jax.Array, bits: int = 32):
   """The k-th largest of ``keys`` (uint32 below 2**bits), 1 <= k <= keys.size.
 
@@ -158,7 +168,7 @@ def kth_largest(keys: jax.Array, k: jax.Array, bits: int = 32):
 
 
 def _rows(shape: tuple) -> tuple:
-  """2-D view [R, C] for tie passes: rows follow axis 0 (the sharded axis)."""
+  """2-D view [R, C] of a tensor: rows follow axis 0 (the sharded axis)."""
   n = int(np.prod(shape)) if shape else 1
   if len(shape) >= 2 and shape[0] > 0:
     return shape[0], n // shape[0]
@@ -168,56 +178,105 @@ def _rows(shape: tuple) -> tuple:
   return 1, n
 
 
-def _tie_cut(u2: jax.Array, v: jax.Array, r: jax.Array) -> jax.Array:
-  """Mask of keys > v plus the first ``r`` keys == v in row-major order."""
-  eq = u2 == v
-  per_row = jnp.sum(eq, axis=1, dtype=jnp.int32)
-  i, before = _first_reaching(per_row, r)
-  row = lax.dynamic_index_in_dim(eq, i, axis=0, keepdims=False).astype(jnp.int32)
-  j, _ = _first_reaching(row, r - before)
-  ri = lax.broadcasted_iota(jnp.int32, u2.shape, 0)
-  ci = lax.broadcasted_iota(jnp.int32, u2.shape, 1)
-  return (u2 > v) | (eq & ((ri < i) | ((ri == i) & (ci <= j))))
+# ------------------------------------------------------------ ties
 
 
-def _topk_keys(u: jax.Array, k: jax.Array, bits: int) -> jax.Array:
-  """Exactly ``k`` largest keys, ties by lowest flat index; ``u`` any shape."""
+def _mix31(x, seed):
+  """The tie permutation of [0, 2**31) on uint32 arrays (jnp or numpy): xor the
+  seed, then fmix32's rounds (MurmurHash3, Appleby 2011), each masked to 31 bits
+  (xor-shift right and odd multiplication mod 2**31 are bijections)."""
+  m = np.uint32(_HMASK)
+  x = (x ^ seed) & m
+  x = ((x ^ (x >> np.uint32(16))) * np.uint32(0x85EBCA6B)) & m
+  x = ((x ^ (x >> np.uint32(13))) * np.uint32(0xC2B2AE35)) & m
+  return x ^ (x >> np.uint32(16))
+
+
+def tie_hash(index, seed):
+  """Secondary key of the top-k cut: a seeded permutation of flat indices < 2**31.
+
+  ``index`` and ``seed`` are uint32 (jnp or numpy); returns uint32 in [0, 2**31).
+  Among entries with equal keys, the cut keeps those with the smallest hashes.
+  """
+  return _mix31(index, seed)
+
+
+def tie_seed(n: int, model: int = 0) -> int:
+  """Hash seed of model ``model``'s tensor of ``n`` entries (Python int < 2**31):
+  decorrelates the tie order between tensor sizes and between models."""
+  x = np.array([(int(n) * 0x9E3779B1 + (int(model) + 1) * 0x7F4A7C15) & 0xFFFFFFFF], np.uint32)
+  return int(_mix31(x, np.uint32(0x5BD1E995))[0])
+
+
+def tie_seeds(n: int, n_models: int) -> np.ndarray:
+  """`tie_seed` of each of ``n_models`` models, uint32 [n_models]."""
+  return np.array([tie_seed(n, i) for i in range(n_models)], np.uint32)
+
+
+def tie_keys(u: jax.Array, v, index: jax.Array, seed) -> jax.Array:
+  """Keys of the tie pass: ``2**31 - tie_hash`` (in [1, 2**31]) where ``u == v``, else 0,
+  so the r largest are the r tied entries with the smallest hashes."""
+  return jnp.where(u == v, jnp.uint32(_TOP) - tie_hash(index, seed), jnp.uint32(0))
+
+
+def _tie_threshold(s_r) -> jax.Array:
+  """The hash bound ``p`` from the r-th largest tie key ``s_r``: keep ``hash <= p``."""
+  return (jnp.uint32(_TOP) - s_r).astype(jnp.int32)
+
+
+def _keep(u, v, p, index, seed) -> jax.Array:
+  return (u > v) | ((u == v) & (tie_hash(index, seed).astype(jnp.int32) <= p))
+
+
+def _topk_keys(u: jax.Array, k: jax.Array, bits: int, seed) -> jax.Array:
+  """Exactly ``k`` largest keys, ties by `tie_hash` of the flat index; ``u`` any shape."""
   shape, n = u.shape, u.size
   k = jnp.asarray(k, jnp.int32)
   if n == 0:
     return jnp.zeros(shape, bool)
+  seed = jnp.asarray(tie_seed(n) if seed is None else seed, jnp.uint32)
   kc = jnp.clip(k, 1, n)
-  v, gt, eq = kth_largest(u, kc, bits)
+  uf = u.reshape(-1)
+  v, gt, eq = kth_largest(uf, kc, bits)
   r = kc - gt
-  u2 = u.reshape(_rows(shape))
-  mask = lax.cond(r >= eq, lambda: u2 >= v, lambda: _tie_cut(u2, v, r)).reshape(shape)
+  idx = lax.iota(jnp.uint32, n)
+
+  def cut():
+    s_r, _, _ = kth_largest(tie_keys(uf, v, idx, seed), r, 32)
+    return _keep(uf, v, _tie_threshold(s_r), idx, seed)
+
+  mask = lax.cond(r >= eq, lambda: uf >= v, cut).reshape(shape)
   return jnp.where(k >= n, True, jnp.where(k <= 0, False, mask))
 
 
-def topk_mask(x: jax.Array, k: jax.Array, nonneg: bool = False) -> jax.Array:
-  """Exactly ``k`` largest entries of ``x`` (by float32 value; ties: lowest index).
+def topk_mask(x: jax.Array, k: jax.Array, nonneg: bool = False, seed=None) -> jax.Array:
+  """Exactly ``k`` largest entries of ``x`` (by float32 value; ties: smallest `tie_hash`).
 
-  Equal to ``stages.descending_rank(x.ravel().astype(float32)) < k``
-  reshaped, without sorting. ``k`` may be traced; k <= 0 keeps nothing and
-  k >= x.size keeps everything.
+  Equal to ranking ``x.ravel()`` by (value descending, ``tie_hash(index,
+  seed)`` ascending) and keeping ranks < k, without sorting. ``seed``
+  defaults to ``tie_seed(x.size)``. ``k`` may be traced; k <= 0 keeps
+  nothing and k >= x.size keeps everything.
   """
-  return _topk_keys(sortable_bits(x, nonneg), k, key_bits(x.dtype))
+  return _topk_keys(sortable_bits(x, nonneg), k, key_bits(x.dtype), seed)
 
 
-def bottomk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
-  """Exactly ``k`` smallest entries of ``x`` (ties: lowest index), i.e. the
-  entries of stable ascending rank < k."""
+def bottomk_mask(x: jax.Array, k: jax.Array, seed=None) -> jax.Array:
+  """Exactly ``k`` smallest entries of ``x``: ranks by (value ascending,
+  ``tie_hash`` ascending) below k. Nested in k: ``bottomk(k1) ⊆ bottomk(k2)``."""
   bits = key_bits(x.dtype)
-  return _topk_keys(reverse_keys(sortable_bits(x), bits), k, bits)
+  return _topk_keys(reverse_keys(sortable_bits(x), bits), k, bits, seed)
 
 
 def topk_masks(x: jax.Array, k: jax.Array, nonneg: bool = False) -> jax.Array:
-  """`topk_mask` for each model: ``x`` is [N, ...], ``k`` is [N].
+  """`topk_mask` for each model: ``x`` is [N, ...], ``k`` is [N]; model i's
+  ties use ``tie_seed(size, i)``.
 
   A loop over models (`lax.map`) rather than `vmap`: each model skips its
   tie pass on its own, and the selection is compiled once, not N times.
   """
-  return lax.map(lambda a: topk_mask(a[0], a[1], nonneg), (x, jnp.asarray(k, jnp.int32)))
+  seeds = jnp.asarray(tie_seeds(int(np.prod(x.shape[1:])), x.shape[0]))
+  return lax.map(lambda a: topk_mask(a[0], a[1], nonneg, a[2]),
+                 (x, jnp.asarray(k, jnp.int32), seeds))
 
 
 def kth_smallest_value(x: jax.Array, k: jax.Array) -> jax.Array:
@@ -229,14 +288,16 @@ def kth_smallest_value(x: jax.Array, k: jax.Array) -> jax.Array:
   return from_sortable_bits(key)
 
 
-def keep_from_cut(keys: jax.Array, v: jax.Array, p: jax.Array) -> jax.Array:
-  """Per-model masks from cuts: ``keys`` [N, n] flat, ``v`` [N] uint32, ``p`` [N] int32.
+def keep_from_cut(keys: jax.Array, v: jax.Array, p: jax.Array, seed: jax.Array,
+                  offset=0) -> jax.Array:
+  """Per-model masks from cuts: ``keys`` [N, n] flat, ``v`` [N] uint32, ``p`` [N] int32,
+  ``seed`` [N] uint32 (`tie_seeds`); ``offset`` is the flat index of ``keys[:, 0]``
+  (a chunk of a longer tensor).
 
-  Keeps ``key > v`` and ``key == v`` at flat index ``<= p``.
+  Keeps ``key > v`` and ``key == v`` with ``tie_hash(offset + j, seed) <= p``.
   """
-  idx = lax.broadcasted_iota(jnp.int32, keys.shape, 1)
-  v, p = v[:, None], p[:, None]
-  return (keys > v) | ((keys == v) & (idx <= p))
+  idx = lax.iota(jnp.uint32, keys.shape[1]) + jnp.asarray(offset).astype(jnp.uint32)
+  return _keep(keys, v[:, None], p[:, None], idx[None, :], jnp.asarray(seed, jnp.uint32)[:, None])
 
 
 # ------------------------------------------------------------ host-driven
@@ -257,28 +318,12 @@ def _search_desc(hist: np.ndarray, k: int):
   return j, int(ge[j + 1]) if j + 1 < hist.shape[0] else 0
 
 
-def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
-              block_ties: Callable) -> Cut:
-  """Exact top-k cuts of N models' keys (n each, flat), driven from the host.
-
-  The keys live wherever the callables compute them (one device, a mesh, a
-  stream of chunks); only small arrays come back:
-
-  * ``hist(shift, prefix)`` -> [N, 2**16] counts of ``(key >> shift) & 0xFFFF``
-    over model i's keys whose bits above ``shift + 16`` equal ``prefix[i]``;
-  * ``block_counts(v)`` -> ([N, B] counts of ``key == v[i]`` in each of B
-    consecutive blocks of the flat index range, block starts [B]);
-  * ``block_ties(v, block)`` -> N bool arrays: ``key == v[i]`` within block
-    ``block[i]``.
-
-  ``k`` holds one count per model (k <= 0: nothing, k >= n: everything).
-  """
-  k = np.asarray(k, np.int64).reshape(-1)
-  n_models = k.shape[0]
-  kk = np.clip(k, 1, max(n, 1))
-  prefix = np.zeros(n_models, np.uint64)
-  eq = np.zeros(n_models, np.int64)
-  active = (k > 0) & (k < n)
+def _radix_desc(hist: Callable, k: np.ndarray, active: np.ndarray, bits: int):
+  """Host radix search of the k[i]-th largest key of each active model from
+  ``hist(shift, prefix)``; returns (value, ties still to keep, keys equal to it)."""
+  kk = k.astype(np.int64).copy()
+  prefix = np.zeros(k.shape[0], np.uint64)
+  eq = np.zeros(k.shape[0], np.int64)
   if active.any():
     for shift in range(bits - _W, -1, -_W):
       h = hist(shift, prefix.astype(np.uint32))
@@ -287,20 +332,32 @@ def find_cuts(hist: Callable, n: int, k, bits: int, block_counts: Callable,
         eq[i] = h[i, j]
         kk[i] -= gt
         prefix[i] = (prefix[i] << np.uint64(_W)) | np.uint64(j)
-  v = prefix.astype(np.uint32)
-  p = np.full(n_models, n - 1, np.int64)
+  return prefix.astype(np.uint32), kk, eq
+
+
+def find_cuts(hist: Callable, n: int, k, bits: int, tie_hist: Callable) -> Cut:
+  """Exact top-k cuts of N models' keys (n each, flat), driven from the host.
+
+  The keys live wherever the callables compute them (one device, a mesh, a
+  stream of chunks); only [N, 2**16] counts come back:
+
+  * ``hist(shift, prefix)``: counts of ``(key >> shift) & 0xFFFF`` over model
+    i's keys whose bits above ``shift + 16`` equal ``prefix[i]``;
+  * ``tie_hist(v, shift, prefix)``: the same over model i's `tie_keys`
+    (entries with ``key == v[i]``, at their flat index, with its seed).
+
+  ``k`` holds one count per model (k <= 0: nothing, k >= n: everything).
+  """
+  k = np.asarray(k, np.int64).reshape(-1)
+  active = (k > 0) & (k < n)
+  v, kk, eq = _radix_desc(hist, np.clip(k, 1, max(n, 1)), active, bits)
+  p = np.full(k.shape[0], _HMASK, np.int64)
   cut_ties = active & (kk < eq)             # kk: ties at v still to keep
   if cut_ties.any():
-    counts, starts = block_counts(v)
-    upto = np.cumsum(np.asarray(counts, np.int64), axis=1)
-    block = np.zeros(n_models, np.int64)
-    before = np.zeros(n_models, np.int64)
-    for i in np.flatnonzero(cut_ties):
-      block[i] = int(np.searchsorted(upto[i], kk[i]))
-      before[i] = upto[i, block[i] - 1] if block[i] > 0 else 0
-    ties = block_ties(v, block)
-    for i in np.flatnonzero(cut_ties):
-      p[i] = int(starts[block[i]]) + int(np.flatnonzero(ties[i])[kk[i] - before[i] - 1])
+    vv = v.copy()
+    s_r, _, _ = _radix_desc(lambda shift, prefix: tie_hist(vv, shift, prefix),
+                            np.where(cut_ties, kk, 1), cut_ties, 32)
+    p = np.where(cut_ties, _TOP - s_r.astype(np.int64), p)
   v = np.where(k <= 0, 0xFFFFFFFF, np.where(k >= n, 0, v)).astype(np.uint32)
   p = np.where(k <= 0, -1, p)
   return Cut(v, p)
@@ -327,39 +384,33 @@ def _array_hist(keyfn: Callable, args, shift, prefix):
   return jnp.stack([_model_hist(keyfn(*args, i), shift, prefix[i]) for i in range(n_models)])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _array_block_counts(keyfn: Callable, rows: int, args, v):
-  return jnp.stack([jnp.sum((keyfn(*args, i) == v[i]).reshape(rows, -1), axis=1,
-                            dtype=jnp.int32) for i in range(v.shape[0])])
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _array_block_ties(keyfn: Callable, rows: int, args, v, row):
-  return jnp.stack([lax.dynamic_index_in_dim(keyfn(*args, i).reshape(rows, -1), row[i], 0,
-                                             keepdims=False) == v[i]
-                    for i in range(v.shape[0])])
+@functools.partial(jax.jit, static_argnums=(0,))
+def _array_tie_hist(keyfn: Callable, args, v, seed, shift, prefix):
+  """[N, 2**16] histograms of model i's `tie_keys` (one model at a time)."""
+  out = []
+  for i in range(v.shape[0]):
+    u = keyfn(*args, i).reshape(-1)
+    t = tie_keys(u, v[i], lax.iota(jnp.uint32, u.shape[0]), seed[i])
+    out.append(_model_hist(t, shift, prefix[i]))
+  return jnp.stack(out)
 
 
 def find_cuts_array(keyfn: Callable, args, n: int, k, bits: int, rows: int = 1) -> Cut:
   """`find_cuts` for keys computed from whole (possibly sharded) arrays.
 
   ``keyfn(*args, i)`` returns model i's n keys (any shape, flattened row-major);
-  it must be hashable (it keys the compiled kernels). Tie blocks are ``rows``
-  equal rows of the flat keys (rows follow a sharded axis 0 unchanged).
+  it must be hashable (it keys the compiled kernels). Model i's ties use
+  ``tie_seed(n, i)``. ``rows`` is accepted for callers that describe the
+  tensor's row split; counts do not depend on it.
   """
-  n_models = int(np.asarray(k).size)
-  cols = n // max(rows, 1)
+  del rows
+  seeds = jnp.asarray(tie_seeds(n, int(np.asarray(k).size)))
 
   def hist(shift, prefix):
     return _to_host(_array_hist(keyfn, args, jnp.uint32(shift), jnp.asarray(prefix)))
 
-  def block_counts(v):
-    c = _to_host(_array_block_counts(keyfn, rows, args, jnp.asarray(v)))
-    return c, np.arange(rows, dtype=np.int64) * cols
+  def tie_hist(v, shift, prefix):
+    return _to_host(_array_tie_hist(keyfn, args, jnp.asarray(v), seeds, jnp.uint32(shift),
+                                    jnp.asarray(prefix)))
 
-  def block_ties(v, block):
-    return _to_host(_array_block_ties(keyfn, rows, args, jnp.asarray(v),
-                                      jnp.asarray(np.asarray(block, np.int32))))
-
-  del n_models
-  return find_cuts(hist, n, k, bits, block_counts, block_ties)
+  return find_cuts(hist, n, k, bits, tie_hist)

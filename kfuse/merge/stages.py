@@ -45,7 +45,9 @@ def sum_models(x: jax.Array) -> jax.Array:
 
 
 def descending_rank(x: jax.Array) -> jax.Array:
-  """Rank of every entry of a flat array, 0 = largest; ties by index (stable)."""
+  """Rank of every entry of a flat array, 0 = largest; ties by index (stable).
+
+  (The top-k selections break ties by a hash of the index instead, see `select`.)"""
   n = x.shape[0]
   order = jnp.argsort(x, descending=True, stable=True)
   return jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
@@ -60,8 +62,8 @@ def ascending_rank(x: jax.Array, axis: int = -1) -> jax.Array:
 def topk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
   """Exactly ``k`` largest entries of ``x`` (any shape; ``k`` traced int).
 
-  Same entries as ``descending_rank(x.ravel().astype(float32)) < k`` (ties
-  by lowest index), found by radix selection instead of a sort (`select`).
+  Ranks by value descending, ties by ``select.tie_hash`` of the flat index
+  (no positional bias), found by radix selection instead of a sort (`select`).
   """
   return select.topk_mask(x, k)
 
@@ -115,16 +117,21 @@ def task_vectors() -> Stage:
 def trim_magnitude(rescale: str | None = None) -> Stage:
   """TIES trim: keep exactly ``hp['k'][i]`` largest-|δ| entries per model.
 
-  Ties at the k-th magnitude go to the lowest flat index. When the engine has
-  already found the cut on the host (``hp['cut_v']``, ``hp['cut_p']``, see
-  `select.find_cuts`) the mask is one comparison; otherwise it is selected
-  here (`select.topk_masks`). Both give the same mask.
+  Ties at the k-th magnitude are broken by a seeded hash of the flat index
+  (``select.tie_hash`` with ``select.tie_seed(size, i)``): among equal
+  magnitudes the kept ones are spread uniformly over the tensor, not packed
+  into its first rows. When the engine has already found the cut on the host
+  (``hp['cut_v']``, ``hp['cut_p']``, ``hp['tie_seed']``, see
+  `select.find_cuts`; ``hp['tie_offset']``: flat start of a chunk) the mask is
+  one comparison; otherwise it is selected here (`select.topk_masks`). Both
+  give the same mask.
   """
 
   def apply(s: MergeState) -> MergeState:
     if "cut_v" in s.hp:
       keys = select.magnitude_keys(s.values)
-      keep = select.keep_from_cut(keys, s.hp["cut_v"], s.hp["cut_p"]).reshape(s.values.shape)
+      keep = select.keep_from_cut(keys, s.hp["cut_v"], s.hp["cut_p"], s.hp["tie_seed"],
+                                  s.hp.get("tie_offset", 0)).reshape(s.values.shape)
     else:
       keep = select.topk_masks(jnp.abs(s.values), s.hp["k"], nonneg=True)
     return _apply_mask(s, keep, rescale)
@@ -150,22 +157,24 @@ def drop_random(rescale: str | None = "l1") -> Stage:
 def trim_outliers(rescale: str | None = None) -> Stage:
   """Model Breadcrumbs: drop the largest-|δ| outliers and the smallest entries.
 
-  Keeps ascending-magnitude ranks in ``[hp['lo'][i], hp['hi'][i])``.
+  Keeps ascending-magnitude ranks in ``[hp['lo'][i], hp['hi'][i])`` (ties
+  ordered by ``select.tie_hash``, as in `trim_magnitude`).
   """
 
   def apply(s: MergeState) -> MergeState:
     if "cut_hi_v" in s.hp:  # cuts of the reversed magnitude keys, found by the engine
       bits = select.key_bits(s.values.dtype)
       keys = select.reverse_keys(select.magnitude_keys(s.values), bits)
-      keep = (select.keep_from_cut(keys, s.hp["cut_hi_v"], s.hp["cut_hi_p"])
-              & ~select.keep_from_cut(keys, s.hp["cut_lo_v"], s.hp["cut_lo_p"]))
+      seed, off = s.hp["tie_seed"], s.hp.get("tie_offset", 0)
+      keep = (select.keep_from_cut(keys, s.hp["cut_hi_v"], s.hp["cut_hi_p"], seed, off)
+              & ~select.keep_from_cut(keys, s.hp["cut_lo_v"], s.hp["cut_lo_p"], seed, off))
       return _apply_mask(s, keep.reshape(s.values.shape), rescale)
 
-    def one(d, lo, hi):  # ascending ranks in [lo, hi) = bottom-hi minus bottom-lo
-      a = jnp.abs(d)
-      return select.bottomk_mask(a, hi) & ~select.bottomk_mask(a, lo)
+    def one(d, lo, hi, i):  # ascending ranks in [lo, hi) = bottom-hi minus bottom-lo
+      a, seed = jnp.abs(d), select.tie_seed(d.size, i)
+      return select.bottomk_mask(a, hi, seed) & ~select.bottomk_mask(a, lo, seed)
 
-    keep = jnp.stack([one(s.values[i], s.hp["lo"][i], s.hp["hi"][i])
+    keep = jnp.stack([one(s.values[i], s.hp["lo"][i], s.hp["hi"][i], i)
                       for i in range(s.values.shape[0])])
     return _apply_mask(s, keep, rescale)
 

@@ -1,9 +1,10 @@
-"""Exact top-k selection without sorting (kfuse.merge.select) against the stable sort.
+"""Exact top-k selection without sorting (kfuse.merge.select) against a sort.
 
-The reference is the sort-based rank of `stages.descending_rank` /
-`ascending_rank`: keep exactly k entries, ties at the k-th value broken by the
-lowest flat index. Every implementation (in-kernel, host-driven over whole
-arrays, host-driven over engine chunks) must give the same mask bit for bit.
+The reference ranks with NumPy's `lexsort` by (value, `select.tie_hash` of the
+flat index): keep exactly k entries, ties at the k-th value broken by the
+smallest hash. Every implementation (in-kernel, host-driven over whole arrays,
+host-driven over engine chunks) must give the same mask bit for bit, and the
+tie rule must not favour any position (`test_ties_are_kept_uniformly_*`).
 """
 
 import jax
@@ -14,19 +15,30 @@ import pytest
 from kfuse.merge import TensorInfo, get_method, merge, resolve_values, select
 from kfuse.merge import engine as E
 from kfuse.merge.engine import DictSource, TensorTask, execute
-from kfuse.merge.stages import ascending_rank, descending_rank
 
 rng = np.random.default_rng(0)
 
 
-def ref_top(x, k):
-  return np.asarray(descending_rank(jnp.asarray(x).reshape(-1).astype(jnp.float32)) < k).reshape(
-      np.shape(x))
+def _rank(primary, seed):
+  """Rank (0 first) by ``primary`` ascending, then by tie hash ascending."""
+  idx = np.arange(primary.size, dtype=np.uint32)
+  h = select.tie_hash(idx, np.uint32(seed))
+  order = np.lexsort((h, primary))
+  r = np.empty(primary.size, np.int64)
+  r[order] = np.arange(primary.size)
+  return r
 
 
-def ref_bottom(x, k):
-  return np.asarray(ascending_rank(jnp.asarray(x).reshape(-1).astype(jnp.float32)) < k).reshape(
-      np.shape(x))
+def ref_top(x, k, seed=None):
+  x32 = np.asarray(x, np.float32).reshape(-1)
+  seed = select.tie_seed(x32.size) if seed is None else seed
+  return (_rank(-x32.astype(np.float64), seed) < k).reshape(np.shape(x))
+
+
+def ref_bottom(x, k, seed=None):
+  x32 = np.asarray(x, np.float32).reshape(-1)
+  seed = select.tie_seed(x32.size) if seed is None else seed
+  return (_rank(x32.astype(np.float64), seed) < k).reshape(np.shape(x))
 
 
 def sample(kind, shape, dtype=np.float32):
@@ -81,10 +93,10 @@ def test_host_driven_cuts_equal_the_stable_sort(dtype):
     cut = select.find_cuts_array(_keys, (xs,), n, k, select.key_bits(xs.dtype),
                                  select._rows(shape)[0])
     got = np.asarray(select.keep_from_cut(select.magnitude_keys(xs), jnp.asarray(cut.v),
-                                          jnp.asarray(cut.p)))
+                                          jnp.asarray(cut.p), select.tie_seeds(n, 3)))
     for i in range(3):
       np.testing.assert_array_equal(got[i], ref_top(np.abs(np.asarray(xs[i], np.float32)),
-                                                    k[i]).reshape(-1))
+                                                    k[i], select.tie_seed(n, i)).reshape(-1))
 
 
 def _all_primitives(jaxpr) -> set:
@@ -147,3 +159,62 @@ def test_engine_chunked_cuts_equal_the_in_kernel_selection(method, params, dtype
   assert stats.chunked == len(shapes)
   for name in shapes:
     np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(ref[name]), err_msg=name)
+
+
+def _block_fractions(mask, blocks):
+  return mask.reshape(blocks, -1).mean(axis=1)
+
+
+def _assert_uniform(mask, k, blocks=8):
+  """Kept entries of an all-ties tensor per row block ~ hypergeometric(n, k, n/blocks):
+  every block within 5 standard deviations of k/blocks (old rule: the first rows take all)."""
+  n = mask.size
+  m = n // blocks
+  p = k / n
+  sd = np.sqrt(m * p * (1 - p) * (n - m) / (n - 1))
+  counts = mask.reshape(blocks, -1).sum(axis=1)
+  assert mask.sum() == k
+  assert np.all(np.abs(counts - m * p) <= 5 * sd), (counts, m * p, sd)
+
+
+def test_ties_are_kept_uniformly_over_the_rows():
+  x = jnp.ones((64, 64), jnp.float32)        # every magnitude equal
+  for k in (64 * 64 // 4, 64 * 64 // 10):
+    _assert_uniform(np.asarray(top(x, k, True)), k)
+    _assert_uniform(np.asarray(bottom(x, k)), k)
+  xs = jnp.ones((3, 64, 64), jnp.bfloat16)
+  masks = np.asarray(select.topk_masks(xs, jnp.array([1000, 2000, 3000]), nonneg=True))
+  for i, k in enumerate((1000, 2000, 3000)):
+    _assert_uniform(masks[i], k)
+  assert (masks[0] != masks[1][:, :]).any()   # per-model seeds: not the same positions
+
+
+def test_engine_chunked_ties_are_uniform_and_equal_the_api():
+  """bf16 deltas with few distinct values: the streaming engine's chunked cut keeps
+  the same entries as `kfuse.merge.merge`, spread evenly over the rows."""
+  shape = (64, 48)
+  base = {"w": np.zeros(shape, jnp.bfloat16)}
+  exps = [{"w": np.full(shape, 0.5, jnp.bfloat16)}, {"w": np.full(shape, -0.25, jnp.bfloat16)}]
+  params = {"density": 0.3, "weight": 1.0}
+  ref = np.asarray(merge("ties", exps, base, params=params)["w"], np.float32)
+  m = get_method("ties")
+  info = TensorInfo("w", shape, np.dtype(jnp.bfloat16), None, 0, "torch")
+  task = TensorTask("w", m, (0, "w"), [(1, "w"), (2, "w")], resolve_values(m, params, info, 2),
+                    info)
+  srcs = [DictSource(base, "base"), DictSource(exps[0], "e0"), DictSource(exps[1], "e1")]
+  out, stats = {}, E.Stats()
+  execute([task], srcs, out.__setitem__, progress=False, chunk=256, stats=stats)
+  assert stats.chunked == 1
+  got = np.asarray(out["w"], np.float32)
+  np.testing.assert_array_equal(got, ref)
+  k = int(0.3 * got.size)             # the prepare step's exact k: floor(density · n)
+  # model 1 (+0.5) wins the sign election where kept; model 2 (-0.25) only where 1 was trimmed
+  _assert_uniform(got > 0, k)
+
+
+def test_tie_hash_is_a_permutation_of_31_bit_indices():
+  for seed in (0, select.tie_seed(10), 0x7FFFFFFF):
+    for lo in (0, (1 << 31) - (1 << 20)):
+      idx = np.arange(lo, lo + (1 << 20), dtype=np.uint32)
+      h = select.tie_hash(idx, np.uint32(seed))
+      assert h.max() < (1 << 31) and np.unique(h).size == idx.size
