@@ -284,7 +284,8 @@ _simple("multislerp", lambda normalize_weights=True, eps=1e-8: K.multislerp(norm
   the weighted mean direction), scaled by Σ w_i‖x_i‖; task vectors with a base.
   u_i = x_i/‖x_i‖, μ = Σ w_i u_i/‖Σ w_i u_i‖, T = Σ w_i (u_i − ⟨u_i, μ⟩μ);
   θ = (μ cos‖T‖ + T sin‖T‖/‖T‖)·Σ w_i‖x_i‖ (+ θ_b).
-  Goddard, "Multi-SLERP" (2024), https://goddard.blog/posts/multislerp-wow-what-a-cool-idea""", base="optional")
+  Goddard, "Multi-SLERP" (2024), https://goddard.blog/posts/multislerp-wow-what-a-cool-idea""",
+    base="optional")
 
 _simple("karcher", lambda max_iter=10: K.karcher(int(max_iter)), [
     Param("max_iter", 10, static=True, kind=int), Param("tol", 1e-5)],
@@ -347,7 +348,8 @@ def _passthrough_prepare(method, values, info, n):
 
 _simple("passthrough", lambda: K.passthrough(), [Param("scale", None, per_model=True)],
         """Passthrough: the single input tensor, θ = scale·θ_1. Used with slices for
-  layer stacking ("frankenmerges"). Goddard et al., "Arcee's MergeKit", EMNLP 2024 (arXiv:2403.13257).""", base="unused", min_models=1, max_models=1,
+  layer stacking ("frankenmerges"). Goddard et al., "Arcee's MergeKit", EMNLP 2024
+  (arXiv:2403.13257).""", base="unused", min_models=1, max_models=1,
         prepare=_passthrough_prepare)
 
 
