@@ -44,7 +44,8 @@ def test_ties_count_rule_stage_composition():
 
 
 def test_ties_paper_fusionbench_example():
-  # FusionBench ties_merging, K=50: 3 entries kept for d1 (one more than requested), dis-sum / dis-mean.
+  # FusionBench ties_merging, K=50: 3 entries kept for d1 (one more than requested),
+  # dis-sum / dis-mean.
   np.testing.assert_allclose(run("ties_paper", k=0.5, **{"lambda": 1.0}), [-0.5, -0.4, 0.3, 0.6],
                              atol=1e-7)
   np.testing.assert_allclose(run("ties_paper", k=0.5, disjoint="mean", **{"lambda": 1.0}),
@@ -204,7 +205,7 @@ def test_layer_swap_top_layers():
   assert [float(out[f"layers_{i}"]["w"][0]) for i in range(4)] == [0, 0, 1, 1]
 
 
-# ------------------------------------------- float64 references: spherical, RAM+, arcee, sparsifiers
+# ------------------------------------ float64 references: spherical, RAM+, arcee, sparsifiers
 #
 # Each reference below re-derives the method from its paper / mergekit 0.1.5 definition in NumPy
 # float64. kfuse computes in float32 (unit roundoff 6e-8); on these 30..400-entry tensors the
