@@ -48,8 +48,7 @@ def test_identical_experts_merge_to_that_model(method, theta, n, shift):
     base = None  # karcher counts a given base as one more point
   out = merge.merge(method, [_tree(theta)] * n, base, params=AVERAGING[method],
                     key=jax.random.key(0))
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(_tree(theta))):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  chex.assert_trees_all_close(out, _tree(theta), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("method", sorted(SYMMETRIC))
@@ -65,8 +64,7 @@ def test_symmetric_methods_ignore_expert_order(method, data):
   bt = None if merge.get_method(method).base == "include" else _tree(b)
   a = merge.merge(method, ex, bt, params=SYMMETRIC[method])
   c = merge.merge(method, [ex[i] for i in perm], bt, params=SYMMETRIC[method])
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(a, c, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=20, deadline=None)
