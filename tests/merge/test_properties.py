@@ -100,13 +100,7 @@ def _jit_case(method):
   return ex, base, dict(PARAMS.get(method, {})), jax.random.key(2)
 
 
-# op-by-op runs of histogram top-k passes, PRNG draws and Karcher iterations take 5-25 s each on
-# a loaded 2-core machine; their compiled kernels also meet float64 references in test_methods.py
-SLOW_EAGER = {"arcee_fusion", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "karcher"}
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_EAGER
-                                    else m for m in merge.names()])
+@pytest.mark.parametrize("method", merge.names())  # op by op: up to ~5 s (arcee, DARE, Karcher)
 def test_compiled_kernel_matches_a_really_eager_run(method):
   """The per-method XLA kernel against the same maths run op by op (``jax.disable_jit``):
   catches fusion / precision differences and anything that only holds while tracing."""
