@@ -77,6 +77,60 @@ def test_end_to_end_outputs(bench, capsys):
                                       "ties > task_arithmetic"}
 
 
+def _accuracy(model, variables, x, y):
+  """Top-1 accuracy of ``model`` on the whole split at once (no batching, no padding)."""
+  logits = np.asarray(model.apply(variables, jax.numpy.asarray(x), train=False), np.float64)
+  return float(np.mean(logits.argmax(-1) == np.asarray(y)))
+
+
+def test_reported_accuracies_match_an_independent_evaluation(bench):
+  """Rebuild the tasks, restore the saved experts and merged backbones, and recompute every
+  expert / merged test accuracy with a plain ``model.apply`` + argmax. The bench evaluates in
+  padded batches of 512, so a logit can move by float32 rounding: allow one example per task."""
+  from kfuse import models
+  from kfuse.data import make_suite
+  workdir, config, results = bench
+  suite = make_suite("mnist1d", config.data.num_tasks, seed=config.seed, relabel=True,
+                     val_fraction=config.data.val_fraction, cache=config.data.cache_dir)
+  assert [t.name for t in suite] == results["tasks"]
+  experts = train.restore_checkpoint(str(workdir / "checkpoints" / "experts"))
+  merged = train.restore_checkpoint(str(workdir / "checkpoints" / "merged"))
+  kw = config.model.to_dict()
+  name = kw.pop("name", "mlp")
+  rows = {r["name"]: r for r in results["rows"]}
+  for task in suite:
+    model = models.get_model(name, num_classes=task.num_classes, **kw)
+    tol = 1.01 / len(task.y_test)
+    expert = experts[task.name]
+    ind = _accuracy(model, expert, task.x_test, task.y_test)
+    assert rows["Individual"]["test"][task.name] == pytest.approx(ind, abs=tol), task.name
+    assert ind > 0.25  # 10 classes: chance is 0.1
+    head = expert["params"]["head"]
+    for label, backbone in merged.items():
+      variables = {"params": {"backbone": backbone, "head": head}}
+      acc = _accuracy(model, variables, task.x_test, task.y_test)
+      assert rows[label]["test"][task.name] == pytest.approx(acc, abs=tol), (label, task.name)
+  for r in results["rows"]:
+    assert r["test_avg"] == pytest.approx(np.mean(list(r["test"].values())))
+    norm = [r["test"][t] / rows["Individual"]["test"][t] for t in results["tasks"]]
+    assert r["normalized_avg"] == pytest.approx(np.mean(norm))
+
+
+def test_ordering_claims_are_the_measured_comparisons(bench):
+  """Each ordering entry is True exactly when the reported test averages satisfy it."""
+  _, _, results = bench
+  avg = {r["name"]: r["test_avg"] for r in results["rows"]}
+  merges = [avg[n] for n in ("simple_average", "task_arithmetic", "ties", "dare_ties")]
+  want = {"individual >= every merge": avg["Individual"] >= max(merges),
+          "every merge >= pretrained": min(merges) >= avg["Pretrained"],
+          "task_arithmetic > simple_average": avg["task_arithmetic"] > avg["simple_average"],
+          "ties > simple_average": avg["ties"] > avg["simple_average"],
+          "ties > task_arithmetic": avg["ties"] > avg["task_arithmetic"]}
+  assert results["ordering"] == want
+  on_disk = json.loads((bench[0] / "results.json").read_text())
+  assert on_disk["ordering"] == want
+
+
 def test_accuracies_are_sane(bench):
   _, _, results = bench
   rows = {r["name"]: r for r in results["rows"]}

@@ -1,8 +1,8 @@
 """The registry of named merge methods, each a recipe built from stages.
 
 Names, parameters and defaults follow mergekit 0.1.5 where the method exists
-there (SPEC §A.1); paper / FusionBench flavours are separate names or explicit
-options (SPEC §B.2.3). Every entry's docstring gives the formula and paper.
+there; paper / FusionBench flavours are separate names or explicit options.
+Every entry's docstring gives the formula and paper.
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ _EPS = Param("epsilon", 0.15, per_model=True, doc="DELLA keep-probability spread
 _gta("breadcrumbs", "outliers", None, False, False, """Model Breadcrumbs.
 
   Keep the ⌊density·n⌋ entries just below the top ⌊γ·n⌋ outliers by |δ|
-  (fewer outliers dropped if needed to reach the density), then task
-  arithmetic. Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024.""", (_GAMMA,))
+  (fewer outliers dropped if needed to reach the density): with entries
+  sorted by ascending |δ|, keep ranks [n − ⌊d·n⌋ − ⌊γ·n⌋, n − ⌊γ·n⌋) as δ̃_i;
+  θ = θ_b + λ·Σ_i w_i δ̃_i. Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024.""", (_GAMMA,))
 
 _gta("breadcrumbs_ties", "outliers", "sum", False, False, """Breadcrumbs mask + TIES sign consensus.
 
@@ -237,7 +238,9 @@ _simple("linear", lambda normalize=True: K.linear(normalize), [
   (list it among the models to include it).""", base="unused")
 
 _simple("simple_average", lambda: K.simple_average(), [],
-        """Simple average (uniform soup): θ = (1/N) Σ θ_i (FusionBench SimpleAverage).""",
+        """Simple average (uniform soup): θ = (1/N) Σ θ_i (FusionBench SimpleAverage).
+
+  Wortsman et al., "Model soups", ICML 2022.""",
         base="unused")
 
 
@@ -266,7 +269,10 @@ _simple("nuslerp", lambda flatten=True, axis=-1: K.nuslerp(flatten, axis), [
     Param("nuslerp_flatten", True, static=True, kind=bool),
     Param("nuslerp_row_wise", False, static=True, kind=bool)],
     """NuSLERP: slerp of two models (or their task vectors, with a base) at
-  t = w_2/(w_1+w_2), over the flattened tensor or row/column vectors.""",
+  t = w_2/(w_1+w_2), over the flattened tensor or row/column vectors:
+  cosΩ = ⟨v_1/‖v_1‖, v_2/‖v_2‖⟩, v = (sin((1−t)Ω)·v_1 + sin(tΩ)·v_2)/sinΩ
+  (lerp when colinear); θ = θ_b + v with a base. mergekit's nuslerp:
+  Goddard et al., "Arcee's MergeKit", EMNLP 2024 (arXiv:2403.13257).""",
     base="optional", min_models=2, max_models=2, prepare=_nuslerp_prepare)
 
 
@@ -276,7 +282,10 @@ _simple("multislerp", lambda normalize_weights=True, eps=1e-8: K.multislerp(norm
     Param("eps", 1e-8, static=True)],
     """Multi-SLERP: barycentric interpolation on the hypersphere (tangent space at
   the weighted mean direction), scaled by Σ w_i‖x_i‖; task vectors with a base.
-  Goddard, "Multi-SLERP" (2024).""", base="optional")
+  u_i = x_i/‖x_i‖, μ = Σ w_i u_i/‖Σ w_i u_i‖, T = Σ w_i (u_i − ⟨u_i, μ⟩μ);
+  θ = (μ cos‖T‖ + T sin‖T‖/‖T‖)·Σ w_i‖x_i‖ (+ θ_b).
+  Goddard, "Multi-SLERP" (2024), https://goddard.blog/posts/multislerp-wow-what-a-cool-idea""",
+    base="optional")
 
 _simple("karcher", lambda max_iter=10: K.karcher(int(max_iter)), [
     Param("max_iter", 10, static=True, kind=int), Param("tol", 1e-5)],
@@ -300,15 +309,20 @@ _simple("sce", lambda fork_weights_only=False, int8_mask=False: K.sce(fork_weigh
 
 _simple("ram", lambda: K.ram(False), [Param("epsilon", 1e-5)],
         """RAM (Reinforced Agent Merging): unique changes kept, shared changes
-  averaged over the models that made them (|δ| > ε). arXiv:2601.13572.""")
+  averaged over the models that made them (|δ| > ε): a_i = [|δ_i| > ε],
+  c = Σ_i a_i, θ = θ_b + Σ_i a_i δ_i·([c = 1] + [c > 1]/c). arXiv:2601.13572.""")
 
 _simple("ramplus_tl", lambda: K.ram(True), [
     Param("r", 0.1), Param("alpha", 0.2), Param("epsilon", 1e-5)],
     """RAM+ (tensor-local): as RAM, unique changes scaled by
-  1 + r·clip(shared_i/unique_i, 0, α). arXiv:2601.13572.""")
+  λ_i = 1 + r·clip(shared_i/unique_i, 0, α), where shared_i / unique_i count
+  model i's changed entries that other models also change / that only it
+  changes, in this tensor. arXiv:2601.13572.""")
 
 _simple("nearswap", lambda: K.nearswap(), [Param("t", REQUIRED)],
-        """NearSwap: w = clip(t/|θ_b−θ_1|, 0, 1) per entry; w·θ_1 + (1−w)·θ_b.""",
+        """NearSwap: w = clip(t/|θ_b−θ_1|, 0, 1) per entry; w·θ_1 + (1−w)·θ_b.
+
+  alchemonaut (2024), https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001""",
         min_models=1, max_models=1, prepare=_slerp_prepare)
 
 _ARCEE_SAMPLE = 1_000_000
@@ -322,7 +336,8 @@ def _arcee_prepare(method, values, info, n):
 _simple("arcee_fusion", lambda axis=-1, sample=0: K.arcee_fusion(axis, sample), [],
         """Arcee Fusion: keep θ_1's change where |θ_1−θ_b|·KL(softmax θ_1‖softmax θ_b)
   ≥ median + 1.5·IQR of that importance (sampled quantiles above 1e6 entries:
-  random, from the explicit key).""",
+  random, from the explicit key). mergekit's arcee_fusion (https://arcee.ai):
+  Goddard et al., "Arcee's MergeKit", EMNLP 2024 (arXiv:2403.13257).""",
         min_models=1, max_models=1, prepare=_arcee_prepare, random=True)
 
 
@@ -332,8 +347,9 @@ def _passthrough_prepare(method, values, info, n):
 
 
 _simple("passthrough", lambda: K.passthrough(), [Param("scale", None, per_model=True)],
-        """Passthrough: the single input tensor (× scale). Used with slices for
-  layer stacking ("frankenmerges").""", base="unused", min_models=1, max_models=1,
+        """Passthrough: the single input tensor, θ = scale·θ_1. Used with slices for
+  layer stacking ("frankenmerges"). Goddard et al., "Arcee's MergeKit", EMNLP 2024
+  (arXiv:2403.13257).""", base="unused", min_models=1, max_models=1,
         prepare=_passthrough_prepare)
 
 
@@ -346,7 +362,8 @@ _simple("varm", lambda weighting="square", softmax=False: K.varm(weighting, soft
     Param("temperature", 1.0, mergekit=False)],
     """VaRM (FuseChat-1.0): w_{i,m} = mean((θ_{i,m}−θ_{b,m})²)/Σ_j mean((θ_{j,m}−θ_{b,m})²)
   per tensor m (``weighting='abs'``: mean |·|), optionally softmax(w/T);
-  θ_m = Σ_i w_{i,m} θ_{i,m}. Wan et al., "FuseChat", 2024 (SPEC §E.3.3).""")
+  θ_m = Σ_i w_{i,m} θ_{i,m}. Wan et al., "FuseChat: Knowledge Fusion of Chat
+  Models", 2024 (arXiv:2402.16107).""")
 
 _simple("wise_ft", lambda: K.interpolate(), [Param("alpha", 0.5, mergekit=False)],
         """WiSE-FT weight-space ensemble: θ = (1−α)·θ_zero-shot + α·θ_fine-tuned.
@@ -376,7 +393,9 @@ _simple("layer_swap", lambda take_expert=False: K.select(take_expert), [
     Param("num_layers", 1, static=True, kind=int, mergekit=False),
     Param("side", "top", static=True, kind=str, mergekit=False)],
     """Layer swapping: take the top (or bottom) ``num_layers`` transformer blocks
-  from the other model, every other tensor from the base. Bandarkar et al.,
+  from the other model, every other tensor from the base: for block ℓ of L,
+  θ_ℓ = θ_1,ℓ if ℓ ≥ L − num_layers (top; bottom: ℓ < num_layers) else θ_b,ℓ.
+  Bandarkar et al.,
   "Layer Swapping for Zero-Shot Cross-Lingual Transfer", 2024.""",
     min_models=1, max_models=1, prepare=_layer_swap_prepare)
 
@@ -434,7 +453,7 @@ _simple("ties_paper", _ties_paper_recipe, [
     Param("lambda", 0.3, mergekit=False),
     Param("disjoint", "sum", static=True, kind=str, mergekit=False,
           doc="'sum' (dis-sum), 'mean' (dis-mean) or 'max' (dis-max)")],
-    """TIES-Merging as in the paper code / FusionBench (SPEC §B.2.3).
+    """TIES-Merging as in the paper code / FusionBench (`ties_merging`).
 
   Global trim: each model's task vector, flattened over ALL tensors, keeps
   |δ| ≥ its (d − ⌊d·k⌋)-th smallest value; elected sign = sign(Σ_i δ̂_i)

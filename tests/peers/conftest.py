@@ -1,5 +1,6 @@
 """Session fixtures for peer-parity tests (tiny random Llama models)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -24,3 +25,36 @@ def llama_family(tmp_path_factory):
         os.path.join(root, "wide_expert"), 4322, perturb_from=fam["wide_base"], scale=0.5
     )
     return fam
+
+
+# ------------------------------------------------------------------ skip -> fail
+#
+# With the `peers` extra installed (CI installs it) a skipped parity test is a parity test that
+# did not run: report it as a failure, whether the skip happened in a test or while importing the
+# module (a module-level importorskip would otherwise collapse the whole file into one "skipped").
+
+
+def _peers_installed() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "mergekit"))
+
+
+def _fail_skip(report, when: str) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and _peers_installed():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"tests/peers {when} was skipped although torch and mergekit are installed "
+            f"(a skipped parity check is a failure here): {reason}"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result(), f"test {item.nodeid}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result(), f"module {collector.nodeid}")
