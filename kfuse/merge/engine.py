@@ -299,10 +299,11 @@ def _read(src, name: str, out: np.ndarray) -> np.ndarray:
 def _read_rows(src, name: str, shape: tuple, dtype, lo: int, hi: int) -> np.ndarray:
   """Rows [lo, hi) of a tensor (axis 0) as a fresh numpy array."""
   row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-  out = np.empty((hi - lo,) + tuple(shape[1:]), dtype)
+  out = np.empty((hi - lo,) + tuple(shape[1:]) if shape else (), dtype)
   if hasattr(src, "read_into") and np.dtype(src.dtype(name)) == out.dtype:
     return src.read_into(name, out, start=lo * row * out.dtype.itemsize)
-  np.copyto(out, np.asarray(src.get(name))[lo:hi], casting="unsafe")
+  a = np.asarray(src.get(name))
+  np.copyto(out, a[lo:hi] if shape else a, casting="unsafe")
   return out
 
 
@@ -827,7 +828,7 @@ class _Run:
     job.buffers.append(buf)
     stack = buf[:nbytes].view(e_dt).reshape((len(task.experts),) + tuple(job.shape))
     for j, (m, nm) in enumerate(task.experts):
-      _read(src[m], nm, stack[j])
+      _read(src[m], nm, stack[j, ...])   # `...`: a view even for 0-d tensors (stack[j] copies)
     job.experts = jax.device_put(stack, may_alias=True)
 
   def _load_sharded(self, job: _Job, stored) -> None:
