@@ -382,50 +382,91 @@ def _chunks(n: int, size: int) -> list:
 
 
 def _nonfinite(xs, valid=None) -> jax.Array:
-  """Whether any float input has a NaN or Inf (inside ``valid``): one fused pass.
+  """Whether any float input has a NaN or Inf (inside ``valid``), as stored.
   Which input, and which of the two, is worked out on the host when it happens."""
-  bad = None
+  bad = jnp.zeros((), bool)
   for x in xs:
     if jnp.issubdtype(x.dtype, jnp.floating):
       b = ~jnp.isfinite(x)
-      bad = b if bad is None else bad | b
-  if bad is None:
-    return jnp.zeros((), bool)
-  if valid is not None:
-    bad = bad & valid
-  return jnp.any(bad)
+      bad = bad | jnp.any(b & valid if valid is not None else b)
+  return bad
+
+
+def _count(mask, valid=None) -> jax.Array:
+  return jnp.sum(mask & valid if valid is not None else mask, dtype=jnp.int32)
+
+
+def _narrowing(src, to) -> bool:
+  """Whether casting float dtype ``src`` to float dtype ``to`` can overflow to ±inf."""
+  src, to = jnp.dtype(src), jnp.dtype(to)
+  return (jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(to, jnp.floating)
+          and float(jnp.finfo(to).max) < float(jnp.finfo(src).max))
+
+
+def _cast(x, to, valid=None, clamp: bool = False) -> tuple:
+  """``x`` cast to ``to`` and the number of finite entries (inside ``valid``) the cast
+  turns into ±inf; ``clamp`` writes ±finfo(to).max for those instead."""
+  y = x.astype(to)
+  if not _narrowing(x.dtype, to):
+    return y, jnp.zeros((), jnp.int32)
+  over = jnp.isfinite(x) & ~jnp.isfinite(y)
+  if clamp:
+    top = jnp.asarray(jnp.finfo(to).max, to)
+    y = jnp.where(over, jnp.where(x > 0, top, -top), y)
+  return y, _count(over, valid)
+
+
+# What each program reports about a result, in this order (one int32 each):
+# a NaN/Inf among the stored inputs (0/1); finite inputs that overflow the
+# working dtype; NaN/Inf entries of the result; finite result entries that
+# overflow the output dtype. `_Run._check` turns them into errors or counts.
+FLAGS = ("nonfinite_input", "input_overflow", "nonfinite_output", "output_overflow")
+
+
+def _flags(xs, res, n_in_over, n_out_over, valid=None) -> jax.Array:
+  nf = (_count(~jnp.isfinite(res), valid) if jnp.issubdtype(res.dtype, jnp.floating)
+        else jnp.zeros((), jnp.int32))
+  return jnp.stack([_nonfinite(xs, valid).astype(jnp.int32), n_in_over, nf, n_out_over])
 
 
 @functools.lru_cache(maxsize=None)
 def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: bool,
-             chunk: int):
+             chunk: int, clamp: bool = False):
   """The jitted program for one tensor (``chunk=0``) or one flat chunk.
 
   Whole tensor: ``run(base, experts[N, ...], weights, hp, rng)``. Chunk:
   ``run(slot, inputs, weights, hp, rng, lo, hi)`` with ``inputs`` the flat
   chunks of (base, experts...) and ``slot`` a donated output buffer the result
   is written into (no fresh allocation per chunk). Both cast inputs to the
-  working dtype, run the method's kernel, cast the result, and flag non-finite
-  inputs (base first).
+  working dtype, run the method's kernel, cast the result, and return it with
+  the `FLAGS` counts (``clamp``: out-of-range values become ±max instead).
   """
   kern = method.kernel(dict(static_key))
   dt, odt = jnp.dtype(dt), jnp.dtype(out_dt)
 
   def run_tensor(base, experts, weights, hp, rng):
-    b = base.astype(dt) if has_base else None
-    e = experts.astype(dt)
-    out = kern(b, e, weights, hp, rng).astype(odt)
-    bad = _nonfinite(([b] if has_base else []) + [e[i] for i in range(e.shape[0])])
-    return out, bad
+    xs = ([base] if has_base else []) + [experts]
+    n_in = jnp.zeros((), jnp.int32)
+    b = None
+    if has_base:
+      b, n = _cast(base, dt, clamp=clamp)
+      n_in = n_in + n
+    e, n = _cast(experts, dt, clamp=clamp)
+    res = kern(b, e, weights, hp, rng)
+    out, n_out = _cast(res, odt, clamp=clamp)
+    return out, _flags(xs, res, n_in + n, n_out)
 
   def run_chunk(slot, inputs, weights, hp, rng, lo, hi):
-    xs = [x.astype(dt) for x in inputs]
+    idx = lax.iota(jnp.int32, chunk)
+    valid = (idx >= lo) & (idx < hi)
+    cast = [_cast(x, dt, valid, clamp) for x in inputs]
+    xs = [c[0] for c in cast]
     b = xs[0] if has_base else None
     e = jnp.stack(xs[1:] if has_base else xs)
-    out = kern(b, e, weights, hp, rng).astype(odt)
-    idx = lax.iota(jnp.int32, chunk)
-    bad = _nonfinite(xs, (idx >= lo) & (idx < hi))
-    return lax.dynamic_update_slice(slot, out, (0,)), bad
+    res = kern(b, e, weights, hp, rng)
+    out, n_out = _cast(res, odt, valid, clamp)
+    flags = _flags(list(inputs), res, sum(c[1] for c in cast), n_out, valid)
+    return lax.dynamic_update_slice(slot, out, (0,)), flags
 
   if chunk:
     return jax.jit(run_chunk, donate_argnums=0)
@@ -555,6 +596,8 @@ class Stats:
   bytes_written: int = 0
   seconds: float = 0.0
   peak_buffer_bytes: int = 0
+  clamped: dict = dataclasses.field(default_factory=dict)     # name -> values clamped
+  nonfinite: dict = dataclasses.field(default_factory=dict)   # name -> NaN/Inf written
 
 
 @dataclasses.dataclass
@@ -591,7 +634,8 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
             dtype=None, out_dtype=None, progress: bool = True, mesh=None,
             prefetch_bytes: Optional[int] = None, chunk: Optional[int] = None,
             write_part: Optional[Callable[[str, int, np.ndarray], None]] = None,
-            stats: Optional[Stats] = None) -> int:
+            stats: Optional[Stats] = None, allow_nonfinite: bool = False,
+            overflow: str = "error") -> int:
   """Run a plan, streaming; returns the number of tensors written.
 
   Args:
@@ -611,8 +655,14 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
       result (e.g. `PlannedHFWriter.add_part`); chunked results then go
       straight to it instead of being assembled for ``write``.
     stats: optional `Stats` to fill in.
+    allow_nonfinite: write results holding NaN/Inf (counted in ``stats.nonfinite``)
+      instead of refusing them.
+    overflow: 'error' refuses finite values that a cast to the working or output
+      dtype would turn into ±inf (naming the tensor, the count and the dtype);
+      'clamp' writes ±max of that dtype instead (counted in ``stats.clamped``).
   """
   t0 = time.perf_counter()
+  check_overflow(overflow)
   plan = list(plan)
   dt_in = np.dtype(dtype) if dtype is not None else None
   dt_out = np.dtype(out_dtype) if out_dtype is not None else None
@@ -632,7 +682,8 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   total = sum(j.in_bytes + j.numel * j.out_dt.itemsize for j in jobs)
   bar = _Progress(len(plan), total, progress)
   st = stats if stats is not None else Stats()
-  run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st)
+  run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st,
+             allow_nonfinite=allow_nonfinite, overflow=overflow)
   gc_was_on = gc.isenabled()
   gc.freeze()     # full collections would rescan every long-lived JAX object
   gc.disable()    # per dispatched chunk; nothing here makes reference cycles
@@ -646,6 +697,16 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
     st.seconds = time.perf_counter() - t0
     st.peak_buffer_bytes = pool.peak
   return st.tensors
+
+
+OVERFLOW = ("error", "clamp")
+
+
+def check_overflow(overflow: str) -> None:
+  if overflow not in OVERFLOW:
+    from kfuse.registry import suggest
+    raise KfuseError(f"overflow: unknown mode {overflow!r} (error|clamp)"
+                     f"{suggest(str(overflow), OVERFLOW)}")
 
 
 def _resolve(task: TensorTask) -> tuple:
@@ -694,8 +755,10 @@ def _segmented(jobs: list, sources, seg: int) -> list:
 class _Run:
   """The three threads of one `execute` call (see the module docstring)."""
 
-  def __init__(self, sources, write, write_part, key, mesh, pool, chunk, bar, stats):
+  def __init__(self, sources, write, write_part, key, mesh, pool, chunk, bar, stats,
+               allow_nonfinite=False, overflow="error"):
     self.sources, self.write, self.write_part = sources, write, write_part
+    self.allow_nonfinite, self.clamp = allow_nonfinite, overflow == "clamp"
     self.key, self.mesh, self.pool, self.chunk = key, mesh, pool, chunk
     self.bar, self.stats = bar, stats
     self.loaded: queue.Queue = queue.Queue(maxsize=64)
@@ -884,7 +947,7 @@ class _Run:
     hp = {k: jnp.asarray(v) for k, v in hp.items()}
     if self.mesh is not None:
       weights, hp, rng = shard.put_replicated((weights, hp, rng), self.mesh)
-    prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0)
+    prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0, self.clamp)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh):   # lets kernels pin reductions (`shard.tensor_sum`)
         out, bad = prog(job.base, job.experts, weights, hp, rng)
@@ -980,7 +1043,8 @@ class _Run:
 
   def _dispatch_chunks(self, job, static_key, weights, hp, rng, has_base) -> None:
     task = job.task
-    prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base, self.chunk)
+    prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base,
+                    self.chunk, self.clamp)
     n = job.numel
     chunks = _chunks(n, self.chunk)
     fixed = {k: jnp.asarray(v) for k, v in hp.items() if not k.endswith("_p")}
@@ -1034,17 +1098,34 @@ class _Run:
     self.bar.update(job.in_bytes + out_bytes, tensor_done=job.last)
     job.full = None
 
-  def _check(self, job: _Job, bad: np.ndarray) -> None:
-    """Name the first input holding a NaN (else an Inf) once the kernel saw one."""
-    if not bad.any():
+  def _check(self, job: _Job, flags: np.ndarray) -> None:
+    """Act on a program's `FLAGS`: name the first input holding a NaN (else an Inf);
+    refuse values out of the working / output dtype's range (or count them when
+    clamping) and NaN/Inf results (unless ``allow_nonfinite``)."""
+    if not flags.any():
       return
     task = job.task
-    refs = ([task.base] if task.base is not None else []) + list(task.experts)
-    for m, name in refs:
-      src = self.sources[m]
-      a = np.asarray(src.get(name)).astype(job.dt)
-      if _is_float(a.dtype) and not np.all(np.isfinite(a.astype(np.float32))):
-        what = "NaN" if np.isnan(a.astype(np.float32)).any() else "Inf"
-        raise KfuseError(f"{src.path}: tensor {name!r} (shape {tuple(src.shape(name))})"
-                         f" contains {what}")
-    raise KfuseError(f"{task.out_name!r}: non-finite input")
+    bad_in, in_over, nonfinite, out_over = (int(x) for x in flags)
+    if bad_in:
+      refs = ([task.base] if task.base is not None else []) + list(task.experts)
+      for m, name in refs:
+        src = self.sources[m]
+        _finite_or_raise(np.asarray(src.get(name)),
+                         f"{src.path}: tensor {name!r} (shape {tuple(src.shape(name))})")
+      raise KfuseError(f"{task.out_name!r}: non-finite input")
+    for n, to, what in ((in_over, job.dt, "input values"), (out_over, job.out_dt, "results")):
+      if not n:
+        continue
+      if not self.clamp:
+        raise KfuseError(
+            f"{task.out_name!r}: {n} {what} out of the range of {to.name} (|x| >"
+            f" {float(jnp.finfo(to).max):.6g}) would become inf; use a wider dtype or"
+            f" overflow='clamp' (--config.overflow=clamp) to clamp them to ±max")
+      self.stats.clamped[task.out_name] = self.stats.clamped.get(task.out_name, 0) + n
+    if nonfinite and not self.allow_nonfinite:
+      raise KfuseError(
+          f"{task.out_name!r}: method {task.method.name!r} gave {nonfinite} NaN/Inf values"
+          f" from finite inputs (e.g. weights summing to 0); pass allow_nonfinite=True"
+          f" (--config.allow_nonfinite=True) to write them anyway")
+    if nonfinite:
+      self.stats.nonfinite[task.out_name] = self.stats.nonfinite.get(task.out_name, 0) + nonfinite
