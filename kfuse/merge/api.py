@@ -126,7 +126,7 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
           params: Mapping[str, Any] | None = None,
           model_params: Sequence[Mapping[str, Any]] | None = None,
           key: jax.Array | None = None, layout: str | None = None,
-          check: bool = True) -> PyTree:
+          check: bool = True, allow_nonfinite: bool = False) -> PyTree:
   """Merge N expert pytrees (optionally relative to a base) with a named method.
 
   Args:
@@ -140,6 +140,8 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
     layout: 'torch' ([out, in]) or 'flax' ([in, out]) for row-wise rules;
       inferred from the names when None (dotted HF names → torch).
     check: validate structure and finiteness (skipped under jit).
+    allow_nonfinite: return results holding NaN/Inf (e.g. `linear` with weights
+      summing to 0) instead of raising `KfuseError` (checked outside jit only).
   Returns:
     The merged pytree, with the structure and dtypes of the base (or of the
     first expert when the method uses no base).
@@ -195,12 +197,26 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
     k = path_key(key, path) if key is not None else None
     out[path] = merge_tensor(method, leaf if use_base is not None else None, stacked[path],
                              values, info, k, stats)
+  if concrete and not allow_nonfinite:
+    check_finite_results(out, method.name)
   return T.unflatten(ref, out)
+
+
+def check_finite_results(out: Mapping[str, Any], method: str) -> None:
+  """`KfuseError` naming the first result leaf holding NaN/Inf (one device sync)."""
+  counts = {p: jnp.sum(~jnp.isfinite(v)) for p, v in out.items()
+            if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact)}
+  for path, n in jax.device_get(counts).items():
+    if n:
+      raise KfuseError(f"{path!r}: method {method!r} gave {int(n)} NaN/Inf values from finite"
+                       f" inputs (e.g. weights summing to 0); pass allow_nonfinite=True to"
+                       f" return them anyway")
 
 
 def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | None]],
                   experts: Sequence[PyTree], base: PyTree | None = None, *,
-                  key: jax.Array | None = None, layout: str | None = None) -> PyTree:
+                  key: jax.Array | None = None, layout: str | None = None,
+                  allow_nonfinite: bool = False) -> PyTree:
   """Different methods for different leaves: ``[(regex, method, params), ...]``.
 
   The first regex that `re.search`-es a leaf's path chooses its method; a leaf
@@ -225,5 +241,6 @@ def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | N
     _, m, p = rules[i]
     sub_e = [{k: e[k] for k in paths} for e in eflat]
     sub_b = {k: bflat[k] for k in paths} if bflat is not None else None
-    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or _layout_of(flat)))
+    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or _layout_of(flat),
+                     allow_nonfinite=allow_nonfinite))
   return T.unflatten(ref, out)

@@ -16,7 +16,7 @@ import jax
 from kfuse import tree as T
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
-from kfuse.merge.engine import OrbaxSource, TensorTask, execute, output_specs
+from kfuse.merge.engine import OrbaxSource, Stats, TensorTask, execute, output_specs
 from kfuse.tree import KfuseError
 
 
@@ -51,6 +51,21 @@ def scale_options(config) -> dict:
           "chunk": None if chunk < 0 else chunk}
 
 
+def numerics_options(config) -> dict:
+  """``allow_nonfinite`` (write NaN/Inf results) and ``overflow`` ('error' | 'clamp'
+  values a down-cast would turn into inf), shared by both merge jobs."""
+  return {"allow_nonfinite": bool(_get(config, "allow_nonfinite", False)),
+          "overflow": str(_get(config, "overflow", "error"))}
+
+
+def _report(res: dict, stats: Stats) -> dict:
+  if stats.clamped:
+    res["clamped"] = dict(stats.clamped)
+  if stats.nonfinite:
+    res["nonfinite"] = dict(stats.nonfinite)
+  return res
+
+
 def run_mergekit(config, workdir=None) -> dict:
   """``configs/mergekit.py:PATH.yml``: run a mergekit YAML into config.output_dir."""
   from kfuse.mergekit_compat import run_yaml
@@ -61,10 +76,13 @@ def run_mergekit(config, workdir=None) -> dict:
   if not out:
     raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
   t0 = time.perf_counter()
+  stats = Stats()
   res = run_yaml(yml, out, overwrite=bool(_get(config, "overwrite", False)),
                  seed=int(_get(config, "seed", 0)),
                  out_shard_bytes=int(_get(config, "out_shard_bytes", 5_000_000_000)),
-                 progress=bool(_get(config, "progress", True)), **scale_options(config))
+                 progress=bool(_get(config, "progress", True)), stats=stats,
+                 **scale_options(config), **numerics_options(config))
+  _report(res, stats)
   res["seconds"] = round(time.perf_counter() - t0, 3)
   print(json.dumps(res))
   return res
@@ -95,7 +113,8 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
                       params: Mapping[str, Any] | None = None, seed: int = 0,
                       overwrite: bool = False, output_format: str = "auto",
                       dtype: str | None = None, progress: bool = True, mesh=None,
-                      prefetch_bytes: int | None = None, chunk: int | None = None) -> dict:
+                      prefetch_bytes: int | None = None, chunk: int | None = None,
+                      allow_nonfinite: bool = False, overflow: str = "error") -> dict:
   """Merge checkpoints on disk with a registered method, streaming tensor by tensor."""
   from kfuse import io as kio
   m = get_method(method)
@@ -146,7 +165,9 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     raise KfuseError(f"method {m.name!r} needs whole-model statistics; use kfuse.merge.merge in Python")
   dt = T.resolve_dtype(dtype) if dtype else None
   key = jax.random.key(seed)
-  scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk}
+  stats = Stats()
+  scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk, "stats": stats,
+           "allow_nonfinite": allow_nonfinite, "overflow": overflow}
   t0 = time.perf_counter()
   from kfuse import shard
   if not shard.is_writer():   # multi-host: every process computes, process 0 writes
@@ -172,8 +193,8 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     kio.save_orbax(output_dir, tree, overwrite=overwrite)
   else:
     raise KfuseError(f"config.output_format: unknown format {output_format!r} (auto|safetensors|orbax)")
-  return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
-          "seconds": round(time.perf_counter() - t0, 3)}
+  return _report({"output_dir": str(output_dir), "tensors": count, "method": m.name,
+                  "format": fmt, "seconds": round(time.perf_counter() - t0, 3)}, stats)
 
 
 def run_native(config, workdir=None) -> dict:
@@ -191,6 +212,6 @@ def run_native(config, workdir=None) -> dict:
                           output_format=_get(config, "output_format", "auto"),
                           dtype=_get(config, "dtype") or None,
                           progress=bool(_get(config, "progress", True)),
-                          **scale_options(config))
+                          **scale_options(config), **numerics_options(config))
   print(json.dumps(res))
   return res
