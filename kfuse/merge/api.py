@@ -183,29 +183,71 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   exp_flat = [T.flatten(e) for e in experts]
   layout = layout or _layout_of(ref_flat)
   L = T.num_layers(ref_flat)
-  stacked = {k: jnp.stack([jnp.asarray(e[k]) for e in exp_flat]) for k in ref_flat}
+  exact = {k for k, v in ref_flat.items() if not _is_inexact(v)}
+  all_flat = ([ref_flat] if use_base is not None else []) + exp_flat   # order of `names`
+  stacked = {k: jnp.stack([jnp.asarray(e[k]) for e in exp_flat]) for k in ref_flat
+             if k not in exact}
   stats = None
   if method.tree_stats is not None:
     glob = resolve_values(method, params, TensorInfo("", (), None), n, model_params=model_params)
     stats = method.tree_stats({k: jnp.asarray(v) for k, v in ref_flat.items()}, stacked, glob)
   out = {}
   for path, leaf in ref_flat.items():
-    leaf = jnp.asarray(leaf)
-    info = TensorInfo(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype,
-                      layer=T.layer_index(path), num_layers=L, layout=layout)
-    values = resolve_values(method, params, info, n, model_params=model_params)
-    k = path_key(key, path) if key is not None else None
-    out[path] = merge_tensor(method, leaf if use_base is not None else None, stacked[path],
-                             values, info, k, stats)
+    if path in exact:   # integer / bool: copied, never averaged (nor truncated)
+      out[path] = agreed_leaf(path, [t[path] for t in all_flat], names, concrete)
+      continue
+    if _dtype(leaf) == np.float64 and concrete:
+      with jax.enable_x64(True):   # float64 leaves are computed in float64
+        out[path] = _merge_leaf(method, params, model_params, path, leaf, use_base, exp_flat,
+                                n, L, layout, key, stats)
+      continue
+    out[path] = _merge_leaf(method, params, model_params, path, leaf, use_base, exp_flat,
+                            n, L, layout, key, stats, stacked[path])
   if concrete and not allow_nonfinite:
     check_finite_results(out, method.name)
   return T.unflatten(ref, out)
 
 
+def _is_inexact(x) -> bool:
+  return _dtype(x).kind in "fc" or _dtype(x).name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _dtype(x) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def agreed_leaf(path: str, leaves: Sequence[Any], names: Sequence[str], concrete: bool = True):
+  """An integer / bool leaf is not merged: the base's (or first expert's) leaf,
+  unchanged, when every model agrees; else a one-line `KfuseError` (not checked
+  on tracers)."""
+  ref = leaves[0]
+  if concrete:
+    r = np.asarray(ref)
+    for name, x in zip(names[1:], leaves[1:]):
+      x = np.asarray(x)
+      if x.shape != r.shape or not np.array_equal(x, r):
+        raise KfuseError(f"{path!r}: {r.dtype} leaf differs between {names[0]} and {name};"
+                         f" integer and bool leaves are copied, not merged, so all models"
+                         f" must agree")
+  return ref
+
+
+def _merge_leaf(method, params, model_params, path, leaf, use_base, exp_flat, n, L, layout,
+                key, stats, stacked=None):
+  leaf = jnp.asarray(leaf)
+  if stacked is None:
+    stacked = jnp.stack([jnp.asarray(e[path]) for e in exp_flat])
+  info = TensorInfo(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype,
+                    layer=T.layer_index(path), num_layers=L, layout=layout)
+  values = resolve_values(method, params, info, n, model_params=model_params)
+  k = path_key(key, path) if key is not None else None
+  return merge_tensor(method, leaf if use_base is not None else None, stacked,
+                      values, info, k, stats)
+
+
 def check_finite_results(out: Mapping[str, Any], method: str) -> None:
   """`KfuseError` naming the first result leaf holding NaN/Inf (one device sync)."""
-  counts = {p: jnp.sum(~jnp.isfinite(v)) for p, v in out.items()
-            if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact)}
+  counts = {p: jnp.sum(~jnp.isfinite(v)) for p, v in out.items() if _is_inexact(v)}
   for path, n in jax.device_get(counts).items():
     if n:
       raise KfuseError(f"{path!r}: method {method!r} gave {int(n)} NaN/Inf values from finite"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -597,6 +598,7 @@ class Stats:
   seconds: float = 0.0
   peak_buffer_bytes: int = 0
   clamped: dict = dataclasses.field(default_factory=dict)     # name -> values clamped
+  copied: list = dataclasses.field(default_factory=list)      # integer / bool tensors copied
   nonfinite: dict = dataclasses.field(default_factory=dict)   # name -> NaN/Inf written
 
 
@@ -622,6 +624,7 @@ class _Job:
   weights: Any = None
   rng: Any = None
   seg: Optional[tuple] = None     # flat [start, stop) of a streamed segment; None: whole
+  host: Optional[np.ndarray] = None   # integer / bool tensors: the agreed value (`_agreed`)
   last: bool = True               # the task's last (or only) job
 
   @property
@@ -684,11 +687,13 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   st = stats if stats is not None else Stats()
   run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st,
              allow_nonfinite=allow_nonfinite, overflow=overflow)
+  run.x64 = any(np.float64 in (j.dt, j.out_dt) for j in jobs)
   gc_was_on = gc.isenabled()
   gc.freeze()     # full collections would rescan every long-lived JAX object
   gc.disable()    # per dispatched chunk; nothing here makes reference cycles
   try:
-    run.go(jobs)
+    with run.scope():
+      run.go(jobs)
   finally:
     if gc_was_on:
       gc.enable()
@@ -707,6 +712,25 @@ def check_overflow(overflow: str) -> None:
     from kfuse.registry import suggest
     raise KfuseError(f"overflow: unknown mode {overflow!r} (error|clamp)"
                      f"{suggest(str(overflow), OVERFLOW)}")
+
+
+def _agreed(task: TensorTask, sources, dt: np.dtype) -> np.ndarray:
+  """An integer or bool tensor is not merged: its value when every input agrees
+  (base first), else a one-line `KfuseError` naming two models that differ.
+
+  Integer buffers (position ids, masks, counters) have no meaningful average, and
+  float arithmetic would truncate them. Compared on the host, vectorised.
+  """
+  refs = ([task.base] if task.base is not None else []) + list(task.experts)
+  (m0, n0), ref = refs[0], np.asarray(sources[refs[0][0]].get(refs[0][1]))
+  for m, name in refs[1:]:
+    a = np.asarray(sources[m].get(name))
+    if not np.array_equal(a, ref):
+      raise KfuseError(
+          f"{task.out_name!r}: {ref.dtype} tensor differs between {sources[m0].path}:{n0} and"
+          f" {sources[m].path}:{name} ({int(np.count_nonzero(a != ref))} entries); integer"
+          f" and bool tensors are copied, not merged, so all models must agree")
+  return ref.astype(dt, copy=False)
 
 
 def _resolve(task: TensorTask) -> tuple:
@@ -742,7 +766,7 @@ def _segmented(jobs: list, sources, seg: int) -> list:
   for j in jobs:
     n = int(np.prod(j.shape))
     static, hp = _resolve(j.task) if n > seg else (None, None)
-    if n <= seg or not _streamable(j.task, static, sources):
+    if n <= seg or not _is_float(j.dt) or not _streamable(j.task, static, sources):
       out.append(j)
       continue
     for a in range(0, n, seg):   # resolved once, shared by the segments
@@ -759,6 +783,7 @@ class _Run:
                allow_nonfinite=False, overflow="error"):
     self.sources, self.write, self.write_part = sources, write, write_part
     self.allow_nonfinite, self.clamp = allow_nonfinite, overflow == "clamp"
+    self.x64 = False   # float64 tasks: every thread traces and runs under `jax.enable_x64`
     self.key, self.mesh, self.pool, self.chunk = key, mesh, pool, chunk
     self.bar, self.stats = bar, stats
     self.loaded: queue.Queue = queue.Queue(maxsize=64)
@@ -769,6 +794,10 @@ class _Run:
     self.slot_lock = threading.Lock()
     self._accs: dict = {}       # reusable selection counters (no fresh pages per pass)
     self.acc_lock = threading.Lock()
+
+  def scope(self):
+    """`jax.enable_x64` (thread-local) when the plan holds float64 tensors."""
+    return jax.enable_x64(True) if self.x64 else contextlib.nullcontext()
 
   def fail(self, e: BaseException) -> None:
     if not self.errors:
@@ -822,20 +851,24 @@ class _Run:
 
   def reader(self, jobs) -> None:
     try:
-      for job in jobs:
-        while not self.in_flight.acquire(timeout=0.1):
-          if self.errors:
-            return
-        if self.errors:
-          return
-        self.load(job)
-        self.loaded.put(job)
+      with self.scope():
+        self._read_all(jobs)
     except _Stopped:
       pass
     except BaseException as e:  # noqa: BLE001
       self.fail(e)
     finally:
       self.loaded.put(None)
+
+  def _read_all(self, jobs) -> None:
+    for job in jobs:
+      while not self.in_flight.acquire(timeout=0.1):
+        if self.errors:
+          return
+      if self.errors:
+        return
+      self.load(job)
+      self.loaded.put(job)
 
   def writer(self) -> None:
     try:
@@ -853,6 +886,9 @@ class _Run:
   def load(self, job: _Job) -> None:
     task, src = job.task, self.sources
     method = task.method
+    if not _is_float(job.dt):
+      job.host = _agreed(task, src, job.dt)
+      return
     if job.static is None:
       job.static, job.hp = _resolve(task)
     n = job.numel
@@ -920,8 +956,14 @@ class _Run:
   # -- computing (main thread)
   def prepare(self, job: _Job) -> None:
     """Hyper-parameters of a task, with its exact cuts (a worker thread)."""
+    with self.scope():
+      self._prepare(job)
+
+  def _prepare(self, job: _Job) -> None:
     task = job.task
     method = task.method
+    if job.host is not None:
+      return
     n_models = len(task.experts)
     job.static_key = tuple(sorted(job.static.items()))
     hp = dict(job.hp)
@@ -938,6 +980,8 @@ class _Run:
     job.hp = hp
 
   def dispatch(self, job: _Job) -> None:
+    if job.host is not None:
+      return self.done.put(("host", job, None, None, None))
     task = job.task
     method = task.method
     has_base = task.base is not None
@@ -1082,6 +1126,9 @@ class _Run:
     if kind == "tensor":
       arr = shard.to_host(out)
       self._check(job, np.asarray(bad))
+    elif kind == "host":
+      arr = job.host
+      self.stats.copied.append(task.out_name)
     else:  # "end" of a chunked task
       arr = job.full.reshape(job.shape) if job.full is not None else None
     for b in job.buffers or []:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -63,6 +64,10 @@ def _report(res: dict, stats: Stats) -> dict:
     res["clamped"] = dict(stats.clamped)
   if stats.nonfinite:
     res["nonfinite"] = dict(stats.nonfinite)
+  if stats.copied:
+    res["copied"] = len(stats.copied)
+    print(f"kfuse: note: {len(stats.copied)} integer/bool tensor(s) copied unchanged (all"
+          f" models agree), e.g. {stats.copied[0]!r}", file=sys.stderr)
   return res
 
 
