@@ -385,12 +385,16 @@ def _chunks(n: int, size: int) -> list:
 def _nonfinite(xs, valid=None) -> jax.Array:
   """Whether any float input has a NaN or Inf (inside ``valid``), as stored.
   Which input, and which of the two, is worked out on the host when it happens."""
-  bad = jnp.zeros((), bool)
+  bad = None
   for x in xs:
     if jnp.issubdtype(x.dtype, jnp.floating):
       b = ~jnp.isfinite(x)
-      bad = bad | jnp.any(b & valid if valid is not None else b)
-  return bad
+      bad = b if bad is None else bad | b
+  if bad is None:
+    return jnp.zeros((), bool)
+  if valid is not None:
+    bad = bad & valid
+  return jnp.any(bad)
 
 
 def _count(mask, valid=None) -> jax.Array:
@@ -419,14 +423,16 @@ def _cast(x, to, valid=None, clamp: bool = False) -> tuple:
 
 # What each program reports about a result, in this order (one int32 each):
 # a NaN/Inf among the stored inputs (0/1); finite inputs that overflow the
-# working dtype; NaN/Inf entries of the result; finite result entries that
-# overflow the output dtype. `_Run._check` turns them into errors or counts.
+# working dtype; a NaN/Inf in the result (0/1: counted on the host when it
+# happens); finite result entries that overflow the output dtype. `_Run._check` turns them into errors or counts.
 FLAGS = ("nonfinite_input", "input_overflow", "nonfinite_output", "output_overflow")
 
 
 def _flags(xs, res, n_in_over, n_out_over, valid=None) -> jax.Array:
-  nf = (_count(~jnp.isfinite(res), valid) if jnp.issubdtype(res.dtype, jnp.floating)
-        else jnp.zeros((), jnp.int32))
+  nf = jnp.zeros((), jnp.int32)
+  if jnp.issubdtype(res.dtype, jnp.floating):   # any, not a count: counted on the host
+    b = ~jnp.isfinite(res)
+    nf = jnp.any(b & valid if valid is not None else b).astype(jnp.int32)
   return jnp.stack([_nonfinite(xs, valid).astype(jnp.int32), n_in_over, nf, n_out_over])
 
 
@@ -446,7 +452,7 @@ def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: 
   dt, odt = jnp.dtype(dt), jnp.dtype(out_dt)
 
   def run_tensor(base, experts, weights, hp, rng):
-    xs = ([base] if has_base else []) + [experts]
+    xs = ([base] if has_base else []) + [experts[i] for i in range(experts.shape[0])]
     n_in = jnp.zeros((), jnp.int32)
     b = None
     if has_base:
@@ -1113,7 +1119,7 @@ class _Run:
     if kind == "part":
       s, lo, hi = where
       arr = np.asarray(out)
-      self._check(job, np.asarray(bad))
+      self._check(job, np.asarray(bad), arr[lo:hi])
       if job.full is not None:
         job.full[s + lo:s + hi] = arr[lo:hi]
       elif shard.is_writer():
@@ -1125,7 +1131,7 @@ class _Run:
       return
     if kind == "tensor":
       arr = shard.to_host(out)
-      self._check(job, np.asarray(bad))
+      self._check(job, np.asarray(bad), arr)
     elif kind == "host":
       arr = job.host
       self.stats.copied.append(task.out_name)
@@ -1145,7 +1151,7 @@ class _Run:
     self.bar.update(job.in_bytes + out_bytes, tensor_done=job.last)
     job.full = None
 
-  def _check(self, job: _Job, flags: np.ndarray) -> None:
+  def _check(self, job: _Job, flags: np.ndarray, result: np.ndarray) -> None:
     """Act on a program's `FLAGS`: name the first input holding a NaN (else an Inf);
     refuse values out of the working / output dtype's range (or count them when
     clamping) and NaN/Inf results (unless ``allow_nonfinite``)."""
@@ -1169,6 +1175,9 @@ class _Run:
             f" {float(jnp.finfo(to).max):.6g}) would become inf; use a wider dtype or"
             f" overflow='clamp' (--config.overflow=clamp) to clamp them to ±max")
       self.stats.clamped[task.out_name] = self.stats.clamped.get(task.out_name, 0) + n
+    if nonfinite:   # rare: count on the host
+      r = result.astype(np.float32) if result.dtype.itemsize < 4 else result
+      nonfinite = int(np.count_nonzero(~np.isfinite(r)))
     if nonfinite and not self.allow_nonfinite:
       raise KfuseError(
           f"{task.out_name!r}: method {task.method.name!r} gave {nonfinite} NaN/Inf values"
