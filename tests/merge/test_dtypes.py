@@ -99,3 +99,40 @@ def test_api_float64_leaves_in_float64():
   out = merge.merge("linear", [{"d": A64}, {"d": B64}], params={"weight": [1.0, 3.0]})
   assert np.asarray(out["d"]).dtype == np.float64
   np.testing.assert_allclose(out["d"], (A64 + 3.0 * B64) / 4.0, rtol=1e-15, atol=0)
+
+
+SHARDED = """
+import sys
+import numpy as np, jax
+from kfuse import shard, merge
+from kfuse.merge import TensorInfo, get_method, resolve_values
+from kfuse.merge.engine import DictSource, TensorTask, execute
+assert len(jax.devices()) == 8
+r = np.random.default_rng(0)
+base = {"d": r.standard_normal((16, 3)), "i": np.arange(16).reshape(8, 2) + 2 ** 40,
+        "b": np.arange(16).reshape(8, 2) % 3 == 0, "s": np.array(1.0),
+        "f": r.standard_normal((16, 4)).astype(np.float32)}
+exps = [dict(base, d=base["d"] + 0.1 * (k + 1), s=np.array(1.5 + k / 2), f=base["f"] * (k + 2))
+        for k in range(2)]
+srcs = [DictSource(base, "b")] + [DictSource(e, f"e{i}") for i, e in enumerate(exps)]
+m = get_method("ties")
+tasks = []
+for k, v in base.items():
+  info = TensorInfo(k, v.shape, v.dtype, None, 0, "torch")
+  tasks.append(TensorTask(k, m, (0, k), [(1, k), (2, k)],
+                          resolve_values(m, {"density": 0.5}, info, 2), info))
+out = {}
+execute(tasks, srcs, out.__setitem__, progress=False, mesh=shard.make_mesh(8))
+ref = merge.merge("ties", exps, base, params={"density": 0.5}, layout="torch")
+bad = [k for k in base if out[k].dtype != base[k].dtype or not np.array_equal(out[k], ref[k])]
+print("BAD", bad)
+"""
+
+
+def test_sharded_engine_integer_bool_float64():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.strip().splitlines()[-1] == "BAD []"
