@@ -7,13 +7,14 @@ plan through three threads:
 
 * **reader**: reads the inputs of the next tasks with positional reads
   (`HFModel.read_into`) into reusable page-aligned buffers; no memory maps,
-  so the resident memory is the buffers, not the files;
+  so the resident memory is the buffers, not the files. Integer and bool
+  tensors are not merged: they are compared and copied here (`_agreed`);
 * **main**: hands the buffers to XLA without a copy (or slices them over a
   device mesh, `kfuse.shard`), finds exact top-k cuts on the host for methods
   that trim (`select.find_cuts`), and dispatches the method's jit kernel,
   compiled once per (method, options, shape, dtype) and cached;
-* **writer**: waits for each result, checks the inputs were finite, writes
-  the result (e.g. `PlannedHFWriter.add`, straight to its place in its output
+* **writer**: waits for each result, acts on its `FLAGS` (NaN/Inf inputs or
+  results, values a down-cast would overflow), writes the result (e.g. `PlannedHFWriter.add`, straight to its place in its output
   shard) and recycles the input buffers.
 
 Reading the next tensors, computing the current one and writing the previous
@@ -424,7 +425,8 @@ def _cast(x, to, valid=None, clamp: bool = False) -> tuple:
 # What each program reports about a result, in this order (one int32 each):
 # a NaN/Inf among the stored inputs (0/1); finite inputs that overflow the
 # working dtype; a NaN/Inf in the result (0/1: counted on the host when it
-# happens); finite result entries that overflow the output dtype. `_Run._check` turns them into errors or counts.
+# happens); finite result entries that overflow the output dtype.
+# `_Run._check` turns them into errors or counts.
 FLAGS = ("nonfinite_input", "input_overflow", "nonfinite_output", "output_overflow")
 
 
