@@ -144,7 +144,9 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
       summing to 0) instead of raising `KfuseError` (checked outside jit only).
   Returns:
     The merged pytree, with the structure and dtypes of the base (or of the
-    first expert when the method uses no base).
+    first expert when the method uses no base). Integer and bool leaves are
+    not merged: the base's (first expert's) leaf is returned unchanged when all
+    models agree, else `KfuseError`; float64 leaves are computed in float64.
   """
   method = get_method(method)
   params = canonical_params(params)

@@ -83,6 +83,29 @@ def test_cli_native_refuses_zero_weight_sum(tmp_path):
   assert np.all(np.isnan(kio.read_hf_dir(str(tmp_path / "out"))["w"]))   # 0 / 0
 
 
+def test_cli_yaml_refuses_zero_weight_sum(tmp_path):
+  for i, t in enumerate(TWO):
+    kio.write_hf_dir(str(tmp_path / f"m{i}"), t)
+  yml = tmp_path / "m.yml"
+  yml.write_text(textwrap.dedent(f"""
+      merge_method: linear
+      models:
+        - model: {tmp_path / 'm0'}
+          parameters: {{weight: 1.0}}
+        - model: {tmp_path / 'm1'}
+          parameters: {{weight: -1.0}}
+      """))
+  r = cli(f"--config=configs/mergekit.py:{yml}", f"--config.output_dir={tmp_path}/out")
+  assert r.returncode != 0
+  assert "method 'linear' gave" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
+  r = cli(f"--config=configs/mergekit.py:{yml}", f"--config.output_dir={tmp_path}/out",
+          "--config.allow_nonfinite=True")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1])["nonfinite"] == {"s": 1, "w": 12}
+  assert np.all(kio.read_hf_dir(str(tmp_path / "out"))["w"] == -np.inf)   # (1 − 2) / 0
+
+
 # ------------------------------------------------------------------ overflowing casts
 
 
