@@ -503,11 +503,12 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
              overwrite: bool = False, seed: int = 0, out_shard_bytes: int = 5_000_000_000,
              progress: bool = True, copy_tokenizer: bool = True, mesh=None,
              prefetch_bytes: Optional[int] = None, chunk: Optional[int] = None,
-             stats=None) -> dict:
+             stats=None, allow_nonfinite: bool = False, overflow: str = "error") -> dict:
   """Run a mergekit YAML and write an HF safetensors directory (atomically).
 
   Streams tensor by tensor (`kfuse.merge.engine.execute`; ``mesh``,
-  ``prefetch_bytes``, ``chunk`` and ``stats`` are passed on to it) into
+  ``prefetch_bytes``, ``chunk``, ``stats``, ``allow_nonfinite`` and ``overflow``
+  are passed on to it) into
   preallocated output shards. Returns a summary dict (tensors written, output
   path, method).
   """
@@ -541,7 +542,8 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   sources = [models[m] for m in models]
   key = jax.random.key(seed)
   opts = dict(key=key, dtype=dtype, out_dtype=out_dtype, progress=progress, mesh=mesh,
-              prefetch_bytes=prefetch_bytes, chunk=chunk, stats=stats)
+              prefetch_bytes=prefetch_bytes, chunk=chunk, stats=stats,
+              allow_nonfinite=allow_nonfinite, overflow=overflow)
   if not shard.is_writer():   # multi-host: every process computes, process 0 writes
     n = execute(tasks, sources, lambda name, a: None, **opts)
     return {"output_dir": str(output_dir), "tensors": n, "method": method.name}

@@ -269,7 +269,15 @@ def _to_numpy(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
   except Exception as e:  # e.g. non-addressable jax arrays
     raise KfuseError(f"tensor {name!r}: cannot convert {type(x).__name__} to numpy: {e}") from e
   if dtype is not None and a.dtype != dtype and _is_float(a.dtype):
-    a = a.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+      b = a.astype(dtype)
+    if _is_float(np.dtype(dtype)) and np.isinf(b).any():   # vectorised; rare path
+      over = int(np.count_nonzero(np.isinf(b) & np.isfinite(a)))
+      if over:
+        raise KfuseError(f"tensor {name!r}: {over} values out of the range of"
+                         f" {np.dtype(dtype).name} would be written as inf; write a wider"
+                         f" dtype or clip the values first")
+    a = b
   if a.dtype.byteorder == ">":
     a = a.astype(a.dtype.newbyteorder("<"))
   if a.dtype not in _NP_TO_ST:

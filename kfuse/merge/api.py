@@ -126,7 +126,7 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
           params: Mapping[str, Any] | None = None,
           model_params: Sequence[Mapping[str, Any]] | None = None,
           key: jax.Array | None = None, layout: str | None = None,
-          check: bool = True) -> PyTree:
+          check: bool = True, allow_nonfinite: bool = False) -> PyTree:
   """Merge N expert pytrees (optionally relative to a base) with a named method.
 
   Args:
@@ -140,9 +140,13 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
     layout: 'torch' ([out, in]) or 'flax' ([in, out]) for row-wise rules;
       inferred from the names when None (dotted HF names → torch).
     check: validate structure and finiteness (skipped under jit).
+    allow_nonfinite: return results holding NaN/Inf (e.g. `linear` with weights
+      summing to 0) instead of raising `KfuseError` (checked outside jit only).
   Returns:
     The merged pytree, with the structure and dtypes of the base (or of the
-    first expert when the method uses no base).
+    first expert when the method uses no base). Integer and bool leaves are
+    not merged: the base's (first expert's) leaf is returned unchanged when all
+    models agree, else `KfuseError`; float64 leaves are computed in float64.
   """
   method = get_method(method)
   params = canonical_params(params)
@@ -181,26 +185,82 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   exp_flat = [T.flatten(e) for e in experts]
   layout = layout or _layout_of(ref_flat)
   L = T.num_layers(ref_flat)
-  stacked = {k: jnp.stack([jnp.asarray(e[k]) for e in exp_flat]) for k in ref_flat}
+  exact = {k for k, v in ref_flat.items() if not _is_inexact(v)}
+  all_flat = ([ref_flat] if use_base is not None else []) + exp_flat   # order of `names`
+  stacked = {k: jnp.stack([jnp.asarray(e[k]) for e in exp_flat]) for k in ref_flat
+             if k not in exact}
   stats = None
   if method.tree_stats is not None:
     glob = resolve_values(method, params, TensorInfo("", (), None), n, model_params=model_params)
     stats = method.tree_stats({k: jnp.asarray(v) for k, v in ref_flat.items()}, stacked, glob)
   out = {}
   for path, leaf in ref_flat.items():
-    leaf = jnp.asarray(leaf)
-    info = TensorInfo(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype,
-                      layer=T.layer_index(path), num_layers=L, layout=layout)
-    values = resolve_values(method, params, info, n, model_params=model_params)
-    k = path_key(key, path) if key is not None else None
-    out[path] = merge_tensor(method, leaf if use_base is not None else None, stacked[path],
-                             values, info, k, stats)
+    if path in exact:   # integer / bool: copied, never averaged (nor truncated)
+      out[path] = agreed_leaf(path, [t[path] for t in all_flat], names, concrete)
+      continue
+    if _dtype(leaf) == np.float64 and concrete:
+      with jax.enable_x64(True):   # float64 leaves are computed in float64
+        out[path] = _merge_leaf(method, params, model_params, path, leaf, use_base, exp_flat,
+                                n, L, layout, key, stats)
+      continue
+    out[path] = _merge_leaf(method, params, model_params, path, leaf, use_base, exp_flat,
+                            n, L, layout, key, stats, stacked[path])
+  if concrete and not allow_nonfinite:
+    check_finite_results(out, method.name)
   return T.unflatten(ref, out)
+
+
+def _is_inexact(x) -> bool:
+  return _dtype(x).kind in "fc" or _dtype(x).name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _dtype(x) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def agreed_leaf(path: str, leaves: Sequence[Any], names: Sequence[str], concrete: bool = True):
+  """An integer / bool leaf is not merged: the base's (or first expert's) leaf,
+  unchanged, when every model agrees; else a one-line `KfuseError` (not checked
+  on tracers)."""
+  ref = leaves[0]
+  if concrete:
+    r = np.asarray(ref)
+    for name, x in zip(names[1:], leaves[1:]):
+      x = np.asarray(x)
+      if x.shape != r.shape or not np.array_equal(x, r):
+        raise KfuseError(f"{path!r}: {r.dtype} leaf differs between {names[0]} and {name};"
+                         f" integer and bool leaves are copied, not merged, so all models"
+                         f" must agree")
+  return ref
+
+
+def _merge_leaf(method, params, model_params, path, leaf, use_base, exp_flat, n, L, layout,
+                key, stats, stacked=None):
+  leaf = jnp.asarray(leaf)
+  if stacked is None:
+    stacked = jnp.stack([jnp.asarray(e[path]) for e in exp_flat])
+  info = TensorInfo(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype,
+                    layer=T.layer_index(path), num_layers=L, layout=layout)
+  values = resolve_values(method, params, info, n, model_params=model_params)
+  k = path_key(key, path) if key is not None else None
+  return merge_tensor(method, leaf if use_base is not None else None, stacked,
+                      values, info, k, stats)
+
+
+def check_finite_results(out: Mapping[str, Any], method: str) -> None:
+  """`KfuseError` naming the first result leaf holding NaN/Inf (one device sync)."""
+  counts = {p: jnp.sum(~jnp.isfinite(v)) for p, v in out.items() if _is_inexact(v)}
+  for path, n in jax.device_get(counts).items():
+    if n:
+      raise KfuseError(f"{path!r}: method {method!r} gave {int(n)} NaN/Inf values from finite"
+                       f" inputs (e.g. weights summing to 0); pass allow_nonfinite=True to"
+                       f" return them anyway")
 
 
 def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | None]],
                   experts: Sequence[PyTree], base: PyTree | None = None, *,
-                  key: jax.Array | None = None, layout: str | None = None) -> PyTree:
+                  key: jax.Array | None = None, layout: str | None = None,
+                  allow_nonfinite: bool = False) -> PyTree:
   """Different methods for different leaves: ``[(regex, method, params), ...]``.
 
   The first regex that `re.search`-es a leaf's path chooses its method; a leaf
@@ -225,5 +285,6 @@ def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | N
     _, m, p = rules[i]
     sub_e = [{k: e[k] for k in paths} for e in eflat]
     sub_b = {k: bflat[k] for k in paths} if bflat is not None else None
-    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or _layout_of(flat)))
+    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or _layout_of(flat),
+                     allow_nonfinite=allow_nonfinite))
   return T.unflatten(ref, out)

@@ -7,13 +7,14 @@ plan through three threads:
 
 * **reader**: reads the inputs of the next tasks with positional reads
   (`HFModel.read_into`) into reusable page-aligned buffers; no memory maps,
-  so the resident memory is the buffers, not the files;
+  so the resident memory is the buffers, not the files. Integer and bool
+  tensors are not merged: they are compared and copied here (`_agreed`);
 * **main**: hands the buffers to XLA without a copy (or slices them over a
   device mesh, `kfuse.shard`), finds exact top-k cuts on the host for methods
   that trim (`select.find_cuts`), and dispatches the method's jit kernel,
   compiled once per (method, options, shape, dtype) and cached;
-* **writer**: waits for each result, checks the inputs were finite, writes
-  the result (e.g. `PlannedHFWriter.add`, straight to its place in its output
+* **writer**: waits for each result, acts on its `FLAGS` (NaN/Inf inputs or
+  results, values a down-cast would overflow), writes the result (e.g. `PlannedHFWriter.add`, straight to its place in its output
   shard) and recycles the input buffers.
 
 Reading the next tensors, computing the current one and writing the previous
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -299,10 +301,11 @@ def _read(src, name: str, out: np.ndarray) -> np.ndarray:
 def _read_rows(src, name: str, shape: tuple, dtype, lo: int, hi: int) -> np.ndarray:
   """Rows [lo, hi) of a tensor (axis 0) as a fresh numpy array."""
   row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-  out = np.empty((hi - lo,) + tuple(shape[1:]), dtype)
+  out = np.empty((hi - lo,) + tuple(shape[1:]) if shape else (), dtype)
   if hasattr(src, "read_into") and np.dtype(src.dtype(name)) == out.dtype:
     return src.read_into(name, out, start=lo * row * out.dtype.itemsize)
-  np.copyto(out, np.asarray(src.get(name))[lo:hi], casting="unsafe")
+  a = np.asarray(src.get(name))
+  np.copyto(out, a[lo:hi] if shape else a, casting="unsafe")
   return out
 
 
@@ -381,7 +384,7 @@ def _chunks(n: int, size: int) -> list:
 
 
 def _nonfinite(xs, valid=None) -> jax.Array:
-  """Whether any float input has a NaN or Inf (inside ``valid``): one fused pass.
+  """Whether any float input has a NaN or Inf (inside ``valid``), as stored.
   Which input, and which of the two, is worked out on the host when it happens."""
   bad = None
   for x in xs:
@@ -395,36 +398,84 @@ def _nonfinite(xs, valid=None) -> jax.Array:
   return jnp.any(bad)
 
 
+def _count(mask, valid=None) -> jax.Array:
+  return jnp.sum(mask & valid if valid is not None else mask, dtype=jnp.int32)
+
+
+def _narrowing(src, to) -> bool:
+  """Whether casting float dtype ``src`` to float dtype ``to`` can overflow to ±inf."""
+  src, to = jnp.dtype(src), jnp.dtype(to)
+  return (jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(to, jnp.floating)
+          and float(jnp.finfo(to).max) < float(jnp.finfo(src).max))
+
+
+def _cast(x, to, valid=None, clamp: bool = False) -> tuple:
+  """``x`` cast to ``to`` and the number of finite entries (inside ``valid``) the cast
+  turns into ±inf; ``clamp`` writes ±finfo(to).max for those instead."""
+  y = x.astype(to)
+  if not _narrowing(x.dtype, to):
+    return y, jnp.zeros((), jnp.int32)
+  over = jnp.isfinite(x) & ~jnp.isfinite(y)
+  if clamp:
+    top = jnp.asarray(jnp.finfo(to).max, to)
+    y = jnp.where(over, jnp.where(x > 0, top, -top), y)
+  return y, _count(over, valid)
+
+
+# What each program reports about a result, in this order (one int32 each):
+# a NaN/Inf among the stored inputs (0/1); finite inputs that overflow the
+# working dtype; a NaN/Inf in the result (0/1: counted on the host when it
+# happens); finite result entries that overflow the output dtype.
+# `_Run._check` turns them into errors or counts.
+FLAGS = ("nonfinite_input", "input_overflow", "nonfinite_output", "output_overflow")
+
+
+def _flags(xs, res, n_in_over, n_out_over, valid=None) -> jax.Array:
+  nf = jnp.zeros((), jnp.int32)
+  if jnp.issubdtype(res.dtype, jnp.floating):   # any, not a count: counted on the host
+    b = ~jnp.isfinite(res)
+    nf = jnp.any(b & valid if valid is not None else b).astype(jnp.int32)
+  return jnp.stack([_nonfinite(xs, valid).astype(jnp.int32), n_in_over, nf, n_out_over])
+
+
 @functools.lru_cache(maxsize=None)
 def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: bool,
-             chunk: int):
+             chunk: int, clamp: bool = False):
   """The jitted program for one tensor (``chunk=0``) or one flat chunk.
 
   Whole tensor: ``run(base, experts[N, ...], weights, hp, rng)``. Chunk:
   ``run(slot, inputs, weights, hp, rng, lo, hi)`` with ``inputs`` the flat
   chunks of (base, experts...) and ``slot`` a donated output buffer the result
   is written into (no fresh allocation per chunk). Both cast inputs to the
-  working dtype, run the method's kernel, cast the result, and flag non-finite
-  inputs (base first).
+  working dtype, run the method's kernel, cast the result, and return it with
+  the `FLAGS` counts (``clamp``: out-of-range values become ±max instead).
   """
   kern = method.kernel(dict(static_key))
   dt, odt = jnp.dtype(dt), jnp.dtype(out_dt)
 
   def run_tensor(base, experts, weights, hp, rng):
-    b = base.astype(dt) if has_base else None
-    e = experts.astype(dt)
-    out = kern(b, e, weights, hp, rng).astype(odt)
-    bad = _nonfinite(([b] if has_base else []) + [e[i] for i in range(e.shape[0])])
-    return out, bad
+    xs = ([base] if has_base else []) + [experts[i] for i in range(experts.shape[0])]
+    n_in = jnp.zeros((), jnp.int32)
+    b = None
+    if has_base:
+      b, n = _cast(base, dt, clamp=clamp)
+      n_in = n_in + n
+    e, n = _cast(experts, dt, clamp=clamp)
+    res = kern(b, e, weights, hp, rng)
+    out, n_out = _cast(res, odt, clamp=clamp)
+    return out, _flags(xs, res, n_in + n, n_out)
 
   def run_chunk(slot, inputs, weights, hp, rng, lo, hi):
-    xs = [x.astype(dt) for x in inputs]
+    idx = lax.iota(jnp.int32, chunk)
+    valid = (idx >= lo) & (idx < hi)
+    cast = [_cast(x, dt, valid, clamp) for x in inputs]
+    xs = [c[0] for c in cast]
     b = xs[0] if has_base else None
     e = jnp.stack(xs[1:] if has_base else xs)
-    out = kern(b, e, weights, hp, rng).astype(odt)
-    idx = lax.iota(jnp.int32, chunk)
-    bad = _nonfinite(xs, (idx >= lo) & (idx < hi))
-    return lax.dynamic_update_slice(slot, out, (0,)), bad
+    res = kern(b, e, weights, hp, rng)
+    out, n_out = _cast(res, odt, valid, clamp)
+    flags = _flags(list(inputs), res, sum(c[1] for c in cast), n_out, valid)
+    return lax.dynamic_update_slice(slot, out, (0,)), flags
 
   if chunk:
     return jax.jit(run_chunk, donate_argnums=0)
@@ -558,6 +609,9 @@ class Stats:
   bytes_written: int = 0
   seconds: float = 0.0
   peak_buffer_bytes: int = 0
+  clamped: dict = dataclasses.field(default_factory=dict)     # name -> values clamped
+  copied: list = dataclasses.field(default_factory=list)      # integer / bool tensors copied
+  nonfinite: dict = dataclasses.field(default_factory=dict)   # name -> NaN/Inf written
 
 
 @dataclasses.dataclass
@@ -582,6 +636,7 @@ class _Job:
   weights: Any = None
   rng: Any = None
   seg: Optional[tuple] = None     # flat [start, stop) of a streamed segment; None: whole
+  host: Optional[np.ndarray] = None   # integer / bool tensors: the agreed value (`_agreed`)
   last: bool = True               # the task's last (or only) job
 
   @property
@@ -594,7 +649,8 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
             dtype=None, out_dtype=None, progress: bool = True, mesh=None,
             prefetch_bytes: Optional[int] = None, chunk: Optional[int] = None,
             write_part: Optional[Callable[[str, int, np.ndarray], None]] = None,
-            stats: Optional[Stats] = None) -> int:
+            stats: Optional[Stats] = None, allow_nonfinite: bool = False,
+            overflow: str = "error") -> int:
   """Run a plan, streaming; returns the number of tensors written.
 
   Args:
@@ -614,8 +670,14 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
       result (e.g. `PlannedHFWriter.add_part`); chunked results then go
       straight to it instead of being assembled for ``write``.
     stats: optional `Stats` to fill in.
+    allow_nonfinite: write results holding NaN/Inf (counted in ``stats.nonfinite``)
+      instead of refusing them.
+    overflow: 'error' refuses finite values that a cast to the working or output
+      dtype would turn into ±inf (naming the tensor, the count and the dtype);
+      'clamp' writes ±max of that dtype instead (counted in ``stats.clamped``).
   """
   t0 = time.perf_counter()
+  check_overflow(overflow)
   plan = list(plan)
   dt_in = np.dtype(dtype) if dtype is not None else None
   dt_out = np.dtype(out_dtype) if out_dtype is not None else None
@@ -635,12 +697,15 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   total = sum(j.in_bytes + j.numel * j.out_dt.itemsize for j in jobs)
   bar = _Progress(len(plan), total, progress)
   st = stats if stats is not None else Stats()
-  run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st)
+  run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st,
+             allow_nonfinite=allow_nonfinite, overflow=overflow)
+  run.x64 = any(np.float64 in (j.dt, j.out_dt) for j in jobs)
   gc_was_on = gc.isenabled()
   gc.freeze()     # full collections would rescan every long-lived JAX object
   gc.disable()    # per dispatched chunk; nothing here makes reference cycles
   try:
-    run.go(jobs)
+    with run.scope():
+      run.go(jobs)
   finally:
     if gc_was_on:
       gc.enable()
@@ -649,6 +714,35 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
     st.seconds = time.perf_counter() - t0
     st.peak_buffer_bytes = pool.peak
   return st.tensors
+
+
+OVERFLOW = ("error", "clamp")
+
+
+def check_overflow(overflow: str) -> None:
+  if overflow not in OVERFLOW:
+    from kfuse.registry import suggest
+    raise KfuseError(f"overflow: unknown mode {overflow!r} (error|clamp)"
+                     f"{suggest(str(overflow), OVERFLOW)}")
+
+
+def _agreed(task: TensorTask, sources, dt: np.dtype) -> np.ndarray:
+  """An integer or bool tensor is not merged: its value when every input agrees
+  (base first), else a one-line `KfuseError` naming two models that differ.
+
+  Integer buffers (position ids, masks, counters) have no meaningful average, and
+  float arithmetic would truncate them. Compared on the host, vectorised.
+  """
+  refs = ([task.base] if task.base is not None else []) + list(task.experts)
+  (m0, n0), ref = refs[0], np.asarray(sources[refs[0][0]].get(refs[0][1]))
+  for m, name in refs[1:]:
+    a = np.asarray(sources[m].get(name))
+    if not np.array_equal(a, ref):
+      raise KfuseError(
+          f"{task.out_name!r}: {ref.dtype} tensor differs between {sources[m0].path}:{n0} and"
+          f" {sources[m].path}:{name} ({int(np.count_nonzero(a != ref))} entries); integer"
+          f" and bool tensors are copied, not merged, so all models must agree")
+  return ref.astype(dt, copy=False)
 
 
 def _resolve(task: TensorTask) -> tuple:
@@ -684,7 +778,7 @@ def _segmented(jobs: list, sources, seg: int) -> list:
   for j in jobs:
     n = int(np.prod(j.shape))
     static, hp = _resolve(j.task) if n > seg else (None, None)
-    if n <= seg or not _streamable(j.task, static, sources):
+    if n <= seg or not _is_float(j.dt) or not _streamable(j.task, static, sources):
       out.append(j)
       continue
     for a in range(0, n, seg):   # resolved once, shared by the segments
@@ -697,8 +791,11 @@ def _segmented(jobs: list, sources, seg: int) -> list:
 class _Run:
   """The three threads of one `execute` call (see the module docstring)."""
 
-  def __init__(self, sources, write, write_part, key, mesh, pool, chunk, bar, stats):
+  def __init__(self, sources, write, write_part, key, mesh, pool, chunk, bar, stats,
+               allow_nonfinite=False, overflow="error"):
     self.sources, self.write, self.write_part = sources, write, write_part
+    self.allow_nonfinite, self.clamp = allow_nonfinite, overflow == "clamp"
+    self.x64 = False   # float64 tasks: every thread traces and runs under `jax.enable_x64`
     self.key, self.mesh, self.pool, self.chunk = key, mesh, pool, chunk
     self.bar, self.stats = bar, stats
     self.loaded: queue.Queue = queue.Queue(maxsize=64)
@@ -709,6 +806,10 @@ class _Run:
     self.slot_lock = threading.Lock()
     self._accs: dict = {}       # reusable selection counters (no fresh pages per pass)
     self.acc_lock = threading.Lock()
+
+  def scope(self):
+    """`jax.enable_x64` (thread-local) when the plan holds float64 tensors."""
+    return jax.enable_x64(True) if self.x64 else contextlib.nullcontext()
 
   def fail(self, e: BaseException) -> None:
     if not self.errors:
@@ -762,20 +863,24 @@ class _Run:
 
   def reader(self, jobs) -> None:
     try:
-      for job in jobs:
-        while not self.in_flight.acquire(timeout=0.1):
-          if self.errors:
-            return
-        if self.errors:
-          return
-        self.load(job)
-        self.loaded.put(job)
+      with self.scope():
+        self._read_all(jobs)
     except _Stopped:
       pass
     except BaseException as e:  # noqa: BLE001
       self.fail(e)
     finally:
       self.loaded.put(None)
+
+  def _read_all(self, jobs) -> None:
+    for job in jobs:
+      while not self.in_flight.acquire(timeout=0.1):
+        if self.errors:
+          return
+      if self.errors:
+        return
+      self.load(job)
+      self.loaded.put(job)
 
   def writer(self) -> None:
     try:
@@ -793,6 +898,9 @@ class _Run:
   def load(self, job: _Job) -> None:
     task, src = job.task, self.sources
     method = task.method
+    if not _is_float(job.dt):
+      job.host = _agreed(task, src, job.dt)
+      return
     if job.static is None:
       job.static, job.hp = _resolve(task)
     n = job.numel
@@ -831,7 +939,7 @@ class _Run:
     job.buffers.append(buf)
     stack = buf[:nbytes].view(e_dt).reshape((len(task.experts),) + tuple(job.shape))
     for j, (m, nm) in enumerate(task.experts):
-      _read(src[m], nm, stack[j])
+      _read(src[m], nm, stack[j, ...])   # `...`: a view even for 0-d tensors (stack[j] copies)
     job.experts = jax.device_put(stack, may_alias=True)
 
   def _load_sharded(self, job: _Job, stored) -> None:
@@ -860,8 +968,14 @@ class _Run:
   # -- computing (main thread)
   def prepare(self, job: _Job) -> None:
     """Hyper-parameters of a task, with its exact cuts (a worker thread)."""
+    with self.scope():
+      self._prepare(job)
+
+  def _prepare(self, job: _Job) -> None:
     task = job.task
     method = task.method
+    if job.host is not None:
+      return
     n_models = len(task.experts)
     job.static_key = tuple(sorted(job.static.items()))
     hp = dict(job.hp)
@@ -878,6 +992,8 @@ class _Run:
     job.hp = hp
 
   def dispatch(self, job: _Job) -> None:
+    if job.host is not None:
+      return self.done.put(("host", job, None, None, None))
     task = job.task
     method = task.method
     has_base = task.base is not None
@@ -887,7 +1003,7 @@ class _Run:
     hp = {k: jnp.asarray(v) for k, v in hp.items()}
     if self.mesh is not None:
       weights, hp, rng = shard.put_replicated((weights, hp, rng), self.mesh)
-    prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0)
+    prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0, self.clamp)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh):   # lets kernels pin reductions (`shard.tensor_sum`)
         out, bad = prog(job.base, job.experts, weights, hp, rng)
@@ -978,7 +1094,8 @@ class _Run:
 
   def _dispatch_chunks(self, job, static_key, weights, hp, rng, has_base) -> None:
     task = job.task
-    prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base, self.chunk)
+    prog = _program(task.method, static_key, job.dt.name, job.out_dt.name, has_base,
+                    self.chunk, self.clamp)
     n = job.numel
     chunks = _chunks(n, self.chunk)
     fixed = {k: jnp.asarray(v) for k, v in hp.items()}
@@ -1002,7 +1119,7 @@ class _Run:
     if kind == "part":
       s, lo, hi = where
       arr = np.asarray(out)
-      self._check(job, np.asarray(bad))
+      self._check(job, np.asarray(bad), arr[lo:hi])
       if job.full is not None:
         job.full[s + lo:s + hi] = arr[lo:hi]
       elif shard.is_writer():
@@ -1014,7 +1131,10 @@ class _Run:
       return
     if kind == "tensor":
       arr = shard.to_host(out)
-      self._check(job, np.asarray(bad))
+      self._check(job, np.asarray(bad), arr)
+    elif kind == "host":
+      arr = job.host
+      self.stats.copied.append(task.out_name)
     else:  # "end" of a chunked task
       arr = job.full.reshape(job.shape) if job.full is not None else None
     for b in job.buffers or []:
@@ -1031,17 +1151,37 @@ class _Run:
     self.bar.update(job.in_bytes + out_bytes, tensor_done=job.last)
     job.full = None
 
-  def _check(self, job: _Job, bad: np.ndarray) -> None:
-    """Name the first input holding a NaN (else an Inf) once the kernel saw one."""
-    if not bad.any():
+  def _check(self, job: _Job, flags: np.ndarray, result: np.ndarray) -> None:
+    """Act on a program's `FLAGS`: name the first input holding a NaN (else an Inf);
+    refuse values out of the working / output dtype's range (or count them when
+    clamping) and NaN/Inf results (unless ``allow_nonfinite``)."""
+    if not flags.any():
       return
     task = job.task
-    refs = ([task.base] if task.base is not None else []) + list(task.experts)
-    for m, name in refs:
-      src = self.sources[m]
-      a = np.asarray(src.get(name)).astype(job.dt)
-      if _is_float(a.dtype) and not np.all(np.isfinite(a.astype(np.float32))):
-        what = "NaN" if np.isnan(a.astype(np.float32)).any() else "Inf"
-        raise KfuseError(f"{src.path}: tensor {name!r} (shape {tuple(src.shape(name))})"
-                         f" contains {what}")
-    raise KfuseError(f"{task.out_name!r}: non-finite input")
+    bad_in, in_over, nonfinite, out_over = (int(x) for x in flags)
+    if bad_in:
+      refs = ([task.base] if task.base is not None else []) + list(task.experts)
+      for m, name in refs:
+        src = self.sources[m]
+        _finite_or_raise(np.asarray(src.get(name)),
+                         f"{src.path}: tensor {name!r} (shape {tuple(src.shape(name))})")
+      raise KfuseError(f"{task.out_name!r}: non-finite input")
+    for n, to, what in ((in_over, job.dt, "input values"), (out_over, job.out_dt, "results")):
+      if not n:
+        continue
+      if not self.clamp:
+        raise KfuseError(
+            f"{task.out_name!r}: {n} {what} out of the range of {to.name} (|x| >"
+            f" {float(jnp.finfo(to).max):.6g}) would become inf; use a wider dtype or"
+            f" overflow='clamp' (--config.overflow=clamp) to clamp them to ±max")
+      self.stats.clamped[task.out_name] = self.stats.clamped.get(task.out_name, 0) + n
+    if nonfinite:   # rare: count on the host
+      r = result.astype(np.float32) if result.dtype.itemsize < 4 else result
+      nonfinite = int(np.count_nonzero(~np.isfinite(r)))
+    if nonfinite and not self.allow_nonfinite:
+      raise KfuseError(
+          f"{task.out_name!r}: method {task.method.name!r} gave {nonfinite} NaN/Inf values"
+          f" from finite inputs (e.g. weights summing to 0); pass allow_nonfinite=True"
+          f" (--config.allow_nonfinite=True) to write them anyway")
+    if nonfinite:
+      self.stats.nonfinite[task.out_name] = self.stats.nonfinite.get(task.out_name, 0) + nonfinite

@@ -338,6 +338,9 @@ def arcee_fusion(axis: int = -1, sample: int = 0) -> Stage:
 
   def apply(s: MergeState) -> MergeState:
     b, p = s.base, s.values[0]
+    if b.ndim == 0:   # a scalar is a one-entry row (torch's softmax(dim=-1) of a 0-d tensor)
+      out = apply(s.replace(base=b.reshape(1), values=s.values.reshape(-1, 1)))
+      return out.replace(result=out.result.reshape(()))
     diff = jnp.abs(p - b)
     eps = 1e-8
     def softmax(x):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -17,7 +18,7 @@ from kfuse import tree as T
 from kfuse.io.atomic import check_output_writable
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
-from kfuse.merge.engine import OrbaxSource, TensorTask, execute, output_specs
+from kfuse.merge.engine import OrbaxSource, Stats, TensorTask, execute, output_specs
 from kfuse.tree import KfuseError
 
 
@@ -52,6 +53,25 @@ def scale_options(config) -> dict:
           "chunk": None if chunk < 0 else chunk}
 
 
+def numerics_options(config) -> dict:
+  """``allow_nonfinite`` (write NaN/Inf results) and ``overflow`` ('error' | 'clamp'
+  values a down-cast would turn into inf), shared by both merge jobs."""
+  return {"allow_nonfinite": bool(_get(config, "allow_nonfinite", False)),
+          "overflow": str(_get(config, "overflow", "error"))}
+
+
+def _report(res: dict, stats: Stats) -> dict:
+  if stats.clamped:
+    res["clamped"] = dict(stats.clamped)
+  if stats.nonfinite:
+    res["nonfinite"] = dict(stats.nonfinite)
+  if stats.copied:
+    res["copied"] = len(stats.copied)
+    print(f"kfuse: note: {len(stats.copied)} integer/bool tensor(s) copied unchanged (all"
+          f" models agree), e.g. {stats.copied[0]!r}", file=sys.stderr)
+  return res
+
+
 def run_mergekit(config, workdir=None) -> dict:
   """``configs/mergekit.py:PATH.yml``: run a mergekit YAML into config.output_dir."""
   from kfuse.mergekit_compat import run_yaml
@@ -62,10 +82,13 @@ def run_mergekit(config, workdir=None) -> dict:
   if not out:
     raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
   t0 = time.perf_counter()
+  stats = Stats()
   res = run_yaml(yml, out, overwrite=bool(_get(config, "overwrite", False)),
                  seed=int(_get(config, "seed", 0)),
                  out_shard_bytes=int(_get(config, "out_shard_bytes", 5_000_000_000)),
-                 progress=bool(_get(config, "progress", True)), **scale_options(config))
+                 progress=bool(_get(config, "progress", True)), stats=stats,
+                 **scale_options(config), **numerics_options(config))
+  _report(res, stats)
   res["seconds"] = round(time.perf_counter() - t0, 3)
   print(json.dumps(res))
   return res
@@ -130,12 +153,15 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
                       overwrite: bool = False, output_format: str = "auto",
                       dtype: str | None = None, progress: bool = True, mesh=None,
                       prefetch_bytes: int | None = None, chunk: int | None = None,
-                      layout: str = "auto") -> dict:
+                      layout: str = "auto", allow_nonfinite: bool = False,
+                      overflow: str = "error") -> dict:
   """Merge checkpoints on disk with a registered method, streaming tensor by tensor.
 
   ``output_format='auto'`` writes safetensors when every input (base included)
   is a safetensors directory, else Orbax. ``layout`` (auto|torch|flax) is the
-  weight layout of row-wise rules (`input_layout`).
+  weight layout of row-wise rules (`input_layout`). ``allow_nonfinite`` writes
+  NaN/Inf results instead of refusing them; ``overflow`` (error|clamp) decides
+  what happens to values a down-cast turns into inf.
   """
   from kfuse import io as kio
   m = get_method(method)
@@ -187,7 +213,9 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     raise KfuseError(f"method {m.name!r} needs whole-model statistics; use kfuse.merge.merge in Python")
   dt = T.resolve_dtype(dtype) if dtype else None
   key = jax.random.key(seed)
-  scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk}
+  stats = Stats()
+  scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk, "stats": stats,
+           "allow_nonfinite": allow_nonfinite, "overflow": overflow}
   t0 = time.perf_counter()
   from kfuse import shard
   if not shard.is_writer():   # multi-host: every process computes, process 0 writes
@@ -214,8 +242,8 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     kio.save_orbax(output_dir, tree, overwrite=overwrite)
   else:
     raise KfuseError(f"config.output_format: unknown format {output_format!r} (auto|safetensors|orbax)")
-  return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
-          "seconds": round(time.perf_counter() - t0, 3)}
+  return _report({"output_dir": str(output_dir), "tensors": count, "method": m.name,
+                  "format": fmt, "seconds": round(time.perf_counter() - t0, 3)}, stats)
 
 
 def cli_params(method: str, params: Mapping[str, Any]) -> dict:
@@ -259,6 +287,7 @@ def run_native(config, workdir=None) -> dict:
                           output_format=_get(config, "output_format", "auto"),
                           dtype=_get(config, "dtype") or None,
                           progress=bool(_get(config, "progress", True)),
-                          layout=_get(config, "layout", "auto"), **scale_options(config))
+                          layout=_get(config, "layout", "auto"),
+                          **scale_options(config), **numerics_options(config))
   print(json.dumps(res))
   return res

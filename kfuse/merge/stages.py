@@ -194,8 +194,8 @@ def drop_magnitude_ranked(axis: int = 1, rescale: str | None = "l1") -> Stage:
     keys = jax.random.split(s.key, n)
 
     def one(k, d, dens, eps):
-      x = d if d.ndim >= 2 else d[None]
-      ax = axis if x.ndim >= 2 else 1
+      x = d if d.ndim >= 2 else d.reshape(1, -1)   # 0-d / 1-D: one row
+      ax = axis if d.ndim >= 2 else 1
       r = ascending_rank(jnp.abs(x).astype(jnp.float32), axis=ax).astype(jnp.float32)
       m = x.shape[ax]
       rn = jnp.clip(r / max(m - 1, 1), 0, 1)
