@@ -59,6 +59,7 @@ __all__ = [
     "topk_cross_entropy",
     "topk_kl",
     "masked_mean",
+    "l2_normalize",
 ]
 
 Array = jax.Array
@@ -123,6 +124,19 @@ def _check_labels(labels: Array, logits: Array, name: str = "labels") -> None:
 
 
 # ------------------------------------------------------------------ reductions
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """x / max(‖x‖₂, eps) along ``axis``, written x·rsqrt(max(Σx², eps²)): gradient-safe at 0.
+
+  ``x / jnp.maximum(jnp.linalg.norm(x), eps)`` has a NaN gradient at x = 0 (the
+  norm's derivative x/‖x‖ is 0/0 there, and NaN·0 is NaN), so one all-zero
+  feature row (a blank input, a dead ReLU layer) made every parameter NaN.
+  Here the clamp acts on Σx², whose derivative 2x is finite everywhere.
+  """
+  x = jnp.asarray(x)
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps * eps, sq.dtype)))
 
 
 def masked_mean(values: Array, where: Array | None = None) -> Array:
@@ -498,7 +512,7 @@ def attention_map(features: Array, p: float = 2.0) -> Array:
   """Spatial attention Q = vec(mean_c |A_c|^p) / ‖·‖₂ for channels-last maps ``[B, *spatial, C]``."""
   a = jnp.mean(jnp.abs(jnp.asarray(features, jnp.float32)) ** p, axis=-1)
   a = a.reshape((a.shape[0], -1))
-  return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+  return l2_normalize(a, axis=-1)
 
 
 def attention_transfer(student_features: Array | Sequence[Array],
@@ -534,7 +548,7 @@ def attention_transfer(student_features: Array | Sequence[Array],
 
 def _cosine_logits(x: Array, temperature: Any) -> Array:
   x = jnp.asarray(x, jnp.float32)
-  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  x = l2_normalize(x, axis=-1)
   return (x @ x.T) / temperature
 
 
