@@ -48,12 +48,12 @@ def time_step(cfg, ds, label, spec, steps):
   batches = iterate(jax.random.key(2), ds.x_train, ds.y_train, cfg.batch_size, epochs=None)
   key = jax.random.key(3)
   xb, yb = next(batches)
-  state, m = step(state, {"x": xb, "labels": yb}, key)
+  state, m = step(state, {"x": xb, "y": yb}, key)
   jax.block_until_ready(m["loss"])
   t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(steps):
     xb, yb = next(batches)
-    state, m = step(state, {"x": xb, "labels": yb}, key)
+    state, m = step(state, {"x": xb, "y": yb}, key)
   jax.block_until_ready(m["loss"])
   return (1000 * (time.perf_counter() - t0) / steps, 1000 * (time.process_time() - c0) / steps,
           step.jitted._cache_size())

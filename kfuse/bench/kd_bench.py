@@ -141,7 +141,7 @@ class _Runner:
     last = None
     for i in range(steps):
       xb, yb = next(batches)
-      state, last = step(state, {"x": xb, "labels": yb}, k_step)
+      state, last = step(state, {"x": xb, "y": yb}, k_step)
       if on_step is not None:
         on_step(i + 1, state)
       bar.update(1)

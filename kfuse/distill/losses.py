@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -263,27 +263,37 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, beta: float = 
   return masked_mean(jsd, where)
 
 
-def hinton(student_logits: Array, teacher_logits: Array, labels: Array | None = None,
+def hinton(student_logits: Array, teacher_logits: Any, labels: Array | None = None,
            temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
-           where: Array | None = None) -> Array:
-  """Hinton KD: ce_weight·CE(z_s, y) + kd_weight·T²·KL(p_t^T ‖ p_s^T), mean over valid positions.
+           where: Array | None = None, *, divergence: Callable | None = None,
+           with_terms: bool = False) -> Any:
+  """Hinton KD: ce_weight·CE(z_s, y) + kd_weight·T²·D(p_t^T, p_s^T), mean over valid positions.
+
+  D is `forward_kl` (KL(p_t^T ‖ p_s^T), the paper's loss) unless ``divergence``
+  is given: any ``divergence(student_logits, teacher_logits, temperature, where)``
+  (`reverse_kl`, a `generalized_jsd` with its β bound, a sparse top-k KL whose
+  ``teacher_logits`` is the ``(indices, logits)`` pair). This is the one
+  implementation of the "weighted CE + T²-scaled divergence" total: every
+  logit objective and the mutual-learning step call it.
 
   T² keeps the gradient scale of the soft term comparable across T (its
   gradient is (p_s^T − p_t^T)/T per logit). Defaults are mdistiller's CIFAR
   ``CFG.KD`` (T = 4, CE_WEIGHT 0.1, KD_WEIGHT 0.9). torchdistill's
   ``KDLoss(alpha=a)`` is ``ce_weight=a, kd_weight=1−a``. ``labels=None``
-  requires ``ce_weight=0``. Hinton, Vinyals & Dean, "Distilling the Knowledge
-  in a Neural Network" (2015).
+  requires ``ce_weight=0`` (a Python 0 also skips the CE). ``with_terms``:
+  return ``(loss, {'kd': D, 'ce': CE})`` (``ce`` only when computed). Hinton,
+  Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
   """
   check_weight(ce_weight, "ce_weight")
   check_weight(kd_weight, "kd_weight")
-  kd = forward_kl(student_logits, teacher_logits, temperature, where)
-  loss = kd_weight * temperature ** 2 * kd
-  if labels is None:
-    if _is_concrete_number(ce_weight) and ce_weight == 0:
-      return loss
-    raise KfuseError("labels: hinton with ce_weight > 0 needs labels (or pass ce_weight=0)")
-  return loss + ce_weight * cross_entropy(student_logits, labels, where)
+  d = (divergence or forward_kl)(student_logits, teacher_logits, temperature, where)
+  loss, terms = kd_weight * temperature ** 2 * d, {"kd": d}
+  if not (_is_concrete_number(ce_weight) and ce_weight == 0):
+    if labels is None:
+      raise KfuseError("labels: hinton with ce_weight > 0 needs labels (or pass ce_weight=0)")
+    terms["ce"] = cross_entropy(student_logits, labels, where)
+    loss = loss + ce_weight * terms["ce"]
+  return (loss, terms) if with_terms else loss
 
 
 def dkd_terms(student_logits: Array, teacher_logits: Array, labels: Array,
@@ -328,14 +338,17 @@ def dkd_terms(student_logits: Array, teacher_logits: Array, labels: Array,
 
 def dkd(student_logits: Array, teacher_logits: Array, labels: Array, alpha: float = 1.0,
         beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
-        epoch: Any = None, warmup_epochs: float = 20.0, where: Array | None = None) -> Array:
+        epoch: Any = None, warmup_epochs: float = 20.0, where: Array | None = None, *,
+        with_terms: bool = False) -> Any:
   """Decoupled KD: ce_weight·CE + min(epoch/warmup_epochs, 1)·(α·TCKD + β·NCKD).
 
   TCKD / NCKD as in `dkd_terms` (target-class binary KL and non-target KL,
   both T²-scaled), each a mean over valid positions. ``epoch`` may be a traced
   scalar (e.g. ``step / steps_per_epoch``); ``None`` means warm-up done.
-  Defaults are mdistiller's ``CFG.DKD`` (CE 1.0, α 1.0, β 8.0, T 4.0, warm-up
-  20 epochs). Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
+  ``with_terms``: return ``(loss, {'tckd', 'nckd', 'ce'})`` (means, before
+  the warm-up factor). Defaults are mdistiller's ``CFG.DKD`` (CE 1.0, α 1.0,
+  β 8.0, T 4.0, warm-up 20 epochs). Zhao et al., "Decoupled Knowledge
+  Distillation" (CVPR 2022).
   """
   for name, w in (("alpha", alpha), ("beta", beta), ("ce_weight", ce_weight)):
     check_weight(w, name)
@@ -343,10 +356,13 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array, alpha: floa
     raise KfuseError(f"warmup_epochs: must be >= 0, got {warmup_epochs}")
   _check_where(where, tuple(student_logits.shape[:-1]))
   tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
-  kd = alpha * masked_mean(tckd, where) + beta * masked_mean(nckd, where)
+  terms = {"tckd": masked_mean(tckd, where), "nckd": masked_mean(nckd, where)}
+  kd = alpha * terms["tckd"] + beta * terms["nckd"]
   if epoch is not None and not (_is_concrete_number(warmup_epochs) and warmup_epochs == 0):
     kd = kd * jnp.minimum(jnp.asarray(epoch, kd.dtype) / warmup_epochs, 1.0)
-  return ce_weight * cross_entropy(student_logits, labels, where) + kd
+  terms["ce"] = cross_entropy(student_logits, labels, where)
+  loss = ce_weight * terms["ce"] + kd
+  return (loss, terms) if with_terms else loss
 
 
 # ------------------------------------------------------------------ feature losses

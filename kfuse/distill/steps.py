@@ -4,8 +4,13 @@
     step = distill.make_step(student_module, distill.objectives.hinton(temperature=4.0),
                              optax.adam(1e-3),
                              teachers=[distill.Teacher(teacher_module, teacher_variables)])
-    state = step.init(student_variables, x_example)        # DistillState: no teacher inside
-    state, metrics = step(state, {"x": x, "labels": y}, key)  # jitted; state donated
+    state = step.init(student_variables, x_example)    # DistillState: no teacher inside
+    state, metrics = step(state, {"x": x, "y": y}, key)  # jitted; state donated
+
+The step follows `kfuse.protocol`: ``step.init`` / ``step.step`` (= ``step``) form a
+`kfuse.protocol.Learner` (``step.learner``), batches are mappings ``{"x", "y"}``
+(optionally ``"where"``, ``"topk_indices"``, ``"topk_logits"``), the key is passed on
+every call and none lives in the state.
 
 Design
 ------
@@ -49,6 +54,8 @@ import optax
 from flax import struct
 
 from kfuse.distill import ensembles, losses
+from kfuse.protocol import Learner, check_batch
+from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "make_step",
     "make_mutual_step",
     "make_predict",
+    "copy_tree",
 ]
 
 PyTree = Any
@@ -222,7 +230,8 @@ def mixup(key: Array, x: Array, labels: Array, num_classes: int, alpha: float):
 # ------------------------------------------------------------------ the step
 
 
-def _copy(tree: PyTree) -> PyTree:
+def copy_tree(tree: PyTree) -> PyTree:
+  """A fresh copy of every array leaf, so donating a state never invalidates the caller's arrays."""
   return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
 
 
@@ -253,7 +262,18 @@ class DistillStep:
     self.objective = objective
 
   def __call__(self, state: DistillState, batch: Mapping[str, Array], key: Array):
+    _check_batch(batch)
     return self.jitted(state, self.teacher_variables, dict(batch), key)
+
+  @property
+  def step(self) -> Callable:
+    """``step(state, batch, key) -> (state, metrics)`` (`kfuse.protocol`)."""
+    return self.__call__
+
+  @property
+  def learner(self) -> Learner:
+    """This step as a `kfuse.protocol.Learner`."""
+    return Learner(self.init, self.__call__)
 
   def with_teachers(self, teacher_variables: Sequence[PyTree]) -> "DistillStep":
     """The same compiled step bound to other teacher variables of the same shapes."""
@@ -261,14 +281,16 @@ class DistillStep:
                        self.objective)
 
 
+_BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits")
+
+
 def _check_batch(batch: Mapping[str, Any]) -> None:
-  missing = [k for k in ("x", "labels") if k not in batch]
-  if missing:
-    raise KfuseError(f"batch: missing key {missing[0]!r} (a batch is a dict with 'x', 'labels'"
-                     " and optionally 'where')")
-  unknown = set(batch) - {"x", "labels", "where", "topk_indices", "topk_logits"}
+  """A mapping with ``x`` and ``y`` (`kfuse.protocol.check_batch`) and no unknown key."""
+  check_batch(batch, ("x", "y"))
+  unknown = sorted(set(batch) - set(_BATCH_KEYS))
   if unknown:
-    raise KfuseError(f"batch: unknown key {sorted(unknown)[0]!r}")
+    raise KfuseError(f"batch: unknown key {unknown[0]!r}{suggest(unknown[0], _BATCH_KEYS)};"
+                     f" known: {', '.join(_BATCH_KEYS)}")
 
 
 def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformation,
@@ -334,7 +356,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
 
   def loss_fn(params, aux, model_state, teacher_vars, batch, key, step):
     k_mix, k_drop = jax.random.split(key)
-    x, labels = batch["x"], jnp.asarray(batch["labels"])
+    x, labels = batch["x"], jnp.asarray(batch["y"])
     where = batch.get("where")
     variables = {"params": params, **model_state}
     if mixup_alpha > 0:
@@ -348,7 +370,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
     t_out = teacher_outputs(teacher_vars, x, labels) if t_forwards else None
     if t_out is not None and t_out.logits.shape[1:] != s_out.logits.shape:
       losses.check_pair(s_out.logits, t_out.logits[0], "student logits", "teachers' logits")
-    view = dict(batch, x=x, labels=labels)
+    view = dict(batch, x=x, y=labels)
     loss, metrics = objective.loss(aux, s_out, t_out, view, step)
     hard = jnp.argmax(labels, -1) if labels.shape == s_out.logits.shape else labels
     metrics = dict(metrics)
@@ -363,7 +385,6 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
     return loss, (metrics, new_state)
 
   def step_fn(state: DistillState, teacher_vars, batch, key):
-    _check_batch(batch)
     key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(
         lambda pa: loss_fn(pa[0], pa[1], state.model_state, teacher_vars, batch, key, state.step),
@@ -400,7 +421,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
                           f"teachers[{i}] logits", what="class/vocabulary axis")
       t_shapes.extend(members)
     aux = objective.init(key, s_shape, tuple(t_shapes))
-    params, model_state, aux = _copy(params), _copy(model_state), _copy(aux)
+    params, model_state, aux = copy_tree(params), copy_tree(model_state), copy_tree(aux)
     return DistillState(step=jnp.zeros((), jnp.int32), params=params, aux=aux,
                         model_state=model_state, opt_state=tx.init((params, aux)))
 
@@ -443,7 +464,7 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
   def loss_fn(params, aux, model_state, teacher_vars, batch, key, step):
     del aux, teacher_vars, step
     k_mix, k_drop = jax.random.split(key)
-    x, labels = batch["x"], jnp.asarray(batch["labels"])
+    x, labels = batch["x"], jnp.asarray(batch["y"])
     where = batch.get("where")
     if mixup_alpha > 0:
       num_classes = jax.eval_shape(
@@ -460,10 +481,9 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
     total, metrics = jnp.zeros((), jnp.float32), {}
     hard = jnp.argmax(labels, -1) if labels.shape == outs[0].shape else labels
     for i in range(n):
-      kl = sum(losses.forward_kl(outs[i], jax.lax.stop_gradient(outs[j]), temperature, where)
-               for j in range(n) if j != i) / (n - 1)
-      ce = losses.cross_entropy(outs[i], labels, where)
-      li = ce_weight * ce + kd_weight * temperature ** 2 * kl
+      # mean_j hinton(z_i, sg(z_j)) = ce_weight·CE + kd_weight·T²·mean_j KL (linear in the KL)
+      li = sum(losses.hinton(outs[i], jax.lax.stop_gradient(outs[j]), labels, temperature,
+                             ce_weight, kd_weight, where) for j in range(n) if j != i) / (n - 1)
       total = total + li
       metrics[f"loss_{i}"] = li
       metrics[f"accuracy_{i}"] = losses.masked_mean(
@@ -472,7 +492,6 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
     return total, (metrics, tuple(states))
 
   def step_fn(state, teacher_vars, batch, key):
-    _check_batch(batch)
     key = jax.random.fold_in(key, state.step)
     (loss, (metrics, new_states)), grads = jax.value_and_grad(
         lambda p: loss_fn(p, None, state.model_state, None, batch, key, state.step),
@@ -495,8 +514,8 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
     for i in range(1, n):
       losses.check_pair(shapes[0], shapes[i], "students[0] logits", f"students[{i}] logits",
                         what="class axis")
-    params = tuple(_copy(p) for p, _ in split)
-    model_state = tuple(_copy(s) for _, s in split)
+    params = tuple(copy_tree(p) for p, _ in split)
+    model_state = tuple(copy_tree(s) for _, s in split)
     return DistillState(step=jnp.zeros((), jnp.int32), params=params, aux={},
                         model_state=model_state, opt_state=tx.init(params))
 

@@ -55,7 +55,7 @@ def _batch(n=8):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(n, L)).astype(np.float32)
   x[0] = 0.0                                              # a blank sample
-  return {"x": jnp.asarray(x), "labels": jnp.asarray(rng.integers(0, C, n), jnp.int32)}
+  return {"x": jnp.asarray(x), "y": jnp.asarray(rng.integers(0, C, n), jnp.int32)}
 
 
 @pytest.mark.parametrize("dead", [False, True], ids=["blank_sample", "dead_layer"])

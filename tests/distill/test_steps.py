@@ -69,7 +69,7 @@ def test_gradients_reach_the_student_only():
   step = distill.make_step(student, obj, optax.adam(1e-2), [distill.Teacher(teacher, tv)],
                            donate=False)
   state = step.init(sv, x)
-  batch = {"x": x, "labels": y}
+  batch = {"x": x, "y": y}
 
   def loss_wrt(params, aux, teacher_vars):
     return step.loss_fn(params, aux, state.model_state, teacher_vars, batch, jax.random.key(0),
@@ -100,9 +100,9 @@ def test_step_compiles_once_and_teachers_swap_without_recompiling():
   state = step.init(_vars(student, 1, x), x)
   for i in range(4):
     xb, yb = _data(seed=i + 1)
-    state, _ = step(state, {"x": xb, "labels": yb}, jax.random.key(i))
+    state, _ = step(state, {"x": xb, "y": yb}, jax.random.key(i))
   other = step.with_teachers([_vars(teacher, 7, x)])
-  state, _ = other(state, {"x": x, "labels": y}, jax.random.key(9))
+  state, _ = other(state, {"x": x, "y": y}, jax.random.key(9))
   assert step.jitted._cache_size() == 1
   assert int(state.step) == 5
 
@@ -116,14 +116,14 @@ def test_mixup_feeds_teacher_and_student_the_same_inputs():
                            mixup_alpha=1.0, donate=False)
   state = step.init(v, x)
   for i in range(3):
-    _, m = step(state, {"x": x, "labels": y}, jax.random.key(i))
+    _, m = step(state, {"x": x, "y": y}, jax.random.key(i))
     assert abs(float(m["kd"])) < 1e-6
   # and the batch really is mixed: the CE of the mixed soft targets differs from the plain one
   plain = distill.make_step(model, O.supervised(), optax.sgd(0.0), donate=False)
   mixed = distill.make_step(model, O.supervised(), optax.sgd(0.0), mixup_alpha=1.0, donate=False)
   s0 = plain.init(v, x)
-  a = float(plain(s0, {"x": x, "labels": y}, jax.random.key(0))[1]["loss"])
-  b = float(mixed(s0, {"x": x, "labels": y}, jax.random.key(0))[1]["loss"])
+  a = float(plain(s0, {"x": x, "y": y}, jax.random.key(0))[1]["loss"])
+  b = float(mixed(s0, {"x": x, "y": y}, jax.random.key(0))[1]["loss"])
   assert abs(a - b) > 1e-4
 
 
@@ -140,7 +140,7 @@ def test_multi_teacher_mean_and_stacked_members_match_by_hand():
                           [distill.Teacher(teacher, distill.stack_checkpoints(tvs), stacked=True)],
                           donate=False)
   state = sep.init(sv, x)
-  batch = {"x": x, "labels": y}
+  batch = {"x": x, "y": y}
   kd_sep = float(sep(state, batch, jax.random.key(0))[1]["kd"])
   kd_stk = float(stk(stk.init(sv, x), batch, jax.random.key(0))[1]["kd"])
   zs = np.asarray(student.apply(sv, x), np.float64)
@@ -160,7 +160,7 @@ def test_confidence_weighting_prefers_the_teacher_that_knows_the_label():
                              [distill.Teacher(good, {"params": {}}), distill.Teacher(bad, {"params": {}})],
                              combine=rule, donate=False)
     sv = _vars(student, 1, x)
-    m = step(step.init(sv, x), {"x": x, "labels": y}, jax.random.key(0))[1]
+    m = step(step.init(sv, x), {"x": x, "y": y}, jax.random.key(0))[1]
     assert m["teacher_accuracy"] >= 0.99 if expect == 1.0 else True
 
 
@@ -171,7 +171,7 @@ def test_kl_dp_chooses_the_more_confident_model_per_sample():
   logits = jnp.stack([teacher, init_student])
   view = distill.TeacherOutputs(logits, jnp.full((2, 4), 0.5), ({}, {}))
   loss, m = O.kl_dp(temperature=1.0).loss({}, distill.Outputs(z_s, {}), view,
-                                          {"labels": jnp.zeros(4, jnp.int32)}, jnp.zeros((), jnp.int32))
+                                          {"y": jnp.zeros(4, jnp.int32)}, jnp.zeros((), jnp.int32))
   assert float(m["teacher_fraction"]) == 0.5
   target = jnp.stack([teacher[0], init_student[1], teacher[2], init_student[3]])
   np.testing.assert_allclose(float(loss), float(L.forward_kl(z_s, target)), rtol=1e-6)
@@ -183,7 +183,7 @@ def test_dkd_warmup_starts_from_plain_cross_entropy():
   step = distill.make_step(student, O.dkd(steps_per_epoch=1, warmup_epochs=4), optax.sgd(0.0),
                            [distill.Teacher(teacher, _vars(teacher, 0, x))], donate=False)
   state = step.init(_vars(student, 1, x), x)
-  m0 = step(state, {"x": x, "labels": y}, jax.random.key(0))[1]
+  m0 = step(state, {"x": x, "y": y}, jax.random.key(0))[1]
   np.testing.assert_allclose(float(m0["loss"]), float(m0["ce"]), rtol=1e-6)
 
 
@@ -195,7 +195,7 @@ def test_batchnorm_student_updates_its_statistics():
                            optax.adam(1e-2),
                            [distill.Teacher(TinyConv(channels=6), _vars(TinyConv(channels=6), 3, x))])
   state = step.init(sv, x)
-  state, m = step(state, {"x": x, "labels": y}, jax.random.key(0))
+  state, m = step(state, {"x": x, "y": y}, jax.random.key(0))
   assert not _tree_equal(sv["batch_stats"], state.model_state["batch_stats"])
   assert np.isfinite(float(m["loss"])) and "trg/trg" in m
   del teacher
@@ -207,10 +207,10 @@ def test_mutual_learning_of_identical_students_is_twice_the_ce():
   v = _vars(model, 0, x)
   step = distill.make_mutual_step([model, model], optax.sgd(0.1), temperature=2.0, donate=False)
   state = step.init([v, v], x)
-  _, m = step(state, {"x": x, "labels": y}, jax.random.key(0))
+  _, m = step(state, {"x": x, "y": y}, jax.random.key(0))
   ce = float(L.cross_entropy(model.apply(v, x), y))
   np.testing.assert_allclose(float(m["loss"]), 2 * ce, rtol=1e-5)
-  s2, _ = step(step.init([v, _vars(model, 5, x)], x), {"x": x, "labels": y}, jax.random.key(0))
+  s2, _ = step(step.init([v, _vars(model, 5, x)], x), {"x": x, "y": y}, jax.random.key(0))
   assert not _tree_equal(s2.params[0], v["params"]) and not _tree_equal(s2.params[1], v["params"])
 
 
@@ -220,7 +220,7 @@ def test_topk_objective_from_stored_representations_needs_no_teacher():
   val, idx = jax.lax.top_k(jnp.asarray(np.random.default_rng(0).normal(size=(12, C)), jnp.float32), 2)
   step = distill.make_step(student, O.topk(k=2, ce_weight=0.1), optax.sgd(0.0), donate=False)
   state = step.init(_vars(student, 1, x), x)
-  m = step(state, {"x": x, "labels": y, "topk_indices": idx, "topk_logits": val}, jax.random.key(0))[1]
+  m = step(state, {"x": x, "y": y, "topk_indices": idx, "topk_logits": val}, jax.random.key(0))[1]
   ref = float(L.topk_kl(student.apply(_vars(student, 1, x), x), idx, val))
   np.testing.assert_allclose(float(m["kd"]), ref, rtol=1e-5)
 
@@ -258,7 +258,7 @@ def test_bad_inputs_name_the_argument():
     step.init(_vars(student, 1, x), x)
   step = distill.make_step(student, O.supervised(), optax.sgd(0.1))
   state = step.init(_vars(student, 1, x), x)
-  with pytest.raises(KfuseError, match="batch: missing key 'labels'"):
+  with pytest.raises(KfuseError, match="batch: missing key 'y'"):
     step(state, {"x": x}, jax.random.key(0))
 
 
@@ -271,7 +271,7 @@ def test_relation_objectives_relate_only_the_first_max_samples():
   fs, ft = rng.normal(size=(b, 6)), rng.normal(size=(b, 4))
   ts, tt = rng.normal(size=(b, 8, 3)), rng.normal(size=(b, 8, 5))
   logits = jnp.asarray(rng.normal(size=(b, C)), jnp.float32)
-  batch = {"x": jnp.zeros((b, 1)), "labels": jnp.asarray(rng.integers(0, C, b))}
+  batch = {"x": jnp.zeros((b, 1)), "y": jnp.asarray(rng.integers(0, C, b))}
 
   def run(obj, s_feats, t_feats, path):
     s = distill.Outputs(logits, {path: jnp.asarray(s_feats, jnp.float32)})
