@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 
 from configs import kd_bench as kd_config  # noqa: E402
-from kfuse import distill, models, train  # noqa: E402
+from kfuse import distill, models, optim, train  # noqa: E402
 from kfuse.data import iterate, load  # noqa: E402
 from kfuse.distill import objectives as O  # noqa: E402
 
@@ -42,7 +42,7 @@ def time_step(cfg, ds, label, spec, steps):
   teacher = models.get_model("cnn1d", num_classes=10, widths=(16, 32))
   tv = teacher.init(jax.random.key(0), ds.x_train[:2])
   obj = O.get([dict(s) for s in spec] if isinstance(spec, (list, tuple)) else dict(spec))
-  step = distill.make_step(student, obj, train.make_optimizer(cfg.optimizer.to_dict(), 3000),
+  step = distill.make_step(student, obj, optim.make_optimizer(cfg.optimizer.to_dict(), 3000),
                            [distill.Teacher(teacher, tv)])
   state = step.init(student.init(jax.random.key(1), ds.x_train[:2]), ds.x_train[:2])
   batches = iterate(jax.random.key(2), ds.x_train, ds.y_train, cfg.batch_size, epochs=None)

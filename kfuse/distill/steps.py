@@ -293,24 +293,27 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
                      f" known: {', '.join(_BATCH_KEYS)}")
 
 
-def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformation,
+def make_step(student: Any, objective: Any, optimizer: Any,
               teachers: Sequence[Teacher] = (), *, combine: str = "mean",
               combine_temperature: float = 1.0, mixup_alpha: float = 0.0,
-              donate: bool = True) -> DistillStep:
+              donate: bool = True, total_steps: int = 0) -> DistillStep:
   """Build a jit-compiled distillation step.
 
   Args:
     student: the student's Flax module or forward callable (see module doc).
     objective: a `kfuse.distill.objectives.Objective` (e.g. ``hinton()``,
       ``dkd()``, ``combine(hinton(), fitnets(...))``).
-    optimizer: an optax transformation; it updates the student's ``params``
-      and the objective's ``aux`` parameters only.
+    optimizer: an optax transformation, or a `kfuse.optim` config mapping
+      (``{'name': 'adamw', 'learning_rate': ..., 'schedule': ...}``, decayed
+      over ``total_steps``); it updates the student's ``params`` and the
+      objective's ``aux`` parameters only.
     teachers: frozen `Teacher` s (or ``(model, variables)`` pairs).
     combine: multi-teacher rule of `kfuse.distill.ensembles.teacher_weights`.
     combine_temperature: temperature of the ``entropy`` rule.
     mixup_alpha: Beta(α, α) mixup applied identically to teacher and student
       inputs (0 disables it).
     donate: donate the state buffers to the step.
+    total_steps: run length for a config ``optimizer``'s schedule.
 
   Returns:
     A `DistillStep`.
@@ -333,7 +336,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
   s_forward = as_forward(student, objective.student_features)
   t_forwards = tuple(as_forward(t.model, objective.teacher_features) for t in teachers)
   stacked = tuple(bool(t.stacked) for t in teachers)
-  tx = optimizer
+  tx = _optimizer(optimizer, total_steps)
 
   def teacher_outputs(teacher_vars, x, labels):
     logits, feats = [], []
@@ -428,6 +431,17 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
   return DistillStep(init, jitted, loss_fn, tuple(t.variables for t in teachers), objective)
 
 
+def _optimizer(optimizer: Any, total_steps: int) -> optax.GradientTransformation:
+  """An optax transformation as is; a config mapping through `kfuse.optim.make_optimizer`."""
+  if isinstance(optimizer, Mapping) or hasattr(optimizer, "to_dict"):
+    from kfuse import optim
+    return optim.make_optimizer(optimizer, int(total_steps))
+  if not hasattr(optimizer, "update") or not hasattr(optimizer, "init"):
+    raise KfuseError(f"optimizer: expected an optax transformation or a config mapping,"
+                     f" got {type(optimizer).__name__}")
+  return optimizer
+
+
 def _members(t: Teacher) -> int:
   if not t.stacked:
     return 1
@@ -438,9 +452,10 @@ def _members(t: Teacher) -> int:
 # ------------------------------------------------------------------ online / mutual distillation
 
 
-def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransformation, *,
+def make_mutual_step(students: Sequence[Any], optimizer: Any, *,
                      temperature: float = 1.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
-                     mixup_alpha: float = 0.0, donate: bool = True) -> DistillStep:
+                     mixup_alpha: float = 0.0, donate: bool = True,
+                     total_steps: int = 0) -> DistillStep:
   """Online (mutual) distillation of N ≥ 2 students trained together.
 
   Student i minimises ce_weight·CE(z_i, y) + kd_weight·T²·mean_{j≠i}
@@ -459,7 +474,7 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
   losses.check_weight(kd_weight, "kd_weight")
   forwards = tuple(as_forward(s) for s in students)
   n = len(forwards)
-  tx = optimizer
+  tx = _optimizer(optimizer, total_steps)
 
   def loss_fn(params, aux, model_state, teacher_vars, batch, key, step):
     del aux, teacher_vars, step

@@ -330,3 +330,24 @@ def test_full_bench_config_caps_the_relation_losses():
   assert methods.rkd.objective.max_samples <= 64
   trg = [o for o in methods.cnn_trg.objective if o["name"] == "trg"][0]
   assert trg["max_samples"] <= 64 and trg["token_pool"] >= 2
+
+
+def test_optimizer_config_is_read_by_kfuse_optim():
+  x, y = _data()
+  student = TinyMLP()
+  sv = _vars(student, 1, x)
+  batch = {"x": x, "y": y}
+  by_cfg = distill.make_step(student, O.supervised(), {"name": "sgd", "learning_rate": 0.5},
+                             donate=False)
+  by_tx = distill.make_step(student, O.supervised(), optax.sgd(0.5), donate=False)
+  a = by_cfg(by_cfg.init(sv, x), batch, jax.random.key(0))[0]
+  b = by_tx(by_tx.init(sv, x), batch, jax.random.key(0))[0]
+  chex.assert_trees_all_close(a.params, b.params, rtol=1e-6)
+  assert not _tree_equal(a.params, sv["params"])
+  lrn = by_tx.learner
+  state, m = lrn.step(lrn.init(sv, x), batch, jax.random.key(0))
+  assert int(state.step) == 1 and "loss" in m
+  with pytest.raises(KfuseError, match="optimizer.learning_rate"):
+    distill.make_step(student, O.supervised(), {"name": "sgd", "learning_rate": 0.0})
+  with pytest.raises(KfuseError, match="batch: unknown key 'labels'"):
+    by_tx(by_tx.init(sv, x), {"x": x, "y": y, "labels": y}, jax.random.key(0))
