@@ -40,6 +40,7 @@ from kfuse.tree import KfuseError
 
 __all__ = [
     "cross_entropy",
+    "cross_entropy_rows",
     "forward_kl",
     "reverse_kl",
     "generalized_jsd",
@@ -186,6 +187,28 @@ def _hard_labels(labels: Array, logits: Array) -> Array:
 # ------------------------------------------------------------------ logit losses
 
 
+def _is_soft(labels: Array, logits: Array) -> bool:
+  """Soft targets: the labels' shape is a suffix of the logits' (class axis included) and they
+  are the logits' full shape or floating (so integer labels [B] never read as [C] targets)."""
+  n = labels.ndim
+  return (n >= 1 and tuple(labels.shape) == tuple(logits.shape[logits.ndim - n:])
+          and (n == logits.ndim or jnp.issubdtype(labels.dtype, jnp.floating)))
+
+
+def cross_entropy_rows(logits: Array, labels: Array) -> Array:
+  """Per-position softmax cross-entropy −Σ_c y_c log softmax(z)_c, shape ``logits.shape[:-1]``.
+
+  ``labels`` are integer classes or soft targets ``[..., C]`` (mixup). Extra
+  leading axes of ``logits`` broadcast against the labels (K teachers
+  ``[K, B, C]`` scored on ``[B]`` labels).
+  """
+  log_q = _log_probs(logits)
+  labels = jnp.asarray(labels)
+  y = (labels.astype(log_q.dtype) if _is_soft(labels, log_q)
+       else jax.nn.one_hot(labels, logits.shape[-1], dtype=log_q.dtype))
+  return -jnp.sum(y * log_q, axis=-1)
+
+
 def cross_entropy(logits: Array, labels: Array, where: Array | None = None) -> Array:
   """Softmax cross-entropy −Σ_c y_c log softmax(z)_c, mean over valid positions.
 
@@ -193,9 +216,7 @@ def cross_entropy(logits: Array, labels: Array, where: Array | None = None) -> A
   """
   _check_labels(labels, logits)
   _check_where(where, tuple(logits.shape[:-1]))
-  log_q = _log_probs(logits)
-  y = _soft_targets(jnp.asarray(labels), logits, log_q.dtype)
-  return masked_mean(-jnp.sum(y * log_q, axis=-1), where)
+  return masked_mean(cross_entropy_rows(logits, labels), where)
 
 
 def forward_kl(student_logits: Array, teacher_logits: Array, temperature: float = 1.0,

@@ -249,14 +249,10 @@ def kl_dp(temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0
     if teachers.size != 2:
       raise KfuseError(f"teachers: kl_dp needs exactly 2 teachers (teacher, frozen initial"
                        f" student), got {teachers.size}")
-    logp = jax.nn.log_softmax(teachers.logits.astype(jnp.float32), axis=-1)
     if criterion == "max_confidence":
-      conf = jnp.max(logp, axis=-1)
+      conf = jnp.max(jax.nn.log_softmax(teachers.logits.astype(jnp.float32), axis=-1), axis=-1)
     else:
-      labels = batch["y"]
-      y = labels if labels.shape == student.logits.shape else jax.nn.one_hot(
-          labels, student.logits.shape[-1])
-      conf = jnp.sum(y[None] * logp, axis=-1)
+      conf = -L.cross_entropy_rows(teachers.logits, batch["y"])   # log p_k(y)
     m_t = (conf[0] > conf[1]).astype(jnp.float32)
     target = combine_logits(teachers.logits, jnp.stack([m_t, 1.0 - m_t]), temperature)
     total, metrics = L.hinton(student.logits, target, batch["y"], temperature, ce_weight,

@@ -127,11 +127,17 @@ def test_topk_from_the_teacher():
   np.testing.assert_allclose(got, 0.1 * np_ce(zs, y, where) + 0.5 * 4.0 * kl, rtol=RTOL)
 
 
-def test_kl_dp_per_sample_target():
+@pytest.mark.parametrize("criterion", ["max_confidence", "true_class"])
+def test_kl_dp_per_sample_target(criterion):
   got, (zs, _), teach, y, where, _ = _loss_from_step(
-      O.kl_dp(temperature=2.0, kd_weight=0.5, ce_weight=0.1), 2)
+      O.kl_dp(temperature=2.0, kd_weight=0.5, ce_weight=0.1, criterion=criterion), 2)
   (zt, _), (zst, _) = teach
-  pick = np_log_softmax(zt).max(-1) > np_log_softmax(zst).max(-1)
+  if criterion == "max_confidence":
+    pick = np_log_softmax(zt).max(-1) > np_log_softmax(zst).max(-1)
+  else:
+    at_y = lambda z: np.take_along_axis(np_log_softmax(z), y[:, None], -1)[:, 0]
+    pick = at_y(zt) > at_y(zst)
+    assert 0 < pick.sum() < len(y)           # both sources are used on this batch
   target = np.where(pick[:, None], zt, zst)
   ref = 0.1 * np_ce(zs, y, where) + 0.5 * 4.0 * _kd(zs, target, 2.0, where)
   np.testing.assert_allclose(got, ref, rtol=RTOL)
