@@ -262,7 +262,8 @@ class DistillStep:
     self.objective = objective
 
   def __call__(self, state: DistillState, batch: Mapping[str, Array], key: Array):
-    _check_batch(batch)
+    if not isinstance(batch, Mapping):          # the keys are checked once, when tracing
+      check_batch(batch, ("x", "y"))
     return self.jitted(state, self.teacher_variables, dict(batch), key)
 
   @property
@@ -388,6 +389,7 @@ def make_step(student: Any, objective: Any, optimizer: Any,
     return loss, (metrics, new_state)
 
   def step_fn(state: DistillState, teacher_vars, batch, key):
+    _check_batch(batch)
     key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(
         lambda pa: loss_fn(pa[0], pa[1], state.model_state, teacher_vars, batch, key, state.step),
@@ -507,6 +509,7 @@ def make_mutual_step(students: Sequence[Any], optimizer: Any, *,
     return total, (metrics, tuple(states))
 
   def step_fn(state, teacher_vars, batch, key):
+    _check_batch(batch)
     key = jax.random.fold_in(key, state.step)
     (loss, (metrics, new_states)), grads = jax.value_and_grad(
         lambda p: loss_fn(p, None, state.model_state, None, batch, key, state.step),
