@@ -14,8 +14,8 @@ Conventions (read these once, they hold for every function below)
   (e.g. mixup); soft targets give the soft cross-entropy.
 * p^T = softmax(z / T). **Weights are named, never α**: ``ce_weight`` scales
   the hard-label cross-entropy and ``kd_weight`` the distillation term
-  (torchdistill's α weights the CE, mdistiller's KD_WEIGHT the KD term; SPEC
-  §D). Every divergence is computed in log-space (``log_softmax``), so it is
+  (torchdistill's α weights the CE, mdistiller's KD_WEIGHT the KD term).
+  Every divergence is computed in log-space (``log_softmax``), so it is
   finite for any finite logits.
 * KL(p ‖ q) = Σ_c p_c (log p_c − log q_c). ``forward_kl`` is KL(teacher ‖
   student) (mean-seeking), ``reverse_kl`` is KL(student ‖ teacher)
@@ -264,7 +264,7 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, beta: float = 
   log M is formed in log-space with logsumexp. Note the interior formula
   tends to 0 at both ends (JSD(β) ≈ β·KL(p_T‖p_S) as β → 0 and
   ≈ (1−β)·KL(p_S‖p_T) as β → 1): the endpoints are conventions (TRL's
-  ``generalized_jsd_loss``, SPEC §D), not limits; divide by β(1−β) for a
+  ``generalized_jsd_loss``), not limits; divide by β(1−β) for a
   continuous interpolation. Agarwal et al., "On-Policy Distillation of
   Language Models: Learning from Self-Generated Mistakes" (GKD, ICLR 2024).
   """
@@ -693,8 +693,8 @@ def topk_cross_entropy(student_logits: Array, topk_indices: Array, topk_logits: 
   """CE to a teacher's sparse top-k: −Σ_{k} p_k·log softmax(z_s/T)[idx_k], mean over valid positions.
 
   p = softmax(topk_logits/T) renormalised over the k stored entries (FuseLLM's
-  target: softmax of the top-k logits scattered into the vocabulary, SPEC
-  E.3.1 step 5). The student's log-probs are gathered at the k indices
+  target: softmax of the top-k logits scattered into the vocabulary, as in
+  the FuseLLM reference code). The student's log-probs are gathered at the k indices
   (``take_along_axis``), so no ``[..., V]`` teacher tensor is ever built.
   Indices < 0 mark padding entries. Wan et al., "Knowledge Fusion of Large
   Language Models" (FuseLLM, ICLR 2024).
