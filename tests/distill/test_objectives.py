@@ -209,3 +209,16 @@ def test_mutual_step_total():
   lb = 0.3 * np_ce(zb, y, w) + 0.6 * 4.0 * _kd(zb, za, 2.0, w)
   np.testing.assert_allclose([float(m["loss_0"]), float(m["loss_1"]), float(m["loss"])],
                              [la, lb, la + lb], rtol=RTOL)
+
+
+def test_registry_names_defaults_and_typos():
+  from kfuse.registry import Registry
+  from kfuse.tree import KfuseError
+  assert isinstance(O.OBJECTIVES, Registry) and O.names() == O.OBJECTIVES.names()
+  # mdistiller CFG.KD / CFG.DKD, declared once in the constructors' signatures
+  assert O.OBJECTIVES.defaults("hinton") == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+  assert O.OBJECTIVES.defaults("dkd")["beta"] == 8.0
+  with pytest.raises(KfuseError, match=r"objective: unknown distillation objective 'hintn' \(did you mean 'hinton'\?\)"):
+    O.get({"name": "hintn"})
+  with pytest.raises(KfuseError, match="objective.hinton: .*'temprature'"):
+    O.get("hinton", temprature=2.0)
