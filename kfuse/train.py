@@ -1,15 +1,20 @@
-"""Supervised training utilities: optimizers from config, jitted steps, eval, checkpoints.
+"""Supervised training: jitted steps on the `kfuse.protocol` step protocol, eval, checkpoints.
 
 Typical use (build the jitted functions once, reuse them for every task of
 the same shapes)::
 
-    tx = make_optimizer(cfg.optimizer, total_steps=cfg.steps)
+    tx = optim.make_optimizer(cfg.optimizer, total_steps=cfg.steps)
     step = make_train_step(model, tx)              # jit, donates the state
     predict = make_predict(model)                  # jit
     state = init_state(variables['params'], tx)
-    state, history = fit(step, state, batches, cfg.steps, key)
+    state, metrics = step(state, {"x": x, "y": y}, key)
+    state, history = fit(step, state, batches(key, x, y, 128), cfg.steps, key)
     metrics = evaluate(predict, state.variables, x_test, y_test)
     save_checkpoint(path, state.variables)
+
+or in one call, ``state, history = train_classifier(model, variables, x, y, optimizer=cfg,
+steps=..., batch_size=..., key=key)``. Optimizers come from `kfuse.optim` (one
+schema for every learner); the loss is `kfuse.distill.losses.cross_entropy`.
 
 Models with BatchNorm keep their running statistics in ``state.model_state``
 (``init_state(params, tx, {'batch_stats': ...})`` or
@@ -28,168 +33,32 @@ import numpy as np
 import optax
 from flax import struct
 
+from kfuse.data import iterate
+from kfuse.distill.losses import cross_entropy
+from kfuse.distill.steps import copy_tree, make_predict
+from kfuse.optim import OPTIMIZER_SCHEMA, check_types, make_optimizer, make_schedule  # noqa: F401
+from kfuse.optim import trainable_labels
+from kfuse.protocol import Learner, check_batch
 from kfuse.tree import KfuseError
 
 PyTree = Any
 
 __all__ = [
     "TrainState",
-    "OPTIMIZERS",
-    "SCHEDULES",
-    "make_schedule",
-    "check_types",
-    "make_optimizer",
     "init_state",
     "init_state_from_variables",
     "make_train_step",
+    "learner",
     "make_predict",
+    "batches",
     "evaluate",
     "fit",
+    "train_classifier",
+    "add_label_noise",
     "latest_step",
     "save_checkpoint",
     "restore_checkpoint",
 ]
-
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "adam": optax.adam,
-    "adamw": optax.adamw,
-    "sgd": optax.sgd,
-    "rmsprop": optax.rmsprop,
-    "lion": optax.lion,
-}
-SCHEDULES = ("constant", "cosine", "linear")
-
-
-def _get(cfg: Any, field: str, default: Any = None) -> Any:
-  """Read ``field`` from a dict or ConfigDict, with a default."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(field, default)
-  return getattr(cfg, field, default) if hasattr(cfg, field) else default
-
-
-def _to_dict(x: Any) -> dict:
-  if x is None:
-    return {}
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  return dict(x)
-
-
-_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list",
-               tuple: "tuple", type(None): "None"}
-
-
-def _is(value: Any, t: type) -> bool:
-  if t is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if t is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  if t is dict:
-    return isinstance(value, Mapping) or hasattr(value, "to_dict")
-  if t is list:
-    return isinstance(value, (list, tuple))
-  return isinstance(value, t)
-
-
-def check_types(cfg: Any, schema: Mapping[str, Any], prefix: str) -> None:
-  """Check ``cfg``'s fields against ``schema``; raise `KfuseError` naming the first bad field.
-
-  ``schema`` maps a field name to a type (``int``, ``float`` -- ints accepted --,
-  ``bool``, ``str``, ``dict``, ``list`` -- lists or tuples --), a tuple of
-  types, or a nested schema dict for a sub-config. Fields missing from
-  ``cfg`` are skipped (defaults apply); unknown fields are not checked.
-  """
-  for field, expected in schema.items():
-    value = _get(cfg, field, _MISSING)
-    if value is _MISSING:
-      continue
-    where = f"{prefix}.{field}" if prefix else field
-    if isinstance(expected, Mapping):
-      if not _is(value, dict):
-        raise KfuseError(f"{where}: expected a dict of fields, got {type(value).__name__} {value!r}")
-      check_types(value, expected, where)
-      continue
-    types = expected if isinstance(expected, tuple) else (expected,)
-    if not any(_is(value, t) for t in types):
-      want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-      raise KfuseError(f"{where}: expected {want}, got {type(value).__name__} {value!r}")
-
-
-_MISSING = object()
-
-OPTIMIZER_SCHEMA = {"name": str, "learning_rate": float, "schedule": str, "warmup_steps": int,
-                    "clip_norm": (float, type(None)), "kwargs": (dict, type(None))}
-
-
-# ------------------------------------------------------------------ optimizer
-
-
-def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
-  """Learning-rate schedule from ``cfg`` (learning_rate, schedule, warmup_steps).
-
-  ``schedule``: ``constant`` (after linear warmup), ``cosine`` (warmup then
-  cosine decay to 0 at ``total_steps``) or ``linear`` (warmup then linear decay to 0).
-  """
-  lr = float(_get(cfg, "learning_rate", 1e-3))
-  kind = _get(cfg, "schedule", "constant")
-  warmup = int(_get(cfg, "warmup_steps", 0) or 0)
-  if lr <= 0:
-    raise KfuseError(f"optimizer.learning_rate: must be positive, got {lr}")
-  if kind not in SCHEDULES:
-    raise KfuseError(f"optimizer.schedule: unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
-  if warmup < 0 or (total_steps > 0 and warmup >= total_steps and kind != "constant"):
-    raise KfuseError(f"optimizer.warmup_steps: must be in [0, {total_steps}), got {warmup}")
-  decay = max(1, total_steps - warmup)
-  if kind == "constant":
-    after = optax.constant_schedule(lr)
-  elif kind == "cosine":
-    after = optax.cosine_decay_schedule(lr, decay)
-  else:
-    after = optax.linear_schedule(lr, 0.0, decay)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-
-
-def _param_labels(params: PyTree, trainable: Sequence[str]) -> PyTree:
-  return {k: jax.tree.map(lambda _: "train" if k in trainable else "freeze", v)
-          for k, v in params.items()}
-
-
-def make_optimizer(cfg: Any, total_steps: int,
-                   trainable: Sequence[str] | None = None) -> optax.GradientTransformation:
-  """An optax optimizer from config.
-
-  Args:
-    cfg: dict / ConfigDict with ``name`` (a key of `OPTIMIZERS`),
-      ``learning_rate``, ``schedule``, ``warmup_steps``, optional
-      ``clip_norm`` (> 0 enables global-norm clipping) and ``kwargs`` (extra
-      keyword arguments of the optax constructor, e.g. ``weight_decay``).
-    total_steps: length of the run (for decaying schedules).
-    trainable: top-level parameter collections to update (e.g. ``['head']``
-      for a linear probe); None updates everything. Frozen collections get
-      zero updates.
-  """
-  check_types(cfg, OPTIMIZER_SCHEMA, "optimizer")
-  name = _get(cfg, "name", "adam")
-  if name not in OPTIMIZERS:
-    raise KfuseError(f"optimizer.name: unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
-  kwargs = _to_dict(_get(cfg, "kwargs"))
-  try:
-    tx = OPTIMIZERS[name](make_schedule(cfg, total_steps), **kwargs)
-  except TypeError as e:
-    raise KfuseError(f"optimizer.kwargs: invalid arguments {sorted(kwargs)} for {name!r}: {e}") from e
-  clip = float(_get(cfg, "clip_norm", 0.0) or 0.0)
-  if clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-  if trainable is not None:
-    trainable = tuple(trainable)
-    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
-                               lambda p: _param_labels(p, trainable))
-  return tx
-
 
 # ------------------------------------------------------------------ state / steps
 
@@ -226,10 +95,9 @@ def init_state(params: PyTree, tx: optax.GradientTransformation,
     tx: the optimizer.
     model_state: non-parameter collections, e.g. ``{'batch_stats': ...}``.
   """
-  copy = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
-  params = copy(params)
+  params = copy_tree(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    model_state=copy(dict(model_state or {})))
+                    model_state=copy_tree(dict(model_state or {})))
 
 
 def init_state_from_variables(variables: Mapping[str, PyTree],
@@ -241,26 +109,25 @@ def init_state_from_variables(variables: Mapping[str, PyTree],
                     {k: v for k, v in variables.items() if k != "params"})
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     trainable: Sequence[str] | None = None) -> Callable:
-  """``step(state, x, y, key) -> (state, {'loss', 'accuracy'})``, jitted, state donated.
+  """``step(state, batch, key) -> (state, {'loss', 'accuracy'})``, jitted, state donated.
 
-  ``key`` feeds dropout (folded with the step counter). Pass the same
-  ``trainable`` as to `make_optimizer`: the other top-level parameter groups
-  are wrapped in ``stop_gradient`` so no gradient is computed for them.
-  Models with state (BatchNorm) normalise with batch statistics and the step
-  stores the updated running statistics in ``state.model_state``.
+  ``batch`` is a mapping ``{"x": inputs, "y": integer labels}`` (`kfuse.protocol`);
+  the loss is `kfuse.distill.losses.cross_entropy`. ``key`` feeds dropout
+  (folded with the step counter). Pass the same ``trainable`` as to
+  `kfuse.optim.make_optimizer`: the other parameters are wrapped in
+  ``stop_gradient`` so no gradient is computed for them. Models with state
+  (BatchNorm) normalise with batch statistics and the step stores the updated
+  running statistics in ``state.model_state``.
   """
   trainable = tuple(trainable) if trainable is not None else None
 
   def loss_fn(params, model_state, x, y, key):
     if trainable is not None:
-      params = {k: (v if k in trainable else jax.lax.stop_gradient(v)) for k, v in params.items()}
+      labels = trainable_labels(params, trainable)
+      params = jax.tree.map(lambda v, lab: v if lab == "train" else jax.lax.stop_gradient(v),
+                            params, labels)
     variables = {"params": params, **model_state}
     if model_state:
       logits, new_state = model.apply(variables, x, train=True, rngs={"dropout": key},
@@ -269,7 +136,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       logits, new_state = model.apply(variables, x, train=True, rngs={"dropout": key}), {}
     return cross_entropy(logits, y), (logits, dict(new_state))
 
-  def step(state: TrainState, x, y, key):
+  def step(state: TrainState, batch, key):
+    x, y = batch["x"], batch["y"]
     key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (logits, model_state)), grads = grad_fn(state.params, state.model_state, x, y, key)
@@ -280,12 +148,42 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                      model_state=model_state)
     return new, {"loss": loss, "accuracy": acc}
 
-  return jax.jit(step, donate_argnums=0)
+  jitted = jax.jit(step, donate_argnums=0)
+
+  def checked(state: TrainState, batch, key):
+    check_batch(batch, ("x", "y"))
+    return jitted(state, {"x": batch["x"], "y": batch["y"]}, key)
+
+  return checked
 
 
-def make_predict(model: nn.Module) -> Callable:
-  """``predict(variables, x) -> logits`` in eval mode, jitted."""
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+def learner(model: nn.Module, tx: optax.GradientTransformation,
+            trainable: Sequence[str] | None = None) -> Learner:
+  """Supervised training as a `kfuse.protocol.Learner`: ``init(variables) -> TrainState``, the jitted step."""
+  return Learner(lambda variables: init_state_from_variables(variables, tx),
+                 make_train_step(model, tx, trainable))
+
+
+def batches(key: jax.Array, x: np.ndarray, y: np.ndarray, batch_size: int,
+            epochs: int | None = None, **kwargs: Any) -> Iterator[dict]:
+  """`kfuse.data.iterate` as protocol batches ``{"x": ..., "y": ...}`` (forever by default)."""
+  for xb, yb in iterate(key, x, y, batch_size, epochs=epochs, **kwargs):
+    yield {"x": xb, "y": yb}
+
+
+def add_label_noise(y: np.ndarray, num_classes: int, rate: float, seed: int,
+                    name: str = "noise") -> np.ndarray:
+  """Symmetric noise: each label is replaced, with probability ``rate``, by a uniformly drawn *other* class.
+
+  Deterministic in ``seed``; ``name`` is the config field named by the error
+  for a rate outside [0, 1).
+  """
+  if not 0.0 <= rate < 1.0:
+    raise KfuseError(f"{name}: must be in [0, 1), got {rate}")
+  rng = np.random.default_rng([seed, 77])
+  flip = rng.random(len(y)) < rate
+  other = (y + rng.integers(1, num_classes, len(y))) % num_classes
+  return np.where(flip, other, y).astype(y.dtype)
 
 
 def evaluate(predict: Callable, variables: PyTree, x: np.ndarray, y: np.ndarray,
@@ -309,7 +207,7 @@ def evaluate(predict: Callable, variables: PyTree, x: np.ndarray, y: np.ndarray,
   return {"accuracy": acc, "loss": loss}
 
 
-def fit(step: Callable, state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+def fit(step: Callable, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
         num_steps: int, key: jax.Array, *, desc: str = "train", log_every: int = 100,
         progress: bool = True, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
         max_to_keep: int = 2, meta: Mapping[str, Any] | None = None
@@ -333,7 +231,8 @@ def fit(step: Callable, state: TrainState, batches: Iterable[tuple[np.ndarray, n
   Args:
     step: from `make_train_step`.
     state: the initial state (also the restore target's structure).
-    batches: an iterator of ``(x, y)`` host batches starting at step 0.
+    batches: an iterator of ``{"x": ..., "y": ...}`` host batches starting at step 0
+      (e.g. `batches`).
     num_steps: the total step count of the run (not the steps still to do).
     key: dropout key (folded with the step counter inside ``step``).
     desc: progress-bar label and error prefix.
@@ -371,10 +270,11 @@ def fit(step: Callable, state: TrainState, batches: Iterable[tuple[np.ndarray, n
     try:
       for i in range(start, num_steps):
         try:
-          x, y = next(it)
+          batch = next(it)
         except StopIteration:
           raise KfuseError(f"{desc}: the batch iterator ran out after {i} of {num_steps} steps") from None
-        state, metrics = step(state, x, y, key)
+        check_batch(batch, ("x", "y"), where=f"{desc}: batch {i}")
+        state, metrics = step(state, batch, key)
         window.append(metrics)
         done = i + 1
         save = mngr is not None and (done == num_steps or (checkpoint_every and done % checkpoint_every == 0))
@@ -392,6 +292,31 @@ def fit(step: Callable, state: TrainState, batches: Iterable[tuple[np.ndarray, n
       mngr.wait_until_finished()
       mngr.close()
   return state, history
+
+
+def train_classifier(model: nn.Module, variables: Mapping[str, PyTree], x: np.ndarray,
+                     y: np.ndarray, *, optimizer: Any, steps: int, batch_size: int,
+                     data_key: jax.Array, dropout_key: jax.Array,
+                     trainable: Sequence[str] | None = None,
+                     step: tuple[optax.GradientTransformation, Callable] | None = None,
+                     **fit_kwargs: Any) -> tuple[TrainState, list[dict[str, float]]]:
+  """Train ``model`` from ``variables`` on ``(x, y)`` with cross-entropy; the one "train a classifier".
+
+  Builds the optimizer from the `kfuse.optim` config ``optimizer`` (``steps``
+  long, only ``trainable`` updated), the jitted step, the state, and runs `fit`
+  over shuffled ``batch_size`` batches drawn with ``data_key`` (dropout from
+  ``dropout_key``). ``step=(tx, jitted_step)`` reuses an already built step
+  (one compilation for many runs of the same shapes). ``fit_kwargs`` go to
+  `fit` (desc, log_every, progress, checkpoint_dir, checkpoint_every, meta).
+  Returns ``(state, history)``.
+  """
+  if step is None:
+    tx = make_optimizer(optimizer, int(steps), trainable)
+    step = (tx, make_train_step(model, tx, trainable))
+  tx, jitted = step
+  state = init_state_from_variables(variables, tx)
+  data = batches(data_key, x, y, int(batch_size), epochs=None)
+  return fit(jitted, state, data, int(steps), dropout_key, **fit_kwargs)
 
 
 def _summarise(window: Sequence[Mapping[str, jax.Array]], step: int) -> dict[str, float]:

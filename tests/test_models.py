@@ -235,3 +235,17 @@ def test_linear_and_plain_cnn_variants():
   assert v["params"]["head"]["kernel"].shape == (5 * 5, 4)  # 40 -> 20 -> 10 -> 5
   with pytest.raises(KfuseError, match="model.batch_norm"):
     models.get_model("cnn1d", num_classes=4, batch_norm=False)
+
+
+def test_models_live_in_a_kfuse_registry():
+  from kfuse.registry import Registry
+  assert isinstance(models.MODELS, Registry)
+  assert models.MODELS.names() == models.model_names()
+  assert models.MODELS.defaults("mlp")["activation"] == "gelu"   # the factory's own default
+  with pytest.raises(KfuseError, match=r"model.name: unknown model 'mpl' \(did you mean 'mlp'\?\)"):
+    models.get_model("mpl", num_classes=3)
+  name = "test_tiny_linear"
+  models.register_model(name, models.make_linear)
+  assert isinstance(models.get_model(name, num_classes=2), models.Classifier)
+  with pytest.raises(KfuseError, match="already registered"):
+    models.register_model(name, models.make_linear)

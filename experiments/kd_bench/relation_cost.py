@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 
 from configs import kd_bench as kd_config  # noqa: E402
-from kfuse import distill, models, train  # noqa: E402
+from kfuse import distill, models, optim, train  # noqa: E402
 from kfuse.data import iterate, load  # noqa: E402
 from kfuse.distill import objectives as O  # noqa: E402
 
@@ -42,18 +42,18 @@ def time_step(cfg, ds, label, spec, steps):
   teacher = models.get_model("cnn1d", num_classes=10, widths=(16, 32))
   tv = teacher.init(jax.random.key(0), ds.x_train[:2])
   obj = O.get([dict(s) for s in spec] if isinstance(spec, (list, tuple)) else dict(spec))
-  step = distill.make_step(student, obj, train.make_optimizer(cfg.optimizer.to_dict(), 3000),
+  step = distill.make_step(student, obj, optim.make_optimizer(cfg.optimizer.to_dict(), 3000),
                            [distill.Teacher(teacher, tv)])
   state = step.init(student.init(jax.random.key(1), ds.x_train[:2]), ds.x_train[:2])
   batches = iterate(jax.random.key(2), ds.x_train, ds.y_train, cfg.batch_size, epochs=None)
   key = jax.random.key(3)
   xb, yb = next(batches)
-  state, m = step(state, {"x": xb, "labels": yb}, key)
+  state, m = step(state, {"x": xb, "y": yb}, key)
   jax.block_until_ready(m["loss"])
   t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(steps):
     xb, yb = next(batches)
-    state, m = step(state, {"x": xb, "labels": yb}, key)
+    state, m = step(state, {"x": xb, "y": yb}, key)
   jax.block_until_ready(m["loss"])
   return (1000 * (time.perf_counter() - t0) / steps, 1000 * (time.process_time() - c0) / steps,
           step.jitted._cache_size())

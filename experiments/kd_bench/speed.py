@@ -220,7 +220,7 @@ def parity(torch, teacher, student, tv, sv, step, batches, x_check) -> dict:
                          - np.asarray(student.apply(sv, x_check))).max())
   x, y = batches[0]
   state = step.init(sv, x[:2])
-  state, m = step(state, {"x": jnp.asarray(x), "labels": jnp.asarray(y)}, jax.random.key(0))
+  state, m = step(state, {"x": jnp.asarray(x), "y": jnp.asarray(y)}, jax.random.key(0))
   loss_t = float(torch_step_fn(t_teacher, t_student)(
       torch.tensor(x), torch.tensor(y, dtype=torch.long)).detach())
   p = jax.device_get(state.params)
@@ -256,7 +256,7 @@ def main(args):
 
   ds, teacher, student, tv, sv, step, state, batches = jax_setup(args.batch)
   key = jax.random.key(0)
-  jb = [{"x": jnp.asarray(x), "labels": jnp.asarray(y)} for x, y in batches]
+  jb = [{"x": jnp.asarray(x), "y": jnp.asarray(y)} for x, y in batches]
   holder = {"state": state}
 
   def jax_kd(n):

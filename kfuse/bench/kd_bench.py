@@ -41,15 +41,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from kfuse import distill, models, train
-from kfuse.data import iterate, load
+from kfuse import distill, models, optim, train
+from kfuse.data import load
+from kfuse.train import add_label_noise
 from kfuse.distill import objectives as O
 from kfuse.bench.common import (
     to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir,
     write_text as _write_atomic, method_entries)
 from kfuse.tree import KfuseError
 
-__all__ = ["run", "markdown_tables", "plot", "add_label_noise", "summarize"]
+__all__ = ["run", "markdown_tables", "plot", "summarize"]
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -59,16 +60,6 @@ PyTree = Any
 
 
 # ------------------------------------------------------------------ small helpers
-
-
-def add_label_noise(y: np.ndarray, num_classes: int, rate: float, seed: int) -> np.ndarray:
-  """Symmetric noise: each label is replaced, with probability ``rate``, by a uniformly drawn *other* class."""
-  if not 0.0 <= rate < 1.0:
-    raise KfuseError(f"forget_me_not.noise: must be in [0, 1), got {rate}")
-  rng = np.random.default_rng([seed, 77])
-  flip = rng.random(len(y)) < rate
-  other = (y + rng.integers(1, num_classes, len(y))) % num_classes
-  return np.where(flip, other, y).astype(y.dtype)
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -125,7 +116,7 @@ class _Runner:
     return self._steps[key].with_teachers(teacher_vars)
 
   def optimizer(self, steps: int, opt_cfg: Mapping | None = None):
-    return train.make_optimizer(_to_dict(opt_cfg or self.config.optimizer), steps)
+    return optim.make_optimizer(_to_dict(opt_cfg or self.config.optimizer), steps)
 
   def predict(self, module) -> Callable:
     if id(module) not in self._predict:
@@ -135,13 +126,12 @@ class _Runner:
   def fit(self, step: distill.DistillStep, state, x, y, steps: int, key, desc: str,
           on_step: Callable | None = None):
     k_data, k_step = jax.random.split(key)
-    batches = iterate(k_data, x, y, self.batch_size, epochs=None)
+    batches = train.batches(k_data, x, y, self.batch_size)
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
     last = None
     for i in range(steps):
-      xb, yb = next(batches)
-      state, last = step(state, {"x": xb, "labels": yb}, k_step)
+      state, last = step(state, next(batches), k_step)
       if on_step is not None:
         on_step(i + 1, state)
       bar.update(1)
@@ -284,8 +274,9 @@ def _forget_me_not(runner: _Runner, cfg: Mapping, seeds: Sequence[int], root_key
     ds = load(name, seed=seed, val_fraction=float(runner.config.data.val_fraction),
               cache=runner.config.data.cache_dir or None)
     c = ds.num_classes
-    y_noisy = add_label_noise(ds.y_train, c, float(cfg["noise"]), seed)
-    y_val_noisy = add_label_noise(ds.y_val, c, float(cfg["noise"]), seed + 1000)
+    y_noisy = add_label_noise(ds.y_train, c, float(cfg["noise"]), seed, "forget_me_not.noise")
+    y_val_noisy = add_label_noise(ds.y_val, c, float(cfg["noise"]), seed + 1000,
+                                  "forget_me_not.noise")
     module = _model(cfg["model"], c)
     key = jax.random.fold_in(root_key, seed)
     ckpts = []

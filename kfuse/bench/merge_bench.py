@@ -37,8 +37,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from kfuse import models, train
-from kfuse.data import iterate, make_suite, pretrain_task
+from kfuse import models, optim, train
+from kfuse.data import make_suite, pretrain_task
 from kfuse.bench.common import (
     to_dict as _to_dict, get as _get, plain as _plain, check_workdir as _check_workdir,
     write_json as _write_json_atomic, write_text as _write_text_atomic, method_entries)
@@ -99,7 +99,7 @@ def method_specs(methods_cfg: Any) -> list[dict]:
 
 # ------------------------------------------------------------------ config checks
 
-_OPT = train.OPTIMIZER_SCHEMA
+_OPT = optim.OPTIMIZER_SCHEMA
 SCHEMA = {
     "seed": int, "workdir": str, "overwrite": bool, "progress": bool, "eval_batch_size": int,
     "resume": bool, "checkpoint_every": int, "methods": dict,
@@ -117,7 +117,7 @@ def check_config(config: Any) -> None:
 
   Runs before any data is generated or any step is trained.
   """
-  train.check_types(config, SCHEMA, "config")
+  optim.check_types(config, SCHEMA, "config")
   model_kw = _to_dict(config.model)
   name = model_kw.pop("name", "mlp")
   models.get_model(name, num_classes=10, **model_kw)  # unknown model / argument / type
@@ -127,7 +127,7 @@ def check_config(config: Any) -> None:
       if int(cfg.get(field, 1)) <= 0:
         raise KfuseError(f"config.{phase}.{field}: must be positive, got {cfg.get(field)}")
     try:
-      train.make_optimizer(cfg["optimizer"], int(cfg["steps"]))
+      optim.make_optimizer(cfg["optimizer"], int(cfg["steps"]))
     except KfuseError as e:
       raise KfuseError(f"config.{phase}.{e}") from None
   _trainable(_to_dict(config.finetune).get("trainable", "all"), "config.finetune.trainable")
@@ -159,7 +159,7 @@ class _Phases:
            trainable: Sequence[str] | None):
     key = (num_classes, phase)
     if key not in self._steps:
-      tx = train.make_optimizer(opt_cfg, steps, trainable)
+      tx = optim.make_optimizer(opt_cfg, steps, trainable)
       self._steps[key] = (tx, train.make_train_step(self.model(num_classes), tx, trainable))
     return self._steps[key]
 
@@ -177,14 +177,13 @@ def _train(phases: _Phases, task, variables: PyTree, phase: str, cfg: Mapping, o
 
   With ``checkpoint_dir`` the run is resumable (see `kfuse.train.fit`).
   """
-  tx, step = phases.step(task.num_classes, phase, opt_cfg, steps, trainable)
-  state = train.init_state_from_variables(variables, tx)
   k_data, k_drop = jax.random.split(key)
-  batches = iterate(k_data, task.x_train, task.y_train, int(cfg["batch_size"]), epochs=None)
-  state, history = train.fit(step, state, batches, steps, k_drop, desc=f"{phase}[{task.name}]",
-                             log_every=int(cfg.get("log_every", 100)), progress=progress,
-                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                             meta=meta)
+  state, history = train.train_classifier(
+      phases.model(task.num_classes), variables, task.x_train, task.y_train, optimizer=opt_cfg,
+      steps=steps, batch_size=int(cfg["batch_size"]), data_key=k_data, dropout_key=k_drop,
+      step=phases.step(task.num_classes, phase, opt_cfg, steps, trainable),
+      desc=f"{phase}[{task.name}]", log_every=int(cfg.get("log_every", 100)), progress=progress,
+      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, meta=meta)
   return state.variables, history
 
 

@@ -26,10 +26,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from kfuse import models, train
+from kfuse import models, optim, train
 from kfuse.bench.common import get as _get, plain as _plain, to_dict as _to_dict
 from kfuse.bench.common import write_json as _write_json_atomic, write_text as _write_text_atomic
-from kfuse.data import iterate, load
+from kfuse.data import load
 from kfuse.tree import KfuseError
 
 __all__ = ["run", "train_one", "markdown_table", "check_config"]
@@ -38,7 +38,7 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 _RUN_SCHEMA = {"model": {"name": str}, "steps": int, "batch_size": int,
-               "optimizer": train.OPTIMIZER_SCHEMA, "paper": (float, type(None)), "log_every": int}
+               "optimizer": optim.OPTIMIZER_SCHEMA, "paper": (float, type(None)), "log_every": int}
 _SCHEMA = {"seeds": list, "data": {"name": str, "val_fraction": float, "normalize": bool,
                                    "cache_dir": (str, type(None))},
            "models": dict, "eval_batch_size": int, "workdir": str, "overwrite": bool,
@@ -54,7 +54,7 @@ def _as_config(config: Any) -> ml_collections.ConfigDict:
 def check_config(config: Any) -> list[dict]:
   """Validate the config's fields and types; return ``[{label, **run}]`` in table order."""
   config = _as_config(config)
-  train.check_types(config, _SCHEMA, "config")
+  optim.check_types(config, _SCHEMA, "config")
   seeds = list(config.seeds)
   if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
     raise KfuseError(f"config.seeds: expected a non-empty list of ints, got {seeds!r}")
@@ -67,7 +67,7 @@ def check_config(config: Any) -> list[dict]:
     missing = [f for f in ("model", "steps", "batch_size", "optimizer") if f not in spec]
     if missing:
       raise KfuseError(f"models.{label}.{missing[0]}: missing")
-    train.check_types(spec, _RUN_SCHEMA, f"models.{label}")
+    optim.check_types(spec, _RUN_SCHEMA, f"models.{label}")
     if spec["steps"] <= 0 or spec["batch_size"] <= 0:
       raise KfuseError(f"models.{label}.steps: steps and batch_size must be positive")
     model_kw = dict(_to_dict(spec["model"]))
@@ -76,7 +76,7 @@ def check_config(config: Any) -> list[dict]:
       raise KfuseError(f"models.{label}.model.name: missing")
     try:
       models.get_model(name, num_classes=10, **model_kw)  # unknown names / fields / types
-      train.make_optimizer(spec["optimizer"], spec["steps"])
+      optim.make_optimizer(spec["optimizer"], spec["steps"])
     except KfuseError as e:
       raise KfuseError(f"models.{label}.{e}") from None
     if spec.get("paper", 0) is None:
@@ -95,16 +95,13 @@ def train_one(run_spec: Mapping, ds, seed: int, *, eval_batch_size: int = 1000,
   k_init, k_data, k_drop = jax.random.split(jax.random.key(seed), 3)
   variables = jax.jit(model.init)(k_init, ds.x_train[:1])
   steps = int(run_spec["steps"])
-  tx = train.make_optimizer(run_spec["optimizer"], steps)
-  state = train.init_state_from_variables(variables, tx)
-  step = train.make_train_step(model, tx)
-  batches = iterate(k_data, ds.x_train, ds.y_train, int(run_spec["batch_size"]), epochs=None)
   t = time.time()
-  state, history = train.fit(step, state, batches, steps, k_drop,
-                             desc=f"{run_spec['label']}[seed {seed}]",
-                             log_every=int(run_spec.get("log_every", 500)), progress=progress,
-                             checkpoint_dir=checkpoint_dir, checkpoint_every=0,
-                             meta={"model": run_spec["model"], "seed": seed, "steps": steps})
+  state, history = train.train_classifier(
+      model, variables, ds.x_train, ds.y_train, optimizer=run_spec["optimizer"], steps=steps,
+      batch_size=int(run_spec["batch_size"]), data_key=k_data, dropout_key=k_drop,
+      desc=f"{run_spec['label']}[seed {seed}]", log_every=int(run_spec.get("log_every", 500)),
+      progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=0,
+      meta={"model": run_spec["model"], "seed": seed, "steps": steps})
   seconds = time.time() - t
   predict = train.make_predict(model)
   test = train.evaluate(predict, state.variables, ds.x_test, ds.y_test, eval_batch_size)

@@ -89,7 +89,7 @@ def train_source(model, ds, cfg: Mapping, key: jax.Array, progress: bool) -> tup
   tx = train.make_optimizer(cfg["optimizer"], steps)
   step = train.make_train_step(model, tx)
   state = train.init_state_from_variables(variables, tx)
-  batches = iterate(k_data, ds.x_train, ds.y_train, int(cfg["batch_size"]), epochs=None)
+  batches = train.batches(k_data, ds.x_train, ds.y_train, int(cfg["batch_size"]))
   state, history = train.fit(step, state, batches, steps, k_drop, desc="source",
                              log_every=int(cfg.get("log_every", 500)), progress=progress)
   return jax.device_get(state.variables), history

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfuse import tree as ktree
-from kfuse.distill.losses import check_temperature
+from kfuse.distill.losses import check_temperature, cross_entropy_rows
 from kfuse.tree import KfuseError
 
 __all__ = [
@@ -49,12 +49,8 @@ _NEG = -1e9
 
 
 def _per_teacher_ce(logits: Array, labels: Array) -> Array:
-  """CE_k = −log softmax(z_k)[y] per teacher and position, ``[K, ...]`` (soft labels allowed)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  if labels.shape == logits.shape[1:]:
-    return -jnp.sum(labels[None] * logp, axis=-1)
-  y = jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype)
-  return -jnp.sum(y[None] * logp, axis=-1)
+  """CE_k = −Σ_c y_c log softmax(z_k)_c per teacher and position, ``[K, ...]`` (`losses.cross_entropy_rows`)."""
+  return cross_entropy_rows(logits, labels)
 
 
 def teacher_weights(teacher_logits: Array, labels: Array | None = None, rule: str = "mean",

@@ -14,8 +14,8 @@ Conventions (read these once, they hold for every function below)
   (e.g. mixup); soft targets give the soft cross-entropy.
 * p^T = softmax(z / T). **Weights are named, never α**: ``ce_weight`` scales
   the hard-label cross-entropy and ``kd_weight`` the distillation term
-  (torchdistill's α weights the CE, mdistiller's KD_WEIGHT the KD term; SPEC
-  §D). Every divergence is computed in log-space (``log_softmax``), so it is
+  (torchdistill's α weights the CE, mdistiller's KD_WEIGHT the KD term).
+  Every divergence is computed in log-space (``log_softmax``), so it is
   finite for any finite logits.
 * KL(p ‖ q) = Σ_c p_c (log p_c − log q_c). ``forward_kl`` is KL(teacher ‖
   student) (mean-seeking), ``reverse_kl`` is KL(student ‖ teacher)
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ from kfuse.tree import KfuseError
 
 __all__ = [
     "cross_entropy",
+    "cross_entropy_rows",
     "forward_kl",
     "reverse_kl",
     "generalized_jsd",
@@ -59,6 +60,7 @@ __all__ = [
     "topk_cross_entropy",
     "topk_kl",
     "masked_mean",
+    "l2_normalize",
 ]
 
 Array = jax.Array
@@ -125,6 +127,19 @@ def _check_labels(labels: Array, logits: Array, name: str = "labels") -> None:
 # ------------------------------------------------------------------ reductions
 
 
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """x / max(‖x‖₂, eps) along ``axis``, written x·rsqrt(max(Σx², eps²)): gradient-safe at 0.
+
+  ``x / jnp.maximum(jnp.linalg.norm(x), eps)`` has a NaN gradient at x = 0 (the
+  norm's derivative x/‖x‖ is 0/0 there, and NaN·0 is NaN), so one all-zero
+  feature row (a blank input, a dead ReLU layer) made every parameter NaN.
+  Here the clamp acts on Σx², whose derivative 2x is finite everywhere.
+  """
+  x = jnp.asarray(x)
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps * eps, sq.dtype)))
+
+
 def masked_mean(values: Array, where: Array | None = None) -> Array:
   """Mean of ``values`` over entries where ``where`` is True: Σ w·v / max(Σ w, 1)."""
   values = jnp.asarray(values)
@@ -172,6 +187,28 @@ def _hard_labels(labels: Array, logits: Array) -> Array:
 # ------------------------------------------------------------------ logit losses
 
 
+def _is_soft(labels: Array, logits: Array) -> bool:
+  """Soft targets: the labels' shape is a suffix of the logits' (class axis included) and they
+  are the logits' full shape or floating (so integer labels [B] never read as [C] targets)."""
+  n = labels.ndim
+  return (n >= 1 and tuple(labels.shape) == tuple(logits.shape[logits.ndim - n:])
+          and (n == logits.ndim or jnp.issubdtype(labels.dtype, jnp.floating)))
+
+
+def cross_entropy_rows(logits: Array, labels: Array) -> Array:
+  """Per-position softmax cross-entropy −Σ_c y_c log softmax(z)_c, shape ``logits.shape[:-1]``.
+
+  ``labels`` are integer classes or soft targets ``[..., C]`` (mixup). Extra
+  leading axes of ``logits`` broadcast against the labels (K teachers
+  ``[K, B, C]`` scored on ``[B]`` labels).
+  """
+  log_q = _log_probs(logits)
+  labels = jnp.asarray(labels)
+  y = (labels.astype(log_q.dtype) if _is_soft(labels, log_q)
+       else jax.nn.one_hot(labels, logits.shape[-1], dtype=log_q.dtype))
+  return -jnp.sum(y * log_q, axis=-1)
+
+
 def cross_entropy(logits: Array, labels: Array, where: Array | None = None) -> Array:
   """Softmax cross-entropy −Σ_c y_c log softmax(z)_c, mean over valid positions.
 
@@ -179,9 +216,7 @@ def cross_entropy(logits: Array, labels: Array, where: Array | None = None) -> A
   """
   _check_labels(labels, logits)
   _check_where(where, tuple(logits.shape[:-1]))
-  log_q = _log_probs(logits)
-  y = _soft_targets(jnp.asarray(labels), logits, log_q.dtype)
-  return masked_mean(-jnp.sum(y * log_q, axis=-1), where)
+  return masked_mean(cross_entropy_rows(logits, labels), where)
 
 
 def forward_kl(student_logits: Array, teacher_logits: Array, temperature: float = 1.0,
@@ -229,7 +264,7 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, beta: float = 
   log M is formed in log-space with logsumexp. Note the interior formula
   tends to 0 at both ends (JSD(β) ≈ β·KL(p_T‖p_S) as β → 0 and
   ≈ (1−β)·KL(p_S‖p_T) as β → 1): the endpoints are conventions (TRL's
-  ``generalized_jsd_loss``, SPEC §D), not limits; divide by β(1−β) for a
+  ``generalized_jsd_loss``), not limits; divide by β(1−β) for a
   continuous interpolation. Agarwal et al., "On-Policy Distillation of
   Language Models: Learning from Self-Generated Mistakes" (GKD, ICLR 2024).
   """
@@ -249,27 +284,37 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, beta: float = 
   return masked_mean(jsd, where)
 
 
-def hinton(student_logits: Array, teacher_logits: Array, labels: Array | None = None,
+def hinton(student_logits: Array, teacher_logits: Any, labels: Array | None = None,
            temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
-           where: Array | None = None) -> Array:
-  """Hinton KD: ce_weight·CE(z_s, y) + kd_weight·T²·KL(p_t^T ‖ p_s^T), mean over valid positions.
+           where: Array | None = None, *, divergence: Callable | None = None,
+           with_terms: bool = False) -> Any:
+  """Hinton KD: ce_weight·CE(z_s, y) + kd_weight·T²·D(p_t^T, p_s^T), mean over valid positions.
+
+  D is `forward_kl` (KL(p_t^T ‖ p_s^T), the paper's loss) unless ``divergence``
+  is given: any ``divergence(student_logits, teacher_logits, temperature, where)``
+  (`reverse_kl`, a `generalized_jsd` with its β bound, a sparse top-k KL whose
+  ``teacher_logits`` is the ``(indices, logits)`` pair). This is the one
+  implementation of the "weighted CE + T²-scaled divergence" total: every
+  logit objective and the mutual-learning step call it.
 
   T² keeps the gradient scale of the soft term comparable across T (its
   gradient is (p_s^T − p_t^T)/T per logit). Defaults are mdistiller's CIFAR
   ``CFG.KD`` (T = 4, CE_WEIGHT 0.1, KD_WEIGHT 0.9). torchdistill's
   ``KDLoss(alpha=a)`` is ``ce_weight=a, kd_weight=1−a``. ``labels=None``
-  requires ``ce_weight=0``. Hinton, Vinyals & Dean, "Distilling the Knowledge
-  in a Neural Network" (2015).
+  requires ``ce_weight=0`` (a Python 0 also skips the CE). ``with_terms``:
+  return ``(loss, {'kd': D, 'ce': CE})`` (``ce`` only when computed). Hinton,
+  Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
   """
   check_weight(ce_weight, "ce_weight")
   check_weight(kd_weight, "kd_weight")
-  kd = forward_kl(student_logits, teacher_logits, temperature, where)
-  loss = kd_weight * temperature ** 2 * kd
-  if labels is None:
-    if _is_concrete_number(ce_weight) and ce_weight == 0:
-      return loss
-    raise KfuseError("labels: hinton with ce_weight > 0 needs labels (or pass ce_weight=0)")
-  return loss + ce_weight * cross_entropy(student_logits, labels, where)
+  d = (divergence or forward_kl)(student_logits, teacher_logits, temperature, where)
+  loss, terms = kd_weight * temperature ** 2 * d, {"kd": d}
+  if not (_is_concrete_number(ce_weight) and ce_weight == 0):
+    if labels is None:
+      raise KfuseError("labels: hinton with ce_weight > 0 needs labels (or pass ce_weight=0)")
+    terms["ce"] = cross_entropy(student_logits, labels, where)
+    loss = loss + ce_weight * terms["ce"]
+  return (loss, terms) if with_terms else loss
 
 
 def dkd_terms(student_logits: Array, teacher_logits: Array, labels: Array,
@@ -314,14 +359,17 @@ def dkd_terms(student_logits: Array, teacher_logits: Array, labels: Array,
 
 def dkd(student_logits: Array, teacher_logits: Array, labels: Array, alpha: float = 1.0,
         beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
-        epoch: Any = None, warmup_epochs: float = 20.0, where: Array | None = None) -> Array:
+        epoch: Any = None, warmup_epochs: float = 20.0, where: Array | None = None, *,
+        with_terms: bool = False) -> Any:
   """Decoupled KD: ce_weight·CE + min(epoch/warmup_epochs, 1)·(α·TCKD + β·NCKD).
 
   TCKD / NCKD as in `dkd_terms` (target-class binary KL and non-target KL,
   both T²-scaled), each a mean over valid positions. ``epoch`` may be a traced
   scalar (e.g. ``step / steps_per_epoch``); ``None`` means warm-up done.
-  Defaults are mdistiller's ``CFG.DKD`` (CE 1.0, α 1.0, β 8.0, T 4.0, warm-up
-  20 epochs). Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
+  ``with_terms``: return ``(loss, {'tckd', 'nckd', 'ce'})`` (means, before
+  the warm-up factor). Defaults are mdistiller's ``CFG.DKD`` (CE 1.0, α 1.0,
+  β 8.0, T 4.0, warm-up 20 epochs). Zhao et al., "Decoupled Knowledge
+  Distillation" (CVPR 2022).
   """
   for name, w in (("alpha", alpha), ("beta", beta), ("ce_weight", ce_weight)):
     check_weight(w, name)
@@ -329,10 +377,13 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array, alpha: floa
     raise KfuseError(f"warmup_epochs: must be >= 0, got {warmup_epochs}")
   _check_where(where, tuple(student_logits.shape[:-1]))
   tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
-  kd = alpha * masked_mean(tckd, where) + beta * masked_mean(nckd, where)
+  terms = {"tckd": masked_mean(tckd, where), "nckd": masked_mean(nckd, where)}
+  kd = alpha * terms["tckd"] + beta * terms["nckd"]
   if epoch is not None and not (_is_concrete_number(warmup_epochs) and warmup_epochs == 0):
     kd = kd * jnp.minimum(jnp.asarray(epoch, kd.dtype) / warmup_epochs, 1.0)
-  return ce_weight * cross_entropy(student_logits, labels, where) + kd
+  terms["ce"] = cross_entropy(student_logits, labels, where)
+  loss = ce_weight * terms["ce"] + kd
+  return (loss, terms) if with_terms else loss
 
 
 # ------------------------------------------------------------------ feature losses
@@ -498,7 +549,7 @@ def attention_map(features: Array, p: float = 2.0) -> Array:
   """Spatial attention Q = vec(mean_c |A_c|^p) / ‖·‖₂ for channels-last maps ``[B, *spatial, C]``."""
   a = jnp.mean(jnp.abs(jnp.asarray(features, jnp.float32)) ** p, axis=-1)
   a = a.reshape((a.shape[0], -1))
-  return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+  return l2_normalize(a, axis=-1)
 
 
 def attention_transfer(student_features: Array | Sequence[Array],
@@ -534,7 +585,7 @@ def attention_transfer(student_features: Array | Sequence[Array],
 
 def _cosine_logits(x: Array, temperature: Any) -> Array:
   x = jnp.asarray(x, jnp.float32)
-  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  x = l2_normalize(x, axis=-1)
   return (x @ x.T) / temperature
 
 
@@ -642,8 +693,8 @@ def topk_cross_entropy(student_logits: Array, topk_indices: Array, topk_logits: 
   """CE to a teacher's sparse top-k: −Σ_{k} p_k·log softmax(z_s/T)[idx_k], mean over valid positions.
 
   p = softmax(topk_logits/T) renormalised over the k stored entries (FuseLLM's
-  target: softmax of the top-k logits scattered into the vocabulary, SPEC
-  E.3.1 step 5). The student's log-probs are gathered at the k indices
+  target: softmax of the top-k logits scattered into the vocabulary, as in
+  the FuseLLM reference code). The student's log-probs are gathered at the k indices
   (``take_along_axis``), so no ``[..., V]`` teacher tensor is ever built.
   Indices < 0 mark padding entries. Wan et al., "Knowledge Fusion of Large
   Language Models" (FuseLLM, ICLR 2024).

@@ -8,13 +8,13 @@ the student and the teachers. `combine` sums objectives. Build a step with
 
 Every constructor validates its hyper-parameters eagerly (temperature > 0,
 weights ≥ 0 and not all zero, β in [0, 1]) and raises `KfuseError` naming
-the argument. Defaults are the reference codes' (SPEC §D); weights are
+the argument. Defaults are the reference codes'; weights are
 always named ``ce_weight`` (hard-label cross-entropy) and ``kd_weight`` /
 ``feat_weight`` (the distillation term), never α.
 
 Loss signature: ``loss(aux, student, teachers, batch, step) -> (loss,
 metrics)`` with ``student`` an `Outputs`, ``teachers`` a `TeacherOutputs`
-(None without teachers), ``batch`` the dict the step received (``labels``
+(None without teachers), ``batch`` the mapping the step received (``y``
 possibly mixed-up soft targets) and ``step`` the traced step counter.
 """
 
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from kfuse.distill import losses as L
 from kfuse.distill.ensembles import combine_logits
+from kfuse.registry import Registry
 from kfuse.tree import KfuseError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "topk",
     "kl_dp",
     "combine",
+    "OBJECTIVES",
     "get",
     "names",
 ]
@@ -79,10 +81,11 @@ def _weights(**weights: float) -> None:
 
 
 def _ce(student, batch):
-  return L.cross_entropy(student.logits, batch["labels"], batch.get("where"))
+  return L.cross_entropy(student.logits, batch["y"], batch.get("where"))
 
 
 def _with_ce(ce_weight, student, batch, loss, metrics):
+  """Feature objectives: ``loss + ce_weight·CE`` (the CE is skipped when ce_weight is 0)."""
   if ce_weight:
     ce = _ce(student, batch)
     metrics["ce"] = ce
@@ -99,8 +102,12 @@ def _mean_over_teachers(fn, teachers) -> Array:
 # ------------------------------------------------------------------ logit objectives
 
 
+OBJECTIVES = Registry("distillation objective")
+
+
+@OBJECTIVES.register("supervised")
 def supervised(ce_weight: float = 1.0) -> Objective:
-  """Plain cross-entropy training (the "student alone" baseline); needs no teacher."""
+  """Plain cross-entropy training (the "student alone" baseline): ce_weight·CE; needs no teacher."""
   _weights(ce_weight=ce_weight)
 
   def loss(aux, student, teachers, batch, step):
@@ -110,60 +117,63 @@ def supervised(ce_weight: float = 1.0) -> Objective:
   return Objective("supervised", loss, needs_teachers=False)
 
 
-def hinton(temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9) -> Objective:
-  """Hinton KD: ce_weight·CE + kd_weight·T²·KL(p_t^T ‖ p_s^T) (see `losses.hinton`).
-
-  With several teachers p_t is their combined mixture at temperature T.
-  Defaults: mdistiller ``CFG.KD`` (T = 4, CE 0.1, KD 0.9).
-  """
+def _logit_kd(name: str, temperature: float, ce_weight: float, kd_weight: float,
+              divergence: Callable | None = None) -> Objective:
+  """ce_weight·CE + kd_weight·T²·D(combined teachers at T, student): `losses.hinton`."""
   L.check_temperature(temperature)
   _weights(ce_weight=ce_weight, kd_weight=kd_weight)
 
   def loss(aux, student, teachers, batch, step):
-    kd = L.forward_kl(student.logits, teachers.combined_logits(temperature), temperature,
-                      batch.get("where"))
-    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * kd, {"kd": kd})
-
-  return Objective("hinton", loss)
-
-
-def _divergence(name: str, fn: Callable, temperature: float, ce_weight: float,
-                kd_weight: float) -> Objective:
-  L.check_temperature(temperature)
-  _weights(ce_weight=ce_weight, kd_weight=kd_weight)
-
-  def loss(aux, student, teachers, batch, step):
-    d = fn(student.logits, teachers.combined_logits(temperature), temperature, batch.get("where"))
-    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * d, {"kd": d})
+    return L.hinton(student.logits, teachers.combined_logits(temperature), batch["y"],
+                    temperature, ce_weight, kd_weight, batch.get("where"),
+                    divergence=divergence, with_terms=True)
 
   return Objective(name, loss)
 
 
+@OBJECTIVES.register("hinton")
+def hinton(temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9) -> Objective:
+  """Hinton KD: ce_weight·CE + kd_weight·T²·KL(p_t^T ‖ p_s^T) (`losses.hinton`).
+
+  With several teachers p_t is their combined mixture at temperature T.
+  Defaults: mdistiller ``CFG.KD`` (T = 4, CE 0.1, KD 0.9). Hinton, Vinyals &
+  Dean, "Distilling the Knowledge in a Neural Network" (2015).
+  """
+  return _logit_kd("hinton", temperature, ce_weight, kd_weight)
+
+
+@OBJECTIVES.register("forward_kl")
 def forward_kl(temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0) -> Objective:
-  """ce_weight·CE + kd_weight·T²·KL(p_t ‖ p_s) (`losses.forward_kl`)."""
-  return _divergence("forward_kl", L.forward_kl, temperature, ce_weight, kd_weight)
+  """ce_weight·CE + kd_weight·T²·KL(p_t ‖ p_s) (`losses.hinton` with `losses.forward_kl`)."""
+  return _logit_kd("forward_kl", temperature, ce_weight, kd_weight, L.forward_kl)
 
 
+@OBJECTIVES.register("reverse_kl")
 def reverse_kl(temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0) -> Objective:
-  """ce_weight·CE + kd_weight·T²·KL(p_s ‖ p_t) (`losses.reverse_kl`, mode-seeking)."""
-  return _divergence("reverse_kl", L.reverse_kl, temperature, ce_weight, kd_weight)
+  """ce_weight·CE + kd_weight·T²·KL(p_s ‖ p_t) (`losses.reverse_kl`, mode-seeking; MiniLLM)."""
+  return _logit_kd("reverse_kl", temperature, ce_weight, kd_weight, L.reverse_kl)
 
 
+@OBJECTIVES.register("jsd")
 def jsd(beta: float = 0.5, temperature: float = 1.0, ce_weight: float = 0.0,
         kd_weight: float = 1.0) -> Objective:
-  """ce_weight·CE + kd_weight·T²·JSD(β) (`losses.generalized_jsd`; TRL GKD defaults β = 0.5, T = 1)."""
+  """ce_weight·CE + kd_weight·T²·JSD(β) (`losses.generalized_jsd`; TRL GKD defaults β = 0.5, T = 1).
+
+  Agarwal et al., "On-Policy Distillation of Language Models" (GKD, ICLR 2024).
+  """
   L.check_unit_interval(beta, "beta")
-  fn = lambda s, t, temp, where: L.generalized_jsd(s, t, beta, temp, where)
-  return _divergence("jsd", fn, temperature, ce_weight, kd_weight)
+  div = lambda s, t, temp, where: L.generalized_jsd(s, t, beta, temp, where)
+  return _logit_kd("jsd", temperature, ce_weight, kd_weight, div)
 
 
+@OBJECTIVES.register("dkd")
 def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
         warmup_epochs: float = 20.0, steps_per_epoch: int | None = None) -> Objective:
   """Decoupled KD (`losses.dkd`): ce_weight·CE + min(epoch/warmup, 1)·(α·TCKD + β·NCKD).
 
   ``epoch = step / steps_per_epoch``; without ``steps_per_epoch`` the
   warm-up is off. Defaults: mdistiller ``CFG.DKD`` (CE 1, α 1, β 8, T 4,
-  warm-up 20 epochs).
+  warm-up 20 epochs). Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
   """
   L.check_temperature(temperature)
   _weights(ce_weight=ce_weight, alpha=alpha, beta=beta)
@@ -173,19 +183,16 @@ def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weig
     raise KfuseError(f"warmup_epochs: must be >= 0, got {warmup_epochs}")
 
   def loss(aux, student, teachers, batch, step):
-    where = batch.get("where")
-    tckd, nckd = L.dkd_terms(student.logits, teachers.combined_logits(temperature),
-                             batch["labels"], temperature)
-    tckd, nckd = L.masked_mean(tckd, where), L.masked_mean(nckd, where)
-    kd = alpha * tckd + beta * nckd
-    if steps_per_epoch is not None and warmup_epochs > 0:
-      epoch = step.astype(jnp.float32) / float(steps_per_epoch)
-      kd = kd * jnp.minimum(epoch / warmup_epochs, 1.0)
-    return _with_ce(ce_weight, student, batch, kd, {"tckd": tckd, "nckd": nckd})
+    epoch = None if steps_per_epoch is None else (
+        jnp.asarray(step, jnp.float32) / float(steps_per_epoch))
+    return L.dkd(student.logits, teachers.combined_logits(temperature), batch["y"], alpha, beta,
+                 temperature, ce_weight, epoch, warmup_epochs, batch.get("where"),
+                 with_terms=True)
 
   return Objective("dkd", loss)
 
 
+@OBJECTIVES.register("topk")
 def topk(k: int = 10, temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0,
          kind: str = "kl") -> Objective:
   """Distil from a teacher's sparse top-k (indices, logits) without densifying the vocabulary.
@@ -194,7 +201,8 @@ def topk(k: int = 10, temperature: float = 1.0, ce_weight: float = 0.0, kd_weigh
   when the batch carries them (stored FuseLLM-style representations, no
   teacher forward), else from the top-k of the combined teacher logits.
   ``kind``: ``kl`` (`losses.topk_kl`) or ``ce`` (`losses.topk_cross_entropy`);
-  the term is scaled by kd_weight·T².
+  total ce_weight·CE + kd_weight·T²·D (`losses.hinton`). Wan et al.,
+  "Knowledge Fusion of Large Language Models" (FuseLLM, ICLR 2024).
   """
   L.check_temperature(temperature)
   _weights(ce_weight=ce_weight, kd_weight=kd_weight)
@@ -203,20 +211,22 @@ def topk(k: int = 10, temperature: float = 1.0, ce_weight: float = 0.0, kd_weigh
   if kind not in ("kl", "ce"):
     raise KfuseError(f"kind: expected 'kl' or 'ce', got {kind!r}")
   fn = L.topk_kl if kind == "kl" else L.topk_cross_entropy
+  div = lambda s, target, temp, where: fn(s, target[0], target[1], temp, where)
 
   def loss(aux, student, teachers, batch, step):
     if "topk_indices" in batch:
-      idx, val = batch["topk_indices"], batch["topk_logits"]
+      target = (batch["topk_indices"], batch["topk_logits"])
     elif teachers is not None:
-      idx, val = L.topk_from_logits(teachers.combined_logits(1.0), k)
+      target = L.topk_from_logits(teachers.combined_logits(1.0), k)
     else:
       raise KfuseError("teachers: topk needs a teacher or batch['topk_indices'/'topk_logits']")
-    d = fn(student.logits, idx, val, temperature, batch.get("where"))
-    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * d, {"kd": d})
+    return L.hinton(student.logits, target, batch["y"], temperature, ce_weight, kd_weight,
+                    batch.get("where"), divergence=div, with_terms=True)
 
   return Objective("topk", loss, needs_teachers=False)
 
 
+@OBJECTIVES.register("kl_dp")
 def kl_dp(temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
           criterion: str = "max_confidence") -> Objective:
   """Fantastic Gains' KL+DP transfer: per-sample choice between teacher and frozen initial student.
@@ -226,9 +236,9 @@ def kl_dp(temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0
   conf = max_c softmax(z)_c, label-free; ``true_class``: conf = softmax(z)_y),
   and the target is p = m_t·p_t^T + (1 − m_t)·p_st^T: samples the teacher is
   more confident on are taught by it, the rest are retained from the initial
-  student. Loss = ce_weight·CE + kd_weight·T²·KL(p ‖ p_s^T). Roth et al.,
-  "Fantastic Gains and Where to Find Them: On the Existence and Prospect of
-  General Knowledge Transfer between Any Pretrained Model" (ICLR 2024).
+  student. Loss = ce_weight·CE + kd_weight·T²·KL(p ‖ p_s^T) (`losses.hinton`).
+  Roth et al., "Fantastic Gains and Where to Find Them: On the Existence and
+  Prospect of General Knowledge Transfer between Any Pretrained Model" (ICLR 2024).
   """
   L.check_temperature(temperature)
   _weights(ce_weight=ce_weight, kd_weight=kd_weight)
@@ -239,20 +249,16 @@ def kl_dp(temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0
     if teachers.size != 2:
       raise KfuseError(f"teachers: kl_dp needs exactly 2 teachers (teacher, frozen initial"
                        f" student), got {teachers.size}")
-    logp = jax.nn.log_softmax(teachers.logits.astype(jnp.float32), axis=-1)
     if criterion == "max_confidence":
-      conf = jnp.max(logp, axis=-1)
+      conf = jnp.max(jax.nn.log_softmax(teachers.logits.astype(jnp.float32), axis=-1), axis=-1)
     else:
-      labels = batch["labels"]
-      y = labels if labels.shape == student.logits.shape else jax.nn.one_hot(
-          labels, student.logits.shape[-1])
-      conf = jnp.sum(y[None] * logp, axis=-1)
+      conf = -L.cross_entropy_rows(teachers.logits, batch["y"])   # log p_k(y)
     m_t = (conf[0] > conf[1]).astype(jnp.float32)
-    weights = jnp.stack([m_t, 1.0 - m_t])
-    target = combine_logits(teachers.logits, weights, temperature)
-    d = L.forward_kl(student.logits, target, temperature, batch.get("where"))
-    metrics = {"kd": d, "teacher_fraction": L.masked_mean(m_t, batch.get("where"))}
-    return _with_ce(ce_weight, student, batch, kd_weight * temperature ** 2 * d, metrics)
+    target = combine_logits(teachers.logits, jnp.stack([m_t, 1.0 - m_t]), temperature)
+    total, metrics = L.hinton(student.logits, target, batch["y"], temperature, ce_weight,
+                              kd_weight, batch.get("where"), with_terms=True)
+    metrics["teacher_fraction"] = L.masked_mean(m_t, batch.get("where"))
+    return total, metrics
 
   return Objective("kl_dp", loss, min_teachers=2)
 
@@ -266,6 +272,7 @@ def _feature_dim(shape_struct, path, who):
   return shape_struct.features[path].shape[-1]
 
 
+@OBJECTIVES.register("fitnets")
 def fitnets(student_feature: str = "backbone", teacher_feature: str = "backbone",
             feat_weight: float = 1.0, ce_weight: float = 1.0) -> Objective:
   """FitNets hints, single stage: ce_weight·CE + feat_weight·mean_k ½‖F_t^k − r_k(F_s)‖².
@@ -300,6 +307,7 @@ def _first(x: Array | None, n: int | None) -> Array | None:
   return x if (x is None or n is None) else x[:n]
 
 
+@OBJECTIVES.register("rkd")
 def rkd(student_feature: str = "backbone", teacher_feature: str = "backbone",
         distance_weight: float = 25.0, angle_weight: float = 50.0, ce_weight: float = 1.0,
         max_samples: int | None = None) -> Objective:
@@ -331,6 +339,7 @@ def rkd(student_feature: str = "backbone", teacher_feature: str = "backbone",
                    teacher_features=(teacher_feature,))
 
 
+@OBJECTIVES.register("attention")
 def attention(student_features: Sequence[str], teacher_features: Sequence[str], p: float = 2.0,
               feat_weight: float = 1000.0, ce_weight: float = 1.0) -> Objective:
   """Attention transfer on paired spatial maps: ce_weight·CE + feat_weight·AT (`losses.attention_transfer`).
@@ -365,6 +374,7 @@ def _pool_tokens(x: Array, pool: int) -> Array:
   return x.reshape(b, l // pool, pool, d).mean(axis=2)
 
 
+@OBJECTIVES.register("trg")
 def trg(student_feature: str, teacher_feature: str, temperature: float = 0.1,
         graph_weight: float = 1.0, context_weight: float = 1.0, feat_weight: float = 1.0,
         ce_weight: float = 1.0, token_pool: int = 1, max_samples: int | None = None) -> Objective:
@@ -439,23 +449,17 @@ def combine(*objectives: Objective, name: str | None = None) -> Objective:
 # ------------------------------------------------------------------ by name (configs)
 
 
-_REGISTRY: dict[str, Callable[..., Objective]] = {
-    "supervised": supervised, "hinton": hinton, "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl, "jsd": jsd, "dkd": dkd, "topk": topk, "kl_dp": kl_dp,
-    "fitnets": fitnets, "rkd": rkd, "attention": attention, "trg": trg,
-}
-
-
 def names() -> list[str]:
-  """Objective names accepted by `get`."""
-  return sorted(_REGISTRY)
+  """Objective names accepted by `get` (`OBJECTIVES`)."""
+  return OBJECTIVES.names()
 
 
 def get(spec: Any, **kwargs: Any) -> Objective:
   """An objective from a name and keyword arguments, a ``{'name': ..., **kwargs}`` dict, or a list of them (summed).
 
   ``get('hinton', temperature=2.0)``, ``get({'name': 'dkd', 'beta': 4.0})``,
-  ``get([{'name': 'hinton'}, {'name': 'fitnets', 'ce_weight': 0.0}])``.
+  ``get([{'name': 'hinton'}, {'name': 'fitnets', 'ce_weight': 0.0}])``. Names
+  and defaults come from `OBJECTIVES`.
   """
   if isinstance(spec, (list, tuple)):
     if kwargs:
@@ -471,9 +475,10 @@ def get(spec: Any, **kwargs: Any) -> Objective:
     kwargs = {**spec, **kwargs}
   else:
     name = spec
-  if name not in _REGISTRY:
-    raise KfuseError(f"objective: unknown objective {name!r}; known: {', '.join(names())}")
-  fn = _REGISTRY[name]
+  try:
+    fn = OBJECTIVES.get(name).fn
+  except KfuseError as e:
+    raise KfuseError(f"objective: {e}") from None
   try:
     inspect.signature(fn).bind(**kwargs)
   except TypeError as e:

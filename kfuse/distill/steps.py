@@ -4,8 +4,13 @@
     step = distill.make_step(student_module, distill.objectives.hinton(temperature=4.0),
                              optax.adam(1e-3),
                              teachers=[distill.Teacher(teacher_module, teacher_variables)])
-    state = step.init(student_variables, x_example)        # DistillState: no teacher inside
-    state, metrics = step(state, {"x": x, "labels": y}, key)  # jitted; state donated
+    state = step.init(student_variables, x_example)    # DistillState: no teacher inside
+    state, metrics = step(state, {"x": x, "y": y}, key)  # jitted; state donated
+
+The step follows `kfuse.protocol`: ``step.init`` / ``step.step`` (= ``step``) form a
+`kfuse.protocol.Learner` (``step.learner``), batches are mappings ``{"x", "y"}``
+(optionally ``"where"``, ``"topk_indices"``, ``"topk_logits"``), the key is passed on
+every call and none lives in the state.
 
 Design
 ------
@@ -49,6 +54,8 @@ import optax
 from flax import struct
 
 from kfuse.distill import ensembles, losses
+from kfuse.protocol import Learner, check_batch
+from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "make_step",
     "make_mutual_step",
     "make_predict",
+    "copy_tree",
 ]
 
 PyTree = Any
@@ -222,7 +230,8 @@ def mixup(key: Array, x: Array, labels: Array, num_classes: int, alpha: float):
 # ------------------------------------------------------------------ the step
 
 
-def _copy(tree: PyTree) -> PyTree:
+def copy_tree(tree: PyTree) -> PyTree:
+  """A fresh copy of every array leaf, so donating a state never invalidates the caller's arrays."""
   return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
 
 
@@ -253,7 +262,19 @@ class DistillStep:
     self.objective = objective
 
   def __call__(self, state: DistillState, batch: Mapping[str, Array], key: Array):
+    if not isinstance(batch, Mapping):          # the keys are checked once, when tracing
+      check_batch(batch, ("x", "y"))
     return self.jitted(state, self.teacher_variables, dict(batch), key)
+
+  @property
+  def step(self) -> Callable:
+    """``step(state, batch, key) -> (state, metrics)`` (`kfuse.protocol`)."""
+    return self.__call__
+
+  @property
+  def learner(self) -> Learner:
+    """This step as a `kfuse.protocol.Learner`."""
+    return Learner(self.init, self.__call__)
 
   def with_teachers(self, teacher_variables: Sequence[PyTree]) -> "DistillStep":
     """The same compiled step bound to other teacher variables of the same shapes."""
@@ -261,34 +282,39 @@ class DistillStep:
                        self.objective)
 
 
+_BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits")
+
+
 def _check_batch(batch: Mapping[str, Any]) -> None:
-  missing = [k for k in ("x", "labels") if k not in batch]
-  if missing:
-    raise KfuseError(f"batch: missing key {missing[0]!r} (a batch is a dict with 'x', 'labels'"
-                     " and optionally 'where')")
-  unknown = set(batch) - {"x", "labels", "where", "topk_indices", "topk_logits"}
+  """A mapping with ``x`` and ``y`` (`kfuse.protocol.check_batch`) and no unknown key."""
+  check_batch(batch, ("x", "y"))
+  unknown = sorted(set(batch) - set(_BATCH_KEYS))
   if unknown:
-    raise KfuseError(f"batch: unknown key {sorted(unknown)[0]!r}")
+    raise KfuseError(f"batch: unknown key {unknown[0]!r}{suggest(unknown[0], _BATCH_KEYS)};"
+                     f" known: {', '.join(_BATCH_KEYS)}")
 
 
-def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformation,
+def make_step(student: Any, objective: Any, optimizer: Any,
               teachers: Sequence[Teacher] = (), *, combine: str = "mean",
               combine_temperature: float = 1.0, mixup_alpha: float = 0.0,
-              donate: bool = True) -> DistillStep:
+              donate: bool = True, total_steps: int = 0) -> DistillStep:
   """Build a jit-compiled distillation step.
 
   Args:
     student: the student's Flax module or forward callable (see module doc).
     objective: a `kfuse.distill.objectives.Objective` (e.g. ``hinton()``,
       ``dkd()``, ``combine(hinton(), fitnets(...))``).
-    optimizer: an optax transformation; it updates the student's ``params``
-      and the objective's ``aux`` parameters only.
+    optimizer: an optax transformation, or a `kfuse.optim` config mapping
+      (``{'name': 'adamw', 'learning_rate': ..., 'schedule': ...}``, decayed
+      over ``total_steps``); it updates the student's ``params`` and the
+      objective's ``aux`` parameters only.
     teachers: frozen `Teacher` s (or ``(model, variables)`` pairs).
     combine: multi-teacher rule of `kfuse.distill.ensembles.teacher_weights`.
     combine_temperature: temperature of the ``entropy`` rule.
     mixup_alpha: Beta(α, α) mixup applied identically to teacher and student
       inputs (0 disables it).
     donate: donate the state buffers to the step.
+    total_steps: run length for a config ``optimizer``'s schedule.
 
   Returns:
     A `DistillStep`.
@@ -311,7 +337,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
   s_forward = as_forward(student, objective.student_features)
   t_forwards = tuple(as_forward(t.model, objective.teacher_features) for t in teachers)
   stacked = tuple(bool(t.stacked) for t in teachers)
-  tx = optimizer
+  tx = _optimizer(optimizer, total_steps)
 
   def teacher_outputs(teacher_vars, x, labels):
     logits, feats = [], []
@@ -334,7 +360,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
 
   def loss_fn(params, aux, model_state, teacher_vars, batch, key, step):
     k_mix, k_drop = jax.random.split(key)
-    x, labels = batch["x"], jnp.asarray(batch["labels"])
+    x, labels = batch["x"], jnp.asarray(batch["y"])
     where = batch.get("where")
     variables = {"params": params, **model_state}
     if mixup_alpha > 0:
@@ -348,7 +374,7 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
     t_out = teacher_outputs(teacher_vars, x, labels) if t_forwards else None
     if t_out is not None and t_out.logits.shape[1:] != s_out.logits.shape:
       losses.check_pair(s_out.logits, t_out.logits[0], "student logits", "teachers' logits")
-    view = dict(batch, x=x, labels=labels)
+    view = dict(batch, x=x, y=labels)
     loss, metrics = objective.loss(aux, s_out, t_out, view, step)
     hard = jnp.argmax(labels, -1) if labels.shape == s_out.logits.shape else labels
     metrics = dict(metrics)
@@ -400,11 +426,22 @@ def make_step(student: Any, objective: Any, optimizer: optax.GradientTransformat
                           f"teachers[{i}] logits", what="class/vocabulary axis")
       t_shapes.extend(members)
     aux = objective.init(key, s_shape, tuple(t_shapes))
-    params, model_state, aux = _copy(params), _copy(model_state), _copy(aux)
+    params, model_state, aux = copy_tree(params), copy_tree(model_state), copy_tree(aux)
     return DistillState(step=jnp.zeros((), jnp.int32), params=params, aux=aux,
                         model_state=model_state, opt_state=tx.init((params, aux)))
 
   return DistillStep(init, jitted, loss_fn, tuple(t.variables for t in teachers), objective)
+
+
+def _optimizer(optimizer: Any, total_steps: int) -> optax.GradientTransformation:
+  """An optax transformation as is; a config mapping through `kfuse.optim.make_optimizer`."""
+  if isinstance(optimizer, Mapping) or hasattr(optimizer, "to_dict"):
+    from kfuse import optim
+    return optim.make_optimizer(optimizer, int(total_steps))
+  if not hasattr(optimizer, "update") or not hasattr(optimizer, "init"):
+    raise KfuseError(f"optimizer: expected an optax transformation or a config mapping,"
+                     f" got {type(optimizer).__name__}")
+  return optimizer
 
 
 def _members(t: Teacher) -> int:
@@ -417,9 +454,10 @@ def _members(t: Teacher) -> int:
 # ------------------------------------------------------------------ online / mutual distillation
 
 
-def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransformation, *,
+def make_mutual_step(students: Sequence[Any], optimizer: Any, *,
                      temperature: float = 1.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
-                     mixup_alpha: float = 0.0, donate: bool = True) -> DistillStep:
+                     mixup_alpha: float = 0.0, donate: bool = True,
+                     total_steps: int = 0) -> DistillStep:
   """Online (mutual) distillation of N ≥ 2 students trained together.
 
   Student i minimises ce_weight·CE(z_i, y) + kd_weight·T²·mean_{j≠i}
@@ -438,12 +476,12 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
   losses.check_weight(kd_weight, "kd_weight")
   forwards = tuple(as_forward(s) for s in students)
   n = len(forwards)
-  tx = optimizer
+  tx = _optimizer(optimizer, total_steps)
 
   def loss_fn(params, aux, model_state, teacher_vars, batch, key, step):
     del aux, teacher_vars, step
     k_mix, k_drop = jax.random.split(key)
-    x, labels = batch["x"], jnp.asarray(batch["labels"])
+    x, labels = batch["x"], jnp.asarray(batch["y"])
     where = batch.get("where")
     if mixup_alpha > 0:
       num_classes = jax.eval_shape(
@@ -460,10 +498,9 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
     total, metrics = jnp.zeros((), jnp.float32), {}
     hard = jnp.argmax(labels, -1) if labels.shape == outs[0].shape else labels
     for i in range(n):
-      kl = sum(losses.forward_kl(outs[i], jax.lax.stop_gradient(outs[j]), temperature, where)
-               for j in range(n) if j != i) / (n - 1)
-      ce = losses.cross_entropy(outs[i], labels, where)
-      li = ce_weight * ce + kd_weight * temperature ** 2 * kl
+      # mean_j hinton(z_i, sg(z_j)) = ce_weight·CE + kd_weight·T²·mean_j KL (linear in the KL)
+      li = sum(losses.hinton(outs[i], jax.lax.stop_gradient(outs[j]), labels, temperature,
+                             ce_weight, kd_weight, where) for j in range(n) if j != i) / (n - 1)
       total = total + li
       metrics[f"loss_{i}"] = li
       metrics[f"accuracy_{i}"] = losses.masked_mean(
@@ -495,8 +532,8 @@ def make_mutual_step(students: Sequence[Any], optimizer: optax.GradientTransform
     for i in range(1, n):
       losses.check_pair(shapes[0], shapes[i], "students[0] logits", f"students[{i}] logits",
                         what="class axis")
-    params = tuple(_copy(p) for p, _ in split)
-    model_state = tuple(_copy(s) for _, s in split)
+    params = tuple(copy_tree(p) for p, _ in split)
+    model_state = tuple(copy_tree(s) for _, s in split)
     return DistillState(step=jnp.zeros((), jnp.int32), params=params, aux={},
                         model_state=model_state, opt_state=tx.init(params))
 

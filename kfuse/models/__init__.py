@@ -1,4 +1,4 @@
-"""Model registry: ``get_model(name, **kwargs)`` returns a Flax Linen module.
+"""Model registry (`MODELS`, a `kfuse.registry.Registry`): ``get_model(name, **kwargs)`` returns a Flax Linen module.
 
 =========  ==============================================  ====================
 name       model                                           input
@@ -32,34 +32,31 @@ from kfuse.models.gpt import GPTBackbone, make_gpt
 from kfuse.models.mlp import ACTIVATIONS, MLPBackbone, make_linear, make_mlp
 from kfuse.models.transformer import TransformerBlock
 from kfuse.models.vit import ViTBackbone, make_vit
+from kfuse.registry import Registry
 from kfuse.tree import KfuseError
 
 __all__ = [
     "ACTIVATIONS", "Classifier", "MLPBackbone", "ResNetBackbone", "apply", "apply_train",
     "backbone_of", "head_of", "model_state_of", "state_collections", "with_params",
     "ViTBackbone", "GPTBackbone", "TransformerBlock", "make_linear", "make_mlp", "make_cnn1d", "make_cnn2d",
-    "make_vit", "make_gpt", "get_model", "check_kwargs", "model_names", "register_model",
+    "make_vit", "make_gpt", "get_model", "check_kwargs", "model_names", "register_model", "MODELS",
 ]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "linear": make_linear,
-    "mlp": make_mlp,
-    "cnn1d": make_cnn1d,
-    "cnn2d": make_cnn2d,
-    "vit": make_vit,
-    "gpt": make_gpt,
-}
+MODELS = Registry("model")
+for _name, _factory in (("linear", make_linear), ("mlp", make_mlp), ("cnn1d", make_cnn1d),
+                        ("cnn2d", make_cnn2d), ("vit", make_vit), ("gpt", make_gpt)):
+  MODELS.register(_name, _factory)   # defaults: the factory's keyword defaults, declared once
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
-  """Add a model factory ``factory(num_classes=..., **kwargs) -> nn.Module``."""
-  if name in _MODELS:
+  """Add a model factory ``factory(num_classes=..., **kwargs) -> nn.Module`` to `MODELS`."""
+  if name in MODELS:
     raise KfuseError(f"model.name: {name!r} is already registered")
-  _MODELS[name] = factory
+  MODELS.register(name, factory)
 
 
 def model_names() -> list[str]:
-  return sorted(_MODELS)
+  return MODELS.names()
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -86,7 +83,7 @@ def _type_ok(value: Any, annotation: str) -> bool:
 
 def check_kwargs(name: str, kwargs: dict) -> None:
   """Raise `KfuseError` naming ``model.<field>`` for an unknown or mistyped argument."""
-  params = inspect.signature(_MODELS[name]).parameters
+  params = inspect.signature(MODELS.get(name).fn).parameters
   for k, v in kwargs.items():
     if k not in params:
       raise KfuseError(f"model.{k}: not an argument of model {name!r}; accepted: {', '.join(params)}")
@@ -101,7 +98,9 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
   Unknown names, unknown arguments and arguments of the wrong type (checked
   against the factory's annotations) raise `KfuseError` naming the field.
   """
-  if name not in _MODELS:
-    raise KfuseError(f"model.name: unknown model {name!r}; known: {', '.join(model_names())}")
+  try:
+    factory = MODELS.get(name).fn
+  except KfuseError as e:
+    raise KfuseError(f"model.name: {e}") from None
   check_kwargs(name, kwargs)
-  return _MODELS[name](**kwargs)
+  return factory(**kwargs)

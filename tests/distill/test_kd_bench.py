@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from kfuse import train
 from kfuse.bench import kd_bench
 from kfuse.tree import KfuseError
 
@@ -25,12 +26,12 @@ def _config(tmp_path, **over):
 
 def test_label_noise_is_symmetric_and_exact():
   y = np.arange(10000) % 10
-  noisy = kd_bench.add_label_noise(y, 10, 0.4, seed=0)
+  noisy = train.add_label_noise(y, 10, 0.4, seed=0)
   flipped = noisy != y
   assert abs(flipped.mean() - 0.4) < 0.02
   counts = np.bincount(noisy[flipped], minlength=10)
   assert counts.min() > 0.7 * counts.mean()          # spread over the other classes
-  assert np.array_equal(noisy, kd_bench.add_label_noise(y, 10, 0.4, seed=0))
+  assert np.array_equal(noisy, train.add_label_noise(y, 10, 0.4, seed=0))
 
 
 def test_config_errors_name_the_field(tmp_path):
