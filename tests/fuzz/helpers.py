@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, Phase, event, settings, strategies as st
+from hypothesis.control import currently_in_test_context
 
 from kfuse.io import write_safetensors
 from kfuse.tree import KfuseError
@@ -37,15 +38,26 @@ _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
              HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
-def fast(n: int):
-  """Fixed-seed slice for the fast suite: ``n`` examples, same ones every run."""
+def fast(n: int, shrink: bool = True):
+  """Fixed-seed slice for the fast suite: ``n`` examples, same ones every run.
+
+  ``shrink=False`` for strict-xfail tests of known bugs: the first failing
+  example is enough and shrinking it only costs time.
+  """
+  phases = None if shrink else [Phase.explicit, Phase.generate]
   return settings(derandomize=True, max_examples=n, deadline=None, database=None,
-                  suppress_health_check=_SUPPRESS)
+                  suppress_health_check=_SUPPRESS, **({"phases": phases} if phases else {}))
 
 
 def slow(n: int):
   """Larger random budget for ``-m slow`` runs."""
   return settings(max_examples=n, deadline=None, database=None, suppress_health_check=_SUPPRESS)
+
+
+def tally(label: str) -> None:
+  """Count an outcome in Hypothesis' statistics (no-op outside a Hypothesis test)."""
+  if currently_in_test_context():
+    event(label)
 
 
 # ----------------------------------------------------------------- strategies

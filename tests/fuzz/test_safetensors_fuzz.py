@@ -15,11 +15,11 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import event, given, strategies as st
+from hypothesis import given, strategies as st
 
 from kfuse.io import open_hf_dir, write_safetensors
-from tests.fuzz.helpers import (ST_DTYPES, fast, json_values, outcome, raw_tensor, slow,
-                                snapshot, tensor_names, write_model)
+from tests.fuzz.helpers import (ST_DTYPES, fast, json_values, outcome, raw_tensor, slow, snapshot,
+                                tally, tensor_names, write_model)
 
 models = st.dictionaries(tensor_names, raw_tensor(), min_size=1, max_size=4)
 
@@ -47,7 +47,7 @@ def _check_round_trip(tmp_path, tensors):
     assert _same(got[n], a), n
 
 
-@fast(40)
+@fast(25)
 @given(tensors=models)
 def test_round_trip_every_dtype_and_rank(tmp_path, tensors):
   _check_round_trip(tmp_path, tensors)
@@ -116,7 +116,7 @@ def _check_corrupted(tmp_path, data):
     f.write(data)
   before = snapshot(p)
   kind, got = outcome(lambda: _read_all(p))
-  event(kind)
+  tally(kind)
   assert snapshot(p) == before
   if kind == "ok":   # every tensor is exactly the bytes its header entry points at
     (n,) = struct.unpack("<Q", data[:8])
@@ -130,7 +130,7 @@ def _check_corrupted(tmp_path, data):
       assert a.tobytes() == data[8 + n + b:8 + n + end]
 
 
-@fast(150)
+@fast(100)
 @given(data=corrupted())
 def test_corrupted_file_reads_exactly_or_fails_in_one_line(tmp_path, data):
   _check_corrupted(tmp_path, data)
@@ -236,7 +236,7 @@ def _check_hf_dir(tmp_path, case):
   added, must_fail = _mutate(d, how, rnd, extra)
   before = snapshot(d)
   kind, got = outcome(lambda: _read_all(d))
-  event(f"{how}: {kind}")
+  tally(f"{how}: {kind}")
   assert snapshot(d) == before
   if how == "none":
     assert kind == "ok"
@@ -253,7 +253,7 @@ def _check_hf_dir(tmp_path, case):
 
 @pytest.mark.parametrize("how", MUTATIONS)
 def test_hf_dir_mutations_read_exactly_or_fail_in_one_line(tmp_path, how):
-  fast(8)(given(case=hf_dirs(how))(lambda case: _check_hf_dir(tmp_path, case)))()
+  fast(6)(given(case=hf_dirs(how))(lambda case: _check_hf_dir(tmp_path, case)))()
 
 
 @pytest.mark.slow
