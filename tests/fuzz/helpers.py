@@ -63,6 +63,7 @@ def tally(label: str) -> None:
 # ----------------------------------------------------------------- strategies
 
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)   # rank 0..3
+nonempty_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)  # rank 1..3, no 0
 
 
 @st.composite

@@ -226,7 +226,12 @@ ZERO_SIZE_BROKEN = ("arcee_fusion", "dare_linear", "dare_ties", "della", "della_
                     "karcher", "model_stock", "multislerp", "nuslerp", "sce", "slerp", "varm")
 
 
-def _shape_class_ok(method: str, shape: tuple) -> bool:
+F16_ZERO_NAN = ("multislerp", "nuslerp")   # all-zero float16 tensors merge to NaN
+
+
+def _class_ok(method: str, shape: tuple, dtype: str) -> bool:
+  if method in F16_ZERO_NAN and dtype == "F16":
+    return False
   if len(shape) == 0:
     return method not in RANK0_BROKEN
   return all(shape) or method not in ZERO_SIZE_BROKEN
@@ -235,7 +240,7 @@ def _shape_class_ok(method: str, shape: tuple) -> bool:
 @st.composite
 def working_cases(draw):
   case = draw(any_method_cases())
-  assume(all(_shape_class_ok(case["method"], sh) for sh, _ in case["spec"].values()))
+  assume(all(_class_ok(case["method"], sh, dt) for sh, dt in case["spec"].values()))
   return case
 
 
@@ -272,6 +277,17 @@ def test_rank0_tensor_merges(tmp_path, method):
   if method.startswith("dare"):
     with open_hf_dir(str(tmp_path / "w" / "out")) as m:
       assert float(m.get("model.layers.0.w")) == 4.0
+
+
+@pytest.mark.parametrize("method", F16_ZERO_NAN)
+@pytest.mark.xfail(strict=True, reason="non-finite outputs in the streaming engine (being fixed):"
+                   " multislerp / nuslerp of all-zero float16 tensors write NaN (their norm"
+                   " epsilon underflows in float16) instead of refusing or staying finite")
+@pytest.mark.parametrize("shape", [(3,), (2, 3)])
+def test_f16_zero_tensor_slerps_are_finite_or_refused(tmp_path, method, shape):
+  case = _one(method, shape, values=(0.0,))
+  case["spec"] = {k: (sh, "F16") for k, (sh, _) in case["spec"].items()}
+  check_any_method(str(tmp_path / "w"), case)
 
 
 @pytest.mark.parametrize("method", ZERO_SIZE_BROKEN)
