@@ -159,18 +159,30 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
     return "error", msg
 
 
+class FileState:
+  """The inputs' and the output's bytes before a run, to check the file properties after it."""
+
+  def __init__(self, inputs: list[str], out: str):
+    self.inputs, self.out = list(inputs), out
+    self.before = snapshot(*self.inputs)
+    self.existed = os.path.lexists(out)
+    self.out_before = snapshot(out) if self.existed else None
+
+  def check(self, failed: bool) -> None:
+    """Inputs unchanged; no temporary sibling; after a failure the output is absent
+    (or unchanged if it existed)."""
+    assert snapshot(*self.inputs) == self.before, "an input file changed"
+    left = temp_siblings(self.out)
+    assert left == [], f"temporary output left: {left}"
+    if failed and self.existed:
+      assert snapshot(self.out) == self.out_before, "a failed run changed the existing output"
+    elif failed:
+      assert not os.path.lexists(self.out), f"a failed run left {self.out}"
+
+
 def run_checked(fn: Callable[[], Any], inputs: list[str], out: str) -> tuple[str, Any]:
-  """`outcome` plus the file properties: inputs unchanged; after a failure the output
-  is absent (or unchanged if it existed) and no temporary sibling is left."""
-  before = snapshot(*inputs)
-  existed = os.path.lexists(out)
-  out_before = snapshot(out) if existed else None
+  """`outcome` plus the `FileState` properties."""
+  state = FileState(inputs, out)
   kind, val = outcome(fn)
-  assert snapshot(*inputs) == before, "an input file changed"
-  assert temp_siblings(out) == [], f"temporary output left: {temp_siblings(out)}"
-  if kind == "error":
-    if existed:
-      assert snapshot(out) == out_before, "a failed run changed the existing output"
-    else:
-      assert not os.path.lexists(out), f"a failed run left {out}"
+  state.check(failed=kind == "error")
   return kind, val

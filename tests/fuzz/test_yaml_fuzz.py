@@ -115,6 +115,11 @@ def check_valid(root: str, case) -> None:
   out = os.path.join(root, "out")
   kind, msg = run_checked(lambda: run_yaml(cfg_path, out, progress=False), dirs + [cfg_path], out)
   assert kind == "ok", msg
+  assert_yaml_output(out, case)
+
+
+def assert_yaml_output(out: str, case) -> None:
+  """The output directory holds the float64 reference merge in the output dtype."""
   ref, out_dt = reference(case)
   cfg = case["cfg"]
   eps = max(float(np.finfo(d).eps) for d in
