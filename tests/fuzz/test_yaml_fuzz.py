@@ -211,7 +211,8 @@ def _known_type_error(cfg) -> bool:
   for key in ("dtype", "out_dtype"):
     if cfg.get(key) and not isinstance(cfg[key], str):
       return True
-  for m in cfg.get("models") or [] if isinstance(cfg.get("models"), list) else []:
+  models = cfg.get("models")
+  for m in models if isinstance(models, list) else []:
     if isinstance(m, dict) and m.get("parameters") and not isinstance(m["parameters"], dict):
       return True
   return False
