@@ -167,10 +167,7 @@ def read_safetensors_header(path: str | os.PathLike) -> _Header:
       raw = f.read(n)
   except OSError as e:
     raise KfuseError(f"{path}: cannot read safetensors file: {e.strerror or e}") from e
-  try:
-    header = json.loads(raw.decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise KfuseError(f"{path}: invalid JSON header: {e}") from e
+  header = _parse_json(raw, path, "header")
   if not isinstance(header, dict):
     raise KfuseError(f"{path}: header must be a JSON object, got {type(header).__name__}")
   meta = header.pop("__metadata__", None) or {}
@@ -339,14 +336,27 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
 # ----------------------------------------------------------------- HF directory
 
 
+def _parse_json(raw: bytes, path: str, what: str) -> Any:
+  """Decode UTF-8 JSON; any malformed input is a one-line KfuseError.
+
+  Besides syntax errors this covers what `json` raises on hostile but valid
+  text: integers over Python's 4300-digit conversion limit (ValueError) and
+  nesting deeper than the recursion limit (RecursionError).
+  """
+  try:
+    return json.loads(raw.decode("utf-8"))
+  except (ValueError, RecursionError) as e:   # UnicodeDecodeError, JSONDecodeError are ValueErrors
+    msg = " ".join(str(e).split()) or type(e).__name__
+    raise KfuseError(f"{path}: invalid JSON {what}: {msg}") from e
+
+
 def _read_json(path: str, what: str) -> Any:
   try:
-    with open(path, "r", encoding="utf-8") as f:
-      return json.load(f)
+    with open(path, "rb") as f:
+      raw = f.read()
   except OSError as e:
     raise KfuseError(f"{path}: cannot read {what}: {e.strerror or e}") from e
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise KfuseError(f"{path}: invalid JSON in {what}: {e}") from e
+  return _parse_json(raw, path, f"in {what}")
 
 
 class HFModel:
@@ -537,6 +547,9 @@ def open_hf_dir(path: str | os.PathLike) -> HFModel:
     wm, meta = _map_from_files(files), {}
   cfg_path = os.path.join(p, CONFIG_FILE)
   config = _read_json(cfg_path, "model config") if os.path.isfile(cfg_path) else None
+  if config is not None and not isinstance(config, dict):
+    raise KfuseError(f"{cfg_path}: model config must be a JSON object, got"
+                     f" {type(config).__name__}")
   return HFModel(p, files, wm, config, meta)
 
 
