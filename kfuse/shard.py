@@ -172,7 +172,9 @@ def tensor_sum(x: jax.Array) -> jax.Array:
   """
   if x.ndim == 0:
     return x
-  rows = tree_sum(x.reshape(x.shape[0], -1), axis=1) if x.ndim >= 2 else x
+  # an explicit row width: reshape(0, -1) is ambiguous for a zero-size tensor
+  width = int(np.prod(x.shape[1:], dtype=np.int64))
+  rows = tree_sum(x.reshape(x.shape[0], width), axis=1) if x.ndim >= 2 else x
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is not None and not mesh.empty:
     rows = jax.lax.with_sharding_constraint(rows, P())

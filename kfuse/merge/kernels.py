@@ -338,6 +338,8 @@ def arcee_fusion(axis: int = -1, sample: int = 0) -> Stage:
 
   def apply(s: MergeState) -> MergeState:
     b, p = s.base, s.values[0]
+    if b.size == 0:   # no entries to rank: the merge of a zero-size tensor is itself
+      return s.replace(result=b)
     if b.ndim == 0:   # a scalar is a one-entry row (torch's softmax(dim=-1) of a 0-d tensor)
       out = apply(s.replace(base=b.reshape(1), values=s.values.reshape(-1, 1)))
       return out.replace(result=out.result.reshape(()))

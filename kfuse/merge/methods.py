@@ -418,7 +418,8 @@ def _ties_paper_stats(base_flat, experts_flat, values):
   d = absd.shape[1]
   # FusionBench topk_values_mask: kthvalue(d - int(d*K)) (1-indexed), keep |δ| >= it.
   kk = max(d - int(d * k_frac), 1)
-  thr = jnp.sort(absd, axis=1)[:, kk - 1]
+  # zero-size tensors only: no entry to rank, any threshold keeps nothing
+  thr = jnp.sort(absd, axis=1)[:, kk - 1] if d else jnp.zeros(absd.shape[0], F32)
   total = 0.0
   for nm in names:
     tv = jnp.asarray(experts_flat[nm], F32) - jnp.asarray(base_flat[nm], F32)[None]

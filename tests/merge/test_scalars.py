@@ -114,6 +114,32 @@ def test_api_scalar_closed_form(name):
   np.testing.assert_allclose(got["one"], [CLOSED[name]], rtol=1e-6)
 
 
+ZERO_SIZE = {"e0": (0,), "e03": (0, 3), "e30": (3, 0)}
+
+
+def zero_size_inputs():
+  """Base and two experts whose tensors have a 0 in the shape."""
+  base = {k: np.zeros(sh, np.float32) for k, sh in ZERO_SIZE.items()}
+  return base, [dict(base), dict(base)]
+
+
+def assert_zero_size(got, name):
+  for k, sh in ZERO_SIZE.items():
+    assert got[k].shape == sh and got[k].dtype == np.float32, (name, k, got[k].shape)
+
+
+@pytest.mark.parametrize("name", names())
+def test_zero_size_tensors_merge_to_zero_size(name):
+  """The merge of a zero-size tensor is a zero-size tensor of its shape, through the
+  API and the engine (``shard.tensor_sum`` reshaped to (0, -1); Arcee Fusion took
+  a max over nothing)."""
+  base, exps = zero_size_inputs()
+  assert_zero_size(api_result(name, base, exps), name)
+  if name in ENGINE_METHODS:
+    assert_zero_size(engine_result(name, base, exps), name)
+    assert_zero_size(engine_result(name, base, exps, chunk=0), name)
+
+
 @pytest.mark.parametrize("name", ["della", "della_linear"])
 def test_della_scalar_is_a_one_entry_row(name):
   """DELLA on a scalar keeps δ with probability density − ε (a one-entry row's
