@@ -106,24 +106,27 @@ def _nuslerp_vec(t, v0, v1, eps=1e-8, whole=False):
 def nuslerp(flatten: bool = True, axis: int = -1) -> Stage:
   """NuSLERP: t = w_2/(w_1+w_2) (0.5 if the sum vanishes); slerp of the two
   experts (of their task vectors when a base is given) over the flattened
-  tensor or along ``axis``."""
+  tensor or along ``axis``. Float32 arithmetic (float64 for float64 inputs):
+  the norm floor 1e-7 underflows to 0 in float16, making 0/0 of zero tensors."""
 
   def apply(s: MergeState) -> MergeState:
     w = s.weights.astype(jnp.float32)
     tot = w[0] + w[1]
     t = jnp.where(jnp.abs(tot) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(tot) < 1e-6, 1, tot))
-    v0, v1 = s.values[0], s.values[1]
-    if s.base is not None:
-      v0, v1 = v0 - s.base, v1 - s.base
-    t = t.astype(v0.dtype)
+    wd = _work_dtype(s.values)
+    v0, v1 = s.values[0].astype(wd), s.values[1].astype(wd)
+    base = None if s.base is None else s.base.astype(wd)
+    if base is not None:
+      v0, v1 = v0 - base, v1 - base
+    t = t.astype(wd)
     shape = v0.shape
     if flatten:
       out = _nuslerp_vec(t, v0, v1, whole=True).reshape(shape)
     else:
       x0, x1 = jnp.moveaxis(v0, axis, -1), jnp.moveaxis(v1, axis, -1)
       out = jnp.moveaxis(_nuslerp_vec(t, x0, x1), -1, axis)
-    if s.base is not None:
-      out = s.base + out
+    if base is not None:
+      out = base + out
     return s.replace(result=out.astype(s.values.dtype))
 
   return apply
@@ -132,14 +135,18 @@ def nuslerp(flatten: bool = True, axis: int = -1) -> Stage:
 def multislerp(normalize_weights: bool = True, eps: float = 1e-8) -> Stage:
   """Barycentric interpolation on the hypersphere (tangent space at the
   weighted mean direction), rescaled by Σ w_i‖x_i‖; task vectors when a base
-  is given. A vanishing weighted mean falls back to Σ w_i x_i."""
+  is given. A vanishing weighted mean falls back to Σ w_i x_i. Float32
+  arithmetic (float64 for float64 inputs): eps = 1e-8 underflows to 0 in
+  float16, making 0/0 of zero tensors."""
 
   def apply(s: MergeState) -> MergeState:
-    x = s.values
-    if x.shape[0] == 1:
-      return s.replace(result=x[0])
-    if s.base is not None:
-      x = x - s.base[None]
+    if s.values.shape[0] == 1:
+      return s.replace(result=s.values[0])
+    wd = _work_dtype(s.values)
+    x = s.values.astype(wd)
+    base = None if s.base is None else s.base.astype(wd)
+    if base is not None:
+      x = x - base[None]
     n = x.shape[0]
     xf = x.reshape(n, -1)
     w = s.weights.astype(x.dtype)
@@ -159,8 +166,8 @@ def multislerp(normalize_weights: bool = True, eps: float = 1e-8) -> Stage:
     res = res * jnp.sum(norms[:, 0] * w)
     fallback = sum_models(xf * w[:, None])
     res = jnp.where(degenerate, fallback, res).reshape(x.shape[1:])
-    if s.base is not None:
-      res = res + s.base
+    if base is not None:
+      res = res + base
     return s.replace(result=res.astype(s.values.dtype))
 
   return apply

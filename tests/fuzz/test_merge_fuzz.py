@@ -283,7 +283,6 @@ def test_rank0_tensor_merges(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ("multislerp", "nuslerp"))
-@pytest.mark.xfail(strict=True, reason="fixed in the next commit")
 @pytest.mark.parametrize("shape", [(3,), (2, 3)])
 def test_f16_zero_tensor_slerps_give_zeros(tmp_path, method, shape):
   """All-zero float16 tensors: multislerp / nuslerp of zeros are zeros (their norm

@@ -57,6 +57,26 @@ def test_api_refuses_nonfinite_result():
   assert np.all(np.asarray(out["w"]) == -np.inf)
 
 
+@pytest.mark.parametrize("name", ["multislerp", "nuslerp"])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_api_half_precision_slerps_of_zero_and_orthogonal_tensors(name, dtype, with_base):
+  """Zeros slerp to zeros, and e_1, e_2 (equal weights) to (e_1 + e_2)/√2, in float16
+  and bfloat16. Before: the norm epsilon (1e-7 / 1e-8) underflowed to 0 in float16,
+  so zero tensors gave 0/0 = NaN (refused as a non-finite result)."""
+  base = {"w": np.zeros((2, 2), dtype)} if with_base else None
+  zero = [{"w": np.zeros((2, 2), dtype)}] * 2
+  out = np.asarray(merge.merge(name, zero, base, params={"weight": [1.0, 1.0]})["w"])
+  assert out.dtype == dtype
+  np.testing.assert_array_equal(out.astype(np.float64), np.zeros((2, 2)))
+  ortho = [{"w": np.array([[1, 0], [1, 0]], dtype)}, {"w": np.array([[0, 1], [0, 1]], dtype)}]
+  out = np.asarray(merge.merge(name, ortho, base, params={"weight": [1.0, 1.0]})["w"])
+  # nuslerp of whole tensors: t = 1/2, θ = π/2 → (x_1 + x_2)·sin(π/4)/sin(π/2);
+  # multislerp: mean direction (x_1 + x_2)/‖x_1 + x_2‖, no tangent, scale Σ w_i‖x_i‖ = √2.
+  want = np.full((2, 2), np.sqrt(0.5))
+  np.testing.assert_allclose(out.astype(np.float64), want, rtol=float(np.finfo(dtype).eps))
+
+
 @pytest.mark.parametrize("chunk", [None, 0])
 def test_engine_refuses_nonfinite_result(chunk):
   tasks, srcs = linear_plan(TWO, [1.0, -1.0])
