@@ -130,6 +130,15 @@ def _model_ref(v, where, cfg_path) -> str:
   return v.split("@")[0]
 
 
+def _mapping(v, where: str, cfg_path) -> dict:
+  """A ``parameters:`` node as a dict (absent / empty: {}); any other type fails in one line."""
+  if not v:
+    return {}
+  if not isinstance(v, dict):
+    _fail(cfg_path, f"{where} must be a mapping, got {type(v).__name__}")
+  return dict(v)
+
+
 def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[list[Slice], dict]:
   """Validate a mergekit config dict and normalise it to slices."""
   extra = set(cfg) - TOP_KEYS
@@ -137,6 +146,11 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
     _fail(cfg_path, f"unknown top-level key {sorted(extra)[0]!r}")
   if "merge_method" not in cfg:
     _fail(cfg_path, "missing required key 'merge_method'")
+  if not isinstance(cfg["merge_method"], str):
+    _fail(cfg_path, f"'merge_method' must be a method name, got {type(cfg['merge_method']).__name__}")
+  for k in ("dtype", "out_dtype"):
+    if cfg.get(k) is not None and not isinstance(cfg[k], str):
+      _fail(cfg_path, f"{k!r} must be a dtype name such as 'bfloat16', got {cfg[k]!r}")
   n_set = sum(1 for k in ("models", "slices", "modules") if cfg.get(k))
   if n_set != 1:
     _fail(cfg_path, "exactly one of 'models', 'slices', or 'modules' must be present")
@@ -146,9 +160,7 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
     _fail(cfg_path, "cannot specify both 'tokenizer' and 'tokenizer_source'")
   if cfg.get("tokenizer") or cfg.get("tokenizer_source") not in (None, "base"):
     _fail(cfg_path, "tokenizer merging ('tokenizer' / 'tokenizer_source') is not supported")
-  top_params = cfg.get("parameters") or {}
-  if not isinstance(top_params, dict):
-    _fail(cfg_path, "'parameters' must be a mapping")
+  top_params = _mapping(cfg.get("parameters"), "'parameters'", cfg_path)
   base = _model_ref(cfg["base_model"], "base_model", cfg_path) if cfg.get("base_model") else None
   slices = []
   if cfg.get("models"):
@@ -165,7 +177,7 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
       if bad:
         _fail(cfg_path, f"models[{i}]: unknown key {sorted(bad)[0]!r}")
       srcs.append(Source(_model_ref(m["model"], f"models[{i}]", cfg_path), None,
-                         dict(m.get("parameters") or {})))
+                         _mapping(m.get("parameters"), f"models[{i}].parameters", cfg_path)))
     if base is not None and base not in [s.model for s in srcs]:
       srcs.append(Source(base, None, {}))
     slices.append(Slice(srcs, {}, base))
@@ -191,14 +203,15 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
             _fail(cfg_path, f"{where}: layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
           lr = (lr[0], lr[1])
         srcs.append(Source(_model_ref(src["model"], where, cfg_path), lr,
-                           dict(src.get("parameters") or {})))
+                           _mapping(src.get("parameters"), f"{where}.parameters", cfg_path)))
       lens = {(x.layer_range[1] - x.layer_range[0]) if x.layer_range else None for x in srcs}
       if len(lens) > 1:
         _fail(cfg_path, f"slices[{si}]: all inputs to a slice must contain the same number of layers")
       sbase = _model_ref(s["base_model"], f"slices[{si}].base_model", cfg_path) if s.get("base_model") else base
       if sbase is not None and sbase not in [x.model for x in srcs]:
         _fail(cfg_path, f"slices[{si}]: base_model {sbase!r} is not among the slice's sources")
-      slices.append(Slice(srcs, dict(s.get("parameters") or {}), sbase))
+      slices.append(Slice(srcs, _mapping(s.get("parameters"), f"slices[{si}].parameters", cfg_path),
+                          sbase))
   return slices, dict(top_params)
 
 

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from hypothesis import assume, given, strategies as st
+from hypothesis import given, strategies as st
 
 from kfuse.io import open_hf_dir
 from kfuse.mergekit_compat import run_yaml
@@ -201,23 +201,6 @@ def mutated_cases(draw):
   return case
 
 
-# Config nodes whose wrong type escapes as a TypeError today (not assigned yet; reported to
-# the lead), each covered by a strict xfail below.
-def _known_type_error(cfg) -> bool:
-  if not isinstance(cfg, dict):
-    return False
-  if "merge_method" in cfg and not isinstance(cfg["merge_method"], str):
-    return True
-  for key in ("dtype", "out_dtype"):
-    if cfg.get(key) and not isinstance(cfg[key], str):
-      return True
-  models = cfg.get("models")
-  for m in models if isinstance(models, list) else []:
-    if isinstance(m, dict) and m.get("parameters") and not isinstance(m["parameters"], dict):
-      return True
-  return False
-
-
 def check_any(root: str, case) -> str:
   dirs = write_inputs(root, case)
   cfg_path = write_yaml(root, case["cfg"])
@@ -233,7 +216,6 @@ def check_any(root: str, case) -> str:
 @fast(25)
 @given(case=mutated_cases())
 def test_mutated_yaml_runs_or_fails_in_one_line(tmp_path, case):
-  assume(not _known_type_error(case["cfg"]))
   check_any(str(tmp_path / "w"), case)
 
 
@@ -241,7 +223,6 @@ def test_mutated_yaml_runs_or_fails_in_one_line(tmp_path, case):
 @slow(500)
 @given(case=mutated_cases())
 def test_mutated_yaml_runs_or_fails_in_one_line_slow(tmp_path, case):
-  assume(not _known_type_error(case["cfg"]))
   check_any(str(tmp_path / "w"), case)
 
 
@@ -252,22 +233,20 @@ yaml_text = st.text(st.sampled_from("merge_thod:ls[]{}-,\n #&*!|>'\"0123456789.a
 @given(case=yaml_cases(), text=yaml_text)
 def test_arbitrary_yaml_text_runs_or_fails_in_one_line(tmp_path, case, text):
   case["cfg"] = text
-  try:
-    assume(not _known_type_error(yaml.safe_load(text)))
-  except yaml.YAMLError:
-    pass
   check_any(str(tmp_path / "w"), case)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("merge_method", ["linear"]), ("merge_method", {"name": "linear"}),
-    ("dtype", 3), ("out_dtype", ["float16"]), ("model_parameters", [1]),
+@pytest.mark.parametrize("key,value,named", [
+    ("merge_method", ["linear"], "'merge_method'"),
+    ("merge_method", {"name": "linear"}, "'merge_method'"),
+    ("dtype", 3, "'dtype'"), ("out_dtype", ["float16"], "'out_dtype'"),
+    ("model_parameters", [1], "models[0].parameters"),
+    ("parameters", [1], "'parameters'"),
 ], ids=["merge_method_list", "merge_method_map", "dtype_int", "out_dtype_list",
-        "model_parameters_list"])
-@pytest.mark.xfail(strict=True, reason="mergekit_compat: a wrongly typed merge_method / dtype /"
-                   " out_dtype / models[i].parameters raises a TypeError traceback (not"
-                   " assigned yet; reported to the lead)")
-def test_wrongly_typed_yaml_nodes_fail_in_one_line(tmp_path, key, value):
+        "model_parameters_list", "parameters_list"])
+def test_wrongly_typed_yaml_nodes_fail_in_one_line(tmp_path, key, value, named):
+  """A wrongly typed node fails in one line naming its key (it used to raise a
+  TypeError traceback)."""
   vals = [{n: np.ones(sh) for n, sh in _FIXED_LAYOUT.items()} for _ in range(2)]
   case = dict(layout=_FIXED_LAYOUT, in_dtype="float32", values=vals, shards=[1, 1],
               cfg={"merge_method": "linear", "models": [{"model": "m0", "parameters": {"weight": 1}},
@@ -276,7 +255,31 @@ def test_wrongly_typed_yaml_nodes_fail_in_one_line(tmp_path, key, value):
     case["cfg"]["models"][0]["parameters"] = value
   else:
     case["cfg"][key] = value
-  check_any(str(tmp_path / "w"), case)
+  root = str(tmp_path / "w")
+  dirs = write_inputs(root, case)
+  cfg_path = write_yaml(root, case["cfg"])
+  out = os.path.join(root, "out")
+  kind, msg = run_checked(lambda: run_yaml(cfg_path, out, progress=False), dirs + [cfg_path], out)
+  assert kind == "error" and named in msg, msg
+
+
+def test_wrongly_typed_slice_parameters_fail_in_one_line(tmp_path):
+  """slices[i].parameters and slices[i].sources[j].parameters must be mappings too."""
+  vals = [{n: np.ones(sh) for n, sh in _FIXED_LAYOUT.items()} for _ in range(2)]
+  for where, named in (("slice", "slices[0].parameters"),
+                       ("source", "slices[0].sources[1].parameters")):
+    srcs = [{"model": "m0", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [0, 2]}]
+    slc = {"sources": srcs}
+    (slc if where == "slice" else srcs[1])["parameters"] = ["weight", 1]
+    case = dict(layout=_FIXED_LAYOUT, in_dtype="float32", values=vals, shards=[1, 1],
+                cfg={"merge_method": "linear", "slices": [slc]})
+    root = str(tmp_path / where)
+    dirs = write_inputs(root, case)
+    cfg_path = write_yaml(root, case["cfg"])
+    out = os.path.join(root, "out")
+    kind, msg = run_checked(lambda: run_yaml(cfg_path, out, progress=False),
+                            dirs + [cfg_path], out)
+    assert kind == "error" and named in msg, msg
 
 
 _FIXED_LAYOUT = {"model.embed_tokens.weight": (4, 2), "model.layers.0.mlp.up_proj.weight": (2, 2),
