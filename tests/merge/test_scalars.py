@@ -140,6 +140,33 @@ def test_zero_size_tensors_merge_to_zero_size(name):
     assert_zero_size(engine_result(name, base, exps, chunk=0), name)
 
 
+def test_cli_zero_size_tensors(tmp_path):
+  """Native (model_stock: `shard.tensor_sum`) and YAML (arcee_fusion) merges of
+  checkpoints holding zero-size tensors write them with their shape and dtype."""
+  dirs = []
+  for i in range(3):
+    t = {k: np.zeros(sh, np.float16 if k == "e0" else np.float32) for k, sh in ZERO_SIZE.items()}
+    t["norm"] = np.full(3, float(i), np.float32)
+    kio.write_hf_dir(str(tmp_path / f"m{i}"), t)
+    dirs.append(str(tmp_path / f"m{i}"))
+  yml = tmp_path / "a.yml"
+  yml.write_text(f"merge_method: arcee_fusion\nbase_model: {dirs[0]}\nmodels:\n"
+                 f"  - model: {dirs[1]}\n")
+  runs = {"native": ["--config=configs/merge.py:model_stock", f"--config.models={dirs[1]},{dirs[2]}",
+                     f"--config.base={dirs[0]}"],
+          "yaml": [f"--config=configs/mergekit.py:{yml}"]}
+  for name, args in runs.items():
+    out = tmp_path / name
+    r = subprocess.run([sys.executable, "-m", "kfuse.main", *args, f"--config.output_dir={out}",
+                        "--config.progress=False"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = kio.read_hf_dir(str(out))
+    for k, sh in ZERO_SIZE.items():
+      want = np.float16 if k == "e0" else np.float32
+      assert got[k].shape == sh and got[k].dtype == want, (name, k, got[k].shape, got[k].dtype)
+
+
 @pytest.mark.parametrize("name", ["della", "della_linear"])
 def test_della_scalar_is_a_one_entry_row(name):
   """DELLA on a scalar keeps δ with probability density − ε (a one-entry row's
