@@ -431,6 +431,29 @@ def test_overflowing_merge_is_refused_in_one_line(tmp_path, case):
   assert kind == "error" and "model.layers.0.w" in msg, msg
 
 
+@pytest.mark.xfail(strict=True, reason="a kernel's own float32 -> float16 cast back (no dtype"
+                   " given) is not treated as a down-cast: the error says 'NaN/Inf values from"
+                   " finite inputs (e.g. weights summing to 0)' and overflow='clamp' does not"
+                   " apply (engine / method contract; reported to the lead)")
+def test_f16_sum_past_max_is_a_downcast_overflow(tmp_path):
+  """60000 + 60000 in float16 models: the float32 sum 120000 is out of float16's range,
+  so it is refused as an overflow naming float16, or clamped to 65504 on request."""
+  root = str(tmp_path / "w")
+  models = []
+  for i in range(2):
+    models.append(os.path.join(root, f"m{i}"))
+    write_model(models[-1], {"model.layers.0.w": np.full(2, 60000.0, np.float16)})
+  out = os.path.join(root, "out")
+  params = {"weight": [1.0, 1.0], "normalize": False}
+  kind, msg = run_checked(lambda: merge_checkpoints("linear", models, None, out, params=params,
+                                                    progress=False), models, out)
+  assert kind == "error" and "float16" in msg, msg
+  kind, _ = run_checked(lambda: merge_checkpoints("linear", models, None, out, params=params,
+                                                  overflow="clamp", progress=False), models, out)
+  assert kind == "ok"
+  np.testing.assert_array_equal(_merged(root), np.full(2, 65504.0, np.float16))
+
+
 @fast(5)
 @given(big=st.floats(70000, 1e30), n=st.integers(1, 3))
 def test_downcast_overflow_is_refused_or_clamped(tmp_path, big, n):
