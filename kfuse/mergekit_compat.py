@@ -143,7 +143,7 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
   """Validate a mergekit config dict and normalise it to slices."""
   extra = set(cfg) - TOP_KEYS
   if extra:
-    _fail(cfg_path, f"unknown top-level key {sorted(extra)[0]!r}")
+    _fail(cfg_path, f"unknown top-level key {sorted(extra, key=str)[0]!r}")
   if "merge_method" not in cfg:
     _fail(cfg_path, "missing required key 'merge_method'")
   if not isinstance(cfg["merge_method"], str):
@@ -175,19 +175,23 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
         _fail(cfg_path, f"models[{i}] needs a 'model' key")
       bad = set(m) - {"model", "parameters"}
       if bad:
-        _fail(cfg_path, f"models[{i}]: unknown key {sorted(bad)[0]!r}")
+        _fail(cfg_path, f"models[{i}]: unknown key {sorted(bad, key=str)[0]!r}")
       srcs.append(Source(_model_ref(m["model"], f"models[{i}]", cfg_path), None,
                          _mapping(m.get("parameters"), f"models[{i}].parameters", cfg_path)))
     if base is not None and base not in [s.model for s in srcs]:
       srcs.append(Source(base, None, {}))
     slices.append(Slice(srcs, {}, base))
   else:
+    if not isinstance(cfg["slices"], list):
+      _fail(cfg_path, "'slices' must be a list")
     for si, s in enumerate(cfg["slices"]):
       if not isinstance(s, dict) or "sources" not in s:
         _fail(cfg_path, f"slices[{si}] needs 'sources'")
       bad = set(s) - {"sources", "parameters", "base_model", "residual_weight"}
       if bad:
-        _fail(cfg_path, f"slices[{si}]: unknown key {sorted(bad)[0]!r}")
+        _fail(cfg_path, f"slices[{si}]: unknown key {sorted(bad, key=str)[0]!r}")
+      if not isinstance(s["sources"], list):
+        _fail(cfg_path, f"slices[{si}].sources must be a list")
       srcs = []
       for j, src in enumerate(s["sources"]):
         where = f"slices[{si}].sources[{j}]"
@@ -195,7 +199,7 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
           _fail(cfg_path, f"{where} needs a 'model' key")
         bad = set(src) - {"model", "layer_range", "parameters"}
         if bad:
-          _fail(cfg_path, f"{where}: unknown key {sorted(bad)[0]!r}")
+          _fail(cfg_path, f"{where}: unknown key {sorted(bad, key=str)[0]!r}")
         lr = src.get("layer_range")
         if lr is not None:
           if (not isinstance(lr, (list, tuple)) or len(lr) != 2

@@ -263,23 +263,43 @@ def test_wrongly_typed_yaml_nodes_fail_in_one_line(tmp_path, key, value, named):
   assert kind == "error" and named in msg, msg
 
 
-def test_wrongly_typed_slice_parameters_fail_in_one_line(tmp_path):
-  """slices[i].parameters and slices[i].sources[j].parameters must be mappings too."""
+def _slices_cfg(how: str) -> tuple[dict, str]:
+  """A two-source slices config with one node of the wrong type; the key its error names."""
+  srcs = [{"model": "m0", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [0, 2]}]
+  cfg = {"merge_method": "linear", "slices": [{"sources": srcs}]}
+  if how == "slice_parameters":
+    cfg["slices"][0]["parameters"] = ["weight", 1]
+    return cfg, "slices[0].parameters"
+  if how == "source_parameters":
+    srcs[1]["parameters"] = ["weight", 1]
+    return cfg, "slices[0].sources[1].parameters"
+  if how == "slices_int":
+    cfg["slices"] = 3
+    return cfg, "'slices'"
+  if how == "sources_int":
+    cfg["slices"][0]["sources"] = 3
+    return cfg, "slices[0].sources"
+  if how == "mixed_top_keys":   # YAML keys need not be strings: 1 and 'zz' do not sort
+    cfg.update({1: 2, "zz": 3})
+    return cfg, "unknown top-level key"
+  srcs[0].update({1: 2, "zz": 3})   # mixed_source_keys
+  return cfg, "slices[0].sources[0]: unknown key"
+
+
+@pytest.mark.parametrize("how", ["slice_parameters", "source_parameters", "slices_int",
+                                 "sources_int", "mixed_top_keys", "mixed_source_keys"])
+def test_wrongly_typed_slice_nodes_fail_in_one_line(tmp_path, how):
+  """Wrongly typed slices nodes fail in one line naming the key (TypeError / ValueError
+  tracebacks before)."""
   vals = [{n: np.ones(sh) for n, sh in _FIXED_LAYOUT.items()} for _ in range(2)]
-  for where, named in (("slice", "slices[0].parameters"),
-                       ("source", "slices[0].sources[1].parameters")):
-    srcs = [{"model": "m0", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [0, 2]}]
-    slc = {"sources": srcs}
-    (slc if where == "slice" else srcs[1])["parameters"] = ["weight", 1]
-    case = dict(layout=_FIXED_LAYOUT, in_dtype="float32", values=vals, shards=[1, 1],
-                cfg={"merge_method": "linear", "slices": [slc]})
-    root = str(tmp_path / where)
-    dirs = write_inputs(root, case)
-    cfg_path = write_yaml(root, case["cfg"])
-    out = os.path.join(root, "out")
-    kind, msg = run_checked(lambda: run_yaml(cfg_path, out, progress=False),
-                            dirs + [cfg_path], out)
-    assert kind == "error" and named in msg, msg
+  cfg, named = _slices_cfg(how)
+  case = dict(layout=_FIXED_LAYOUT, in_dtype="float32", values=vals, shards=[1, 1], cfg=cfg)
+  root = str(tmp_path / "w")
+  dirs = write_inputs(root, case)
+  cfg_path = write_yaml(root, case["cfg"])
+  out = os.path.join(root, "out")
+  kind, msg = run_checked(lambda: run_yaml(cfg_path, out, progress=False), dirs + [cfg_path], out)
+  assert kind == "error" and named in msg, msg
 
 
 _FIXED_LAYOUT = {"model.embed_tokens.weight": (4, 2), "model.layers.0.mlp.up_proj.weight": (2, 2),
