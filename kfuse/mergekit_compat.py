@@ -147,7 +147,8 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
   if "merge_method" not in cfg:
     _fail(cfg_path, "missing required key 'merge_method'")
   if not isinstance(cfg["merge_method"], str):
-    _fail(cfg_path, f"'merge_method' must be a method name, got {type(cfg['merge_method']).__name__}")
+    got = type(cfg["merge_method"]).__name__
+    _fail(cfg_path, f"'merge_method' must be a method name, got {got}")
   for k in ("dtype", "out_dtype"):
     if cfg.get(k) is not None and not isinstance(cfg[k], str):
       _fail(cfg_path, f"{k!r} must be a dtype name such as 'bfloat16', got {cfg[k]!r}")

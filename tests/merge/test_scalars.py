@@ -152,8 +152,8 @@ def test_cli_zero_size_tensors(tmp_path):
   yml = tmp_path / "a.yml"
   yml.write_text(f"merge_method: arcee_fusion\nbase_model: {dirs[0]}\nmodels:\n"
                  f"  - model: {dirs[1]}\n")
-  runs = {"native": ["--config=configs/merge.py:model_stock", f"--config.models={dirs[1]},{dirs[2]}",
-                     f"--config.base={dirs[0]}"],
+  runs = {"native": ["--config=configs/merge.py:model_stock",
+                     f"--config.models={dirs[1]},{dirs[2]}", f"--config.base={dirs[0]}"],
           "yaml": [f"--config=configs/mergekit.py:{yml}"]}
   for name, args in runs.items():
     out = tmp_path / name
