@@ -215,3 +215,30 @@ def test_sar_model_recovery_and_ema_quirk():
   tta = adapt.sar(apply)
   s, _, m = run_step(tta, tta.init(v, {"x": x}), jnp.zeros((4, 3)))
   assert float(m["num_selected"]) == 0 and not bool(s.has_ema)
+
+
+def test_registry_optimizer_config_is_the_kfuse_optim_schema():
+  """``adapt.make`` reads `kfuse.optim` configs: extra optax arguments under ``kwargs``."""
+  model, v, x = tiny_bn(batch=8)
+  lr = 0.5
+  sgd = dict(name="sgd", learning_rate=lr, kwargs=dict(momentum=0.9))
+  tta = adapt.make("tent", model, optimizer=sgd, steps=2)
+  s2, _, _ = run_step(tta, tta.init(v, {"x": x}), x)
+  # hand-written heavy-ball reference: m ← 0.9 m + g, θ ← θ − lr m, two steps
+  loss = lambda s, b: _mean_entropy(_explicit_tiny_bn(v, x, s, b))
+  s0, b0 = v["params"]["bn"]["scale"], v["params"]["bn"]["bias"]
+  g0s, g0b = jax.grad(loss, (0, 1))(s0, b0)
+  s1, b1 = s0 - lr * g0s, b0 - lr * g0b
+  g1s, g1b = jax.grad(loss, (0, 1))(s1, b1)
+  want_s, want_b = s1 - lr * (0.9 * g0s + g1s), b1 - lr * (0.9 * g0b + g1b)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["scale"], want_s, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["bias"], want_b, rtol=1e-4, atol=1e-6)
+  assert adapt.default_config("sar")["optimizer"] == dict(name="sgd", learning_rate=2.5e-4,
+                                                          kwargs=dict(momentum=0.9))
+  # the old top-level form would silently drop the momentum: it is an error naming the field
+  with pytest.raises(KfuseError, match=r"optimizer.momentum: unknown field.*optimizer.kwargs"):
+    adapt.make("sar", model, optimizer=dict(name="sgd", learning_rate=lr, momentum=0.9))
+  # a stream has no length: decaying schedules are refused, a constant one after warm-up is fine
+  with pytest.raises(KfuseError, match="optimizer.schedule: 'cosine'"):
+    adapt.make("tent", model, optimizer=dict(name="adam", schedule="cosine"))
+  adapt.make("tent", model, optimizer=dict(name="adam", warmup_steps=10))
