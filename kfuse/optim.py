@@ -9,11 +9,14 @@ Fields (all optional): ``name`` (a key of `OPTIMIZERS`, default ``adam``),
 ``learning_rate`` (> 0, default 1e-3), ``schedule`` (``constant`` | ``cosine`` |
 ``linear``, after a linear warm-up of ``warmup_steps``), ``clip_norm`` (> 0:
 global-norm clipping before the update), ``kwargs`` (extra keyword arguments of
-the optax constructor). ``trainable`` selects the updated subset of the
-parameters; the rest get zero updates (``optax.multi_transform`` with
-``optax.set_to_zero``). Supervised training (`kfuse.train`) and distillation
-(`kfuse.distill.make_step`, which also accepts such a config) both build their
-optimizers here. Bad fields raise `kfuse.tree.KfuseError` naming ``optimizer.<field>``.
+the optax constructor, e.g. ``{"momentum": 0.9}`` for ``sgd``). ``trainable``
+selects the updated subset of the parameters; the rest get zero updates
+(``optax.multi_transform`` with ``optax.set_to_zero``). Supervised training
+(`kfuse.train`), distillation (`kfuse.distill.make_step`, which also accepts
+such a config) and test-time adaptation (`kfuse.adapt.make`, an unbounded
+stream: ``total_steps=0``, so constant schedules only) all build their
+optimizers here. Bad or unknown fields raise `kfuse.tree.KfuseError` naming
+``optimizer.<field>``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import optax
 from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "OPTIMIZER_SCHEMA", "check_types", "make_schedule",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "OPTIMIZER_SCHEMA", "check_types", "check_fields", "make_schedule",
            "make_optimizer", "trainable_labels"]
 
 PyTree = Any
@@ -99,6 +102,20 @@ def check_types(cfg: Any, schema: Mapping[str, Any], prefix: str) -> None:
       raise KfuseError(f"{where}: expected {want}, got {type(value).__name__} {value!r}")
 
 
+def check_fields(cfg: Any, schema: Mapping[str, Any], prefix: str, hint: str = "") -> None:
+  """Raise `KfuseError` naming the first field of ``cfg`` that ``schema`` does not know.
+
+  An unknown field would otherwise be ignored silently (e.g. an old-style
+  top-level ``momentum`` of an optimizer config).
+  """
+  if cfg is None:
+    return
+  for field in _to_dict(cfg):
+    if field not in schema:
+      raise KfuseError(f"{prefix}.{field}: unknown field{suggest(field, schema)};"
+                       f" known: {', '.join(schema)}{hint}")
+
+
 OPTIMIZER_SCHEMA = {"name": str, "learning_rate": float, "schedule": str, "warmup_steps": int,
                     "clip_norm": (float, type(None)), "kwargs": (dict, type(None))}
 
@@ -108,6 +125,8 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
 
   ``schedule``: ``constant`` (after linear warmup), ``cosine`` (warmup then
   cosine decay to 0 at ``total_steps``) or ``linear`` (warmup then linear decay to 0).
+  ``total_steps <= 0`` means a run of unknown length (a test-time stream):
+  only ``constant`` is accepted there.
   """
   lr = float(_get(cfg, "learning_rate", 1e-3))
   kind = _get(cfg, "schedule", "constant")
@@ -117,6 +136,9 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   if kind not in SCHEDULES:
     raise KfuseError(f"optimizer.schedule: unknown schedule {kind!r}{suggest(kind, SCHEDULES)};"
                      f" known: {', '.join(SCHEDULES)}")
+  if kind != "constant" and total_steps <= 0:
+    raise KfuseError(f"optimizer.schedule: {kind!r} decays over the run's length, but this run"
+                     f" has none (total_steps={total_steps}); use 'constant'")
   if warmup < 0 or (total_steps > 0 and warmup >= total_steps and kind != "constant"):
     raise KfuseError(f"optimizer.warmup_steps: must be in [0, {total_steps}), got {warmup}")
   decay = max(1, total_steps - warmup)
@@ -163,6 +185,8 @@ def make_optimizer(cfg: Any, total_steps: int,
       ``['head']`` for a linear probe; None updates everything.
   """
   check_types(cfg, OPTIMIZER_SCHEMA, "optimizer")
+  check_fields(cfg, OPTIMIZER_SCHEMA, "optimizer",
+               hint="; arguments of the optax constructor go in optimizer.kwargs")
   name = _get(cfg, "name", "adam")
   if name not in OPTIMIZERS:
     raise KfuseError(f"optimizer.name: unknown optimizer {name!r}{suggest(name, OPTIMIZERS)};"

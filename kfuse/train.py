@@ -36,8 +36,7 @@ from flax import struct
 from kfuse.data import iterate
 from kfuse.distill.losses import cross_entropy
 from kfuse.distill.steps import copy_tree, make_predict
-from kfuse.optim import OPTIMIZER_SCHEMA, check_types, make_optimizer, make_schedule  # noqa: F401
-from kfuse.optim import trainable_labels
+from kfuse.optim import make_optimizer, trainable_labels
 from kfuse.protocol import Learner, check_batch
 from kfuse.tree import KfuseError
 
@@ -210,7 +209,8 @@ def evaluate(predict: Callable, variables: PyTree, x: np.ndarray, y: np.ndarray,
 def fit(step: Callable, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
         num_steps: int, key: jax.Array, *, desc: str = "train", log_every: int = 100,
         progress: bool = True, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-        max_to_keep: int = 2, meta: Mapping[str, Any] | None = None
+        max_to_keep: int = 2, meta: Mapping[str, Any] | None = None,
+        on_step: Callable[[int, TrainState], Any] | None = None
         ) -> tuple[TrainState, list[dict[str, float]]]:
   """Run ``step`` until ``state.step == num_steps``, optionally resumable.
 
@@ -243,6 +243,9 @@ def fit(step: Callable, state: TrainState, batches: Iterable[Mapping[str, np.nda
     max_to_keep: checkpoints kept on disk.
     meta: JSON-able description of the run (e.g. the model config); a
       resumed checkpoint must carry equal values for these keys.
+    on_step: called as ``on_step(steps_done, state)`` after every step (not
+      for steps restored from a checkpoint); the state is donated to the next
+      step, so copy what you keep (``jax.device_get``).
 
   Returns:
     ``(state, history)``, history a list of ``{'step', 'loss', 'accuracy'}``.
@@ -277,6 +280,8 @@ def fit(step: Callable, state: TrainState, batches: Iterable[Mapping[str, np.nda
         state, metrics = step(state, batch, key)
         window.append(metrics)
         done = i + 1
+        if on_step is not None:
+          on_step(done, state)
         save = mngr is not None and (done == num_steps or (checkpoint_every and done % checkpoint_every == 0))
         if window and (done % log_every == 0 or done == num_steps or save):
           history.append(_summarise(window, done))
@@ -307,7 +312,8 @@ def train_classifier(model: nn.Module, variables: Mapping[str, PyTree], x: np.nd
   over shuffled ``batch_size`` batches drawn with ``data_key`` (dropout from
   ``dropout_key``). ``step=(tx, jitted_step)`` reuses an already built step
   (one compilation for many runs of the same shapes). ``fit_kwargs`` go to
-  `fit` (desc, log_every, progress, checkpoint_dir, checkpoint_every, meta).
+  `fit` (desc, log_every, progress, checkpoint_dir, checkpoint_every, meta,
+  on_step).
   Returns ``(state, history)``.
   """
   if step is None:

@@ -9,6 +9,7 @@ import pytest
 import flax.linen as nn
 
 from kfuse import models, optim, train
+from kfuse.data import iterate
 from kfuse.tree import KfuseError
 
 
@@ -312,3 +313,37 @@ def test_train_classifier_equals_the_explicit_loop():
                                      progress=False)
   chex.assert_trees_all_close(got.params, ref.params, rtol=1e-6)
   assert hist[-1]["step"] == 30
+
+
+def test_optimizer_unknown_fields_and_unbounded_runs_are_errors():
+  # an optax argument at the top level was silently dropped: it belongs in kwargs
+  with pytest.raises(KfuseError, match=r"optimizer.momentum: unknown field; known: name, .*optimizer.kwargs"):
+    optim.make_optimizer(dict(name="sgd", learning_rate=0.1, momentum=0.9), 10)
+  with pytest.raises(KfuseError, match="optimizer.learning_rat: unknown field \\(did you mean 'learning_rate'"):
+    optim.make_optimizer(dict(name="adam", learning_rat=0.1), 10)
+  # total_steps=0 (a stream of unknown length): a decaying schedule would decay over one step
+  for kind in ("cosine", "linear"):
+    with pytest.raises(KfuseError, match=f"optimizer.schedule: '{kind}' decays"):
+      optim.make_optimizer(dict(name="adam", schedule=kind), 0)
+  sched = optim.make_schedule(dict(learning_rate=0.5, warmup_steps=4), 0)
+  assert [float(sched(i)) for i in (0, 2, 4, 1000)] == [0.0, 0.25, 0.5, 0.5]
+
+
+def test_fit_on_step_sees_every_step_state():
+  """``on_step(i, state)`` after step i equals a hand-run loop of the same step over the same batches."""
+  x, y = _blobs(n=256)
+  model, params, tx, step = _setup(steps=6)
+  k_data, k_drop = jax.random.key(1), jax.random.key(2)
+  seen = {}
+  keep = lambda i, s: seen.setdefault(i, jax.device_get(s.params))
+  state, _ = train.train_classifier(model, {"params": params}, x, y, optimizer=None, steps=6,
+                                    batch_size=32, data_key=k_data, dropout_key=k_drop,
+                                    step=(tx, step), progress=False, on_step=keep)
+  assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+  manual = train.init_state(params, tx)
+  for i, (xb, yb) in enumerate(iterate(k_data, x, y, 32, epochs=None)):
+    if i == 6:
+      break
+    manual, _ = step(manual, {"x": xb, "y": yb}, k_drop)
+    for a, b in zip(jax.tree.leaves(seen[i + 1]), jax.tree.leaves(manual.params)):
+      np.testing.assert_array_equal(a, np.asarray(b))

@@ -80,7 +80,7 @@ def main(argv=None):
                                           jax.random.split(jax.random.key(cfg.seed), 3)[0], True)
   stream = corr.make_stream(domains, cfg.batch_size, protocol="continual", seed=cfg.seed)
   adam = dict(name="adam", learning_rate=1e-3)
-  sgd = dict(name="sgd", learning_rate=2.5e-4, momentum=0.9)
+  sgd = dict(name="sgd", learning_rate=2.5e-4, kwargs=dict(momentum=0.9))
   top = (r"backbone/layers_1/",)
   build = {
       "rotta": lambda: adapt.make("rotta", model.apply, optimizer=adam, apply_kwargs={"train": False}),

@@ -23,13 +23,13 @@ from kfuse.adapt.entropy import (SAR_EXCLUDE, eata, entropy_margin, eta, fisher_
                                  tent)
 from kfuse.adapt.mean_teacher import cotta, rotta, stochastic_restore
 from kfuse.adapt.norm import bn_adapt, source
-from kfuse.adapt.registry import REGISTRY, default_config, make, make_optimizer, names
+from kfuse.adapt.registry import REGISTRY, default_config, make, names
 from kfuse.adapt.stream import evaluate_stream, make_runner, run
 
 __all__ = [
     "Adapter", "AugmentConfig", "REGISTRY", "SAR_EXCLUDE", "Trainable", "bn_adapt", "check_inputs",
     "cotta", "default_config", "eata", "entropy_margin", "eta", "evaluate_stream",
-    "fisher_information", "forward", "make", "make_augment", "make_optimizer", "make_runner",
+    "fisher_information", "forward", "make", "make_augment", "make_runner",
     "names", "norm_layer_paths", "rotta", "run", "sar", "soft_cross_entropy", "softmax_entropy",
     "source", "stochastic_restore", "tent", "trainable_mask", "trainable_paths", "tree_norm",
 ]

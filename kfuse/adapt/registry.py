@@ -19,25 +19,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import optax
 
+from kfuse import optim
 from kfuse.adapt import core, entropy, mean_teacher, norm
 from kfuse.registry import Registry
 from kfuse.tree import KfuseError
 
-__all__ = ["REGISTRY", "names", "default_config", "make", "make_optimizer"]
-
-_OPTIMIZERS = ("adam", "adamw", "sgd")
+__all__ = ["REGISTRY", "names", "default_config", "make"]
 
 REGISTRY = Registry("TTA method")
 """name -> builder ``fn(apply_fn, [optimizer,] **params) -> Adapter``; ``defaults`` hold
-``optimizer`` (a `make_optimizer` dict, or None for gradient-free methods) and the
+``optimizer`` (a `kfuse.optim` config, or None for gradient-free methods) and the
 method's parameters."""
 
 _ADAM = dict(name="adam", learning_rate=1e-3)
-_SGD = dict(name="sgd", learning_rate=2.5e-4, momentum=0.9)
+_SGD = dict(name="sgd", learning_rate=2.5e-4, kwargs=dict(momentum=0.9))
 
 REGISTRY.register("source", norm.source, defaults=dict(optimizer=None), doc="""
     Source model: BatchNorm with its running statistics, no adaptation (the baseline).""")
@@ -84,25 +83,20 @@ def default_config(name: str) -> dict:
   return {"optimizer": params.pop("optimizer"), "params": params}
 
 
-def make_optimizer(cfg: Mapping[str, Any] | optax.GradientTransformation | None) -> Any:
-  """An optax optimizer from ``{'name': adam|adamw|sgd, 'learning_rate', **kwargs}`` (constant lr)."""
+def _optimizer(cfg: Any) -> optax.GradientTransformation | None:
+  """An optax transformation as is; a `kfuse.optim` config (constant schedule: a stream has no length)."""
   if cfg is None or isinstance(cfg, optax.GradientTransformation):
     return cfg
-  cfg = dict(cfg)
-  name = cfg.pop("name", "adam")
-  if name not in _OPTIMIZERS:
-    raise KfuseError(f"optimizer.name: unknown optimizer {name!r}; known: {', '.join(_OPTIMIZERS)}")
-  lr = float(cfg.pop("learning_rate", 1e-3))
-  if lr <= 0:
-    raise KfuseError(f"optimizer.learning_rate: must be positive, got {lr}")
-  try:
-    return getattr(optax, name)(lr, **cfg)
-  except TypeError as e:
-    raise KfuseError(f"optimizer: invalid arguments {sorted(cfg)} for {name!r}: {e}") from None
+  return optim.make_optimizer(cfg, total_steps=0)
 
 
 def make(name: str, apply_fn: Any, *, optimizer: Any = "default", **params: Any) -> core.Adapter:
-  """Build method ``name``; ``optimizer='default'`` and missing params take `default_config`."""
+  """Build method ``name``; ``optimizer='default'`` and missing params take `default_config`.
+
+  ``optimizer``: an optax transformation, or a `kfuse.optim` config such as
+  ``dict(name="sgd", learning_rate=2.5e-4, kwargs=dict(momentum=0.9))``
+  (``schedule`` must stay ``constant``, optionally after ``warmup_steps``).
+  """
   entry = _get(name)
   defaults = default_config(name)
   opt_cfg = defaults["optimizer"] if isinstance(optimizer, str) and optimizer == "default" else optimizer
@@ -111,7 +105,7 @@ def make(name: str, apply_fn: Any, *, optimizer: Any = "default", **params: Any)
     if opt_cfg is not None and optimizer != "default":
       raise KfuseError(f"optimizer: {name} has no trainable parameters; pass none")
   else:
-    kwargs["optimizer"] = make_optimizer(opt_cfg)
+    kwargs["optimizer"] = _optimizer(opt_cfg)
   try:
     return entry.fn(apply_fn, **kwargs)
   except TypeError as e:

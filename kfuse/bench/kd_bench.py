@@ -90,7 +90,7 @@ def _stable(text: str) -> int:
   return zlib.crc32(text.encode()) % (2 ** 31)
 
 
-def _variables(state: distill.DistillState) -> dict:
+def _variables(state: distill.DistillState | train.TrainState) -> dict:
   return {"params": state.params, **state.model_state}
 
 
@@ -108,6 +108,7 @@ class _Runner:
     self.progress = bool(_get(config, "progress", False))
     self._predict: dict[int, Callable] = {}
     self._steps: dict[str, distill.DistillStep] = {}
+    self._train_steps: dict[str, tuple] = {}
 
   def step(self, key: str, build: Callable[[], distill.DistillStep], teacher_vars=()):
     """A cached step for ``key`` (built once), bound to ``teacher_vars``: one compilation per key."""
@@ -117,6 +118,15 @@ class _Runner:
 
   def optimizer(self, steps: int, opt_cfg: Mapping | None = None):
     return optim.make_optimizer(_to_dict(opt_cfg or self.config.optimizer), steps)
+
+  def train_step(self, module, steps: int, opt_cfg: Mapping | None = None) -> tuple:
+    """A cached ``(tx, jitted step)`` of `kfuse.train` for ``module``: one compilation per
+    module, run length and optimizer config."""
+    key = f"{id(module)}/{steps}/{json.dumps(_plain(_to_dict(opt_cfg or {})), sort_keys=True)}"
+    if key not in self._train_steps:
+      tx = self.optimizer(steps, opt_cfg)
+      self._train_steps[key] = (tx, train.make_train_step(module, tx))
+    return self._train_steps[key]
 
   def predict(self, module) -> Callable:
     if id(module) not in self._predict:
@@ -189,14 +199,18 @@ def _objective(spec, steps_per_epoch: int):
 
 
 def _train_supervised(runner: _Runner, module, ds, steps: int, key, desc: str, opt_cfg=None,
-                      y_train=None, on_step=None):
-  ck = f"supervised/{id(module)}/{steps}/{json.dumps(_plain(_to_dict(opt_cfg or {})), sort_keys=True)}"
-  step = runner.step(ck, lambda: distill.make_step(module, O.supervised(),
-                                                   runner.optimizer(steps, opt_cfg)))
+                      y_train=None, on_step=None) -> tuple[train.TrainState, list]:
+  """`kfuse.train.train_classifier` from a fresh init on ``ds.x_train`` (labels ``y_train``,
+  default the clean ones); ``on_step(i, state)`` sees every step. Returns ``(state, history)``."""
   k_init, k_fit = jax.random.split(key)
-  state = step.init(module.init(k_init, ds.x_train[:2]), ds.x_train[:2])
+  k_data, k_drop = jax.random.split(k_fit)
   y = ds.y_train if y_train is None else y_train
-  return runner.fit(step, state, ds.x_train, y, steps, k_fit, desc, on_step)
+  return train.train_classifier(
+      module, module.init(k_init, ds.x_train[:2]), ds.x_train, y,
+      optimizer=_to_dict(opt_cfg or runner.config.optimizer), steps=steps,
+      batch_size=runner.batch_size, data_key=k_data, dropout_key=k_drop,
+      step=runner.train_step(module, steps, opt_cfg), desc=desc, progress=runner.progress,
+      on_step=on_step)
 
 
 def _students(runner: _Runner, name: str, dcfg: Mapping, specs: dict, seeds: Sequence[int],

@@ -38,7 +38,6 @@ from absl import logging
 
 from kfuse import adapt, models, train
 from kfuse.data import corruptions as corr
-from kfuse.data import iterate
 from kfuse.bench.common import (
     to_dict as _to_dict, plain as _plain, check_workdir as _check_workdir,
     write_text as _write_atomic, method_entries)
@@ -84,14 +83,11 @@ def method_specs(methods_cfg: Any) -> list[dict]:
 def train_source(model, ds, cfg: Mapping, key: jax.Array, progress: bool) -> tuple[PyTree, list]:
   """Train ``model`` on the clean training split; returns ``(variables, history)``."""
   k_init, k_data, k_drop = jax.random.split(key, 3)
-  variables = model.init(k_init, ds.x_train[:2])
-  steps = int(cfg["steps"])
-  tx = train.make_optimizer(cfg["optimizer"], steps)
-  step = train.make_train_step(model, tx)
-  state = train.init_state_from_variables(variables, tx)
-  batches = train.batches(k_data, ds.x_train, ds.y_train, int(cfg["batch_size"]))
-  state, history = train.fit(step, state, batches, steps, k_drop, desc="source",
-                             log_every=int(cfg.get("log_every", 500)), progress=progress)
+  state, history = train.train_classifier(
+      model, model.init(k_init, ds.x_train[:2]), ds.x_train, ds.y_train,
+      optimizer=cfg["optimizer"], steps=int(cfg["steps"]), batch_size=int(cfg["batch_size"]),
+      data_key=k_data, dropout_key=k_drop, desc="source", log_every=int(cfg.get("log_every", 500)),
+      progress=progress)
   return jax.device_get(state.variables), history
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import types
 
 import ml_collections
 import pytest
@@ -87,6 +88,17 @@ def test_config_variants_and_errors(tmp_path):
   config.protocols = ("episodic",)
   with pytest.raises(KfuseError, match="protocols"):
     tta_bench.run(config)
+
+
+def test_shipped_methods_build_with_kfuse_optim_optimizers():
+  """Every method entry of the full config builds: its optimizer follows the `kfuse.optim` schema."""
+  model = types.SimpleNamespace(apply=lambda v, x, train=False: x)
+  specs = {s["label"]: s for s in tta_bench.method_specs(_config_module().get_config().methods)}
+  for spec in specs.values():
+    tta_bench._build(spec, model, {"train": False})
+  old_sgd = dict(name="sgd", learning_rate=2.5e-4, momentum=0.9)   # pre-kfuse.optim form
+  with pytest.raises(KfuseError, match="methods.sar: optimizer.momentum: unknown field"):
+    tta_bench._build(dict(specs["sar"], optimizer=old_sgd), model, {"train": False})
 
 
 @pytest.mark.slow

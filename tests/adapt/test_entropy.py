@@ -30,6 +30,19 @@ def _mean_entropy(logits):
   return -(jnp.exp(logp) * logp).sum(-1).mean()
 
 
+def _sgd_reference(v, x, lr, momentum):
+  """Two hand-written heavy-ball SGD steps (m ← μ·m + g, θ ← θ − lr·m) on Tent's loss, the mean
+  entropy of the explicit TinyBN, over its BN (scale, bias): the three iterates."""
+  loss = lambda s, b: _mean_entropy(_explicit_tiny_bn(v, x, s, b))
+  theta = [(v["params"]["bn"]["scale"], v["params"]["bn"]["bias"])]
+  m = (0.0, 0.0)
+  for _ in range(2):
+    g = jax.grad(loss, (0, 1))(*theta[-1])
+    m = tuple(momentum * mi + gi for mi, gi in zip(m, g))
+    theta.append(tuple(t - lr * mi for t, mi in zip(theta[-1], m)))
+  return theta
+
+
 def test_tent_single_step_matches_hand_computation():
   model, v, x = tiny_bn(batch=8)
   lr = 1e-3
@@ -58,17 +71,12 @@ def test_tent_steps_return_last_forward():
   lr = 0.5
   tta2 = adapt.tent(model, optimizer=optax.sgd(lr), steps=2)
   s2, l2, _ = run_step(tta2, tta2.init(v, {"x": x}), x)
-  # hand-written reference: two SGD steps on the mean entropy of the explicit model
-  loss = lambda s, b: _mean_entropy(_explicit_tiny_bn(v, x, s, b))
-  s0, b0 = v["params"]["bn"]["scale"], v["params"]["bn"]["bias"]
-  gs, gb = jax.grad(loss, (0, 1))(s0, b0)
-  s1, b1 = s0 - lr * gs, b0 - lr * gb
-  gs, gb = jax.grad(loss, (0, 1))(s1, b1)
+  (s0, b0), (s1, b1), (want_s, want_b) = _sgd_reference(v, x, lr, 0.0)
   want = _explicit_tiny_bn(v, x, s1, b1)                 # the second forward's logits
   np.testing.assert_allclose(l2, want, rtol=1e-4, atol=1e-5)
   assert not np.allclose(l2, _explicit_tiny_bn(v, x, s0, b0), atol=1e-3)   # not the first forward
-  np.testing.assert_allclose(s2.variables["params"]["bn"]["scale"], s1 - lr * gs, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(s2.variables["params"]["bn"]["bias"], b1 - lr * gb, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["scale"], want_s, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["bias"], want_b, rtol=1e-4, atol=1e-6)
   with pytest.raises(KfuseError, match="steps"):
     adapt.tent(model, steps=0)
 
@@ -215,3 +223,24 @@ def test_sar_model_recovery_and_ema_quirk():
   tta = adapt.sar(apply)
   s, _, m = run_step(tta, tta.init(v, {"x": x}), jnp.zeros((4, 3)))
   assert float(m["num_selected"]) == 0 and not bool(s.has_ema)
+
+
+def test_registry_optimizer_config_is_the_kfuse_optim_schema():
+  """``adapt.make`` reads `kfuse.optim` configs: extra optax arguments under ``kwargs``."""
+  model, v, x = tiny_bn(batch=8)
+  lr = 0.5
+  sgd = dict(name="sgd", learning_rate=lr, kwargs=dict(momentum=0.9))
+  tta = adapt.make("tent", model, optimizer=sgd, steps=2)
+  s2, _, _ = run_step(tta, tta.init(v, {"x": x}), x)
+  _, _, (want_s, want_b) = _sgd_reference(v, x, lr, 0.9)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["scale"], want_s, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s2.variables["params"]["bn"]["bias"], want_b, rtol=1e-4, atol=1e-6)
+  assert adapt.default_config("sar")["optimizer"] == dict(name="sgd", learning_rate=2.5e-4,
+                                                          kwargs=dict(momentum=0.9))
+  # the old top-level form would silently drop the momentum: it is an error naming the field
+  with pytest.raises(KfuseError, match=r"optimizer.momentum: unknown field.*optimizer.kwargs"):
+    adapt.make("sar", model, optimizer=dict(name="sgd", learning_rate=lr, momentum=0.9))
+  # a stream has no length: decaying schedules are refused, a constant one after warm-up is fine
+  with pytest.raises(KfuseError, match="optimizer.schedule: 'cosine'"):
+    adapt.make("tent", model, optimizer=dict(name="adam", schedule="cosine"))
+  adapt.make("tent", model, optimizer=dict(name="adam", warmup_steps=10))
