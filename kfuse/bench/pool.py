@@ -529,7 +529,8 @@ def load_pool(path: str, expect: Mapping | None = None, *, tasks: Sequence[str] 
   expect = plain(to_dict(expect)) if expect is not None else {}
   want = _expected_backbone(expect)
   if want is not None:
-    diff = _first_difference(man["backbone"], want, "model")
+    diff = (_first_difference(man["backbone"]["name"], want["name"], "model.name")
+            or _first_difference(man["backbone"], want, "model"))
     if diff:
       raise KfuseError(f"pool {path}: built with backbone {man['backbone']['name']} but the config"
                        f" names another ({diff.replace('.kwargs', '')}, pool != config)")
