@@ -129,3 +129,21 @@ def test_symmetry_labels():
 def test_describe_lists_every_task():
   table = it.describe()
   assert all(f"`{n}`" in table for n in it.TASK_NAMES)
+
+
+def test_pretraining_can_hold_out_whole_sources(cache):
+  held = ["letters_sans", "texture"]
+  doms = it.pretrain_domains(held)
+  assert len(doms) == 27 and "source:texture" not in doms and "source:shapes" in doms
+  pre = it.pretrain_mixture(per_domain=20, cache=cache, exclude=held)
+  assert pre.num_classes == 27
+  full = it.pretrain_mixture(per_domain=20, cache=cache)
+  # the held-out sources' draws are exactly the ones missing from the mixture
+  drop = set()
+  for n in held:
+    x, _ = it.generate(it.SPECS[n], 20, 0, it.PRETRAIN_STREAM)
+    drop |= _hashes(x)
+  all_full = _hashes(np.concatenate([full.x_train, full.x_val]))
+  assert _hashes(np.concatenate([pre.x_train, pre.x_val])) == all_full - drop
+  with pytest.raises(KfuseError, match="unknown image task 'textures'"):
+    it.pretrain_domains(["textures"])

@@ -73,6 +73,9 @@ def test_manifest_records_tasks_seeds_config_and_hashes(built):
     assert e["expert"]["sha256"] == _reference_hash(expert)
     assert e["probe"]["sha256"] == _reference_hash(probe)
     assert set(probe["params"]) == {"head"}
+    # finetune.trainable='backbone': the expert keeps the probe's head bit for bit
+    for a, b in zip(jax.tree.leaves(probe["params"]["head"]), jax.tree.leaves(expert["params"]["head"])):
+      np.testing.assert_array_equal(a, b)
     # the expert is fine-tuned from the pretrained backbone: same structure, moved weights
     b0, b1 = pre["params"]["backbone"], expert["params"]["backbone"]
     assert jax.tree.structure(b0) == jax.tree.structure(b1)
@@ -176,6 +179,8 @@ def test_config_errors_before_any_work(tmp_path):
   with pytest.raises(KfuseError, match=r"config.finetune.optimizer.warmup_steps"):
     pool.resolve_config({**TINY, "finetune": {"optimizer": {"name": "adam", "schedule": "cosine",
                                                             "warmup_steps": 600}}})
+  with pytest.raises(KfuseError, match=r"config.finetune.trainable: unknown value 'backbon' \(did you mean 'backbone'\?\)"):
+    pool.resolve_config({"finetune": {"trainable": "backbon"}})
   assert not os.listdir(tmp_path)
 
 

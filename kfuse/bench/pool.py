@@ -9,8 +9,10 @@ same pretrained checkpoint and the same fine-tuned experts for every method.
    throw-away head on the broad pretraining mixture (`image_tasks.pretrain_mixture`,
    disjoint from every task's data);
 2. per task: a linear probe on the frozen pretrained backbone (the weak
-   "zero-shot" baseline's head), then fine-tune backbone + head from it
-   (LP-FT, Kumar et al. 2022) -> the task's expert;
+   "zero-shot" baseline's head), then fine-tune the backbone from it with that
+   head frozen (``finetune.trainable='backbone'``, as task arithmetic fine-tunes
+   CLIP under its fixed zero-shot head; ``'all'``: LP-FT, Kumar et al. 2022)
+   -> the task's expert;
 3. save every model as an Orbax checkpoint and write ``manifest.json``::
 
      <path>/manifest.json        written last, atomically: its presence = a complete pool
@@ -75,17 +77,24 @@ PROGRESS = "progress.json"
 DEFAULT_CONFIG: dict = {
     "seed": 0,
     "tasks": list(image_tasks.PROTOCOLS[8]),
-    "data": {"seed": 0, "sizes": [2000, 500, 1000], "pretrain_per_domain": 1000},
+    # pretrain_exclude_tasks: leave the pool's own tasks' generators out of the pretraining
+    # mixture (held-out sources) instead of only drawing disjoint samples from them
+    "data": {"seed": 0, "sizes": [2000, 500, 1000], "pretrain_per_domain": 1000,
+             "pretrain_exclude_tasks": False},
     "model": {"name": "vit", "patch_size": 4, "dim": 64, "depth": 4, "num_heads": 4},
     "pretrain": {"steps": 2000, "batch_size": 128,
                  "optimizer": {"name": "adamw", "learning_rate": 1e-3, "schedule": "cosine",
                                "warmup_steps": 100}},
     "probe": {"steps": 300, "batch_size": 128,
               "optimizer": {"name": "adam", "learning_rate": 1e-2}},
-    "finetune": {"steps": 500, "batch_size": 128,
+    # trainable "backbone": the probe head stays frozen during fine-tuning, as task arithmetic
+    # fine-tunes CLIP with the zero-shot head fixed (Ilharco et al. 2023), so every model of
+    # the pool shares each task's head; "all" also fine-tunes the head (LP-FT).
+    "finetune": {"steps": 500, "batch_size": 128, "trainable": "backbone",
                  "optimizer": {"name": "adamw", "learning_rate": 5e-4, "schedule": "cosine",
                                "warmup_steps": 50}},
 }
+TRAINABLE = {"backbone": ("backbone",), "all": None}
 
 PRESETS: dict[str, dict] = {
     "default": {},
@@ -108,8 +117,9 @@ PRESETS: dict[str, dict] = {
 
 _PHASE = {"steps": int, "batch_size": int, "optimizer": optim.OPTIMIZER_SCHEMA}
 SCHEMA = {"seed": int, "tasks": list, "model": dict,
-          "data": {"seed": int, "sizes": list, "pretrain_per_domain": int},
-          "pretrain": _PHASE, "probe": _PHASE, "finetune": _PHASE}
+          "data": {"seed": int, "sizes": list, "pretrain_per_domain": int,
+                   "pretrain_exclude_tasks": bool},
+          "pretrain": _PHASE, "probe": _PHASE, "finetune": {**_PHASE, "trainable": str}}
 
 
 # ------------------------------------------------------------------ config
@@ -157,6 +167,11 @@ def resolve_config(config: Mapping | None = None) -> dict:
       optim.make_optimizer(cfg[phase]["optimizer"], int(cfg[phase]["steps"]))
     except KfuseError as e:
       raise KfuseError(f"config.{phase}.{e}") from None
+  if cfg["finetune"]["trainable"] not in TRAINABLE:
+    from kfuse.registry import suggest
+    v = cfg["finetune"]["trainable"]
+    raise KfuseError(f"config.finetune.trainable: unknown value {v!r}{suggest(v, TRAINABLE)};"
+                     f" known: {', '.join(TRAINABLE)}")
   _backbone(cfg)  # the model name and its arguments
   models.get_model(cfg["model"]["name"], num_classes=2, **_model_kwargs(cfg))
   return cfg
@@ -306,15 +321,17 @@ def _task_key(cfg: Mapping, task: str) -> jax.Array:
 
 
 def _pretrain(cfg: Mapping, cache: str | None, progress: bool) -> tuple[dict, dict]:
+  exclude = cfg["tasks"] if cfg["data"]["pretrain_exclude_tasks"] else ()
   data = image_tasks.pretrain_mixture(seed=int(cfg["data"]["seed"]),
-                                      per_domain=int(cfg["data"]["pretrain_per_domain"]), cache=cache)
+                                      per_domain=int(cfg["data"]["pretrain_per_domain"]),
+                                      cache=cache, exclude=exclude)
   key = jax.random.fold_in(jax.random.PRNGKey(int(cfg["seed"])), 0)
   k_init, k_fit = jax.random.split(key)
   model = _model(cfg, data.num_classes)
   variables = jax.tree.map(np.asarray, model.init(k_init, data.x_train[:1]))
   variables = _fit(cfg, "pretrain", variables, data.x_train, data.y_train, data.num_classes, k_fit,
                    progress=progress)
-  info = {"num_classes": data.num_classes, "classes": list(image_tasks.pretrain_domains()),
+  info = {"num_classes": data.num_classes, "classes": list(image_tasks.pretrain_domains(exclude)),
           "train_size": len(data.y_train), "val_size": len(data.y_val),
           "val_accuracy": _accuracy(cfg, variables, data.num_classes, data.x_val, data.y_val)}
   return variables, info
@@ -330,7 +347,8 @@ def _build_task(cfg: Mapping, task: str, backbone: PyTree, cache: str | None,
   head = _model(cfg, k).init(k_init, ds.x_train[:1])["params"]["head"]
   variables = models.with_params(backbone, jax.tree.map(np.asarray, head))
   probed = _fit(cfg, "probe", variables, ds.x_train, ds.y_train, k, k_probe, ("head",), progress)
-  expert = _fit(cfg, "finetune", probed, ds.x_train, ds.y_train, k, k_ft, None, progress)
+  expert = _fit(cfg, "finetune", probed, ds.x_train, ds.y_train, k, k_ft,
+                TRAINABLE[cfg["finetune"]["trainable"]], progress)
   acc = {f"{who}_{split}": _accuracy(cfg, v, k, getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}"))
          for who, v in (("pretrained", probed), ("expert", expert)) for split in ("val", "test")}
   info = {"num_classes": k, "class_names": list(ds.class_names), "source": ds.source,

@@ -622,32 +622,47 @@ def load_tasks(names: Sequence[str] | int, **kwargs) -> list[ImageTask]:
   return [load_task(n, **kwargs) for n in names]
 
 
-def pretrain_domains() -> tuple[str, ...]:
-  """The pretraining mixture's label names: one per source domain, then the held-out Greek letters."""
-  doms = tuple(f"source:{n}" for n in TASK_NAMES if n != "sk_digits")
+def _check_exclude(exclude: Sequence[str]) -> tuple[str, ...]:
+  for n in exclude:
+    _spec(n)
+  return tuple(n for n in TASK_NAMES if n in set(exclude))
+
+
+def pretrain_domains(exclude: Sequence[str] = ()) -> tuple[str, ...]:
+  """The pretraining mixture's label names: one per source domain, then the held-out Greek letters.
+
+  ``exclude``: task names whose generators the mixture leaves out entirely
+  (held-out sources: the pretrained model never sees their kind of image).
+  """
+  exclude = set(_check_exclude(exclude)) | {"sk_digits"}
+  doms = tuple(f"source:{n}" for n in TASK_NAMES if n not in exclude)
   return doms + tuple(f"greek:{c}" for c in GREEK)
 
 
-def pretrain_mixture(*, seed: int = 0, per_domain: int = 1000, cache: str | None = None
-                     ) -> sources.Dataset:
+def pretrain_mixture(*, seed: int = 0, per_domain: int = 1000, cache: str | None = None,
+                     exclude: Sequence[str] = ()) -> sources.Dataset:
   """The broad pretraining set (the CLIP analogue), disjoint from every task's data.
 
   Labels (`pretrain_domains`): for each task but sklearn digits, which
   source produced the image (``per_domain`` fresh draws from stream
   `PRETRAIN_STREAM`; MNIST-1D from generator seed `MNIST1D_PRETRAIN_SEED`);
-  then Greek letters (held-out generator, ``per_domain`` per letter... total
-  ``per_domain`` x 2). A 10 % validation split is carved off.
+  then Greek letters (held-out generator, ``2 * per_domain`` images over its
+  10 classes). ``exclude`` drops those tasks' generators from the mixture
+  (see `pretrain_domains`). A 10 % validation split is carved off.
   """
+  exclude = _check_exclude(exclude)
   if isinstance(per_domain, bool) or not isinstance(per_domain, int) or per_domain < 10:
     raise KfuseError(f"pretrain.per_domain: expected an int >= 10, got {per_domain!r}")
   path = os.path.join(sources.cache_dir(cache), "image_tasks",
-                      f"pretrain_seed{int(seed)}_n{per_domain}_v{VERSION}.npz")
+                      f"pretrain_seed{int(seed)}_n{per_domain}_v{VERSION}"
+                      + (f"_ex{zlib.crc32(','.join(exclude).encode()):08x}" if exclude else "")
+                      + ".npz")
 
   def build():
     xs, ys = [], []
     label = 0
     for name in TASK_NAMES:
-      if name == "sk_digits":
+      if name == "sk_digits" or name in exclude:
         continue
       if name == "mnist1d_plot":
         sig, _ = sources.mnist1d_pool(max(per_domain, 10), MNIST1D_PRETRAIN_SEED + int(seed),
@@ -667,7 +682,7 @@ def pretrain_mixture(*, seed: int = 0, per_domain: int = 1000, cache: str | None
   x_tr, y_tr, x_va, y_va = sources.split(a["x"], a["y"], 0.1, seed)
   return sources.Dataset(name="pretrain_mixture", x_train=x_tr, y_train=y_tr, x_val=x_va,
                          y_val=y_va, x_test=x_va[:0], y_test=y_va[:0],
-                         num_classes=len(pretrain_domains()), shape=(SIZE, SIZE))
+                         num_classes=len(pretrain_domains(exclude)), shape=(SIZE, SIZE))
 
 
 def describe(names: Sequence[str] = TASK_NAMES) -> str:
