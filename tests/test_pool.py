@@ -179,7 +179,8 @@ def test_config_errors_before_any_work(tmp_path):
   with pytest.raises(KfuseError, match=r"config.finetune.optimizer.warmup_steps"):
     pool.resolve_config({**TINY, "finetune": {"optimizer": {"name": "adam", "schedule": "cosine",
                                                             "warmup_steps": 600}}})
-  with pytest.raises(KfuseError, match=r"config.finetune.trainable: unknown value 'backbon' \(did you mean 'backbone'\?\)"):
+  with pytest.raises(KfuseError, match=r"config.finetune.trainable: unknown value 'backbon'"
+                                       r" \(did you mean 'backbone'\?\)"):
     pool.resolve_config({"finetune": {"trainable": "backbon"}})
   assert not os.listdir(tmp_path)
 
@@ -248,7 +249,8 @@ def test_resume_retrains_a_finished_part_whose_hash_changed(built, tmp_path, cac
   monkeypatch.setattr(pool, "_build_task", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
   manifest = pool.build_pool(TINY, path, cache=cache)
   assert calls == ["shapes", "texture"]
-  assert manifest["experts"]["shapes"]["expert"]["sha256"] == built[1]["experts"]["shapes"]["expert"]["sha256"]
+  want = built[1]["experts"]["shapes"]["expert"]["sha256"]
+  assert manifest["experts"]["shapes"]["expert"]["sha256"] == want   # retrained to the same expert
 
 
 def test_cli_builds_and_reports(tmp_path, cache, capsys):

@@ -1,4 +1,4 @@
-"""Twenty offline image classification tasks from genuinely different sources, and a disjoint pretraining mixture.
+"""Twenty offline 16 x 16 image tasks from different sources, and a disjoint pretraining mixture.
 
 The suite behind the literature-shaped merging benchmark (FusionBench's
 8 / 14 / 20-task CLIP protocols, Tang et al. 2024; task arithmetic, Ilharco
@@ -487,7 +487,6 @@ def _lissajous(rng, y):
 
 # ------------------------------------------------------------------ the suite
 
-_GEN = "generated"
 SPECS: dict[str, TaskSpec] = {s.name: s for s in [
     TaskSpec("sk_digits", "sklearn", tuple("0123456789"),
              "real handwriting (sklearn digits, upsampled): the one natural-image source", None),
