@@ -19,13 +19,14 @@ typed defaults the config declares::
 from __future__ import annotations
 
 import ast
+import fnmatch
 from typing import Any, Callable, Optional
 
 import ml_collections
 
 from kfuse.errors import KfuseError
 
-__all__ = ["parse_arg", "one_of", "RENAMED", "merge_method_params", "merge_param_docs"]
+__all__ = ["parse_arg", "one_of", "RENAMED", "renamed", "merge_method_params", "merge_param_docs"]
 
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
@@ -69,10 +70,28 @@ def one_of(*choices: str) -> Callable[[str], str]:
   return convert
 
 
+def _items(arg: str) -> list[str]:
+  """``arg`` split at the commas outside brackets and quotes (``w=(8, 16),q`` is two items)."""
+  items, depth, quote, start = [], 0, "", 0
+  for i, ch in enumerate(arg):
+    if quote:
+      quote = "" if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      items.append(arg[start:i])
+      start = i + 1
+  return items + [arg[start:]]
+
+
 def _split(arg: str) -> list[tuple[Optional[str], str]]:
   """``"a,k=v"`` -> ``[(None, 'a'), ('k', 'v')]``."""
   out = []
-  for item in arg.split(","):
+  for item in _items(arg):
     if not item.strip():
       continue
     key, eq, value = item.partition("=")
@@ -119,24 +138,34 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec: Any) -> ml_collect
   return result
 
 
-# Old field name -> the vocabulary's name (WORKSPACE.md, "Config vocabulary"); the CLI
-# adds "(did you mean 'new'? renamed)" when an override uses an old name.
+# Retired field paths (``*`` = any label) -> the vocabulary's name for them (WORKSPACE.md,
+# "Config vocabulary"); the CLI answers an override of one with "(did you mean 'new'? ...)".
 RENAMED = {
-    "suite": "name",               # merge_bench data.suite
-    "method": "name",              # methods.<label>.method (merge_bench, tta_bench)
-    "fisher_samples": "fisher",    # tta_bench source.fisher_samples -> source.fisher.samples
-    "fisher_batch_size": "fisher",  # tta_bench source.fisher_batch_size -> source.fisher.batch_size
-    "output": "output_dir",
+    "data.suite": "name",                          # merge_bench
+    "methods.*.method": "name",                    # merge_bench, tta_bench
+    "source.fisher_samples": "fisher",             # tta_bench: source.fisher.samples
+    "source.fisher_batch_size": "fisher",          # tta_bench: source.fisher.batch_size
+    "long.batch_size": "batch_size",               # tta_bench: the top-level batch_size
 }
 
 
+def renamed(path: str) -> Optional[str]:
+  """The new name of the retired field ``path`` (``"data.suite"`` -> ``"name"``), else None."""
+  for old, new in RENAMED.items():
+    if fnmatch.fnmatchcase(path, old):
+      return new
+  return None
+
+
 def _param_rows(method: str) -> tuple:
-  """The method's parameter rows from the generated table (else from the registry)."""
+  """The method's parameter rows from the generated table `kfuse.merge_params`."""
   from kfuse import merge_params   # generated, JAX-free
-  if method in merge_params.PARAMS:
-    return merge_params.PARAMS[method]
-  from kfuse.merge_params import rows_from_registry   # a method added after the table: JAX
-  return rows_from_registry(method)
+  from kfuse.registry import suggest
+  if method not in merge_params.PARAMS:
+    known = sorted(merge_params.PARAMS)
+    raise KfuseError(f"unknown merge method {method!r}{suggest(method, known)}; known: "
+                     f"{', '.join(known)}")
+  return merge_params.PARAMS[method]
 
 
 def merge_method_params(method: str) -> ml_collections.ConfigDict:
