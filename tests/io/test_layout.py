@@ -74,3 +74,19 @@ def test_one_class_per_name_across_the_package():
         where.setdefault(node.name, []).append(os.path.relpath(path, REPO))
   dup = {k: v for k, v in where.items() if len(v) > 1}
   assert not dup, dup
+
+
+def test_no_citations_of_documents_outside_the_repository():
+  """Code, configs, experiments and tests cite papers / reference implementations, never an
+  internal note ("SPEC §..."). kfuse/merge/kernels.py is on another branch (listed)."""
+  known = {"kfuse/merge/kernels.py"}
+  this = os.path.relpath(__file__, REPO)
+  found = set()
+  for top in ("kfuse", "configs", "experiments", "tests"):
+    for path in glob.glob(os.path.join(REPO, top, "**", "*"), recursive=True):
+      rel = os.path.relpath(path, REPO)
+      if not path.endswith((".py", ".md")) or rel in (this, "tests/merge/test_methods.py"):
+        continue
+      if "SPEC §" in open(path, encoding="utf-8").read():
+        found.add(rel)
+  assert found <= known, sorted(found - known)
