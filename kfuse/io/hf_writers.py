@@ -70,7 +70,35 @@ def _commit_shards(out_dir: str, tmps: list, shard_names: list, order: list, tot
   return written
 
 
-class HFWriter:
+def _weightless_dir(out_dir: str | os.PathLike, max_shard_bytes: int) -> str:
+  """``out_dir``, created, after checking it holds no weights and the shard size is valid."""
+  out_dir = os.fspath(out_dir)
+  if max_shard_bytes <= 0:
+    raise KfuseError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  os.makedirs(out_dir, exist_ok=True)
+  clash = [n for n in os.listdir(out_dir)
+           if n == INDEX_FILE or fnmatch.fnmatch(n, "model*.safetensors")]
+  if clash:
+    raise KfuseError(f"{out_dir}: already holds weights ({clash[0]}); write to an empty directory")
+  return out_dir
+
+
+class _Writer:
+  """A context manager that aborts (deletes its temporaries) when the block raises."""
+  _finished: bool
+
+  def abort(self) -> None:
+    raise NotImplementedError
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *rest) -> None:
+    if exc_type is not None and not self._finished:
+      self.abort()
+
+
+class HFWriter(_Writer):
   """Stream tensors into a HF model directory, holding at most one shard in memory.
 
   Shards are written to temporary files as they fill up and renamed to
@@ -81,17 +109,9 @@ class HFWriter:
 
   def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5_000_000_000,
                dtype: Any = None):
-    self.out_dir = os.fspath(out_dir)
-    if max_shard_bytes <= 0:
-      raise KfuseError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    self.out_dir = _weightless_dir(out_dir, max_shard_bytes)
     self.max_shard_bytes = int(max_shard_bytes)
     self.dtype = as_dtype(dtype)
-    os.makedirs(self.out_dir, exist_ok=True)
-    clash = [n for n in os.listdir(self.out_dir)
-             if n == INDEX_FILE or fnmatch.fnmatch(n, "model*.safetensors")]
-    if clash:
-      raise KfuseError(f"{self.out_dir}: already holds weights ({clash[0]}); write to an"
-                       " empty directory")
     self._pending: dict[str, np.ndarray] = {}
     self._pending_bytes = 0
     self._shards: list[tuple[str, list[str]]] = []  # (temp path, names)
@@ -144,15 +164,8 @@ class HFWriter:
                           [names for _, names in self._shards], self._order, self.total_size,
                           self.dtype, config, extra_files)
 
-  def __enter__(self) -> "HFWriter":
-    return self
 
-  def __exit__(self, exc_type, *rest) -> None:
-    if exc_type is not None and not self._finished:
-      self.abort()
-
-
-class PlannedHFWriter:
+class PlannedHFWriter(_Writer):
   """Write a HF model directory whose tensor list is known before any data exists.
 
   ``specs`` lists ``(name, shape, dtype)`` in output order. Shards are planned
@@ -172,15 +185,7 @@ class PlannedHFWriter:
                dtype: Any = None):
     import threading
     self.dtype = as_dtype(dtype)   # recorded as config.json's torch_dtype, as HFWriter does
-    self.out_dir = os.fspath(out_dir)
-    if max_shard_bytes <= 0:
-      raise KfuseError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    os.makedirs(self.out_dir, exist_ok=True)
-    clash = [n for n in os.listdir(self.out_dir)
-             if n == INDEX_FILE or fnmatch.fnmatch(n, "model*.safetensors")]
-    if clash:
-      raise KfuseError(f"{self.out_dir}: already holds weights ({clash[0]}); write to an"
-                       " empty directory")
+    self.out_dir = _weightless_dir(out_dir, max_shard_bytes)
     self._lock = threading.Lock()
     self._spec: dict[str, tuple] = {}
     self._order: list[str] = []
@@ -334,13 +339,6 @@ class PlannedHFWriter:
     self._close()
     return _commit_shards(self.out_dir, self._tmp, self._shards, self._order, self.total_size,
                           self.dtype, config, extra_files)
-
-  def __enter__(self) -> "PlannedHFWriter":
-    return self
-
-  def __exit__(self, exc_type, *rest) -> None:
-    if exc_type is not None and not self._finished:
-      self.abort()
 
 
 def check_free_space(directory: str, need: int) -> None:
