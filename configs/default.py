@@ -17,6 +17,8 @@ Override anything from the command line, e.g.
 
 import ml_collections
 
+from kfuse.configs import parse_arg
+
 
 def _optimizer(learning_rate, warmup_steps, weight_decay=0.0):
   """AdamW with warmup + cosine decay and gradient clipping."""
@@ -32,50 +34,50 @@ TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)      # disjoint *mean*: TIES paper
 
 
 def methods(lambdas=LAMBDAS, ties_lambdas=TIES_LAMBDAS, densities=(0.2,), drop_densities=(0.5,)):
-  """Every multi-model data-free method of `kfuse.merge`: label -> method, params, validation grid.
+  """Every multi-model data-free method of `kfuse.merge`: label -> name, params, validation grid.
 
   Each method's hyper-parameters are chosen on the tasks' validation splits
   (average accuracy) from its ``grid``, as in the papers.
   """
   lam = lambda: list(lambdas)
   return dict(
-      simple_average=dict(method="simple_average", params={}, grid={}),
-      task_arithmetic=dict(method="task_arithmetic", params=dict(weight=1.0),
+      simple_average=dict(name="simple_average", params={}, grid={}),
+      task_arithmetic=dict(name="task_arithmetic", params=dict(weight=1.0),
                            grid={"lambda": lam()}),
-      ties=dict(method="ties", params=dict(weight=1.0),                     # mergekit: mean
+      ties=dict(name="ties", params=dict(weight=1.0),                     # mergekit: mean
                 grid={"density": list(densities), "lambda": list(ties_lambdas)}),
-      ties_paper=dict(method="ties_paper", params=dict(disjoint="sum"),     # paper / FusionBench
+      ties_paper=dict(name="ties_paper", params=dict(disjoint="sum"),     # paper / FusionBench
                       grid={"k": list(densities), "lambda": lam()}),
-      dare_linear=dict(method="dare_linear", params=dict(weight=1.0),
+      dare_linear=dict(name="dare_linear", params=dict(weight=1.0),
                        grid={"density": list(drop_densities), "lambda": lam()}),
-      dare_ties=dict(method="dare_ties", params=dict(weight=1.0),
+      dare_ties=dict(name="dare_ties", params=dict(weight=1.0),
                      grid={"density": list(drop_densities), "lambda": lam()}),
-      breadcrumbs=dict(method="breadcrumbs", params=dict(weight=1.0, density=0.9, gamma=0.01),
+      breadcrumbs=dict(name="breadcrumbs", params=dict(weight=1.0, density=0.9, gamma=0.01),
                        grid={"lambda": lam()}),
-      breadcrumbs_ties=dict(method="breadcrumbs_ties",
+      breadcrumbs_ties=dict(name="breadcrumbs_ties",
                             params=dict(weight=1.0, density=0.9, gamma=0.01),
                             grid={"lambda": lam()}),
-      della=dict(method="della", params=dict(weight=1.0, epsilon=0.1),
+      della=dict(name="della", params=dict(weight=1.0, epsilon=0.1),
                  grid={"density": list(drop_densities), "lambda": list(ties_lambdas)}),
-      della_linear=dict(method="della_linear", params=dict(weight=1.0, epsilon=0.1),
+      della_linear=dict(name="della_linear", params=dict(weight=1.0, epsilon=0.1),
                         grid={"density": list(drop_densities), "lambda": lam()}),
-      model_stock=dict(method="model_stock", params={}, grid={}),
-      karcher=dict(method="karcher", params={}, grid={}),
-      multislerp=dict(method="multislerp", params={}, grid={}),
-      sce=dict(method="sce", params={}, grid={"select_topk": [0.1, 0.2, 0.5, 1.0]}),
-      varm=dict(method="varm", params={}, grid={}),
-      ram=dict(method="ram", params={}, grid={}),
-      ramplus_tl=dict(method="ramplus_tl", params={}, grid={}),
+      model_stock=dict(name="model_stock", params={}, grid={}),
+      karcher=dict(name="karcher", params={}, grid={}),
+      multislerp=dict(name="multislerp", params={}, grid={}),
+      sce=dict(name="sce", params={}, grid={"select_topk": [0.1, 0.2, 0.5, 1.0]}),
+      varm=dict(name="varm", params={}, grid={}),
+      ram=dict(name="ram", params={}, grid={}),
+      ramplus_tl=dict(name="ramplus_tl", params={}, grid={}),
   )
 
 
 def get_config(arg=None):
-  """The quick benchmark; ``arg`` is ignored (kept for ``--config=...:arg`` symmetry)."""
-  del arg
+  """The quick benchmark; takes no argument (the full one is ``configs/merge_bench.py``)."""
+  parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.task = "merge_bench"
   config.workdir = "workdirs/default"
-  config.overwrite = True
+  config.overwrite = False      # replace the results of an earlier run in workdir
   config.seed = 0
   config.progress = True
   config.eval_batch_size = 500
@@ -83,7 +85,7 @@ def get_config(arg=None):
   config.checkpoint_every = 500  # steps between train-state checkpoints (0: end of each phase)
 
   config.data = dict(
-      suite="mnist1d",       # mnist1d | digits
+      name="mnist1d",        # mnist1d | digits (the task suite's base dataset)
       num_tasks=4,           # first N transforms of the suite (see kfuse.data.tasks.SUITES)
       tasks=(),              # or explicit transform names, e.g. ("reverse", "permute")
       val_fraction=0.1,

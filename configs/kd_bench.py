@@ -19,7 +19,7 @@ Override anything, e.g. ``--config.seeds=0,1,2,3,4`` or
 
 import ml_collections
 
-from kfuse.tree import KfuseError
+from kfuse.configs import one_of, parse_arg
 
 
 def _optimizer(learning_rate=2e-3, warmup_steps=100, weight_decay=1e-4, schedule="cosine"):
@@ -74,13 +74,11 @@ def methods():
 
 def get_config(arg=None):
   """``arg``: None / 'full', or 'quick' (MNIST-1D only, short runs, <= 3 min on 2 cores)."""
-  variant = arg or "full"
-  if variant not in ("full", "quick"):
-    raise KfuseError(f"config: unknown kd_bench variant {variant!r}; use full or quick")
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick"))).variant
   config = ml_collections.ConfigDict()
   config.task = "kd_bench"
   config.workdir = f"workdirs/kd_bench_{variant}"
-  config.overwrite = True
+  config.overwrite = False       # replace the results of an earlier run in workdir
   config.seed = 0
   config.seeds = (0, 1, 2)
   config.progress = False

@@ -16,18 +16,13 @@ unset), so any of them can be set with --config.params.NAME=VALUE
 """
 
 import ml_collections
-from ml_collections.config_dict import FieldReference
 
-from kfuse.merge import get_method, REQUIRED
-
-
-def _field(name):
-  return "lambda_" if name == "lambda" else name  # `lambda` cannot be a flag path
+from kfuse.configs import merge_method_params, merge_param_docs, parse_arg
 
 
 def get_config(arg=None):
-  method = arg or "task_arithmetic"
-  m = get_method(method)
+  """``arg``: the method (default task_arithmetic), e.g. ``ties`` or ``method=ties``."""
+  method = parse_arg(arg, method="task_arithmetic").method
   config = ml_collections.ConfigDict()
   config.task = "merge"
   config.method = method
@@ -48,21 +43,11 @@ def get_config(arg=None):
   # numerics (WORKSPACE.md, "Method-author conventions")
   config.allow_nonfinite = False  # write results holding NaN/Inf instead of refusing them
   config.overflow = "error"       # values a down-cast turns into inf: error | clamp (to ±max)
-  params = ml_collections.ConfigDict()
-  for p in m.params:
-    # any literal type (a number, a per-model list, a gradient, rules); unset = None
-    params[_field(p.name)] = FieldReference(None if p.default is REQUIRED else p.default,
-                                            field_type=object)
-  config.params = params
+  # the method's parameters with their defaults (required: None); any literal type
+  config.params = merge_method_params(method)
   return config
 
 
 def field_docs(arg=None):
   """One line per method parameter for `--help` (from the method's registry entry)."""
-  m = get_method(arg or "task_arithmetic")
-  docs = {}
-  for p in m.params:
-    what = ("required; " if p.default is REQUIRED else "") + (
-        "one value per model, or one for all; " if p.per_model else "") + p.kind.__name__
-    docs[f"params.{_field(p.name)}"] = f"{p.doc} ({what})" if p.doc else f"({what})"
-  return docs
+  return merge_param_docs(parse_arg(arg, method="task_arithmetic").method)

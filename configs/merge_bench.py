@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from kfuse.tree import KfuseError
+from kfuse.configs import one_of, parse_arg
 
 
 def _default_module():
@@ -33,19 +33,17 @@ def _full_methods(default):
 
 def get_config(arg=None):
   """``arg``: None / 'full' (8 MNIST-1D tasks), 'quick' (the default run), 'digits'."""
-  variant = arg or "full"
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick", "digits"))).variant
   default = _default_module()
   config = default.get_config()
   if variant == "quick":
     return config
-  if variant not in ("full", "digits"):
-    raise KfuseError(f"config: unknown merge_bench variant {variant!r}; use full, quick or digits")
   config.workdir = f"workdirs/merge_bench_{variant}"
   config.data.num_tasks = 8
   config.finetune.steps = 1500
   config.methods = ml_collections.ConfigDict(_full_methods(default), sort_keys=False)
   if variant == "digits":
-    config.data.suite = "digits"
+    config.data.name = "digits"
     config.data.pretrain_samples = 0  # no generator for digits: pretrain on its base split
     config.pretrain.steps = 1500
     config.finetune.steps = 600

@@ -11,16 +11,19 @@ same flags on every host (WORKSPACE.md, "Scale").
 
 import ml_collections
 
+from kfuse.configs import parse_arg
+
 
 def get_config(arg=None):
+  """``arg``: the YAML path (or ``yaml=PATH``)."""
   config = ml_collections.ConfigDict()
   config.task = "mergekit"
-  config.yaml = arg or ""
-  config.output_dir = ""
-  config.overwrite = False
-  config.seed = 0
-  config.out_shard_bytes = 5_000_000_000
-  config.progress = True
+  config.yaml = parse_arg(arg, yaml="").yaml   # the mergekit YAML
+  config.output_dir = ""          # where the merged model is written; never inside an input
+  config.overwrite = False        # replace an existing output_dir (never an input)
+  config.seed = 0                 # key for random methods (DARE, DELLA)
+  config.out_shard_bytes = 5_000_000_000   # largest output shard
+  config.progress = True          # progress bar on stderr
   # scale (WORKSPACE.md, "Scale: streaming, sharding, multi-host")
   config.num_devices = 0          # >1: shard every tensor over this many devices
   config.prefetch_bytes = 0       # input bytes held at once; 0: largest tensor's inputs

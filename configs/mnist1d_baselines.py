@@ -13,7 +13,7 @@ accuracy after the last step). Paper targets: 32 / 68 / 94 %. The extra
 
 import ml_collections
 
-from kfuse.tree import KfuseError
+from kfuse.configs import one_of, parse_arg
 
 
 def _run(model, paper, steps=6000, learning_rate=1e-2, batch_size=100, **opt):
@@ -23,10 +23,11 @@ def _run(model, paper, steps=6000, learning_rate=1e-2, batch_size=100, **opt):
 
 def get_config(arg=None):
   """``arg``: None (full, 3 seeds) or 'quick' (1 seed, 2,000 steps)."""
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick"))).variant
   config = ml_collections.ConfigDict()
   config.task = "mnist1d_baselines"
   config.workdir = "workdirs/mnist1d_baselines"
-  config.overwrite = True
+  config.overwrite = False      # replace the results of an earlier run in workdir
   config.progress = True
   config.seeds = (0, 1, 2)
   config.eval_batch_size = 1000
@@ -40,11 +41,9 @@ def get_config(arg=None):
       # not in the paper: kfuse's default ResNet-style cnn1d with BatchNorm
       resnet1d=_run(dict(name="cnn1d", widths=(32, 64), kernel_size=5, pool="flatten"), None),
   ), sort_keys=False)
-  if arg == "quick":
+  if variant == "quick":
     config.workdir = "workdirs/mnist1d_baselines_quick"
     config.seeds = (0,)
     for spec in config.models.values():
       spec.steps = 2000
-  elif arg not in (None, "", "full"):
-    raise KfuseError(f"config: unknown mnist1d_baselines variant {arg!r}; use full or quick")
   return config

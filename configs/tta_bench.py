@@ -23,41 +23,39 @@ Override from the command line, e.g. ``--config.batch_size=64
 
 import ml_collections
 
-from kfuse.tree import KfuseError
+from kfuse.configs import one_of, parse_arg
 
 
 def methods():
   adam = dict(name="adam", learning_rate=1e-3)
   return dict(
-      source=dict(method="source", optimizer=None, params={}),
-      bn_adapt=dict(method="bn_adapt", optimizer=None, params=dict(prior=0.0)),
-      tent=dict(method="tent", optimizer=adam, params=dict(steps=1, episodic=False)),
-      eta=dict(method="eta", optimizer=adam, params=dict(e_margin_scale=0.4, d_margin=0.4)),
-      eata=dict(method="eata", optimizer=adam,
+      source=dict(name="source", optimizer=None, params={}),
+      bn_adapt=dict(name="bn_adapt", optimizer=None, params=dict(prior=0.0)),
+      tent=dict(name="tent", optimizer=adam, params=dict(steps=1, episodic=False)),
+      eta=dict(name="eta", optimizer=adam, params=dict(e_margin_scale=0.4, d_margin=0.4)),
+      eata=dict(name="eata", optimizer=adam,
                 params=dict(e_margin_scale=0.4, d_margin=0.4, fisher_alpha=1.0)),
-      sar=dict(method="sar", optimizer=dict(name="sgd", learning_rate=2.5e-4,
-                                             kwargs=dict(momentum=0.9)),
+      sar=dict(name="sar", optimizer=dict(name="sgd", learning_rate=2.5e-4,
+                                           kwargs=dict(momentum=0.9)),
                params=dict(e_margin_scale=0.4, rho=0.05, reset_constant=0.2,
                            exclude=(r"backbone/layers_1/",))),
-      cotta=dict(method="cotta", optimizer=adam,
+      cotta=dict(name="cotta", optimizer=adam,
                  params=dict(mt=0.999, rst=0.01, ap=0.92, n_augment=32)),
-      rotta=dict(method="rotta", optimizer=adam,
+      rotta=dict(name="rotta", optimizer=adam,
                  params=dict(alpha=0.05, nu=0.001, capacity=64, update_frequency=64)),
   )
 
 
 def get_config(arg=None):
   """``arg``: None / 'full' (the measured benchmark) or 'quick' (a <= 3 min smoke run)."""
-  variant = arg or "full"
-  if variant not in ("full", "quick"):
-    raise KfuseError(f"config: unknown tta_bench variant {variant!r}; use full or quick")
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick"))).variant
   config = ml_collections.ConfigDict()
   config.task = "tta_bench"
   config.workdir = f"workdirs/tta_bench_{variant}"
-  config.overwrite = True
+  config.overwrite = False          # replace the results of an earlier run in workdir
   config.seed = 0
   config.progress = True
-  config.batch_size = 200
+  config.batch_size = 200           # test batch of every adaptation stream (long one included)
   config.protocols = ("reset_per_shift", "continual")
   config.source_checkpoint = ""     # an Orbax checkpoint of the source variables skips training
 
@@ -76,14 +74,14 @@ def get_config(arg=None):
       steps=3000, batch_size=128, log_every=500,
       optimizer=dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=100,
                      kwargs=dict(weight_decay=1e-4)),
-      fisher_samples=2000, fisher_batch_size=64)   # EATA's Fisher: clean training samples
+      fisher=dict(samples=2000, batch_size=64))   # EATA's Fisher: clean training samples
   config.methods = ml_collections.ConfigDict(methods(), sort_keys=False)
-  config.long = dict(rounds=10, samples_per_domain=2000, batch_size=200,
+  config.long = dict(rounds=10, samples_per_domain=2000,
                      methods=("source", "bn_adapt", "tent", "eata", "sar", "cotta", "rotta"))
 
   if variant == "quick":
     config.data.pool = "test"       # 1000 signals per corruption
     config.source.steps = 800
-    config.long = dict(rounds=3, samples_per_domain=200, batch_size=200,
+    config.long = dict(rounds=3, samples_per_domain=200,
                        methods=("bn_adapt", "tent", "cotta", "rotta"))
   return config

@@ -14,8 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("adapt", "bench", "data", "distill", "io", "merge", "mergekit_compat", "models",
-               "protocol", "registry", "shard", "tasks", "train", "tree")
+_SUBMODULES = ("adapt", "bench", "configs", "data", "distill", "errors", "io", "merge",
+               "mergekit_compat", "models", "protocol", "registry", "shard", "tasks", "train", "tree")
 
 __all__ = ["__version__", *_SUBMODULES]
 

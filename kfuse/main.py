@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kfuse.errors import KfuseError
+
 config_flags.DEFINE_config_file("config", None, "Job configuration (a configs/*.py file).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Overrides config.workdir where the job has one.")
@@ -85,7 +87,7 @@ def load_config(spec: str) -> tuple[Any, Any, str]:
   """(module, config, path) for ``PATH.py[:ARG]``, as `config_flags` will load it."""
   path, sep, arg = spec.partition(":")
   if not os.path.isfile(path):
-    from kfuse.registry import suggest
+    from kfuse.registry import suggest   # JAX-free, like everything flag parsing imports
     names = [os.path.relpath(f) for f in config_files()]
     raise _Error(f"--config: config file {path} does not exist{suggest(path, names)}")
   mod_spec = importlib.util.spec_from_file_location("_kfuse_config", path)
@@ -103,9 +105,20 @@ def _children(node: Any) -> Optional[dict]:
   return None
 
 
+def _hint(path: str, known: list[str]) -> str:
+  """`` (did you mean 'x'?)`` for a retired name (`kfuse.configs.RENAMED`) or a typo of the
+  last part of ``path``, else the fields."""
+  from kfuse.configs import renamed
+  from kfuse.registry import suggest
+  new = renamed(path)
+  if new in known:
+    return f" (did you mean {new!r}? renamed, see WORKSPACE.md \"Config vocabulary\")"
+  part = path.rsplit(".", 1)[-1]
+  return suggest(part, known) or (f" (fields: {', '.join(known)})" if known else "")
+
+
 def check_overrides(argv: list[str], config: Any, path: str) -> None:
   """Every ``--config.A.B=V`` names an existing field (else: the closest one)."""
-  from kfuse.registry import suggest
   for a in argv:
     m = re.match(r"--(?:no)?config\.([^=]+)", a)
     if not m:
@@ -115,7 +128,7 @@ def check_overrides(argv: list[str], config: Any, path: str) -> None:
       kids = _children(node)
       if kids is None or part not in kids:
         known = sorted(kids or {})
-        hint = suggest(part, known) or (f" (fields: {', '.join(known)})" if known else "")
+        hint = _hint(".".join(walked + [part]), known)
         where = ".".join(["config"] + walked)
         raise _Error(f"--config.{m.group(1)}: {where} in {path} has no field {part!r}{hint}")
       node, walked = kids[part], walked + [part]
@@ -160,14 +173,14 @@ def _doc_for(name: str, docs: dict[str, str]) -> str:
 def help_text(spec: Optional[str]) -> str:
   """``--help``: the configs and tasks, or (with ``--config``) that config's fields."""
   if not spec:
-    from kfuse.tasks import ABOUT, TASKS
+    from kfuse.tasks import TASKS
     lines = [USAGE, "", "configs (--config=PATH[:ARG]):"]
     files = config_files()
     width = max([len(os.path.relpath(f)) for f in files] + [0])
     lines += [f"  {os.path.relpath(f):<{width}}  {_doc_line(f)}" for f in files]
     lines += ["", "tasks (config.task):"]
     width = max(len(t) for t in TASKS)
-    lines += [f"  {t:<{width}}  {ABOUT.get(t, TASKS[t])}" for t in sorted(TASKS)]
+    lines += [f"  {t:<{width}}  {TASKS.get(t).doc}" for t in TASKS.names()]
     lines += ["", "flags:", "  --config=PATH[:ARG]  the job (a configs/*.py file and its argument)",
               "  --config.FIELD=VALUE  override a field of the config",
               "  --workdir=DIR  overrides config.workdir where the job has one"]
@@ -200,7 +213,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _die(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
   except Exception as e:  # noqa: BLE001 — KfuseError, _Error, a config file's own error
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    _die(first if isinstance(e, _Error) or type(e).__name__ == "KfuseError"
+    _die(first if isinstance(e, (_Error, KfuseError))
          else f"--config={spec}: {type(e).__name__}: {first}")
   return []
 
@@ -211,7 +224,6 @@ def main(argv, setup: Optional[Callable[[], None]] = None):
   if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep runs readable
     logging.set_verbosity(logging.WARNING)
   from kfuse import tasks
-  from kfuse.tree import KfuseError
   try:
     if setup is not None:
       setup()                           # e.g. joining a multi-host run (kfuse.shard)

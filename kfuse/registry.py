@@ -23,7 +23,7 @@ import difflib
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from kfuse.tree import KfuseError
+from kfuse.errors import KfuseError
 
 __all__ = ["Entry", "Registry", "suggest"]
 

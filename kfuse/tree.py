@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kfuse.errors import KfuseError  # JAX-free home; re-exported here
+
 PyTree = Any
 
 __all__ = [
@@ -42,10 +44,6 @@ __all__ = [
     "cast",
     "resolve_dtype",
 ]
-
-
-class KfuseError(ValueError):
-  """A user-facing error: one line that names the file / key / shape at fault."""
 
 
 def _key_name(k) -> str:

@@ -15,7 +15,7 @@ def test_check_workdir_refuses_finished_results_unless_overwrite(tmp_path):
   wd = tmp_path / "run"
   assert common.check_workdir(str(wd), overwrite=False) == str(wd)    # created
   common.write_json(str(wd / "results.json"), {"a": 1.5})
-  with pytest.raises(KfuseError, match=r"already holds results.json; set config.overwrite=True"):
+  with pytest.raises(KfuseError, match=r"already holds results.json; pass --config.overwrite=True"):
     common.check_workdir(str(wd), overwrite=False)
   assert common.check_workdir(str(wd), overwrite=True) == str(wd)
   with pytest.raises(KfuseError, match="workdir: empty"):

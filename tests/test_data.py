@@ -135,7 +135,7 @@ def test_digits_suite_all_tasks():
 
 
 def test_suite_errors(cache):
-  with pytest.raises(KfuseError, match="data.suite"):
+  with pytest.raises(KfuseError, match="data.name"):
     make_suite("imagenet", 2)
   with pytest.raises(KfuseError, match="data.num_tasks"):
     make_suite("mnist1d", 11, cache=cache)

@@ -40,10 +40,10 @@ def _tiny_config(workdir, cache):
   config.finetune.optimizer.learning_rate = 1e-3
   config.checkpoint_every = 25
   config.methods = ml_collections.ConfigDict(dict(
-      simple_average=dict(method="linear", params=dict(weight=1.0), grid={}),
-      task_arithmetic=dict(method="task_arithmetic", params={}, grid={"lambda": [0.5, 1.0]}),
-      ties=dict(method="ties", params=dict(density=0.5, weight=1.0), grid={}),
-      dare_ties=dict(method="dare_ties", params=dict(density=0.5), grid={}),
+      simple_average=dict(name="linear", params=dict(weight=1.0), grid={}),
+      task_arithmetic=dict(name="task_arithmetic", params={}, grid={"lambda": [0.5, 1.0]}),
+      ties=dict(name="ties", params=dict(density=0.5, weight=1.0), grid={}),
+      dare_ties=dict(name="dare_ties", params=dict(density=0.5), grid={}),
   ), sort_keys=False)
   return config
 
@@ -177,8 +177,8 @@ def test_bad_methods_fail_before_training(tmp_path):
   with pytest.raises(KfuseError, match="methods.ties.params.*'densty'"):
     merge_bench.run(config)
   config = _tiny_config(tmp_path / "w", tmp_path / "c")
-  config.methods.simple_average.method = "averaging"
-  with pytest.raises(KfuseError, match="methods.simple_average.method.*unknown merge method"):
+  config.methods.simple_average.name = "averaging"
+  with pytest.raises(KfuseError, match="methods.simple_average.name.*unknown merge method"):
     merge_bench.run(config)
   config = _tiny_config(tmp_path / "w", tmp_path / "c")
   config.methods.task_arithmetic.grid["lambda"] = []
@@ -202,7 +202,7 @@ def test_configs_are_complete_and_valid():
                 "overwrite"):
     assert field in default, field
   assert default.task == "merge_bench" and default.workdir == "workdirs/default"
-  assert default.overwrite is True and default.data.num_tasks == 4
+  assert default.overwrite is False and default.data.num_tasks == 4
   full_mod = _load_config_module("merge_bench")
   assert full_mod.get_config("quick").to_dict() == default.to_dict()
   full = full_mod.get_config()

@@ -209,7 +209,8 @@ def test_disk_full_while_writing_leaves_nothing_and_rerun_works(zoo, tmp_path, m
   before = tree_hash(root)
   out = tmp_path / "merged"
   calls = {"n": 0}
-  real = sio._pwrite_all
+  from kfuse.io import hf_writers
+  real = hf_writers.pwrite_all
 
   def fill_up(fd, data, pos):
     calls["n"] += 1
@@ -217,12 +218,12 @@ def test_disk_full_while_writing_leaves_nothing_and_rerun_works(zoo, tmp_path, m
       raise OSError(errno.ENOSPC, "No space left on device")
     return real(fd, data, pos)
 
-  monkeypatch.setattr(sio, "_pwrite_all", fill_up)
+  monkeypatch.setattr(hf_writers, "pwrite_all", fill_up)
   with pytest.raises(KfuseError, match="No space left on device"):
     run_yaml(str(yml), str(out), progress=False)
   assert not out.exists() and leftovers(tmp_path, "merged") == []
   assert tree_hash(root) == before
-  monkeypatch.setattr(sio, "_pwrite_all", real)
+  monkeypatch.setattr(hf_writers, "pwrite_all", real)
   run_yaml(str(yml), str(out), progress=False)
   assert len(kio.read_hf_dir(str(out))) == 9
 

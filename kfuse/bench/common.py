@@ -67,7 +67,8 @@ def check_workdir(workdir: str, overwrite: bool, results: str = "results.json") 
     raise KfuseError("workdir: empty; set config.workdir or --workdir")
   workdir = os.path.abspath(workdir)
   if os.path.exists(os.path.join(workdir, results)) and not overwrite:
-    raise KfuseError(f"workdir: {workdir} already holds {results}; set config.overwrite=True")
+    raise KfuseError(f"workdir: {workdir} already holds {results}; pass --config.overwrite=True"
+                     " to replace it, or another --config.workdir")
   os.makedirs(workdir, exist_ok=True)
   return workdir
 

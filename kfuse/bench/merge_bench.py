@@ -70,19 +70,19 @@ def grid_points(params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) ->
 def method_specs(methods_cfg: Any) -> list[dict]:
   """Validate ``config.methods`` and return ``[{label, method, points}]``.
 
-  Each entry ``config.methods.<label>`` holds ``method`` (a `kfuse.merge`
-  name; default: the label), ``params`` and an optional ``grid``. Unknown
+  Each entry ``config.methods.<label>`` holds ``name`` (a `kfuse.merge`
+  method; default: the label), ``params`` and an optional ``grid``. Unknown
   methods / parameter names fail here, before any training.
   """
   from kfuse import merge
 
   specs = []
-  for label, entry in method_entries(methods_cfg, ("method", "params", "grid")):
-    name = entry.get("method") or label
+  for label, entry in method_entries(methods_cfg, ("name", "params", "grid")):
+    name = entry.get("name") or label
     try:
       m = merge.get_method(name)
     except KfuseError as e:
-      raise KfuseError(f"methods.{label}.method: {e}") from None
+      raise KfuseError(f"methods.{label}.name: {e}") from None
     params = _to_dict(entry.get("params"))
     grid = _to_dict(entry.get("grid"))
     for p in list(params) + list(grid):
@@ -103,7 +103,7 @@ _OPT = optim.OPTIMIZER_SCHEMA
 SCHEMA = {
     "seed": int, "workdir": str, "overwrite": bool, "progress": bool, "eval_batch_size": int,
     "resume": bool, "checkpoint_every": int, "methods": dict,
-    "data": {"suite": str, "num_tasks": (int, type(None)), "tasks": list, "val_fraction": float,
+    "data": {"name": str, "num_tasks": (int, type(None)), "tasks": list, "val_fraction": float,
              "relabel": bool, "cache_dir": (str, type(None)), "pretrain_samples": int},
     "model": {"name": str},
     "pretrain": {"steps": int, "batch_size": int, "log_every": int, "optimizer": _OPT},
@@ -327,7 +327,7 @@ def _phase_meta(config: Any, phase: str, task: str | None = None) -> dict:
   """What a resumed phase must share with the interrupted one (else `KfuseError`)."""
   data = _to_dict(config.data)
   meta = {"phase": phase, "model": _plain(_to_dict(config.model)), "seed": int(config.seed),
-          "data.suite": data.get("suite", "mnist1d"),
+          "data.name": data.get("name", "mnist1d"),
           "data.pretrain_samples": int(data.get("pretrain_samples", 0) or 0),
           "pretrain": _plain(_to_dict(config.pretrain))}
   if phase != "pretrain":
@@ -364,7 +364,7 @@ def run(config: Any, workdir: str | None = None) -> dict:
 
   # 1. data
   t = time.time()
-  suite_name = data_cfg.get("suite", "mnist1d")
+  suite_name = data_cfg.get("name", "mnist1d")
   suite_kw = dict(seed=int(config.seed), val_fraction=float(data_cfg.get("val_fraction", 0.1)),
                   cache=data_cfg.get("cache_dir") or None)
   suite = make_suite(suite_name, data_cfg.get("num_tasks") or None,

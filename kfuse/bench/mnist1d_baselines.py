@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from kfuse import models, optim, train
-from kfuse.bench.common import get as _get, plain as _plain, to_dict as _to_dict
+from kfuse.bench.common import check_workdir, get as _get, plain as _plain, to_dict as _to_dict
 from kfuse.bench.common import write_json as _write_json_atomic, write_text as _write_text_atomic
 from kfuse.data import load
 from kfuse.tree import KfuseError
@@ -142,10 +142,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
   t0 = time.time()
   config = _as_config(config)
   runs = check_config(config)
-  workdir = os.path.abspath(workdir or _get(config, "workdir", "") or "workdirs/mnist1d_baselines")
-  if os.path.exists(os.path.join(workdir, RESULTS_JSON)) and not _get(config, "overwrite", False):
-    raise KfuseError(f"workdir: {workdir} already holds {RESULTS_JSON}; set config.overwrite=True")
-  os.makedirs(workdir, exist_ok=True)
+  workdir = check_workdir(workdir or _get(config, "workdir", "") or "workdirs/mnist1d_baselines",
+                          bool(_get(config, "overwrite", False)), RESULTS_JSON)
   data_cfg = _to_dict(config.data)
   ds = load(data_cfg.get("name", "mnist1d"), seed=0,
             val_fraction=data_cfg.get("val_fraction", 0.0),

@@ -58,14 +58,14 @@ PLOT_PNG = "tta_bench.png"
 def method_specs(methods_cfg: Any) -> list[dict]:
   """Validate ``config.methods``: ``[{label, method, optimizer, params}]``.
 
-  ``config.methods.<label>`` holds ``method`` (a `kfuse.adapt` name; default the
+  ``config.methods.<label>`` holds ``name`` (a `kfuse.adapt` method; default the
   label), ``optimizer`` (dict; default the method's registered paper default) and ``params``.
   """
   specs = []
-  for label, entry in method_entries(methods_cfg, ("method", "optimizer", "params")):
-    name = entry.get("method") or label
+  for label, entry in method_entries(methods_cfg, ("name", "optimizer", "params")):
+    name = entry.get("name") or label
     if name not in adapt.names():
-      raise KfuseError(f"methods.{label}.method: unknown TTA method {name!r};"
+      raise KfuseError(f"methods.{label}.name: unknown TTA method {name!r};"
                        f" known: {', '.join(adapt.names())}")
     params = _to_dict(entry.get("params"))
     params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()}
@@ -95,7 +95,8 @@ def train_source(model, ds, cfg: Mapping, key: jax.Array, progress: bool) -> tup
 
 
 def _fisher_batches(ds, cfg: Mapping) -> list[np.ndarray]:
-  n, bs = int(cfg.get("fisher_samples", 2000)), int(cfg.get("fisher_batch_size", 64))
+  fisher = cfg.get("fisher") or {}
+  n, bs = int(fisher.get("samples", 2000)), int(fisher.get("batch_size", 64))
   x = ds.x_train[:n]
   return [x[i:i + bs] for i in range(0, len(x) - bs + 1, bs)]
 
@@ -276,7 +277,7 @@ def run(config: Any, workdir: str | None = None) -> dict:
     t = time.time()
     n_long = int(long_cfg.get("samples_per_domain", 2000))
     sub = [corr.Domain(d.name, d.severity, d.x[:n_long], d.y[:n_long]) for d in domains]
-    stream = corr.make_stream(sub, int(long_cfg.get("batch_size", batch_size)), protocol="continual",
+    stream = corr.make_stream(sub, batch_size, protocol="continual",
                               repeats=rounds, seed=seed + 1)
     labels = list(long_cfg.get("methods") or [s["label"] for s in specs])
     unknown = [m for m in labels if m not in adapters]

@@ -226,7 +226,7 @@ def _make_task(base: sources.Dataset, transform: str, seed: int, relabel: bool) 
 
 def _base(name: str, seed: int, val_fraction: float, cache: str | None) -> sources.Dataset:
   if name not in SUITES:
-    raise KfuseError(f"data.suite: unknown suite {name!r}; known: {', '.join(suite_names())}")
+    raise KfuseError(f"data.name: unknown suite {name!r}; known: {', '.join(suite_names())}")
   return sources.load(SUITES[name][0], seed=seed, val_fraction=val_fraction, cache=cache)
 
 

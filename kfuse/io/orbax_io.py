@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from kfuse.io.atomic import check_output_free, commit_dir, temp_sibling
-from kfuse.io.safetensors_io import LazyTensors, is_hf_dir, open_hf_dir
+from kfuse.io.hf_dir import LazyTensors, is_hf_dir, open_hf_dir
 from kfuse.tree import KfuseError, flatten
 
 __all__ = [

@@ -33,12 +33,12 @@ def _tiny(workdir, cache):
   config.data.corruptions = ("gaussian_noise", "contrast")
   config.model.widths = (8, 16)
   config.source.steps = 150
-  config.source.fisher_samples = 128
+  config.source.fisher.samples = 128
   methods = _config_module().methods()
   keep = ("source", "bn_adapt", "tent", "eata")     # CoTTA / RoTTA: unit tests + the slow run below
   methods = {k: methods[k] for k in keep}
   config.methods = ml_collections.ConfigDict(methods, sort_keys=False)
-  config.long = dict(rounds=2, samples_per_domain=200, batch_size=100, methods=("bn_adapt", "tent"))
+  config.long = dict(rounds=2, samples_per_domain=200, methods=("bn_adapt", "tent"))
   return config
 
 
@@ -80,8 +80,8 @@ def test_config_variants_and_errors(tmp_path):
   assert quick.source.steps < full.source.steps
   with pytest.raises(KfuseError, match="variant"):
     module.get_config("huge")
-  with pytest.raises(KfuseError, match="methods.x.method: unknown TTA method"):
-    tta_bench.method_specs({"x": {"method": "tentt"}})
+  with pytest.raises(KfuseError, match="methods.x.name: unknown TTA method"):
+    tta_bench.method_specs({"x": {"name": "tentt"}})
   with pytest.raises(KfuseError, match="unknown field"):
     tta_bench.method_specs({"tent": {"lr": 1}})
   config = _tiny(tmp_path, tmp_path)
