@@ -46,7 +46,7 @@ from jax import lax
 from kfuse import shard
 from kfuse.merge import select
 from kfuse.merge.api import path_key
-from kfuse.merge.core import Method, TensorInfo
+from kfuse.merge.core import CUTS, NATIVE, Method, PrepareContext, TensorInfo
 from kfuse.merge.methods import default_prepare
 from kfuse.tree import KfuseError, path_str
 
@@ -173,6 +173,7 @@ class TensorTask:
   experts: list                    # [(model index, tensor name), ...]
   values: dict                     # resolved python parameter values
   info: TensorInfo
+  context: PrepareContext = NATIVE  # for the method's prepare (dialect, whole-model stats)
 
 
 def _finite_or_raise(a: np.ndarray, where: str):
@@ -355,17 +356,12 @@ def output_specs(plan: Sequence[TensorTask], sources, dtype=None, out_dtype=None
   return specs
 
 
-# Recipes that are elementwise once the exact cuts are known. The engine runs
-# them on fixed-size flat chunks: one compiled program serves every tensor
-# shape, and XLA's temporaries stay chunk-sized. (tests/test_streaming.py
-# checks each against the whole-tensor kernel, bit for bit.)
-ELEMENTWISE = frozenset({
-    "linear", "simple_average", "task_arithmetic", "task_negation", "ties", "breadcrumbs",
-    "breadcrumbs_ties", "nearswap", "passthrough", "wise_ft", "layer_swap", "ram"})
-
-
 def _chunkable(method: Method, static: Mapping) -> bool:
-  return method.name in ELEMENTWISE and not static.get("rescale", False)
+  """Methods that declare themselves elementwise (`Method.elementwise`) run on
+  fixed-size flat chunks: one compiled program serves every tensor shape, and
+  XLA's temporaries stay chunk-sized. (tests/test_streaming.py checks each
+  against the whole-tensor kernel, bit for bit.)"""
+  return method.is_elementwise(static)
 
 
 def _chunks(n: int, size: int) -> list:
@@ -443,8 +439,8 @@ def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: 
              chunk: int, clamp: bool = False):
   """The jitted program for one tensor (``chunk=0``) or one flat chunk.
 
-  Whole tensor: ``run(base, experts[N, ...], weights, hp, rng)``. Chunk:
-  ``run(slot, inputs, weights, hp, rng, lo, hi)`` with ``inputs`` the flat
+  Whole tensor: ``run(base, experts[N, ...], weights, hp, rng, cuts)``. Chunk:
+  ``run(slot, inputs, weights, hp, rng, cuts, lo, hi)`` with ``inputs`` the flat
   chunks of (base, experts...) and ``slot`` a donated output buffer the result
   is written into (no fresh allocation per chunk). Both cast inputs to the
   working dtype, run the method's kernel, cast the result, and return it with
@@ -453,7 +449,7 @@ def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: 
   kern = method.kernel(dict(static_key))
   dt, odt = jnp.dtype(dt), jnp.dtype(out_dt)
 
-  def run_tensor(base, experts, weights, hp, rng):
+  def run_tensor(base, experts, weights, hp, rng, cuts):
     xs = ([base] if has_base else []) + [experts[i] for i in range(experts.shape[0])]
     n_in = jnp.zeros((), jnp.int32)
     b = None
@@ -461,18 +457,18 @@ def _program(method: Method, static_key: tuple, dt: str, out_dt: str, has_base: 
       b, n = _cast(base, dt, clamp=clamp)
       n_in = n_in + n
     e, n = _cast(experts, dt, clamp=clamp)
-    res = kern(b, e, weights, hp, rng)
+    res = kern(b, e, weights, hp, rng, cuts)
     out, n_out = _cast(res, odt, clamp=clamp)
     return out, _flags(xs, res, n_in + n, n_out)
 
-  def run_chunk(slot, inputs, weights, hp, rng, lo, hi):
+  def run_chunk(slot, inputs, weights, hp, rng, cuts, lo, hi):
     idx = lax.iota(jnp.int32, chunk)
     valid = (idx >= lo) & (idx < hi)
     cast = [_cast(x, dt, valid, clamp) for x in inputs]
     xs = [c[0] for c in cast]
     b = xs[0] if has_base else None
     e = jnp.stack(xs[1:] if has_base else xs)
-    res = kern(b, e, weights, hp, rng)
+    res = kern(b, e, weights, hp, rng, cuts)
     out, n_out = _cast(res, odt, valid, clamp)
     flags = _flags(list(inputs), res, sum(c[1] for c in cast), n_out, valid)
     return lax.dynamic_update_slice(slot, out, (0,)), flags
@@ -504,14 +500,6 @@ def _keyfn(kind: str, dt: str, has_base: bool) -> Callable:
 def _array_keyfn(kind: str, dt: str, has_base: bool) -> Callable:
   keys = _keyfn(kind, dt, has_base)
   return lambda base, experts, i: keys(base, experts[i])
-
-
-@functools.lru_cache(maxsize=None)
-def _selection(method: Method, static_key: tuple) -> Optional[str]:
-  """The host-computable selection of a method's recipe ('magnitude', 'band' or None)."""
-  recipe = method.recipe(**dict(static_key))
-  kinds = {getattr(s, "selection", None) for s in getattr(recipe, "stages", ())} - {None}
-  return kinds.pop() if len(kinds) == 1 else None
 
 
 def _materialized(x: jax.Array) -> jax.Array:
@@ -633,6 +621,7 @@ class _Job:
   full: Optional[np.ndarray] = None
   views: Optional[dict] = None    # chunk start -> device arrays aliasing the buffers
   static_key: tuple = ()
+  cuts: Optional[dict] = None     # host-found cuts of the method's selection (`Method.selection`)
   weights: Any = None
   rng: Any = None
   seg: Optional[tuple] = None     # flat [start, stop) of a streamed segment; None: whole
@@ -748,7 +737,7 @@ def _agreed(task: TensorTask, sources, dt: np.dtype) -> np.ndarray:
 def _resolve(task: TensorTask) -> tuple:
   """The method's (static options, hyper-parameters) for one task."""
   prep = task.method.prepare or default_prepare
-  return prep(task.method, dict(task.values), task.info, len(task.experts))
+  return prep(task.method, dict(task.values), task.info, len(task.experts), task.context)
 
 
 def _streamable(task: TensorTask, static: Mapping, sources) -> bool:
@@ -763,7 +752,7 @@ def _streamable(task: TensorTask, static: Mapping, sources) -> bool:
     return False
   if not _chunkable(method, static):
     return False
-  return task.base is None or _selection(method, tuple(sorted(static.items()))) is None
+  return task.base is None or method.selection is None
 
 
 def _segmented(jobs: list, sources, seg: int) -> list:
@@ -986,9 +975,9 @@ class _Run:
     if method.random and self.key is None:
       raise KfuseError(f"method {method.name!r} is random: pass key=jax.random.key(seed)")
     job.rng = path_key(self.key, task.out_name) if self.key is not None else jax.random.key(0)
-    kind = _selection(method, job.static_key) if task.base is not None else None
+    kind = method.selection if task.base is not None else None
     if kind is not None:
-      hp.update(self._cuts(job, kind, hp, int(np.prod(job.shape))))
+      job.cuts = self._cuts(job, kind, hp, int(np.prod(job.shape)))
     job.hp = hp
 
   def dispatch(self, job: _Job) -> None:
@@ -1001,25 +990,25 @@ class _Run:
     if job.chunked:
       return self._dispatch_chunks(job, static_key, weights, hp, rng, has_base)
     hp = {k: jnp.asarray(v) for k, v in hp.items()}
+    cuts = None if job.cuts is None else {k: jnp.asarray(v) for k, v in job.cuts.items()}
     if self.mesh is not None:
-      weights, hp, rng = shard.put_replicated((weights, hp, rng), self.mesh)
+      weights, hp, rng, cuts = shard.put_replicated((weights, hp, rng, cuts), self.mesh)
     prog = _program(method, static_key, job.dt.name, job.out_dt.name, has_base, 0, self.clamp)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh):   # lets kernels pin reductions (`shard.tensor_sum`)
-        out, bad = prog(job.base, job.experts, weights, hp, rng)
+        out, bad = prog(job.base, job.experts, weights, hp, rng, cuts)
       if jax.process_count() > 1:     # gathers are collectives: keep them in this thread's order
         out, bad = shard.to_host(out), shard.to_host(bad)
     else:
-      out, bad = prog(job.base, job.experts, weights, hp, rng)
+      out, bad = prog(job.base, job.experts, weights, hp, rng, cuts)
     self.done.put(("tensor", job, None, out, bad))
 
   def _cuts(self, job: _Job, kind: str, hp: dict, n: int) -> dict:
-    """Exact cuts from the host: hp entries for the recipe's trim stage."""
+    """Exact cuts from the host (``state.cuts`` for the recipe's selecting stage)."""
     has_base = job.task.base is not None
     bits = select.key_bits(job.dt)
-    wanted = {"magnitude": [("cut", "k")], "band": [("cut_hi", "hi"), ("cut_lo", "lo")]}[kind]
     out = {}
-    for name, kname in wanted:
+    for name, kname in CUTS[kind]:
       k = np.asarray(hp[kname])
       if job.chunked:
         cut = self._chunk_cuts(job, kind, n, k, bits)
@@ -1099,16 +1088,17 @@ class _Run:
     n = job.numel
     chunks = _chunks(n, self.chunk)
     fixed = {k: jnp.asarray(v) for k, v in hp.items()}
+    cuts = None if job.cuts is None else {k: jnp.asarray(v) for k, v in job.cuts.items()}
     weights = jnp.asarray(weights)
     if self.write_part is None:
       job.full = np.empty((n,), job.out_dt)
     views = self._views(job)
     for s, lo, hi in chunks:
-      hpc = dict(fixed)
-      if "tie_seed" in hp:         # ties hash the flat index: the chunk's start
-        hpc["tie_offset"] = np.int32(s)
+      cc = None
+      if cuts is not None:         # ties hash the flat index: the chunk's start
+        cc = dict(cuts, tie_offset=np.int32(s))
       inputs = views(s)
-      out, bad = prog(self._slot(self.chunk, job.out_dt), inputs, weights, hpc, rng,
+      out, bad = prog(self._slot(self.chunk, job.out_dt), inputs, weights, fixed, rng, cc,
                       np.int32(lo), np.int32(hi))
       self.done.put(("part", job, (s, lo, hi), out, bad))
     self.done.put(("end", job, None, None, None))
