@@ -54,7 +54,7 @@ import yaml
 from kfuse import shard
 from kfuse import tree as T
 from kfuse.merge import params as P
-from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
+from kfuse.merge.core import MERGEKIT, Method, TensorInfo, check_models, get_method
 from kfuse.merge.engine import TensorTask, execute, output_specs
 from kfuse.registry import suggest
 from kfuse.tree import KfuseError
@@ -223,33 +223,6 @@ def parse_config(cfg: Mapping[str, Any], cfg_path: str = "<config>") -> tuple[li
 # ---------------------------------------------------------------- coercion
 
 
-def _coerce(p, v, where):
-  """pydantic-lax coercion of a scalar to the parameter's type (mergekit)."""
-  if v is None:
-    return None
-  if p.kind is bool:
-    if isinstance(v, bool):
-      return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-      return bool(v)
-    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-      return v.lower() in ("true", "yes", "on", "1")
-    raise KfuseError(f"{where}: parameter {p.name!r} must be a boolean, got {v!r}")
-  if p.kind is int:
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-      raise KfuseError(f"{where}: parameter {p.name!r} must be an integer, got {v!r}")
-    f = float(v)
-    if f != int(f):
-      raise KfuseError(f"{where}: parameter {p.name!r} must be an integer, got {v!r}")
-    return int(f)
-  if p.kind is float:
-    try:
-      return float(v)
-    except (TypeError, ValueError):
-      raise KfuseError(f"{where}: parameter {p.name!r} must be a number, got {v!r}") from None
-  return v
-
-
 def _to_setting(v):
   """mergekit ParameterSetting -> kfuse setting (lists of scalars are gradients)."""
   if isinstance(v, dict) and "value" in v:
@@ -365,72 +338,16 @@ def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
 # --------------------------------------------------------------- planning
 
 
-def _resolve(method: Method, levels_shared: list, levels_model: list[list], out_name: str,
-             in_names: list[str], t: float, n: int, where: str) -> dict:
-  """Python values of every parameter for one output tensor."""
-  values = {}
-  for p in method.params:
-    if p.per_model:
-      vals = []
-      for i in range(n):
-        v = None
-        for lvl in levels_model[i]:
-          if p.name in lvl:
-            v = P.evaluate(lvl[p.name], in_names[i], t, what=p.name)
-            if v is not None:
-              break
-        if v is None:
-          for lvl in levels_shared:
-            if p.name in lvl:
-              v = P.evaluate(lvl[p.name], in_names[i], t, what=p.name)
-              if v is not None:
-                break
-        if v is None:
-          if p.default is REQUIRED or (p.name == "weight" and method.name not in _WEIGHT_OPTIONAL):
-            raise KfuseError(f"{where}: missing required parameter {p.name!r} for model {i}"
-                             f" tensor {in_names[i]!r}")
-          v = p.default
-        vals.append(_coerce(p, v, where))
-      values[p.name] = vals
-    else:
-      v = None
-      for lvl in levels_shared:
-        if p.name in lvl:
-          v = P.evaluate(lvl[p.name], out_name, t, what=p.name)
-          if v is not None:
-            break
-      if v is None:
-        if p.default is REQUIRED:
-          raise KfuseError(f"{where}: missing required parameter {p.name!r} for {out_name!r}")
-        v = p.default
-      values[p.name] = _coerce(p, v, where)
-  return values
-
-
-_WEIGHT_OPTIONAL: set = set()  # mergekit requires `weight` wherever it exists
-
-
 def _contract(method: Method, slc: Slice, where: str) -> tuple[Optional[int], list[int]]:
   """(base source index | None, expert source indices) as mergekit forms them."""
   idx = list(range(len(slc.sources)))
   names = [s.model for s in slc.sources]
-  if method.base in ("unused", "include"):
+  if method.base in ("unused", "include") or slc.base_model is None:
     base_i, experts = None, idx
-    nb = len(experts)
   else:
-    if slc.base_model is None:
-      if method.base == "required":
-        raise KfuseError(f"{where}: merge_method {method.name!r} requires a base_model")
-      base_i, experts = None, idx
-    else:
-      base_i = names.index(slc.base_model)
-      experts = [i for i in idx if i != base_i]
-    nb = len(experts)
-  lo, hi = method.min_models, method.max_models
-  if nb < lo or (hi is not None and nb > hi):
-    what = "inputs" if method.base in ("unused", "include") else "non-base models"
-    rng = f"{lo}" if hi == lo else f"{lo}..{hi if hi is not None else 'any'}"
-    raise KfuseError(f"{where}: merge_method {method.name!r} takes {rng} {what}, got {nb}")
+    base_i = names.index(slc.base_model)
+    experts = [i for i in idx if i != base_i]
+  check_models(method, len(experts), slc.base_model is not None, where, base_word="base_model")
   return base_i, experts
 
 
@@ -461,13 +378,13 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
     shared_levels = [{k: _to_setting(v) for k, v in slc.parameters.items()}, top]
     model_levels = [[{k: _to_setting(v) for k, v in slc.sources[i].parameters.items()}]
                     for i in experts]
-    vals = _resolve(method, shared_levels, model_levels, out_name,
-                    [in_names[i] for i in experts], t, len(experts), f"{cfg_path}: {where}")
+    vals = P.resolve(method, shared_levels, model_levels, out_name, t, len(experts),
+                     in_names=[in_names[i] for i in experts], where=f"{cfg_path}: {where}",
+                     required=("weight",), lax=True)   # mergekit requires `weight` wherever it exists
     if method.name in SPARSIFYING:
       for i, d in zip(experts, vals.get("density", ())):
         if not 0 < d <= 1:
           odd_density.setdefault(slc.sources[i].model, set()).add(d)
-    vals["_mergekit"] = True  # mergekit's lenient density range
     ref = (mindex[slc.sources[base_i].model], in_names[base_i]) if base_i is not None else None
     exps = [(mindex[slc.sources[i].model], in_names[i]) for i in experts]
     src0 = models[slc.sources[experts[0]].model] if base_i is None else models[slc.sources[base_i].model]
@@ -476,7 +393,7 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
       raise KfuseError(f"{src0.path}: missing tensor {nm0!r}")
     info = TensorInfo(path=out_name, shape=tuple(src0.shape(nm0)), dtype=src0.dtype(nm0),
                       layer=layer, num_layers=total_layers, layout="torch")
-    tasks.append(TensorTask(out_name, method, ref, exps, vals, info))
+    tasks.append(TensorTask(out_name, method, ref, exps, vals, info, MERGEKIT))
     out_names.append(out_name)
 
   # pre-weights: first slice, t = 0

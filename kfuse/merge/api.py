@@ -9,6 +9,7 @@ shapes; value checks are skipped on tracers).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -18,7 +19,8 @@ import numpy as np
 
 from kfuse import tree as T
 from kfuse.merge import params as P
-from kfuse.merge.core import REQUIRED, Method, TensorInfo, get_method
+from kfuse.merge.core import (NATIVE, REQUIRED, Method, PrepareContext, TensorInfo, check_models,
+                              get_method)
 from kfuse.merge.methods import default_prepare
 from kfuse.tree import KfuseError
 
@@ -64,46 +66,24 @@ def validate_params(method: Method, params: Mapping[str, Any], n: int, *, where:
 
 def resolve_values(method: Method, params: Mapping[str, Any], info: TensorInfo, n: int,
                    *, model_params: Sequence[Mapping[str, Any]] | None = None) -> dict:
-  """Python values of every parameter for one tensor (per-model ones as lists)."""
-  t = P.layer_position(info.layer, info.num_layers)
-  out = {}
-  for p in method.params:
-    if p.per_model:
-      vals = []
-      for i in range(n):
-        setting = None
-        if model_params is not None and p.name in model_params[i]:
-          setting = model_params[i][p.name]
-        elif p.name in params:
-          g = params[p.name]
-          setting = g[i] if isinstance(g, (list, tuple)) and not P.is_rule_list(g) else g
-        v = P.evaluate(setting, info.path, t, what=p.name) if setting is not None else None
-        if v is None:
-          v = p.default
-        if v is REQUIRED:
-          raise KfuseError(f"{info.path}: no value of {p.name!r} for model {i}")
-        vals.append(v)
-      out[p.name] = vals
-    else:
-      v = P.evaluate(params[p.name], info.path, t, what=p.name) if p.name in params else None
-      if v is None:
-        v = p.default
-      if v is REQUIRED:
-        raise KfuseError(f"{info.path}: no value of {p.name!r} for {method.name}")
-      out[p.name] = v
-  return out
+  """Python values of every parameter for one tensor (per-model ones as lists):
+  `params.resolve` with ``model_params[i]`` before ``params``."""
+  return P.resolve(method, [params], [[mp] for mp in model_params] if model_params else None,
+                   info.path, P.layer_position(info.layer, info.num_layers), n)
 
 
 def merge_tensor(method: Method | str, base, experts, values: Mapping[str, Any],
-                 info: TensorInfo, key: jax.Array | None = None, stats: Mapping | None = None):
-  """Merge one tensor. ``experts`` is ``[N, ...]``; ``values`` from `resolve_values`."""
+                 info: TensorInfo, key: jax.Array | None = None, stats: Mapping | None = None,
+                 ctx: PrepareContext = NATIVE):
+  """Merge one tensor. ``experts`` is ``[N, ...]``; ``values`` from `resolve_values`;
+  ``stats``: the method's ``tree_stats`` result (passed to its prepare as ``ctx.stats``)."""
   method = get_method(method)
   n = experts.shape[0]
   vals = dict(values)
   if stats is not None:
-    vals["_stats"] = stats
+    ctx = dataclasses.replace(ctx, stats=stats)
   prep = method.prepare or default_prepare
-  static, hp = prep(method, vals, info, n)
+  static, hp = prep(method, vals, info, n, ctx)
   if "weight" in method.param_map:
     weights = jnp.asarray(np.asarray(vals["weight"], np.float32))
   else:
@@ -153,16 +133,11 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   experts = list(experts)
   if not experts:
     raise KfuseError("empty model list: merge needs at least one expert")
-  if method.base == "required" and base is None:
-    raise KfuseError(f"method {method.name!r} requires a base model")
   if method.base == "include" and base is not None:
     experts = [base] + experts
   use_base = base if method.base in ("required", "optional") else None
   n = len(experts)
-  if n < method.min_models or (method.max_models is not None and n > method.max_models):
-    hi = method.max_models if method.max_models is not None else "any"
-    raise KfuseError(f"method {method.name!r} takes {method.min_models}..{hi} models"
-                     f" besides the base, got {n}")
+  check_models(method, n, base is not None)
   validate_params(method, params, n)
   if model_params is not None:
     if len(model_params) != n:

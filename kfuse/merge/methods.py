@@ -15,7 +15,8 @@ import numpy as np
 
 from kfuse.merge import kernels as K
 from kfuse.merge import stages as S
-from kfuse.merge.core import REQUIRED, Method, Param, TensorInfo, chain, register
+from kfuse.merge.core import (NATIVE, REQUIRED, Method, Param, PrepareContext, TensorInfo, chain,
+                              register, unless_rescaled)
 from kfuse.tree import KfuseError
 
 F32 = jnp.float32
@@ -28,7 +29,8 @@ def _arr(v, dtype=F32):
   return jnp.asarray(np.asarray(v, dtype=np.dtype(dtype)))
 
 
-def default_prepare(method: Method, values: Mapping[str, Any], info: TensorInfo, n: int):
+def default_prepare(method: Method, values: Mapping[str, Any], info: TensorInfo, n: int,
+                    ctx: PrepareContext = NATIVE):
   """Split resolved parameter values into static options and traced arrays."""
   static, hp = {}, {}
   for p in method.params:
@@ -72,11 +74,11 @@ def _check_density(name, d, path):
 
 
 def _gta_prepare(sparsify: str | None):
-  def prepare(method, values, info, n):
+  def prepare(method, values, info, n, ctx=NATIVE):
     numel = int(np.prod(info.shape)) if info.shape else 1
     hp = {"lambda": _arr(values["lambda"])}
     dens = [float(d) for d in values.get("density", [1.0] * n)]
-    if sparsify is not None and not values.get("_mergekit"):
+    if sparsify is not None and ctx.dialect != "mergekit":
       # mergekit itself accepts any density (<= 0 zeroes δ, >= 1 keeps it), which a
       # density gradient reaching 0 relies on; the native API insists on (0, 1].
       for d in dens:
@@ -140,8 +142,8 @@ def _gta_recipe(sparsify: str | None, consensus: str | None):
 
 
 def _negated(prepare):
-  def prep(method, values, info, n):
-    static, hp = prepare(method, values, info, n)
+  def prep(method, values, info, n, ctx=NATIVE):
+    static, hp = prepare(method, values, info, n, ctx)
     hp["lambda"] = -hp["lambda"]
     return static, hp
   return prep
@@ -164,7 +166,9 @@ def _gta(name, sparsify, consensus, normalize, rescale, doc, extra=(), negate=Fa
       name=name, recipe=_gta_recipe(sparsify, consensus), params=params,
       base="required",
       prepare=_negated(_gta_prepare(sparsify)) if negate else _gta_prepare(sparsify),
-      random=sparsify in ("random", "della"), doc=doc))
+      random=sparsify in ("random", "della"),
+      elementwise=unless_rescaled if sparsify in (None, "magnitude", "outliers") else False,
+      selection={"magnitude": "magnitude", "outliers": "band"}.get(sparsify), doc=doc))
 
 
 _gta("task_arithmetic", None, None, False, False, """Task Arithmetic.
@@ -224,10 +228,11 @@ _gta("della_linear", "della", None, False, True, """DELLA MagPrune without conse
 
 
 def _simple(name, recipe, params, doc, *, base="required", min_models=1, max_models=None,
-            prepare=None, random=False, tree_stats=None):
+            prepare=None, random=False, tree_stats=None, elementwise=False):
   return register(Method(name=name, recipe=recipe, params=tuple(params), base=base,
                          min_models=min_models, max_models=max_models,
-                         prepare=prepare, random=random, tree_stats=tree_stats, doc=doc))
+                         prepare=prepare, random=random, tree_stats=tree_stats,
+                         elementwise=elementwise, doc=doc))
 
 
 _simple("linear", lambda normalize=True: K.linear(normalize), [
@@ -235,16 +240,16 @@ _simple("linear", lambda normalize=True: K.linear(normalize), [
     """Linear / model soup: θ = Σ w_i θ_i / Σ w_i (normalize=False: Σ w_i θ_i).
 
   Wortsman et al., "Model soups", ICML 2022. The base, if given, is not used
-  (list it among the models to include it).""", base="unused")
+  (list it among the models to include it).""", base="unused", elementwise=True)
 
 _simple("simple_average", lambda: K.simple_average(), [],
         """Simple average (uniform soup): θ = (1/N) Σ θ_i (FusionBench SimpleAverage).
 
   Wortsman et al., "Model soups", ICML 2022.""",
-        base="unused")
+        base="unused", elementwise=True)
 
 
-def _slerp_prepare(method, values, info, n):
+def _slerp_prepare(method, values, info, n, ctx=NATIVE):
   return {}, {"t": _arr(values["t"])}
 
 
@@ -256,7 +261,7 @@ _simple("slerp", lambda: K.slerp(), [Param("t", REQUIRED)],
         min_models=1, max_models=1, prepare=_slerp_prepare)
 
 
-def _nuslerp_prepare(method, values, info, n):
+def _nuslerp_prepare(method, values, info, n, ctx=NATIVE):
   flat = bool(values["nuslerp_flatten"])
   axis = 0 if values["nuslerp_row_wise"] else -1
   if info.layout == "flax" and len(info.shape) == 2:
@@ -298,7 +303,7 @@ _simple("model_stock", lambda filter_wise=False, axis=-1: K.model_stock(filter_w
     """Model Stock: t = N·cosθ/(1+(N−1)cosθ) from the mean pairwise cosine of the
   offsets θ_i − θ_b; θ = t·mean(θ_i) + (1−t)·θ_b. Jang et al., ECCV 2024.""",
     min_models=2,
-    prepare=lambda m, v, info, n: ({"filter_wise": bool(v["filter_wise"]), "axis": _last_axis(info)}, {}))
+    prepare=lambda m, v, info, n, ctx=NATIVE: ({"filter_wise": bool(v["filter_wise"]), "axis": _last_axis(info)}, {}))
 
 _simple("sce", lambda fork_weights_only=False, int8_mask=False: K.sce(fork_weights_only), [
     Param("select_topk", 1.0), Param("int8_mask", False, static=True, kind=bool),
@@ -310,7 +315,8 @@ _simple("sce", lambda fork_weights_only=False, int8_mask=False: K.sce(fork_weigh
 _simple("ram", lambda: K.ram(False), [Param("epsilon", 1e-5)],
         """RAM (Reinforced Agent Merging): unique changes kept, shared changes
   averaged over the models that made them (|δ| > ε): a_i = [|δ_i| > ε],
-  c = Σ_i a_i, θ = θ_b + Σ_i a_i δ_i·([c = 1] + [c > 1]/c). arXiv:2601.13572.""")
+  c = Σ_i a_i, θ = θ_b + Σ_i a_i δ_i·([c = 1] + [c > 1]/c). arXiv:2601.13572.""",
+        elementwise=True)
 
 _simple("ramplus_tl", lambda: K.ram(True), [
     Param("r", 0.1), Param("alpha", 0.2), Param("epsilon", 1e-5)],
@@ -323,12 +329,12 @@ _simple("nearswap", lambda: K.nearswap(), [Param("t", REQUIRED)],
         """NearSwap: w = clip(t/|θ_b−θ_1|, 0, 1) per entry; w·θ_1 + (1−w)·θ_b.
 
   alchemonaut (2024), https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001""",
-        min_models=1, max_models=1, prepare=_slerp_prepare)
+        min_models=1, max_models=1, prepare=_slerp_prepare, elementwise=True)
 
 _ARCEE_SAMPLE = 1_000_000
 
 
-def _arcee_prepare(method, values, info, n):
+def _arcee_prepare(method, values, info, n, ctx=NATIVE):
   numel = int(np.prod(info.shape)) if info.shape else 1
   return {"axis": _last_axis(info), "sample": _ARCEE_SAMPLE if numel > _ARCEE_SAMPLE else 0}, {}
 
@@ -341,7 +347,7 @@ _simple("arcee_fusion", lambda axis=-1, sample=0: K.arcee_fusion(axis, sample), 
         min_models=1, max_models=1, prepare=_arcee_prepare, random=True)
 
 
-def _passthrough_prepare(method, values, info, n):
+def _passthrough_prepare(method, values, info, n, ctx=NATIVE):
   sc = values.get("scale", [None])[0]
   return {}, {"scale": _arr(1.0 if sc is None else sc)}
 
@@ -350,7 +356,7 @@ _simple("passthrough", lambda: K.passthrough(), [Param("scale", None, per_model=
         """Passthrough: the single input tensor, θ = scale·θ_1. Used with slices for
   layer stacking ("frankenmerges"). Goddard et al., "Arcee's MergeKit", EMNLP 2024
   (arXiv:2403.13257).""", base="unused", min_models=1, max_models=1,
-        prepare=_passthrough_prepare)
+        prepare=_passthrough_prepare, elementwise=True)
 
 
 # ------------------------------------------------------- kfuse extensions
@@ -368,7 +374,7 @@ _simple("varm", lambda weighting="square", softmax=False: K.varm(weighting, soft
 _simple("wise_ft", lambda: K.interpolate(), [Param("alpha", 0.5, mergekit=False)],
         """WiSE-FT weight-space ensemble: θ = (1−α)·θ_zero-shot + α·θ_fine-tuned.
   Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022.""",
-        min_models=1, max_models=1)
+        min_models=1, max_models=1, elementwise=True)
 
 
 _gta("task_negation", None, None, False, False, """Task negation (forgetting).
@@ -378,7 +384,7 @@ _gta("task_negation", None, None, False, False, """Task negation (forgetting).
      negate=True)
 
 
-def _layer_swap_prepare(method, values, info, n):
+def _layer_swap_prepare(method, values, info, n, ctx=NATIVE):
   k = int(values["num_layers"])
   side = values["side"]
   if side not in ("top", "bottom"):
@@ -397,7 +403,7 @@ _simple("layer_swap", lambda take_expert=False: K.select(take_expert), [
   θ_ℓ = θ_1,ℓ if ℓ ≥ L − num_layers (top; bottom: ℓ < num_layers) else θ_b,ℓ.
   Bandarkar et al.,
   "Layer Swapping for Zero-Shot Cross-Lingual Transfer", 2024.""",
-    min_models=1, max_models=1, prepare=_layer_swap_prepare)
+    min_models=1, max_models=1, prepare=_layer_swap_prepare, elementwise=True)
 
 
 # ---------------------------------------------- FusionBench / paper TIES
@@ -428,8 +434,11 @@ def _ties_paper_stats(base_flat, experts_flat, values):
   return {"thr": thr, "zero_sign": jnp.where(total >= 0, 1.0, -1.0)}
 
 
-def _ties_paper_prepare(method, values, info, n):
-  st = values["_stats"]
+def _ties_paper_prepare(method, values, info, n, ctx=NATIVE):
+  st = ctx.stats
+  if st is None:
+    raise KfuseError(f"method {method.name!r} needs whole-model statistics (its tree_stats"
+                     f" pre-pass); use kfuse.merge.merge in Python")
   return ({"reduce": values["disjoint"]},
           {"thr": jnp.asarray(st["thr"], F32), "zero_sign": jnp.asarray(st["zero_sign"], F32), "lambda": _arr(values["lambda"])})
 

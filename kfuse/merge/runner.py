@@ -17,7 +17,7 @@ import jax
 from kfuse import tree as T
 from kfuse.io.atomic import check_output_writable
 from kfuse.merge.api import canonical_params, resolve_values, validate_params
-from kfuse.merge.core import TensorInfo, get_method
+from kfuse.merge.core import TensorInfo, check_models, get_method
 from kfuse.merge.engine import OrbaxSource, Stats, TensorTask, execute, output_specs
 from kfuse.tree import KfuseError
 
@@ -174,17 +174,14 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
   bsrc = None
   if base:
     bsrc = open_model(base)
-  if m.base == "required" and bsrc is None:
-    raise KfuseError(f"config.base: method {m.name!r} requires a base model")
+  check_models(m, len(srcs) + (1 if bsrc and m.base == "include" else 0), bsrc is not None,
+               "config.base" if m.base == "required" and bsrc is None else "config.models")
   if m.base == "include" and bsrc is not None:
     srcs = [bsrc[0]] + srcs
     opened, bsrc = [bsrc] + opened, None
   if m.base == "unused":
     bsrc = None
   n = len(srcs)
-  if n < m.min_models or (m.max_models is not None and n > m.max_models):
-    raise KfuseError(f"config.models: method {m.name!r} takes {m.min_models}.."
-                     f"{m.max_models or 'any'} models besides the base, got {n}")
   validate_params(m, params, n, where="config.params")
   all_srcs = ([bsrc[0]] if bsrc else []) + srcs
   ref = all_srcs[0]

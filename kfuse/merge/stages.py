@@ -120,23 +120,23 @@ def trim_magnitude(rescale: str | None = None) -> Stage:
   Ties at the k-th magnitude are broken by a seeded hash of the flat index
   (``select.tie_hash`` with ``select.tie_seed(size, i)``): among equal
   magnitudes the kept ones are spread uniformly over the tensor, not packed
-  into its first rows. When the engine has already found the cut on the host
-  (``hp['cut_v']``, ``hp['cut_p']``, ``hp['tie_seed']``, see
-  `select.find_cuts`; ``hp['tie_offset']``: flat start of a chunk) the mask is
-  one comparison; otherwise it is selected here (`select.topk_masks`). Both
-  give the same mask.
+  into its first rows. Methods using it declare ``selection='magnitude'``: the
+  streaming engine then finds the cut on the host (`select.find_cuts`) and
+  passes it as ``state.cuts`` (``cut_v``, ``cut_p``, ``tie_seed``,
+  ``tie_offset``), and the mask is one comparison; otherwise (``cuts`` None) it
+  is selected here (`select.topk_masks`). Both give the same mask.
   """
 
   def apply(s: MergeState) -> MergeState:
-    if "cut_v" in s.hp:
+    if s.cuts is not None:
+      c = s.cuts
       keys = select.magnitude_keys(s.values)
-      keep = select.keep_from_cut(keys, s.hp["cut_v"], s.hp["cut_p"], s.hp["tie_seed"],
-                                  s.hp.get("tie_offset", 0)).reshape(s.values.shape)
+      keep = select.keep_from_cut(keys, c["cut_v"], c["cut_p"], c["tie_seed"],
+                                  c.get("tie_offset", 0)).reshape(s.values.shape)
     else:
       keep = select.topk_masks(jnp.abs(s.values), s.hp["k"], nonneg=True)
     return _apply_mask(s, keep, rescale)
 
-  apply.selection = "magnitude"   # the engine may precompute hp['cut_*'] from hp['k']
   return apply
 
 
@@ -158,16 +158,19 @@ def trim_outliers(rescale: str | None = None) -> Stage:
   """Model Breadcrumbs: drop the largest-|δ| outliers and the smallest entries.
 
   Keeps ascending-magnitude ranks in ``[hp['lo'][i], hp['hi'][i])`` (ties
-  ordered by ``select.tie_hash``, as in `trim_magnitude`).
+  ordered by ``select.tie_hash``, as in `trim_magnitude`). Methods using it
+  declare ``selection='band'``: the engine's host-found cuts then arrive in
+  ``state.cuts`` (``cut_hi_*``, ``cut_lo_*`` of the reversed magnitude keys).
   """
 
   def apply(s: MergeState) -> MergeState:
-    if "cut_hi_v" in s.hp:  # cuts of the reversed magnitude keys, found by the engine
+    if s.cuts is not None:  # cuts of the reversed magnitude keys, found by the engine
+      c = s.cuts
       bits = select.key_bits(s.values.dtype)
       keys = select.reverse_keys(select.magnitude_keys(s.values), bits)
-      seed, off = s.hp["tie_seed"], s.hp.get("tie_offset", 0)
-      keep = (select.keep_from_cut(keys, s.hp["cut_hi_v"], s.hp["cut_hi_p"], seed, off)
-              & ~select.keep_from_cut(keys, s.hp["cut_lo_v"], s.hp["cut_lo_p"], seed, off))
+      seed, off = c["tie_seed"], c.get("tie_offset", 0)
+      keep = (select.keep_from_cut(keys, c["cut_hi_v"], c["cut_hi_p"], seed, off)
+              & ~select.keep_from_cut(keys, c["cut_lo_v"], c["cut_lo_p"], seed, off))
       return _apply_mask(s, keep.reshape(s.values.shape), rescale)
 
     def one(d, lo, hi, i):  # ascending ranks in [lo, hi) = bottom-hi minus bottom-lo
@@ -178,7 +181,6 @@ def trim_outliers(rescale: str | None = None) -> Stage:
                       for i in range(s.values.shape[0])])
     return _apply_mask(s, keep, rescale)
 
-  apply.selection = "band"   # the engine may precompute hp['cut_{lo,hi}_*'] from lo/hi
   return apply
 
 

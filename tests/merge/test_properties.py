@@ -204,7 +204,7 @@ def test_bad_trees_fail_with_one_line(bad, msg):
     (lambda: merge.merge("nope", [E], E), "unknown merge method 'nope'"),
     (lambda: merge.merge("ties", [E], E, params={"densty": 0.5}), "unknown parameter 'densty'"),
     (lambda: merge.merge("ties", [E], None), "requires a base"),
-    (lambda: merge.merge("slerp", [E, E], E, params={"t": 0.5}), "takes 1..1 models"),
+    (lambda: merge.merge("slerp", [E, E], E, params={"t": 0.5}), "takes 1 non-base models, got 2"),
     (lambda: merge.merge("slerp", [E], E), "requires parameter 't'"),
     (lambda: merge.merge("ties", [E, E], E, params={"weight": [1.0, 2.0, 3.0]}), "3 per-model values"),
     (lambda: merge.merge("della", [E], E, params={"density": 0.1, "epsilon": 0.2}), "density±epsilon"),
