@@ -2,7 +2,7 @@
 
 Each constructor returns a `Stage` that writes ``state.result`` directly from
 ``state.base`` / ``state.values`` (the experts, NOT task vectors) and traced
-``state.hp``. Formulas follow mergekit 0.1.5 (see SPEC §A.1) unless noted.
+``state.hp``. Formulas follow mergekit 0.1.5 (arcee-ai/mergekit, `mergekit/merge_methods/`) unless noted.
 """
 
 from __future__ import annotations

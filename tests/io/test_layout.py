@@ -60,6 +60,9 @@ def test_no_module_imports_another_modules_private_names():
     rel = os.path.relpath(path, REPO)
     for node in ast.walk(ast.parse(open(path).read())):
       if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kfuse"):
+        # modules of one package (kfuse/merge/engine/*) share their internals
+        if os.path.dirname(rel).replace(os.sep, ".") == (node.module or "").rpartition(".")[0]:
+          continue
         found |= {(rel, a.name) for a in node.names if a.name.startswith("_")}
   assert found <= known, sorted(found - known)
 
@@ -78,8 +81,7 @@ def test_one_class_per_name_across_the_package():
 
 def test_no_citations_of_documents_outside_the_repository():
   """Code, configs, experiments and tests cite papers / reference implementations, never an
-  internal note ("SPEC §..."). kfuse/merge/kernels.py is on another branch (listed)."""
-  known = {"kfuse/merge/kernels.py"}
+  internal note ("SPEC §...")."""
   this = os.path.relpath(__file__, REPO)
   found = set()
   for top in ("kfuse", "configs", "experiments", "tests"):
@@ -89,4 +91,4 @@ def test_no_citations_of_documents_outside_the_repository():
         continue
       if "SPEC §" in open(path, encoding="utf-8").read():
         found.add(rel)
-  assert found <= known, sorted(found - known)
+  assert not found, sorted(found)
