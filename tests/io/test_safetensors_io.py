@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import struct
@@ -26,6 +27,7 @@ from kfuse.io import (
     write_safetensors,
 )
 from kfuse.tree import KfuseError
+from tests.peers.peer import require
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -198,7 +200,7 @@ def test_lazy_load_params_hf(tmp_path):
 
 
 def test_official_numpy_loads_ours_and_we_load_theirs(tmp_path):
-  st_np = pytest.importorskip("safetensors.numpy")
+  st_np = importlib.import_module("safetensors.numpy")
   t = {k: v for k, v in _tensors().items() if v.dtype != BF16}
   t["i8"] = np.arange(-3, 3, dtype=np.int8)
   t["u8"] = np.arange(6, dtype=np.uint8)
@@ -212,8 +214,8 @@ def test_official_numpy_loads_ours_and_we_load_theirs(tmp_path):
 
 
 def test_official_torch_interop_with_bf16(tmp_path):
-  torch = pytest.importorskip("torch")
-  st_torch = pytest.importorskip("safetensors.torch")
+  torch = require("torch")
+  st_torch = importlib.import_module("safetensors.torch")
   t = _tensors()
   t["ids"] = np.arange(7, dtype=np.int64)
   write_hf_dir(tmp_path / "ours", t, max_shard_bytes=700)

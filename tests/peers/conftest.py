@@ -31,7 +31,7 @@ def llama_family(tmp_path_factory):
 #
 # With the `peers` extra installed (CI installs it) a skipped parity test is a parity test that
 # did not run: report it as a failure, whether the skip happened in a test or while importing the
-# module (a module-level importorskip would otherwise collapse the whole file into one "skipped").
+# module (a module-level skip would otherwise collapse the whole file into one "skipped").
 
 
 def _peers_installed() -> bool:

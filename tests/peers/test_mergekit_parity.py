@@ -21,8 +21,10 @@ from typing import Dict
 import numpy as np
 import pytest
 
-pytest.importorskip("mergekit")
-torch = pytest.importorskip("torch")
+from .peer import require
+
+require("mergekit")
+torch = require("torch")
 
 pytestmark = pytest.mark.peers
 

@@ -24,8 +24,10 @@ import textwrap
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from .peer import require
+
+torch = require("torch")
+transformers = require("transformers")
 
 from kfuse import io as kio  # noqa: E402
 from kfuse.mergekit_compat import run_yaml  # noqa: E402

@@ -19,8 +19,10 @@ import re
 
 import pytest
 
-pytest.importorskip("mergekit")
-pytest.importorskip("torch")
+from .peer import require
+
+require("mergekit")
+require("torch")
 
 from kfuse import mergekit_compat as mc  # noqa: E402
 from kfuse.merge.core import get_method  # noqa: E402
