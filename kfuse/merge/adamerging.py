@@ -72,8 +72,9 @@ def merge_params(base: PyTree, task_vectors: PyTree, lambdas: Array) -> PyTree:
   out = []
   for p, (b, tau) in enumerate(zip(leaves, taus)):
     lam = lambdas[:, p] if lambdas.ndim == 2 else lambdas
-    lam = lam.astype(tau.dtype).reshape((-1,) + (1,) * (tau.ndim - 1))
-    out.append(b + jnp.sum(lam * tau, axis=0))
+    # a contraction over the expert axis (a dot: XLA:CPU's reduce over a leading axis is ~30x slower)
+    flat = tau.reshape(tau.shape[0], -1)
+    out.append(b + (lam.astype(tau.dtype) @ flat).reshape(b.shape))
   return jax.tree.unflatten(treedef, out)
 
 

@@ -36,6 +36,7 @@ Grams are sums, so a batch sharded over a mesh gives the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -198,6 +199,23 @@ def gram_sums(apply: Callable, layers: tuple = LAYERS) -> Callable:
   return sums
 
 
+@functools.lru_cache(maxsize=32)
+def _gram_step(model, apply_kwargs: tuple, layers: tuple) -> Callable:
+  """The jitted accumulation step of `grams`, compiled once per model and options."""
+  sums = gram_sums(_model_apply(model, dict(apply_kwargs)), layers)
+
+  @jax.jit
+  def step(acc, variables, x):
+    new = sums(variables, x)
+    if acc is None:
+      return new
+    if set(new) != set(acc):
+      raise KfuseError("grams: batches of different shapes reached different layers")
+    return {k: (acc[k][0] + g, acc[k][1] + n) for k, (g, n) in new.items()}
+
+  return step
+
+
 def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any], *,
           max_examples: int | None = None, apply_kwargs: Mapping[str, Any] | None = None,
           layers: tuple = LAYERS) -> Statistics:
@@ -215,17 +233,7 @@ def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any]
   Returns:
     `Statistics` with ``gram`` and ``tokens`` keyed by kernel path.
   """
-  sums = gram_sums(_model_apply(model, apply_kwargs), tuple(layers))
-
-  @jax.jit
-  def step(acc, variables, x):
-    new = sums(variables, x)
-    if acc is None:
-      return new
-    if set(new) != set(acc):
-      raise KfuseError("grams: batches of different shapes reached different layers")
-    return {k: (acc[k][0] + g, acc[k][1] + n) for k, (g, n) in new.items()}
-
+  step = _gram_step(model, tuple(sorted((apply_kwargs or {}).items())), tuple(layers))
   acc, examples = None, 0
   for x in _inputs(batches, max_examples, "grams"):
     acc = step(acc, variables, jnp.asarray(x))
