@@ -142,19 +142,23 @@ def adamerging(apply_fn: Callable, *, granularity: str = "layer", init: float = 
       jax.eval_shape(_step, state, dict(batch), key)   # configuration errors surface here
     return state
 
-  def _step(state: AdaMergingState, batch, key):
-    loss, g = jax.value_and_grad(objective)(state.lambdas, state.base, state.task_vectors,
-                                            batch["x"])
-    updates, opt_state = tx.update(g, state.opt_state, state.lambdas)
-    lambdas = optax.apply_updates(state.lambdas, updates)
-    new = state._replace(lambdas=lambdas, opt_state=opt_state, count=state.count + 1)
-    return new, {"loss": loss, "grad_norm": jnp.linalg.norm(g)}
+  def _update(lambdas, opt_state, count, base, taus, x):
+    loss, g = jax.value_and_grad(objective)(lambdas, base, taus, x)
+    updates, opt_state = tx.update(g, opt_state, lambdas)
+    return (optax.apply_updates(lambdas, updates), opt_state, count + 1,
+            {"loss": loss, "grad_norm": jnp.linalg.norm(g)})
 
-  jitted = jax.jit(_step)
+  # θ_0 and τ go in but never come out: returning them would copy them every step
+  jitted = jax.jit(_update)
+
+  def _step(state: AdaMergingState, batch, key):
+    lambdas, opt_state, count, metrics = jitted(state.lambdas, state.opt_state, state.count,
+                                                state.base, state.task_vectors, batch["x"])
+    return state._replace(lambdas=lambdas, opt_state=opt_state, count=count), metrics
 
   def step(state: AdaMergingState, batch: Mapping[str, Any], key: Array | None = None):
     _check(batch, "adamerging batch")
-    return jitted(state, {"x": batch["x"]}, key)
+    return _step(state, {"x": batch["x"]}, key)
 
   return Learner(init_fn, step)
 
