@@ -57,7 +57,7 @@ def test_gradient_matches_central_differences_float64(tasks):
     taus = jax.tree.map(lambda *e: jnp.stack([x - e[0] for x in e[1:]]), base, *experts)
     x = np.random.default_rng(1).normal(size=(2, 5, 4) if tasks else (5, 4))
     fn = (lambda p, xb, t: apply_fn(p, xb) * (1.0 + t)) if tasks else apply_fn
-    obj = A.objective_fn(fn, tasks)
+    obj = jax.jit(A.objective_fn(fn, tasks))
     lam = jnp.asarray(np.random.default_rng(2).uniform(0, 0.6, size=(3, 4)))
     g = np.asarray(jax.grad(obj)(lam, base, taus, x))
     fd = np.zeros_like(g)
