@@ -233,7 +233,13 @@ def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any]
   Returns:
     `Statistics` with ``gram`` and ``tokens`` keyed by kernel path.
   """
-  step = _gram_step(model, tuple(sorted((apply_kwargs or {}).items())), tuple(layers))
+  opts = (model, tuple(sorted((apply_kwargs or {}).items())), tuple(layers))
+  try:
+    hash(opts)
+  except TypeError:   # an unhashable model or option: compiled for this call only
+    step = _gram_step.__wrapped__(*opts)
+  else:
+    step = _gram_step(*opts)
   acc, examples = None, 0
   for x in _inputs(batches, max_examples, "grams"):
     acc = step(acc, variables, jnp.asarray(x))
