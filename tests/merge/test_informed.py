@@ -214,3 +214,25 @@ def test_checkpoint_merge_refuses_data_methods(tmp_path):
     paths.append(save_orbax(str(tmp_path / f"e{i}"), e))
   with pytest.raises(KfuseError, match="method 'regmean' needs whole-model statistics"):
     merge_checkpoints("regmean", paths, None, str(tmp_path / "out"), progress=False)
+
+
+@pytest.mark.slow
+def test_collected_statistics_merge_backbones_end_to_end(tmp_path):
+  """statistics.collect on two real classifiers -> saved -> under('backbone') -> regmean and
+  fisher over the backbones: the collected keys are the merge tree's paths."""
+  from kfuse.models.mlp import make_mlp
+  model = make_mlp(3, hidden=(6,))
+  rng = np.random.default_rng(0)
+  vs = [model.init(jax.random.key(i), jnp.ones((1, 4))) for i in range(2)]
+  data = [[{"x": rng.normal(size=(8, 4)).astype(np.float32) + i}] for i in range(2)]
+  paths = []
+  for i, (v, d) in enumerate(zip(vs, data)):
+    paths.append(S.save(tmp_path / f"s{i}", S.collect(model, v, d)))
+  stats = [S.load(p).under("backbone") for p in paths]
+  backbones = [v["params"]["backbone"] for v in vs]
+  got = merge.merge(informed.with_statistics("regmean", stats), backbones)
+  xs = [np.asarray(d[0]["x"], np.float64) for d in data]
+  want = _regmean_np([b["layers_0"]["kernel"] for b in backbones], [_gram(x) for x in xs], 0.95)
+  np.testing.assert_allclose(got["layers_0"]["kernel"], want, rtol=1e-4, atol=1e-5)
+  got_f = merge.merge(informed.with_statistics("fisher", stats), backbones)
+  assert jax.tree.structure(got_f) == jax.tree.structure(backbones[0])
