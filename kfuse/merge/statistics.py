@@ -30,7 +30,7 @@ label-free score ``s(x) = Σ_c sg(√p_c(x)) · log p_c(x)`` of the model's soft
 
 Memory is bounded by one batch plus the accumulators (``d_in²`` per layer for
 Grams; one parameter copy, plus a batch of per-example gradients, for Fishers).
-Grams are sums, so a batch sharded over a mesh gives the same numbers.
+Grams are sums over rows, so partial Grams of disjoint data add up (not yet wired to a mesh).
 """
 
 from __future__ import annotations
