@@ -58,6 +58,9 @@ def with_statistics(method: str | Method, statistics: Sequence[Statistics | str 
   if m.name not in _BINDERS:
     raise KfuseError(f"method {m.name!r} uses no data statistics"
                      f" (data-informed: {', '.join(sorted(_BINDERS))})")
+  if isinstance(statistics, (Statistics, str, os.PathLike)):
+    raise KfuseError(f"with_statistics({m.name!r}): give a list with one statistics per expert,"
+                     f" in the experts' order")
   stats = [ST.load(s) if isinstance(s, (str, os.PathLike)) else s for s in statistics]
   for i, s in enumerate(stats):
     if not isinstance(s, Statistics):

@@ -200,9 +200,11 @@ def test_nan_in_statistics_is_one_line(tmp_path):
     merge.merge(informed.with_statistics("regmean", [st[0], str(tmp_path / "s1")]), e)
 
 
-def test_with_statistics_refuses_a_data_free_method():
+def test_with_statistics_refuses_a_data_free_method_and_a_bare_statistics():
   with pytest.raises(KfuseError, match="uses no data statistics"):
     informed.with_statistics("ties", [])
+  with pytest.raises(KfuseError, match="one statistics per expert"):
+    informed.with_statistics("regmean", Statistics())
 
 
 def test_checkpoint_merge_refuses_data_methods(tmp_path):
