@@ -109,3 +109,13 @@ def test_bad_configuration():
   base, experts = _models(2)
   with pytest.raises(KfuseError, match="missing key"):
     A.adamerging(apply_fn).init(base, [experts[0], {"fc0": experts[1]["fc0"]}])
+
+
+def test_step_keeps_base_and_task_vectors_without_copying():
+  """θ_0 and τ are frozen inputs: returning them from the jitted step copied them each step."""
+  base, experts = _models(2)
+  learner = A.adamerging(apply_fn)
+  state = learner.init(base, experts)
+  new, _ = learner.step(state, {"x": np.ones((2, 4), np.float32)}, None)
+  assert all(a is b for a, b in zip(jax.tree.leaves(new.task_vectors), jax.tree.leaves(state.task_vectors)))
+  assert all(a is b for a, b in zip(jax.tree.leaves(new.base), jax.tree.leaves(state.base)))
