@@ -114,6 +114,11 @@ PARAMS = {
         {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
         {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
     ),
+    'fisher': (
+        {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model scaling (FusionBench fisher_scaling_coefficients)'},
+        {'name': 'normalize', 'default': True, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'c_i ∝ 1/‖F_i‖₂ (FusionBench normalize_fisher_weight)'},
+        {'name': 'epsilon', 'default': 1e-06, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'added to every Fisher entry (FusionBench minimal_fisher_weight)'},
+    ),
     'karcher': (
         {'name': 'max_iter', 'default': 10, 'required': False, 'per_model': False, 'kind': 'int', 'doc': ''},
         {'name': 'tol', 'default': 1e-05, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
@@ -152,6 +157,14 @@ PARAMS = {
         {'name': 'r', 'default': 0.1, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
         {'name': 'alpha', 'default': 0.2, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
         {'name': 'epsilon', 'default': 1e-05, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
+    ),
+    'regmean': (
+        {'name': 'alpha', 'default': 0.95, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'off-diagonal scale of each Gram (FusionBench reduce_non_diagonal_ratio)'},
+        {'name': 'ridge', 'default': 0.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': '+ ridge·mean(diag G_i)·I per Gram (kfuse; 0 = none, as the paper)'},
+    ),
+    'regmean_plusplus': (
+        {'name': 'alpha', 'default': 0.95, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'off-diagonal scale of each Gram (FusionBench reduce_non_diagonal_ratio)'},
+        {'name': 'ridge', 'default': 0.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': '+ ridge·mean(diag G_i)·I per Gram (kfuse; 0 = none, as the paper)'},
     ),
     'sce': (
         {'name': 'select_topk', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},

@@ -171,6 +171,8 @@ class Method:
       exactly on the host and passes them as ``state.cuts``; the stage that
       selects (`stages.trim_magnitude` / `stages.trim_outliers`) uses them.
     doc: formula and reference.
+    data: the data the method needs ('' = none), e.g. "input Grams: 256 unlabeled
+      examples per task"; such methods run on statistics (`kfuse.merge.informed`).
   """
   name: str
   recipe: Callable[..., Stage]
@@ -184,6 +186,7 @@ class Method:
   elementwise: Any = False
   selection: Optional[str] = None
   doc: str = ""
+  data: str = ""
 
   def __post_init__(self):
     if self.base not in ("required", "optional", "unused", "include"):

@@ -471,3 +471,5 @@ _simple("ties_paper", _ties_paper_recipe, [
   agreeing entries (sum / mean over non-zero / max-magnitude);
   θ = θ_b + λ·merged with λ = 0.3. Yadav et al., NeurIPS 2023.""",
     prepare=_ties_paper_prepare, tree_stats=_ties_paper_stats)
+
+from kfuse.merge import informed as _informed  # noqa: E402,F401  (registers fisher, regmean, regmean_plusplus)

@@ -32,8 +32,10 @@ PARAMS = {"ties": {"density": 0.3}, "breadcrumbs": {"density": 0.5, "gamma": 0.0
           "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05}, "ram": {"epsilon": 1e-3},
           "ramplus_tl": {"epsilon": 1e-3}}
 
-# ties_paper needs whole-model statistics: the engine refuses it (test_runner.py).
-ENGINE_METHODS = [m for m in names() if m != "ties_paper"]
+# ties_paper needs whole-model statistics: the engine refuses it (test_runner.py); data-informed
+# methods need statistics (tests/merge/test_informed.py).
+API_METHODS = [m for m in names() if not get_method(m).data]
+ENGINE_METHODS = [m for m in API_METHODS if m != "ties_paper"]
 
 
 def inputs():
@@ -128,7 +130,7 @@ def assert_zero_size(got, name):
     assert got[k].shape == sh and got[k].dtype == np.float32, (name, k, got[k].shape)
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", API_METHODS)
 def test_zero_size_tensors_merge_to_zero_size(name):
   """The merge of a zero-size tensor is a zero-size tensor of its shape, through the
   API and the engine (``shard.tensor_sum`` reshaped to (0, -1); Arcee Fusion took
