@@ -203,3 +203,45 @@ def test_sharded_load_gives_the_unsharded_logits(root, tmp_path, families):
   for i, path in enumerate(paths):
     want = np.asarray(hf.forward(hf.load(path), ids))
     np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _reference_perplexity(path, ids, seq_len):
+  """transformers' mean loss (labels=input_ids) per window, weighted by predicted tokens."""
+  m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  total, count = 0.0, 0
+  with torch.no_grad():
+    for lo in range(0, len(ids), seq_len):
+      w = torch.tensor(ids[lo:lo + seq_len], dtype=torch.long)[None]
+      if w.shape[1] < 2:
+        continue
+      total += float(m(w, labels=w).loss) * (w.shape[1] - 1)
+      count += w.shape[1] - 1
+  return float(np.exp(total / count)), count
+
+
+@pytest.mark.parametrize("family", ["qwen2", pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_lm_eval_cli_perplexity_matches_transformers(root, tmp_path, family):
+  """`python -m kfuse.main --config=configs/lm_eval.py:DIR`: 10 windows of 16 tokens (3 batches
+  of 4, the last padded) + a 7-token tail, against transformers' loss on the same windows."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  path = str(tmp_path / family)
+  _build(family, 3).save_pretrained(path)
+  words = [f"w{i}" for i in range(96)]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])},
+                                   unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(os.path.join(path, "tokenizer.json"))
+  ids = np.random.RandomState(4).randint(1, 97, 167)
+  (tmp_path / "text.txt").write_text(" ".join(words[i - 1] for i in ids))
+  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu")
+  work = tmp_path / "work"
+  r = subprocess.run([sys.executable, "-m", "kfuse.main",
+                      f"--config=configs/lm_eval.py:{path}",
+                      f"--config.text_file={tmp_path / 'text.txt'}", "--config.seq_len=16",
+                      "--config.eval_batch_size=4", f"--config.workdir={work}"],
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.load(open(work / "results.json"))
+  want, count = _reference_perplexity(path, ids, 16)
+  assert res["tokens"] == count == 10 * 15 + 6 and res["windows"] == 11
+  assert abs(res["perplexity"] - want) <= 1e-4 * want, (res["perplexity"], want)
