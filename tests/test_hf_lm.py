@@ -172,3 +172,19 @@ def test_lm_eval_cli_refuses_a_foreign_tokenizer_in_one_line(tmp_path):
   lines = [ln for ln in r.stderr.splitlines() if ln.startswith("kfuse: error:")]
   assert len(lines) == 1 and "61 tokens but" in lines[0] and "vocab_size = 50" in lines[0], \
       r.stderr[-2000:]
+
+
+def test_mixed_dtype_checkpoint_round_trips_bit_for_bit(tmp_path):
+  """bf16 matrices with float32 norms (as some checkpoints ship): dtype=None keeps each."""
+  import ml_dtypes
+  from kfuse.io import read_hf_dir, write_hf_dir
+  src = read_hf_dir(_model_dir(tmp_path / "f32"))
+  mixed = {n: a if "norm" in n else a.astype(ml_dtypes.bfloat16) for n, a in src.items()}
+  write_hf_dir(tmp_path / "mixed", mixed, config=LLAMA)
+  model = hf.load(tmp_path / "mixed")
+  hf.save(model, tmp_path / "out")
+  out = read_hf_dir(tmp_path / "out")
+  assert sorted(out) == sorted(mixed)
+  for n, a in mixed.items():
+    assert out[n].dtype == a.dtype and out[n].tobytes() == a.tobytes(), n
+  assert np.isfinite(np.asarray(hf.forward(model, np.zeros((1, 5), np.int32)))).all()

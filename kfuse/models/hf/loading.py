@@ -142,10 +142,6 @@ def with_hf_dict(model: nnx.Module, tensors: Mapping[str, Any]) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def _expected(graph_like: Mapping) -> dict[str, jax.ShapeDtypeStruct]:
-  return _flatten(graph_like)
-
-
 def _read(m, name: str, shape, dtype, mesh: Optional[Mesh]) -> jax.Array:
   """One tensor from the memory map, cast to ``dtype``; each device reads only its slice."""
   view = m.view(name)
@@ -159,7 +155,8 @@ def _read(m, name: str, shape, dtype, mesh: Optional[Mesh]) -> jax.Array:
 def load(path: str | os.PathLike, mesh: Optional[Mesh] = None, dtype: Any = None) -> nnx.Module:
   """The NNX causal LM of an HF directory (Llama, Mistral, Qwen2, GPT-2).
 
-  ``dtype``: parameter and compute dtype (None: the checkpoint's). ``mesh``: a
+  ``dtype``: parameter and compute dtype (None: each tensor keeps its stored dtype, so
+  `save` writes it back bit for bit). ``mesh``: a
   `jax.sharding.Mesh` with axes among ``data``, ``fsdp``, ``tensor`` (`make_mesh`);
   parameters are placed by `RULES`. Errors name the file and tensor.
   """
@@ -170,14 +167,14 @@ def load(path: str | os.PathLike, mesh: Optional[Mesh] = None, dtype: Any = None
       raise KfuseError(f"{where}: not found (an HF model directory needs its config.json)")
     cfg = config_lib.from_hf(m.config, where)
     check_mesh(cfg, mesh, where)
-    stored = m.dtype(m.names[0]) if len(m) else np.dtype(np.float32)
-    dt = as_dtype(dtype) or stored
-    abstract = nnx.eval_shape(lambda: build(cfg, dt))
+    dt = as_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: build(cfg, dt or np.float32))
     graphdef, state = nnx.split(abstract)
     like = nnx.to_pure_dict(state)
-    expected = _expected(like)
+    expected = _flatten(like)
     _check_tensors(m, cfg, expected, path)
-    flat = {name: _read(m, name, s.shape, dt, mesh) for name, s in expected.items()}
+    flat = {name: _read(m, name, s.shape, dt or m.dtype(name), mesh)
+            for name, s in expected.items()}
   nnx.replace_by_pure_dict(state, _unflatten(flat, like))
   return nnx.merge(graphdef, state)
 
