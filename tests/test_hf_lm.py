@@ -188,3 +188,4 @@ def test_mixed_dtype_checkpoint_round_trips_bit_for_bit(tmp_path):
   for n, a in mixed.items():
     assert out[n].dtype == a.dtype and out[n].tobytes() == a.tobytes(), n
   assert np.isfinite(np.asarray(hf.forward(model, np.zeros((1, 5), np.int32)))).all()
+
