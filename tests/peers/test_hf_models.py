@@ -99,6 +99,14 @@ def test_fp32_logits_match_transformers(root, family):
   assert _rel(hf.forward(model, ids), ref) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_fp32_logits_match_transformers_over_several_query_blocks(root, family):
+  """300 tokens: three of kfuse's 128-query attention blocks, windows across their borders."""
+  path = _save(root, family)
+  ids = _ids(1, 300, seed=5)
+  assert _rel(hf.forward(hf.load(path), ids), _torch_logits(path, ids)) <= 1e-4
+
+
 def test_config_features_are_exercised(root):
   """The cases above really test GQA, Llama 3 RoPE, windows, biases and ties."""
   llama = hf.load(_save(root, "llama")).config
