@@ -209,3 +209,12 @@ def test_blocked_causal_attention_equals_float64_reference(window):
   p /= p.sum(-1, keepdims=True)
   want = np.einsum("bhqs,bshd->bqhd", p, vr)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_with_hf_dict_names_a_wrong_shape(tmp_path):
+  model = hf.load(_model_dir(tmp_path / "m"))
+  params = dict(hf.to_hf_dict(model))
+  params["model.norm.weight"] = np.zeros(17, np.float32)
+  with pytest.raises(KfuseError) as e:
+    hf.with_hf_dict(model, params)
+  assert "'model.norm.weight' has shape (17,), the model's is (16,)" in _one_line(e)

@@ -133,10 +133,15 @@ def with_hf_dict(model: nnx.Module, tensors: Mapping[str, Any]) -> nnx.Module:
   """A new model of ``model``'s graph with parameters ``tensors`` (same names and shapes)."""
   graphdef, state = nnx.split(model)
   like = nnx.to_pure_dict(state)
-  names = set(_flatten(like))
+  shapes = _flatten(like)
+  names = set(shapes)
   missing = sorted(names - set(tensors))
   if missing:
     raise KfuseError(f"with_hf_dict: no tensor {missing[0]!r} ({len(missing)} missing)")
+  for name in sorted(names):
+    if tuple(np.shape(tensors[name])) != tuple(shapes[name].shape):
+      raise KfuseError(f"with_hf_dict: tensor {name!r} has shape {tuple(np.shape(tensors[name]))},"
+                       f" the model's is {tuple(shapes[name].shape)}")
   nnx.replace_by_pure_dict(state, _unflatten({k: jnp.asarray(v) for k, v in tensors.items()
                                               if k in names}, like))
   return nnx.merge(graphdef, state)
