@@ -1,7 +1,14 @@
-"""Test-time adaptation benchmark: MNIST-1D-C, the CIFAR-10-C protocols at toy scale.
+"""Test-time adaptation benchmark: MNIST-1D-C and 16x16 image-C, the CIFAR-10-C protocols at toy scale.
 
     python -m kfuse.main --config=configs/tta_bench.py          # full (~8 min on 2 idle cores)
     python -m kfuse.main --config=configs/tta_bench.py:quick    # <= 3 min
+    python -m kfuse.main --config=configs/tta_bench.py:images   # glyph digits, CIFAR-10-C corruptions, 3 seeds
+
+With ``data.name`` an image task of `kfuse.data.image_tasks` (e.g. ``glyph_digits``), the
+pool is the task's test split, corrupted by the 15 CIFAR-10-C corruptions of
+`kfuse.data.image_corruptions`, and the source model is a 2-D BatchNorm ResNet (``cnn2d``);
+CoTTA / RoTTA then use 2-D augmentations. ``config.seeds`` repeats everything per seed
+(corruption draws, source model, stream orders) and reports mean ± std (`aggregate`).
 
 Pipeline (`run`):
 
