@@ -2,6 +2,8 @@
 
     python -m kfuse.main --config=configs/tta_bench.py           # full (~8 min on 2 idle CPU cores)
     python -m kfuse.main --config=configs/tta_bench.py:quick     # <= 3 min
+    python -m kfuse.main --config=configs/tta_bench.py:images         # 16x16 glyphs, CIFAR-10-C corruptions, 3 seeds
+    python -m kfuse.main --config=configs/tta_bench.py:images_quick   # the same, smaller
 
 A BatchNorm ResNet-style 1-D CNN is trained on clean MNIST-1D; every method of
 ``config.methods`` then adapts online on the 15 corruptions at severity 5
@@ -47,13 +49,16 @@ def methods():
 
 
 def get_config(arg=None):
-  """``arg``: None / 'full' (the measured benchmark) or 'quick' (a <= 3 min smoke run)."""
-  variant = parse_arg(arg, variant=("full", one_of("full", "quick"))).variant
+  """``arg``: None / 'full' (the measured benchmark), 'quick' (a <= 3 min smoke run), 'images'
+  (typeset digits 16x16, the 15 CIFAR-10-C corruptions, a 2-D BatchNorm ResNet, 3 seeds) or
+  'images_quick' (the same, smaller)."""
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick", "images", "images_quick"))).variant
   config = ml_collections.ConfigDict()
   config.task = "tta_bench"
   config.workdir = f"workdirs/tta_bench_{variant}"
   config.overwrite = False          # replace the results of an earlier run in workdir
   config.seed = 0
+  config.seeds = ()                 # non-empty: repeat the benchmark per seed, report mean ± std
   config.progress = True
   config.batch_size = 200           # test batch of every adaptation stream (long one included)
   config.protocols = ("reset_per_shift", "continual")
@@ -79,6 +84,27 @@ def get_config(arg=None):
   config.long = dict(rounds=10, samples_per_domain=2000,
                      methods=("source", "bn_adapt", "tent", "eata", "sar", "cotta", "rotta"))
 
+  if variant.startswith("images"):
+    quick = variant == "images_quick"
+    config.seeds = (0, 1, 2)
+    config.batch_size = 100
+    config.data = dict(
+        name="glyph_digits",        # a kfuse.data.image_tasks task: typeset digits, 16x16
+        data_seed=0,                # the task's images (the run seed draws the corruptions)
+        sizes=(2000, 300, 1000) if quick else (4000, 500, 2000),   # train, val, test (= pool)
+        severity=5,
+        corruptions=(),             # () = the 15 of kfuse.data.image_corruptions, CIFAR-10-C order
+        cache_dir="")
+    config.model = dict(name="cnn2d", widths=(16, 32), blocks_per_stage=1, kernel_size=3,
+                        pool="avg", bn_momentum=0.9)
+    config.source.steps = 600 if quick else 2000
+    config.source.fisher = dict(samples=1000, batch_size=64)
+    config.long = dict(rounds=2 if quick else 5, samples_per_domain=200 if quick else 500,
+                       methods=("bn_adapt", "tent", "cotta") if quick
+                       else ("bn_adapt", "tent", "eata", "cotta"))
+    if quick:
+      keep = ("source", "bn_adapt", "tent", "eata", "cotta")
+      config.methods = ml_collections.ConfigDict({k: methods()[k] for k in keep}, sort_keys=False)
   if variant == "quick":
     config.data.pool = "test"       # 1000 signals per corruption
     config.source.steps = 800

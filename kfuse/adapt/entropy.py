@@ -23,7 +23,8 @@ student's *pre-update* logits of the forward pass that computed the update.
   ``L1 = mean_{E_i < E0} E_i``; SAM ascent ``ε = ρ g / (‖g‖ + 1e-12)``; at
   ``θ + ε``: ``L2 = mean_{E_i < E0, E'_i < E0} E'_i``; base-optimizer step at θ
   with ``∇L2(θ + ε)``; ``ema ← 0.9 ema + 0.1 L2`` (skipped when L2 is empty) and
-  model recovery (reset to the source) when ``ema < 0.2``. Defaults: E0 = 0.4 ln C,
+  model recovery (the parameters back to the source; as in the official code, the moving
+  average and the base optimizer's state survive it) when ``ema < 0.2``. Defaults: E0 = 0.4 ln C,
   ρ = 0.05, SGD 2.5e-4 momentum 0.9.
 """
 
@@ -341,7 +342,8 @@ class SarState(NamedTuple):
 def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
         e_margin: float | None = None, e_margin_scale: float = 0.4, rho: float = 0.05,
         reset_constant: float = 0.2, ema_decay: float = 0.9, clear_ema_on_reset: bool = False,
-        episodic: bool = False, trainable: Any = "norm", exclude: Sequence[str] = SAR_EXCLUDE,
+        keep_optimizer_on_reset: bool = True, episodic: bool = False, trainable: Any = "norm",
+        exclude: Sequence[str] = SAR_EXCLUDE,
         apply_kwargs: Mapping[str, Any] | None = None) -> core.Adapter:
   """SAR: sharpness-aware, reliable entropy minimization with model recovery.
 
@@ -355,6 +357,10 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
     clear_ema_on_reset: the official ``SAR.forward`` calls ``reset()`` (which clears
       ``ema``) and then re-assigns the returned ``ema``, so the moving average
       *survives* a recovery; False (default) reproduces that, True clears it.
+    keep_optimizer_on_reset: the official recovery reloads the *SAM wrapper's* state dict,
+      which does not reach the base optimizer's state (``SAM.base_optimizer.state``), so
+      SGD's momentum buffer survives a recovery; True (default) reproduces that, False
+      restarts the optimizer state with the model.
     exclude: frozen parameters (default `SAR_EXCLUDE`: ResNet layer4, ViT blocks
       9-11, the final norm); pass the equivalent names of your model.
     episodic, trainable, apply_kwargs: as `tent`.
@@ -422,6 +428,8 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
                       None if clear_ema_on_reset else ema_val,
                       None if clear_ema_on_reset else has_ema,
                       start.num_resets + 1)
+    if keep_optimizer_on_reset:
+      recovered = recovered._replace(opt_state=opt_state)
     new = core.tree_where(recover, recovered, updated)
     new = core.guard(finite, new, state)
     metrics = {"loss": loss1, "loss_second": loss2, "ema": ema_val,

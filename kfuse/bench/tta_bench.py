@@ -1,7 +1,14 @@
-"""Test-time adaptation benchmark: MNIST-1D-C, the CIFAR-10-C protocols at toy scale.
+"""Test-time adaptation benchmark: MNIST-1D-C and 16x16 image-C, the CIFAR-10-C protocols at toy scale.
 
     python -m kfuse.main --config=configs/tta_bench.py          # full (~8 min on 2 idle cores)
     python -m kfuse.main --config=configs/tta_bench.py:quick    # <= 3 min
+    python -m kfuse.main --config=configs/tta_bench.py:images   # glyph digits, CIFAR-10-C corruptions, 3 seeds
+
+With ``data.name`` an image task of `kfuse.data.image_tasks` (e.g. ``glyph_digits``), the
+pool is the task's test split, corrupted by the 15 CIFAR-10-C corruptions of
+`kfuse.data.image_corruptions`, and the source model is a 2-D BatchNorm ResNet (``cnn2d``);
+CoTTA / RoTTA then use 2-D augmentations. ``config.seeds`` repeats everything per seed
+(corruption draws, source model, stream orders) and reports mean ± std (`aggregate`).
 
 Pipeline (`run`):
 
@@ -37,7 +44,9 @@ import numpy as np
 from absl import logging
 
 from kfuse import adapt, models, train
+from kfuse.adapt import augment as aug_lib
 from kfuse.data import corruptions as corr
+from kfuse.data import image_corruptions as icorr
 from kfuse.bench.common import (
     to_dict as _to_dict, plain as _plain, check_workdir as _check_workdir,
     write_text as _write_atomic, method_entries)
@@ -45,7 +54,7 @@ from kfuse.tree import KfuseError
 
 PyTree = Any
 
-__all__ = ["run", "markdown_tables", "plot", "method_specs", "train_source"]
+__all__ = ["run", "markdown_tables", "plot", "method_specs", "train_source", "load_data", "aggregate"]
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -101,18 +110,72 @@ def _fisher_batches(ds, cfg: Mapping) -> list[np.ndarray]:
   return [x[i:i + bs] for i in range(0, len(x) - bs + 1, bs)]
 
 
-def _build(spec: dict, model, apply_kwargs: Mapping) -> adapt.Adapter:
+_AUGMENTS = {"cotta": aug_lib.COTTA, "rotta": aug_lib.ROTTA}
+
+
+def _build(spec: dict, model, apply_kwargs: Mapping, spatial_dims: int = 1) -> adapt.Adapter:
+  """``spatial_dims`` 2 (images): CoTTA / RoTTA get the 2-D version of their augmentation."""
+  params = dict(spec["params"])
+  if spatial_dims != 1 and spec["method"] in _AUGMENTS and "augment" not in params:
+    params["augment"] = aug_lib.make_augment(_AUGMENTS[spec["method"]], spatial_dims=spatial_dims)
   try:
     return adapt.make(spec["method"], model.apply, optimizer=spec["optimizer"],
-                      apply_kwargs=dict(apply_kwargs), **spec["params"])
+                      apply_kwargs=dict(apply_kwargs), **params)
   except KfuseError as e:
     raise KfuseError(f"methods.{spec['label']}: {e}") from None
+
+
+# ------------------------------------------------------------------ data
+
+
+def _image_data(data_cfg: Mapping, seed: int, cache: str | None):
+  """An image task of `kfuse.data.image_tasks` and its CIFAR-10-C-style corruptions.
+
+  Pixels are clipped to [0, 1], corrupted by `kfuse.data.image_corruptions` (seeded by
+  ``seed``), then standardized with one mean and std of the clean training images.
+  """
+  from kfuse.data import image_tasks, sources
+  sizes = tuple(int(v) for v in (data_cfg.get("sizes") or image_tasks.DEFAULT_SIZES))
+  task = image_tasks.load_task(data_cfg["name"], seed=int(data_cfg.get("data_seed", 0)),
+                               sizes=sizes, cache=cache)
+  clip = lambda a: np.clip(a, 0.0, 1.0).astype(np.float32)
+  m, sd = float(clip(task.x_train).mean()), float(clip(task.x_train).std())
+  norm = lambda a: ((clip(a) - m) / sd).astype(np.float32)
+  ds = sources.Dataset(task.name, norm(task.x_train), task.y_train, norm(task.x_val), task.y_val,
+                       norm(task.x_test), task.y_test, task.num_classes, task.shape)
+  names = list(data_cfg.get("corruptions") or icorr.IMAGE_CORRUPTIONS)
+  severity = int(data_cfg.get("severity", 5))
+  pool = clip(task.x_test)
+  domains = [corr.Domain(n, severity, norm(icorr.corrupt_images(pool, n, severity, seed)),
+                         task.y_test) for n in names]
+  return ds, domains, norm(pool), task.y_test, names
+
+
+def load_data(data_cfg: Mapping, seed: int, cache: str | None):
+  """``(source dataset, corrupted domains, clean pool x, pool y, corruption names)``.
+
+  ``data.name``: ``mnist1d`` / ``digits`` (`kfuse.data.corruptions`) or an image task of
+  `kfuse.data.image_tasks` (16x16 images, the CIFAR-10-C corruptions of
+  `kfuse.data.image_corruptions`).
+  """
+  from kfuse.data import image_tasks
+  name = data_cfg.get("name", "mnist1d")
+  if name in image_tasks.TASK_NAMES:
+    return _image_data(data_cfg, seed, cache)
+  names = list(data_cfg.get("corruptions") or corr.CORRUPTIONS)
+  data = corr.clean_data(name, pool=data_cfg.get("pool", "fresh"),
+                         pool_size=int(data_cfg.get("pool_size", 10_000)),
+                         pool_seed=int(data_cfg.get("pool_seed", 1)), seed=seed, cache=cache)
+  domains = corr.corrupted_domains(data, names, (int(data_cfg.get("severity", 5)),), seed=seed,
+                                   cache=cache)
+  return data.source, domains, data.standardize(data.pool_x), data.pool_y, names
 
 
 # ------------------------------------------------------------------ reports
 
 
-_SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul",
+_SHORT = {"glass_blur": "glass", "zoom_blur": "zoom", "elastic_transform": "elast",
+          "jpeg_compression": "jpeg", "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul",
           "speckle_noise": "speck", "defocus_blur": "defoc", "gaussian_blur": "gblur",
           "motion_blur": "motn", "translate": "trans", "brightness": "brit", "contrast": "contr",
           "elastic": "elast", "pixelate": "pixel", "quantize": "quant", "occlusion": "occl"}
@@ -129,7 +192,8 @@ def markdown_tables(results: Mapping) -> str:
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join([" --- "] + [" ---: "] * (len(names) + 1)) + "|")
     for label, r in rows.items():
-      cells = [label] + [f"{e:.1f}" for e in r["errors"]] + [f"**{r['mean']:.1f}**"]
+      mean = f"{r['mean']:.1f} ± {r['std']:.1f}" if "std" in r else f"{r['mean']:.1f}"
+      cells = [label] + [f"{e:.1f}" for e in r["errors"]] + [f"**{mean}**"]
       out.append("| " + " | ".join(cells) + " |")
     out.append("")
   long = results.get("long")
@@ -190,11 +254,10 @@ def plot(results: Mapping, path: str) -> str:
 # ------------------------------------------------------------------ entry point
 
 
-def run(config: Any, workdir: str | None = None) -> dict:
-  """Run the benchmark described by ``config`` (see ``configs/tta_bench.py``); returns the results."""
+def _run_seed(config: Any, seed: int, workdir: str, ckpt_name: str) -> dict:
+  """One seed of the benchmark (data draws, source model, every stream); writes the checkpoint."""
   t_start = time.time()
   get = lambda k, d=None: config.get(k, d) if hasattr(config, "get") else getattr(config, k, d)
-  workdir = _check_workdir(workdir or get("workdir", ""), bool(get("overwrite", False)))
   progress = bool(get("progress", True))
   data_cfg, model_cfg = _to_dict(config.data), _to_dict(config.model)
   src_cfg, long_cfg = _to_dict(config.source), _to_dict(get("long"))
@@ -203,11 +266,9 @@ def run(config: Any, workdir: str | None = None) -> dict:
   for p in protocols:
     if p not in corr.PROTOCOLS:
       raise KfuseError(f"protocols: unknown protocol {p!r}; known: {', '.join(corr.PROTOCOLS)}")
-  corruptions = list(data_cfg.get("corruptions") or corr.CORRUPTIONS)
   severity = int(data_cfg.get("severity", 5))
   batch_size = int(get("batch_size", 200))
   apply_kwargs = {"train": False}
-  seed = int(get("seed", 0))
   key = jax.random.key(seed)
   k_src, k_methods, k_long = jax.random.split(key, 3)
   timing = {}
@@ -215,43 +276,40 @@ def run(config: Any, workdir: str | None = None) -> dict:
   # 1. data
   t = time.time()
   cache = data_cfg.get("cache_dir") or None
-  data = corr.clean_data(data_cfg.get("name", "mnist1d"), pool=data_cfg.get("pool", "fresh"),
-                         pool_size=int(data_cfg.get("pool_size", 10_000)),
-                         pool_seed=int(data_cfg.get("pool_seed", 1)), seed=seed, cache=cache)
-  domains = corr.corrupted_domains(data, corruptions, (severity,), seed=seed, cache=cache)
-  clean_x = data.standardize(data.pool_x)
+  source_ds, domains, clean_x, pool_y, corruptions = load_data(data_cfg, seed, cache)
+  spatial_dims = len(source_ds.shape)
   timing["data"] = time.time() - t
-  logging.info("tta_bench: %d corruptions x %d samples, batch %d", len(domains), len(data.pool_y),
+  logging.info("tta_bench: %d corruptions x %d samples, batch %d", len(domains), len(pool_y),
                batch_size)
 
   # 2. source model
   t = time.time()
   mk = dict(model_cfg)
-  model = models.get_model(mk.pop("name", "cnn1d"), num_classes=data.source.num_classes, **mk)
+  model = models.get_model(mk.pop("name", "cnn1d"), num_classes=source_ds.num_classes, **mk)
   ckpt = get("source_checkpoint", "") or ""
   history = []
   if ckpt:
-    like = model.init(jax.random.key(0), data.source.x_train[:2])
+    like = model.init(jax.random.key(0), source_ds.x_train[:2])
     variables = train.restore_checkpoint(ckpt, like)
   else:
-    variables, history = train_source(model, data.source, src_cfg, k_src, progress)
+    variables, history = train_source(model, source_ds, src_cfg, k_src, progress)
   predict = train.make_predict(model)
   clean = {
-      "val_accuracy": train.evaluate(predict, variables, data.source.x_val, data.source.y_val)["accuracy"],
-      "test_accuracy": train.evaluate(predict, variables, data.source.x_test, data.source.y_test)["accuracy"],
-      "pool_accuracy": train.evaluate(predict, variables, clean_x, data.pool_y)["accuracy"],
+      "val_accuracy": train.evaluate(predict, variables, source_ds.x_val, source_ds.y_val)["accuracy"],
+      "test_accuracy": train.evaluate(predict, variables, source_ds.x_test, source_ds.y_test)["accuracy"],
+      "pool_accuracy": train.evaluate(predict, variables, clean_x, pool_y)["accuracy"],
   }
-  ckpt_path = train.save_checkpoint(os.path.join(workdir, "checkpoints", "source"), variables)
+  ckpt_path = train.save_checkpoint(os.path.join(workdir, "checkpoints", ckpt_name), variables)
   timing["source"] = time.time() - t
   logging.info("source model: clean pool accuracy %.4f", clean["pool_accuracy"])
 
   fisher = None
   if any(s["method"] == "eata" for s in specs):
-    fisher = adapt.fisher_information(model.apply, variables, _fisher_batches(data.source, src_cfg),
+    fisher = adapt.fisher_information(model.apply, variables, _fisher_batches(source_ds, src_cfg),
                                       apply_kwargs=apply_kwargs)
 
   # 3. protocols
-  adapters = {s["label"]: _build(s, model, apply_kwargs) for s in specs}
+  adapters = {s["label"]: _build(s, model, apply_kwargs, spatial_dims) for s in specs}
   runners = {label: adapt.make_runner(a) for label, a in adapters.items()}
   tables: dict[str, dict] = {}
   for protocol in protocols:
@@ -265,7 +323,7 @@ def run(config: Any, workdir: str | None = None) -> dict:
       rows[s["label"]] = r
       logging.info("%s %s: mean error %.2f (%.1f s)", protocol, s["label"], r["mean"], r["seconds"])
       if progress:
-        print(f"  {protocol:15s} {s['label']:10s} mean error {r['mean']:5.1f}%"
+        print(f"  seed {seed} {protocol:15s} {s['label']:10s} mean error {r['mean']:5.1f}%"
               f"  ({r['seconds']:.1f} s)", flush=True)
     tables[protocol] = rows
     timing[protocol] = time.time() - t
@@ -291,35 +349,103 @@ def run(config: Any, workdir: str | None = None) -> dict:
       r["per_round"] = [float(v) for v in e.mean(1)]
       out[label] = r
       if progress:
-        print(f"  long x{rounds:<3d}        {label:10s} rounds {r['per_round'][0]:5.1f}% ->"
+        print(f"  seed {seed} long x{rounds:<3d}  {label:10s} rounds {r['per_round'][0]:5.1f}% ->"
               f" {r['per_round'][-1]:5.1f}%  ({r['seconds']:.1f} s)", flush=True)
     long = {"rounds": rounds, "samples_per_domain": n_long, "methods": out}
     timing["long"] = time.time() - t
   timing["total"] = time.time() - t_start
 
-  results = {
-      "dataset": data.source.name,
+  return {
+      "dataset": source_ds.name,
+      "seed": seed,
       "severity": severity,
       "corruptions": corruptions,
       "batch_size": batch_size,
-      "samples_per_domain": int(len(data.pool_y)),
+      "samples_per_domain": int(len(pool_y)),
       "clean": clean,
       "source_history": history,
       "source_checkpoint": ckpt_path,
       "protocols": tables,
       "long": long,
       "timing_s": timing,
-      "config": _plain(_to_dict(config)),
-      "devices": [str(d) for d in jax.devices()],
   }
+
+
+def _mean_std(values) -> tuple:
+  """Mean and sample standard deviation (ddof 1; 0 for one value) over the first axis."""
+  a = np.asarray(values, np.float64)
+  return a.mean(0), (a.std(0, ddof=1) if len(a) > 1 else np.zeros_like(a[0]))
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+  """Seeds -> one result: per-corruption mean errors, and mean ± std over seeds of each method's
+  mean error (``mean``, ``std``; ``seed_means``), the long stream's rounds likewise."""
+  first = per_seed[0]
+  out = {k: first[k] for k in ("dataset", "severity", "corruptions", "batch_size",
+                               "samples_per_domain")}
+  out["seeds"] = [r["seed"] for r in per_seed]
+  acc = [r["clean"]["pool_accuracy"] for r in per_seed]
+  out["clean"] = {"pool_accuracy": float(np.mean(acc)), "pool_accuracy_per_seed": acc}
+  tables = {}
+  for protocol, rows in first["protocols"].items():
+    tables[protocol] = {}
+    for label in rows:
+      runs = [r["protocols"][protocol][label] for r in per_seed]
+      e_mean, e_std = _mean_std([x["errors"] for x in runs])
+      means = [x["mean"] for x in runs]
+      m, sd = _mean_std(means)
+      tables[protocol][label] = {"errors": e_mean.tolist(), "errors_std": e_std.tolist(),
+                                 "mean": float(m), "std": float(sd), "seed_means": means,
+                                 "seconds": float(sum(x["seconds"] for x in runs))}
+  out["protocols"] = tables
+  if first.get("long"):
+    lg = first["long"]
+    methods = {}
+    for label in lg["methods"]:
+      runs = [r["long"]["methods"][label] for r in per_seed]
+      pr_mean, pr_std = _mean_std([x["per_round"] for x in runs])
+      methods[label] = {"errors": _mean_std([x["errors"] for x in runs])[0].tolist(),
+                        "per_round": pr_mean.tolist(), "per_round_std": pr_std.tolist()}
+    out["long"] = {"rounds": lg["rounds"], "samples_per_domain": lg["samples_per_domain"],
+                   "methods": methods}
+  else:
+    out["long"] = None
+  out["per_seed"] = per_seed
+  out["timing_s"] = {"total": float(sum(r["timing_s"]["total"] for r in per_seed))}
+  return out
+
+
+def run(config: Any, workdir: str | None = None) -> dict:
+  """Run the benchmark described by ``config`` (see ``configs/tta_bench.py``); returns the results.
+
+  ``config.seeds`` (non-empty) repeats the whole benchmark once per seed (data draws, source
+  model, streams) and reports the mean ± std over seeds; otherwise ``config.seed`` runs once.
+  """
+  get = lambda k, d=None: config.get(k, d) if hasattr(config, "get") else getattr(config, k, d)
+  workdir = _check_workdir(workdir or get("workdir", ""), bool(get("overwrite", False)))
+  method_specs(config.methods)
+  seeds = [int(s) for s in (get("seeds", ()) or ())]
+  if seeds and (get("source_checkpoint", "") or "") and len(seeds) > 1:
+    raise KfuseError("source_checkpoint: one checkpoint cannot serve several seeds;"
+                     " pass --config.seeds='()' or drop the checkpoint")
+  if not seeds:
+    results = _run_seed(config, int(get("seed", 0)), workdir, "source")
+  else:
+    results = aggregate([_run_seed(config, s, workdir, f"source_seed{s}") for s in seeds])
+  results["config"] = _plain(_to_dict(config))
+  results["devices"] = [str(d) for d in jax.devices()]
+  severity, batch_size = results["severity"], results["batch_size"]
+  clean = results["clean"]
   tables_md = markdown_tables(results)
+  seeds_line = (f" Mean ± std over seeds {', '.join(map(str, results['seeds']))}."
+                if "seeds" in results else "")
   _write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(_plain(results), indent=2))
   _write_atomic(os.path.join(workdir, RESULTS_MD),
                 f"# tta_bench: {results['dataset']}-C, severity {severity}\n\n"
                 f"Source model clean accuracy: {100 * clean['pool_accuracy']:.1f}% on the test pool"
-                f" ({results['samples_per_domain']} samples per corruption, batch {batch_size}).\n\n"
+                f" ({results['samples_per_domain']} samples per corruption, batch {batch_size}).{seeds_line}\n\n"
                 f"{tables_md}\n")
   plot(results, os.path.join(workdir, PLOT_PNG))
   print(tables_md, flush=True)
-  logging.info("tta_bench: wrote %s (%.1f s)", workdir, timing["total"])
+  logging.info("tta_bench: wrote %s (%.1f s)", workdir, results["timing_s"]["total"])
   return results

@@ -112,3 +112,76 @@ def test_quick_config_runs_every_method(tmp_path):
     assert list(rows) == list(config.methods.keys())
     assert rows["bn_adapt"]["mean"] < rows["source"]["mean"]
   assert set(results["long"]["methods"]) == set(config.long.methods)
+
+
+def _per_seed(seed, errors, per_round):
+  row = lambda e: {"errors": e, "mean": sum(e) / len(e), "seconds": 1.0}
+  return {"seed": seed, "dataset": "d", "severity": 5, "corruptions": ["a", "b"],
+          "batch_size": 10, "samples_per_domain": 20, "clean": {"pool_accuracy": 0.9},
+          "protocols": {"continual": {"tent": row(errors)}},
+          "long": {"rounds": 2, "samples_per_domain": 5,
+                   "methods": {"tent": {"errors": errors + errors, "per_round": per_round}}},
+          "timing_s": {"total": 2.0}}
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+  import statistics
+  runs = [_per_seed(0, [10.0, 20.0], [15.0, 14.0]), _per_seed(1, [12.0, 30.0], [21.0, 20.0]),
+          _per_seed(2, [11.0, 25.0], [18.0, 19.0])]
+  agg = tta_bench.aggregate(runs)
+  row = agg["protocols"]["continual"]["tent"]
+  means = [15.0, 21.0, 18.0]
+  assert row["seed_means"] == means
+  assert row["mean"] == pytest.approx(statistics.mean(means))
+  assert row["std"] == pytest.approx(statistics.stdev(means))
+  assert row["errors"] == pytest.approx([11.0, 25.0])
+  assert row["errors_std"] == pytest.approx([statistics.stdev([10, 12, 11]),
+                                             statistics.stdev([20, 30, 25])])
+  lg = agg["long"]["methods"]["tent"]
+  assert lg["per_round"] == pytest.approx([18.0, 53 / 3])
+  assert lg["per_round_std"][0] == pytest.approx(statistics.stdev([15, 21, 18]))
+  assert agg["seeds"] == [0, 1, 2] and agg["timing_s"]["total"] == 6.0
+  md = tta_bench.markdown_tables(agg)
+  assert f"**18.0 ± {statistics.stdev(means):.1f}**" in md
+
+
+def test_images_variant_config():
+  module = _config_module()
+  img, quick = module.get_config("images"), module.get_config("images_quick")
+  assert img.seeds == (0, 1, 2) and img.model.name == "cnn2d" and img.data.name == "glyph_digits"
+  assert quick.source.steps < img.source.steps and quick.data.sizes[2] < img.data.sizes[2]
+  assert set(quick.methods.keys()) >= {"source", "bn_adapt", "tent", "eata", "cotta"}
+
+
+@pytest.mark.slow
+def test_images_end_to_end_two_seeds(tmp_path):
+  """(~90 s CPU, mostly compiling CoTTA's 2-D augmentation) Tiny 2-D run: the image task, two corruptions, two seeds aggregated; CoTTA gets 2-D views."""
+  config = _config_module().get_config("images_quick")
+  config.workdir = str(tmp_path)
+  config.progress = False
+  config.seeds = (0, 1)
+  config.data.sizes = (300, 50, 200)
+  config.data.corruptions = ("gaussian_noise", "contrast")
+  config.model.widths = (4, 8)
+  config.source.steps = 30
+  config.source.optimizer.warmup_steps = 5
+  config.source.fisher.samples = 64
+  methods = _config_module().methods()
+  methods["cotta"]["params"]["n_augment"] = 2
+  config.methods = ml_collections.ConfigDict({k: methods[k] for k in ("source", "bn_adapt", "cotta")},
+                                             sort_keys=False)
+  config.long = dict(rounds=0)
+  results = tta_bench.run(config)
+  assert results["seeds"] == [0, 1] and len(results["per_seed"]) == 2
+  for seed in (0, 1):
+    assert os.path.isdir(tmp_path / "checkpoints" / f"source_seed{seed}")
+  rows = results["protocols"]["continual"]
+  for label, r in rows.items():
+    per = [s["protocols"]["continual"][label]["mean"] for s in results["per_seed"]]
+    assert r["mean"] == pytest.approx(sum(per) / 2)
+  assert results["corruptions"] == ["gaussian_noise", "contrast"]
+  assert "±" in (tmp_path / "results.md").read_text()
+  config.source_checkpoint = str(tmp_path / "checkpoints" / "source_seed0")
+  config.overwrite = True
+  with pytest.raises(KfuseError, match="source_checkpoint: one checkpoint cannot serve several"):
+    tta_bench.run(config)
