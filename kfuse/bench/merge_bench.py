@@ -433,7 +433,7 @@ def plot(results: Mapping, path: str) -> str:
   ax2.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
   ax2.set_ylabel("normalised accuracy (% of experts) [axis zoomed]")
   ax2.set_title("normalised, beside the literature")
-  ax2.legend(fontsize=7, loc="lower right")
+  ax2.legend(fontsize=7, loc="upper right")
   fig.savefig(path, dpi=110)
   return path
 
