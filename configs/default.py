@@ -4,9 +4,10 @@
 
 Builds a small model pool (4 image tasks, a small ViT, short pretraining and
 fine-tuning) into ``workdirs/default/pool`` (resumed if interrupted, reused by
-later runs), then merges the experts' backbones with every multi-model
-data-free kfuse method (hyper-parameters chosen on validation) and writes
-results.json, results.md and merge_bench.png under ``config.workdir``.
+later runs), then merges the experts' backbones with six data-free kfuse
+methods (`QUICK_METHODS`; the 8 / 14 / 20 variants run every one),
+hyper-parameters chosen on validation, runs task negation on the same 4 tasks
+and writes results.json, results.md and merge_bench.png under ``config.workdir``.
 The full benchmark is ``configs/merge_bench.py`` (8 / 14 / 20 tasks, negation).
 
 Override anything from the command line, e.g. ``--config.pool.finetune.steps=400``

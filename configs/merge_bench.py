@@ -36,7 +36,8 @@ TASK_NAMES = (  # kfuse.data.image_tasks.TASK_NAMES (configs stay JAX-free; test
 # `layer_swap` (exactly one or two models), `passthrough` (layer surgery).
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)   # Task Arithmetic paper: chosen on validation
 TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)      # disjoint *mean*: TIES paper range is ~1
-NEGATION_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+# Ilharco et al. 2023 choose lambda in {0, 0.05, ..., 1} on validation (0 = the pretrained model)
+NEGATION_LAMBDAS = tuple(round(0.05 * i, 2) for i in range(21))
 
 MLP = dict(name="mlp", hidden=(256, 256), activation="gelu", dropout=0.0, layer_norm=False)
 VIT = dict(name="vit", patch_size=4, dim=64, depth=4, num_heads=4)
@@ -153,7 +154,7 @@ def get_config(arg=None):
       k: v for k, v in methods().items() if k in QUICK_METHODS}
   config.methods = ml_collections.ConfigDict(table, sort_keys=False)  # keep table order
   config.negation = dict(
-      enabled=variant == "negation",
+      enabled=variant in ("negation", "quick"),   # quick: on its 4 tasks
       targets=(),               # target tasks ((): every task in turn); control = the others
       grid={"lambda": list(NEGATION_LAMBDAS)},
       control_threshold=0.95,   # control val accuracy >= this x the pretrained model's

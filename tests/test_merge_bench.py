@@ -282,7 +282,10 @@ def test_bad_methods_fail_before_any_work(tmp_path):
            (("methods", "task_arithmetic", "grid", "lambda"), [], "methods.task_arithmetic.grid.lambda"),
            (("pool", "preset"), "tiyn", r"config.pool.preset: unknown preset 'tiyn' \(did you mean 'tiny'"),
            (("negation", "control_threshold"), 1.5, "control_threshold"),
-           (("data", "val_per_task"), "5", "config.data.val_per_task: expected int")]
+           (("data", "val_per_task"), "5", "config.data.val_per_task: expected int"),
+           (("sequential", "order"), ["shapes", "textrue"],
+            r"config.sequential.order: 'textrue' is not one of the benchmark's tasks \(did you mean 'texture'"),
+           (("negation", "targets"), ["sk_digits"], "config.negation.targets: 'sk_digits'")]
   for path, value, message in cases:
     config = _tiny_config(tmp_path / "w", tmp_path / "p", tmp_path / "c").to_dict()
     node = config

@@ -517,11 +517,7 @@ def _negation(config: Any, ev: _Evaluator, pool, tasks: Sequence[str], pre_bb: P
   from kfuse import merge
 
   neg = _to_dict(_get(config, "negation"))
-  targets = list(neg.get("targets") or tasks)
-  for t in targets:
-    if t not in tasks:
-      raise KfuseError(f"config.negation.targets: {t!r} is not one of the benchmark's tasks"
-                       f" ({', '.join(tasks)})")
+  targets = list(neg.get("targets") or tasks)   # checked against the tasks by `run`
   if len(tasks) < 2:
     raise KfuseError("config.negation: needs at least two tasks (a target and a control)")
   thr = float(neg.get("control_threshold", 0.95))
@@ -569,7 +565,14 @@ def run(config: Any, workdir: str | None = None) -> dict:
     config = ml_collections.ConfigDict(dict(config), sort_keys=False)
   check_config(config)
   specs = method_specs(_get(config, "methods"))  # fail fast on typos, before any work
-  pool_config(config)
+  bench_tasks = list(_get(config, "tasks", ()) or ()) or pool_config(config)["tasks"]
+  for field in ("sequential.order", "negation.targets"):
+    sec, name = field.split(".")
+    for t in list(_to_dict(_get(config, sec)).get(name) or ()):
+      if t not in bench_tasks:
+        from kfuse.registry import suggest
+        raise KfuseError(f"config.{field}: {t!r} is not one of the benchmark's tasks"
+                         f"{suggest(t, bench_tasks)} ({', '.join(bench_tasks)})")
   seq = _to_dict(_get(config, "sequential"))
   seq_order = list(seq.get("order") or ())
   seq_labels = list(seq.get("methods") or ([s["label"] for s in specs] if seq_order else ()))
@@ -591,10 +594,6 @@ def run(config: Any, workdir: str | None = None) -> dict:
   t = time.time()
   pool, built = _open_pool(config, list(_get(config, "tasks", ()) or ()), cache, progress, workdir)
   tasks = pool.tasks
-  for o in seq_order:
-    if o not in tasks:
-      raise KfuseError(f"config.sequential.order: {o!r} is not one of the benchmark's tasks"
-                       f" ({', '.join(tasks)})")
   if built:
     timing["pool_build"] = built
   timing["pool_load"] = time.time() - t - (built or 0)
