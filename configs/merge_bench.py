@@ -36,7 +36,7 @@ TASK_NAMES = (  # kfuse.data.image_tasks.TASK_NAMES (configs stay JAX-free; test
 # `layer_swap` (exactly one or two models), `passthrough` (layer surgery).
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)   # Task Arithmetic paper: chosen on validation
 TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)      # disjoint *mean*: TIES paper range is ~1
-# Ilharco et al. 2023 choose lambda in {0, 0.05, ..., 1} on validation (0 = the pretrained model)
+# negation: lambda in {0, 0.05, ..., 1}, chosen on validation (0 = the pretrained model)
 NEGATION_LAMBDAS = tuple(round(0.05 * i, 2) for i in range(21))
 
 MLP = dict(name="mlp", hidden=(256, 256), activation="gelu", dropout=0.0, layer_norm=False)
