@@ -65,10 +65,12 @@ def _first_expert(inputs, params):
   return inputs.experts[0]
 
 
+if "_test_first_expert" not in merge_bench.MERGERS:
+  merge_bench.register_merger("_test_first_expert", _first_expert, defaults={})
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-  if "_test_first_expert" not in merge_bench.MERGERS:
-    merge_bench.register_merger("_test_first_expert", _first_expert, defaults={})
   root = tmp_path_factory.mktemp("bench")
   config = _tiny_config(root / "work", root / "pool", root / "cache")
   results = merge_bench.run(config)  # builds the tiny pool first (absent), then loads it
@@ -349,3 +351,36 @@ def test_bad_pools_are_one_line_through_the_cli(bench, tmp_path):
                  f"--workdir={tmp_path / 'w3'}", *common, env_cache=root / "cache")
   assert rc == 2 and len(err) == 1 and "checkpoint experts/shapes has content hash" in err[0]
   assert not any(os.path.exists(tmp_path / w / "results.json") for w in ("w1", "w2", "w3"))
+
+
+def test_a_half_written_pool_is_resumed_by_the_job(bench, tmp_path, monkeypatch):
+  """A pool whose build was killed after two of three experts (progress.json, no manifest) is
+  finished by the benchmark job (only the missing expert trained) and then loaded with its checks."""
+  from kfuse.bench import pool as pool_lib
+  root, config, results = bench
+  half = tmp_path / "pool"
+  shutil.copytree(root / "pool", half)
+  m = json.loads((half / "manifest.json").read_text())
+  last = m["tasks"][-1]
+  progress = {"format": m["format"], "config": m["config"], "pretrained": m["pretrained"],
+              "tasks": {t: m["experts"][t] for t in m["tasks"][:-1]}, "seconds": {}}
+  (half / "progress.json").write_text(json.dumps(progress))
+  os.remove(half / "manifest.json")
+  shutil.rmtree(half / "experts" / last)
+  assert pool_lib.pool_status(str(half)).startswith("interrupted (pretrained done, 2 of 3")
+  calls = []
+  real = pool_lib._build_task
+  monkeypatch.setattr(pool_lib, "_build_task", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+  monkeypatch.setattr(pool_lib, "_pretrain", lambda *a, **k: pytest.fail("retrained the backbone"))
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.workdir, cfg.pool.path = str(tmp_path / "w"), str(half)
+  cfg.methods = ml_collections.ConfigDict({})
+  cfg.negation.enabled = False
+  cfg.sequential.order = []
+  out = merge_bench.run(cfg)
+  assert calls == [last]
+  resumed = json.loads((half / "manifest.json").read_text())
+  assert resumed["experts"][last]["expert"]["sha256"] == m["experts"][last]["expert"]["sha256"]
+  assert [r["name"] for r in out["rows"]] == ["Pretrained", "Individual"]
+  want = next(r for r in results["rows"] if r["name"] == "Individual")["test"]
+  assert out["rows"][1]["test"] == pytest.approx(want)

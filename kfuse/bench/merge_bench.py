@@ -575,7 +575,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
                          f"{suggest(t, bench_tasks)} ({', '.join(bench_tasks)})")
   seq = _to_dict(_get(config, "sequential"))
   seq_order = list(seq.get("order") or ())
-  seq_labels = list(seq.get("methods") or ([s["label"] for s in specs] if seq_order else ()))
+  seq_labels = (list(seq.get("methods") or [s["label"] for s in specs]) if seq_order
+                else [])   # sequential.methods matter only with an order
   for label in seq_labels:
     spec = next((s for s in specs if s["label"] == label), None)
     if spec is None:
