@@ -164,3 +164,26 @@ def get_config(arg=None):
       methods=(),               # labels of config.methods to run sequentially ((): all)
   )
   return config
+
+
+def field_docs(arg=None):
+  """``--help`` lines of the nested fields (`kfuse.main.field_docs`)."""
+  del arg
+  return {
+      "tasks": "the benchmark's tasks ((): the pool config's); each must have an expert in the pool",
+      "pool.path": "the pool directory ('' = <workdir>/pool); built or resumed when not complete,"
+                   " then loaded with its manifest / hash checks",
+      "pool.preset": "the pool recipe (kfuse.bench.pool.PRESETS) under the other pool.* fields",
+      "pool.tasks": "the pool's tasks (first N of kfuse.data.image_tasks.TASK_NAMES)",
+      "pool.model": "the backbone (model name + arguments); a pool built with another is refused",
+      "data.cache_dir": "generated-data cache ('' = $KFUSE_CACHE or ~/.cache/kfuse)",
+      "data.unlabeled_per_task": "test-time inputs without labels per task, for data-informed mergers",
+      "data.val_per_task": "labelled validation examples per task, for data-informed mergers",
+      "negation.enabled": "run task negation (theta0 - lambda * tau_target per target task)",
+      "negation.targets": "target tasks ((): every task in turn); control = the other tasks",
+      "negation.grid.lambda": "lambda candidates, chosen on validation",
+      "negation.control_threshold": "control val accuracy must stay >= this x the pretrained model's",
+      "sequential.order": "continual merging: merge the experts one at a time in this task order ((): off)",
+      "sequential.methods": "labels of config.methods merged sequentially ((): all)",
+      "methods": "label -> {name, params, grid}: a kfuse.merge or merge_bench.register_merger method",
+  }
