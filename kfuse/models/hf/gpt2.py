@@ -26,7 +26,7 @@ from kfuse.models.hf.config import LMConfig
 __all__ = ["GPT2LMHeadModel"]
 
 
-class Attention(nnx.Module):
+class GPT2Attention(nnx.Module):
   def __init__(self, cfg: LMConfig, layer: int, dtype):
     d = cfg.hidden_size
     self.c_attn = Conv1D(d, 3 * d, dtype)
@@ -42,7 +42,7 @@ class Attention(nnx.Module):
     return self.c_proj(causal_attention(q, k, v, self.scale).reshape(b, t, d))
 
 
-class MLP(nnx.Module):
+class GPT2MLP(nnx.Module):
   def __init__(self, cfg: LMConfig, dtype):
     self.c_fc = Conv1D(cfg.hidden_size, cfg.intermediate_size, dtype)
     self.c_proj = Conv1D(cfg.intermediate_size, cfg.hidden_size, dtype)
@@ -55,9 +55,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   def __init__(self, cfg: LMConfig, layer: int, dtype):
     self.ln_1 = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-    self.attn = Attention(cfg, layer, dtype)
+    self.attn = GPT2Attention(cfg, layer, dtype)
     self.ln_2 = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-    self.mlp = MLP(cfg, dtype)
+    self.mlp = GPT2MLP(cfg, dtype)
 
   def __call__(self, h):
     h = h + self.attn(self.ln_1(h))

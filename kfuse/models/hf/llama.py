@@ -66,7 +66,7 @@ def apply_rope(x, cos, sin):
   return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
 
 
-class Attention(nnx.Module):
+class LlamaAttention(nnx.Module):
   def __init__(self, cfg: LMConfig, layer: int, dtype):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.q_proj = Linear(d, cfg.num_heads * hd, cfg.qkv_bias, dtype)
@@ -86,7 +86,7 @@ class Attention(nnx.Module):
     return self.o_proj(o.reshape(b, t, -1))
 
 
-class MLP(nnx.Module):
+class LlamaMLP(nnx.Module):
   def __init__(self, cfg: LMConfig, dtype):
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.gate_proj = Linear(d, f, cfg.mlp_bias, dtype)
@@ -101,9 +101,9 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: LMConfig, layer: int, dtype):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-    self.self_attn = Attention(cfg, layer, dtype)
+    self.self_attn = LlamaAttention(cfg, layer, dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-    self.mlp = MLP(cfg, dtype)
+    self.mlp = LlamaMLP(cfg, dtype)
 
   def __call__(self, h, cos, sin):
     h = h + self.self_attn(self.input_layernorm(h), cos, sin)
