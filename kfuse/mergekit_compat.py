@@ -51,11 +51,11 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import yaml
 
-from kfuse import shard
 from kfuse import tree as T
 from kfuse.merge import params as P
-from kfuse.merge.core import MERGEKIT, Method, TensorInfo, check_models, get_method
-from kfuse.merge.engine import TensorTask, execute, output_specs
+from kfuse.merge import pipeline
+from kfuse.merge.core import MERGEKIT, Method, TensorInfo, get_method
+from kfuse.merge.engine import TensorTask
 from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
@@ -338,8 +338,9 @@ def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
 # --------------------------------------------------------------- planning
 
 
-def _contract(method: Method, slc: Slice, where: str) -> tuple[Optional[int], list[int]]:
-  """(base source index | None, expert source indices) as mergekit forms them."""
+def _contract(method: Method, slc: Slice) -> tuple[Optional[int], list[int]]:
+  """(base source index | None, expert source indices) as mergekit forms them (the
+  pipeline checks them against the method's contract, `pipeline.validate`)."""
   idx = list(range(len(slc.sources)))
   names = [s.model for s in slc.sources]
   if method.base in ("unused", "include") or slc.base_model is None:
@@ -347,7 +348,6 @@ def _contract(method: Method, slc: Slice, where: str) -> tuple[Optional[int], li
   else:
     base_i = names.index(slc.base_model)
     experts = [i for i in idx if i != base_i]
-  check_models(method, len(experts), slc.base_model is not None, where, base_word="base_model")
   return base_i, experts
 
 
@@ -374,7 +374,7 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
       else layout.num_layers for s in slices)
 
   def add(out_name, slc, si, in_names, t, layer, where):
-    base_i, experts = _contract(method, slc, where)
+    base_i, experts = _contract(method, slc)
     shared_levels = [{k: _to_setting(v) for k, v in slc.parameters.items()}, top]
     model_levels = [[{k: _to_setting(v) for k, v in slc.sources[i].parameters.items()}]
                     for i in experts]
@@ -441,11 +441,12 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
              stats=None, allow_nonfinite: bool = False, overflow: str = "error") -> dict:
   """Run a mergekit YAML and write an HF safetensors directory (atomically).
 
-  Streams tensor by tensor (`kfuse.merge.engine.execute`; ``mesh``,
-  ``prefetch_bytes``, ``chunk``, ``stats``, ``allow_nonfinite`` and ``overflow``
-  are passed on to it) into
-  preallocated output shards. Returns a summary dict (tensors written, output
-  path, method).
+  Plans every output tensor (`build_plan`) and runs the plan through the merge
+  pipeline (`kfuse.merge.pipeline.run`: contract check, streaming execution into
+  preallocated output shards; ``mesh``, ``prefetch_bytes``, ``chunk``, ``stats``,
+  ``allow_nonfinite`` and ``overflow`` are passed on to `engine.execute`). Returns
+  a summary dict (output path, tensors written, method, format, seconds and the
+  engine's counts).
   """
   from kfuse import io as kio  # lazy: keeps `import kfuse.mergekit_compat` light
 
@@ -474,26 +475,16 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   if donor.config:   # dtype keys and every layer field (checked against the tensors on write)
     config = kio.hf_config(donor.config, out_dtype, _layer_sources(slices, models, donor),
                            where=f"{config_path}: config.json")
-  sources = [models[m] for m in models]
-  key = jax.random.key(seed)
-  opts = dict(key=key, dtype=dtype, out_dtype=out_dtype, progress=progress, mesh=mesh,
-              prefetch_bytes=prefetch_bytes, chunk=chunk, stats=stats,
-              allow_nonfinite=allow_nonfinite, overflow=overflow)
-  if not shard.is_writer():   # multi-host: every process computes, process 0 writes
-    n = execute(tasks, sources, lambda name, a: None, **opts)
-    return {"output_dir": str(output_dir), "tensors": n, "method": method.name}
-  kio.remove_stale_outputs(output_dir)
-  with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-    if copy_tokenizer:  # tokenizer & co. first: finish() then writes the edited config.json
-      kio.copy_aux_files(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path), tmp)
-    specs = output_specs(tasks, sources, dtype, out_dtype)
-    with kio.PlannedHFWriter(tmp, specs, max_shard_bytes=out_shard_bytes,
-                             dtype=out_dtype) as writer:
-      n = execute(tasks, sources, writer.add, write_part=writer.add_part, **opts)
-      writer.finish(config=config)
-    with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:
-      yaml.safe_dump(cfg, f, sort_keys=False)
-  return {"output_dir": str(output_dir), "tensors": n, "method": method.name}
+  plan = pipeline.Plan(
+      method, tasks, [models[m] for m in models], format="safetensors", dtype=dtype,
+      out_dtype=out_dtype, config=config, max_shard_bytes=out_shard_bytes,
+      donor=(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path))
+      if copy_tokenizer else None,
+      files={"mergekit_config.yml": yaml.safe_dump(cfg, sort_keys=False)},
+      where=config_path, base_word="base_model")
+  return pipeline.run(plan, output_dir, key=jax.random.key(seed), overwrite=overwrite,
+                      progress=progress, stats=stats, mesh=mesh, prefetch_bytes=prefetch_bytes,
+                      chunk=chunk, allow_nonfinite=allow_nonfinite, overflow=overflow)
 
 
 def _known():
