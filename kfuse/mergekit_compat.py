@@ -71,9 +71,6 @@ MERGEKIT_PARAMS = frozenset({
     "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask",
     "t", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "scale",
     "filter_wise", "select_topk", "r", "alpha", "max_iter", "tol"})
-# mergekit methods whose per-model ``density`` sparsifies the task vector.
-SPARSIFYING = frozenset({"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                         "della", "della_linear"})
 _LAYER = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 _POST = re.compile(r"(^|\.)(norm|final_layernorm|ln_f|final_layer_norm)\.(weight|bias)$|^lm_head\.")
 
@@ -381,7 +378,7 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
     vals = P.resolve(method, shared_levels, model_levels, out_name, t, len(experts),
                      in_names=[in_names[i] for i in experts], where=f"{cfg_path}: {where}",
                      required=("weight",), lax=True)   # mergekit requires `weight` wherever it exists
-    if method.name in SPARSIFYING:
+    if method.sparsifies:   # declared on the method (`Method.sparsifies`)
       for i, d in zip(experts, vals.get("density", ())):
         if not 0 < d <= 1:
           odd_density.setdefault(slc.sources[i].model, set()).add(d)
