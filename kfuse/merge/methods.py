@@ -446,7 +446,7 @@ def _ties_paper_prepare(method, values, info, n, ctx=NATIVE):
 
 def _ties_paper_recipe(reduce="sum"):
   def trim_global(s):
-    keep = jnp.abs(s.values) >= S._bcast(s.hp["thr"].astype(s.values.dtype), s.values.ndim)
+    keep = jnp.abs(s.values) >= S.bcast(s.hp["thr"].astype(s.values.dtype), s.values.ndim)
     return s.replace(values=jnp.where(keep, s.values, 0))
 
   def elect(s):

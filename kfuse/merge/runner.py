@@ -15,7 +15,7 @@ import jax
 
 from kfuse import tree as T
 from kfuse.merge import pipeline
-from kfuse.merge.api import canonical_params, resolve_values, validate_params
+from kfuse.merge.api import canonical_params, layout_of, resolve_values, validate_params
 from kfuse.merge.core import TensorInfo, get_method
 from kfuse.merge.engine import OrbaxSource, TensorTask
 from kfuse.tree import KfuseError
@@ -125,9 +125,8 @@ def input_layout(names, layout: str = "auto") -> str:
   rule of `kfuse.merge.merge` (HF names such as ``model.layers.0.mlp.up_proj.weight``
   are PyTorch layout, Flax paths such as ``params/Dense_0/kernel`` are not).
   """
-  from kfuse.merge.api import _layout_of
   if layout == "auto":
-    return _layout_of(dict.fromkeys(names))
+    return layout_of(names)
   if layout not in ("torch", "flax"):
     raise KfuseError(f"config.layout: unknown layout {layout!r} (auto|torch|flax)")
   return layout
