@@ -108,14 +108,6 @@ def tent(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
   def fresh(source):
     return TentState(source, sel.init(tx, source), source, jnp.zeros((), jnp.int32))
 
-  def init(variables, batch, key=None):
-    del key
-    core.check_variables(variables, "tent")
-    example = core.check_example(batch, "tent")
-    state = fresh(core.copy_tree(variables))
-    core.validate(step, state, example)
-    return state
-
   def reset(state: TentState) -> TentState:
     return fresh(state.source)
 
@@ -136,7 +128,7 @@ def tent(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
     new = core.guard(finite, new, state)
     return new, logits, {"loss": loss, "skipped": 1.0 - finite.astype(jnp.float32)}
 
-  return core.adapter("tent", init, step, reset)
+  return core.adapter("tent", core.make_init("tent", lambda v, _: fresh(v), step), step, reset)
 
 
 # ------------------------------------------------------------------ EATA / ETA
@@ -204,11 +196,7 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
     return EataState(source, sel.init(tx, source), source, jnp.zeros((num_classes,), jnp.float32),
                      jnp.zeros((), bool), fisher, sel.get(source), jnp.zeros((), jnp.int32))
 
-  def init(variables, batch, key=None, *, fisher=None):
-    del key
-    core.check_variables(variables, name)
-    example = core.check_example(batch, name)
-    variables = core.copy_tree(variables)
+  def build(variables, example, *, fisher=None):
     paths = sel.paths(variables)
     if fisher_alpha > 0:
       if fisher is None:
@@ -222,9 +210,7 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
       fisher = {}
     out = jax.eval_shape(lambda v, x: core.forward(apply_fn, v, x, norm="source",
                                                     apply_kwargs=apply_kwargs)[0], variables, example)
-    state = fresh(variables, fisher, _num_classes(out))
-    core.validate(step, state, example)
-    return state
+    return fresh(variables, fisher, _num_classes(out))
 
   def reset(state: EataState) -> EataState:
     return fresh(state.source, state.fisher, state.probs.shape[0])
@@ -268,7 +254,7 @@ def eata(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, logits, metrics
 
-  return core.adapter(name, init, step, reset)
+  return core.adapter(name, core.make_init(name, build, step), step, reset)
 
 
 def eta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None,
@@ -373,14 +359,6 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
                     jnp.zeros((), jnp.int32) if num_resets is None else num_resets,
                     jnp.zeros((), jnp.int32))
 
-  def init(variables, batch, key=None):
-    del key
-    core.check_variables(variables, "sar")
-    example = core.check_example(batch, "sar")
-    state = fresh(core.copy_tree(variables))
-    core.validate(step, state, example)
-    return state
-
   def reset(state: SarState) -> SarState:
     return fresh(state.source)
 
@@ -430,4 +408,4 @@ def sar(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, *,
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, logits, metrics
 
-  return core.adapter("sar", init, step, reset)
+  return core.adapter("sar", core.make_init("sar", lambda v, _: fresh(v), step), step, reset)
