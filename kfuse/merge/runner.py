@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 
+from kfuse import configs
 from kfuse import tree as T
 from kfuse.merge import pipeline
 from kfuse.merge.api import canonical_params, layout_of, resolve_values, validate_params
@@ -22,10 +23,8 @@ from kfuse.tree import KfuseError
 
 
 def _get(config, name, default=None):
-  try:
-    v = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-  except AttributeError:
-    v = default
+  """`kfuse.configs.get`, with an unset (None) field reading as ``default``."""
+  v = configs.get(config, name, default)
   return default if v is None else v
 
 
