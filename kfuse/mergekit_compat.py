@@ -327,7 +327,7 @@ def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
       post.append(n)
     else:
       pre.append(n)
-  from kfuse.io.safetensors_io import config_num_layers
+  from kfuse.io.hf_config import config_num_layers
   nl = config_num_layers(config)
   return Layout(pre, post, templates, max_idx + 1 if nl is None else nl)
 
