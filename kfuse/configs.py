@@ -26,7 +26,8 @@ import ml_collections
 
 from kfuse.errors import KfuseError
 
-__all__ = ["parse_arg", "one_of", "RENAMED", "renamed", "merge_method_params", "merge_param_docs"]
+__all__ = ["parse_arg", "one_of", "get", "to_dict", "RENAMED", "renamed", "merge_method_params",
+           "merge_param_docs"]
 
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
@@ -140,6 +141,26 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec: Any) -> ml_collect
 
 # Retired field paths (``*`` = any label) -> the vocabulary's name for them (WORKSPACE.md,
 # "Config vocabulary"); the CLI answers an override of one with "(did you mean 'new'? ...)".
+def get(cfg: Any, field: str, default: Any = None) -> Any:
+  """``cfg[field]`` for ConfigDicts and mappings, else the attribute; ``default`` if absent
+  (or ``cfg`` is None). The one config reader of the library (optimizers, benchmarks)."""
+  if cfg is None:
+    return default
+  try:
+    return cfg[field] if field in cfg else default
+  except TypeError:
+    return getattr(cfg, field, default)
+
+
+def to_dict(x: Any) -> dict:
+  """A ConfigDict / mapping / None as a plain dict."""
+  if x is None:
+    return {}
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  return dict(x)
+
+
 RENAMED = {
     "data.suite": "name",                          # merge_bench
     "methods.*.method": "name",                    # merge_bench, tta_bench

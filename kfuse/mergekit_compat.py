@@ -51,11 +51,11 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import yaml
 
-from kfuse import shard
 from kfuse import tree as T
 from kfuse.merge import params as P
-from kfuse.merge.core import MERGEKIT, Method, TensorInfo, check_models, get_method
-from kfuse.merge.engine import TensorTask, execute, output_specs
+from kfuse.merge import pipeline
+from kfuse.merge.core import MERGEKIT, Method, TensorInfo, get_method
+from kfuse.merge.engine import TensorTask
 from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
@@ -71,9 +71,6 @@ MERGEKIT_PARAMS = frozenset({
     "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask",
     "t", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "scale",
     "filter_wise", "select_topk", "r", "alpha", "max_iter", "tol"})
-# mergekit methods whose per-model ``density`` sparsifies the task vector.
-SPARSIFYING = frozenset({"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                         "della", "della_linear"})
 _LAYER = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 _POST = re.compile(r"(^|\.)(norm|final_layernorm|ln_f|final_layer_norm)\.(weight|bias)$|^lm_head\.")
 
@@ -330,7 +327,7 @@ def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
       post.append(n)
     else:
       pre.append(n)
-  from kfuse.io.safetensors_io import config_num_layers
+  from kfuse.io.hf_config import config_num_layers
   nl = config_num_layers(config)
   return Layout(pre, post, templates, max_idx + 1 if nl is None else nl)
 
@@ -338,8 +335,9 @@ def infer_layout(names: Sequence[str], config: Optional[dict]) -> Layout:
 # --------------------------------------------------------------- planning
 
 
-def _contract(method: Method, slc: Slice, where: str) -> tuple[Optional[int], list[int]]:
-  """(base source index | None, expert source indices) as mergekit forms them."""
+def _contract(method: Method, slc: Slice) -> tuple[Optional[int], list[int]]:
+  """(base source index | None, expert source indices) as mergekit forms them (the
+  pipeline checks them against the method's contract, `pipeline.validate`)."""
   idx = list(range(len(slc.sources)))
   names = [s.model for s in slc.sources]
   if method.base in ("unused", "include") or slc.base_model is None:
@@ -347,7 +345,6 @@ def _contract(method: Method, slc: Slice, where: str) -> tuple[Optional[int], li
   else:
     base_i = names.index(slc.base_model)
     experts = [i for i in idx if i != base_i]
-  check_models(method, len(experts), slc.base_model is not None, where, base_word="base_model")
   return base_i, experts
 
 
@@ -374,14 +371,14 @@ def build_plan(slices: list[Slice], top_params: dict, method: Method, models: di
       else layout.num_layers for s in slices)
 
   def add(out_name, slc, si, in_names, t, layer, where):
-    base_i, experts = _contract(method, slc, where)
+    base_i, experts = _contract(method, slc)
     shared_levels = [{k: _to_setting(v) for k, v in slc.parameters.items()}, top]
     model_levels = [[{k: _to_setting(v) for k, v in slc.sources[i].parameters.items()}]
                     for i in experts]
     vals = P.resolve(method, shared_levels, model_levels, out_name, t, len(experts),
                      in_names=[in_names[i] for i in experts], where=f"{cfg_path}: {where}",
                      required=("weight",), lax=True)   # mergekit requires `weight` wherever it exists
-    if method.name in SPARSIFYING:
+    if method.sparsifies:   # declared on the method (`Method.sparsifies`)
       for i, d in zip(experts, vals.get("density", ())):
         if not 0 < d <= 1:
           odd_density.setdefault(slc.sources[i].model, set()).add(d)
@@ -441,11 +438,12 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
              stats=None, allow_nonfinite: bool = False, overflow: str = "error") -> dict:
   """Run a mergekit YAML and write an HF safetensors directory (atomically).
 
-  Streams tensor by tensor (`kfuse.merge.engine.execute`; ``mesh``,
-  ``prefetch_bytes``, ``chunk``, ``stats``, ``allow_nonfinite`` and ``overflow``
-  are passed on to it) into
-  preallocated output shards. Returns a summary dict (tensors written, output
-  path, method).
+  Plans every output tensor (`build_plan`) and runs the plan through the merge
+  pipeline (`kfuse.merge.pipeline.run`: contract check, streaming execution into
+  preallocated output shards; ``mesh``, ``prefetch_bytes``, ``chunk``, ``stats``,
+  ``allow_nonfinite`` and ``overflow`` are passed on to `engine.execute`). Returns
+  a summary dict (output path, tensors written, method, format, seconds and the
+  engine's counts).
   """
   from kfuse import io as kio  # lazy: keeps `import kfuse.mergekit_compat` light
 
@@ -474,26 +472,16 @@ def run_yaml(config_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   if donor.config:   # dtype keys and every layer field (checked against the tensors on write)
     config = kio.hf_config(donor.config, out_dtype, _layer_sources(slices, models, donor),
                            where=f"{config_path}: config.json")
-  sources = [models[m] for m in models]
-  key = jax.random.key(seed)
-  opts = dict(key=key, dtype=dtype, out_dtype=out_dtype, progress=progress, mesh=mesh,
-              prefetch_bytes=prefetch_bytes, chunk=chunk, stats=stats,
-              allow_nonfinite=allow_nonfinite, overflow=overflow)
-  if not shard.is_writer():   # multi-host: every process computes, process 0 writes
-    n = execute(tasks, sources, lambda name, a: None, **opts)
-    return {"output_dir": str(output_dir), "tensors": n, "method": method.name}
-  kio.remove_stale_outputs(output_dir)
-  with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-    if copy_tokenizer:  # tokenizer & co. first: finish() then writes the edited config.json
-      kio.copy_aux_files(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path), tmp)
-    specs = output_specs(tasks, sources, dtype, out_dtype)
-    with kio.PlannedHFWriter(tmp, specs, max_shard_bytes=out_shard_bytes,
-                             dtype=out_dtype) as writer:
-      n = execute(tasks, sources, writer.add, write_part=writer.add_part, **opts)
-      writer.finish(config=config)
-    with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:
-      yaml.safe_dump(cfg, f, sort_keys=False)
-  return {"output_dir": str(output_dir), "tensors": n, "method": method.name}
+  plan = pipeline.Plan(
+      method, tasks, [models[m] for m in models], format="safetensors", dtype=dtype,
+      out_dtype=out_dtype, config=config, max_shard_bytes=out_shard_bytes,
+      donor=(donor.path if os.path.isdir(donor.path) else os.path.dirname(donor.path))
+      if copy_tokenizer else None,
+      files={"mergekit_config.yml": yaml.safe_dump(cfg, sort_keys=False)},
+      where=config_path, base_word="base_model")
+  return pipeline.run(plan, output_dir, key=jax.random.key(seed), overwrite=overwrite,
+                      progress=progress, stats=stats, mesh=mesh, prefetch_bytes=prefetch_bytes,
+                      chunk=chunk, allow_nonfinite=allow_nonfinite, overflow=overflow)
 
 
 def _known():

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import optax
 
+from kfuse import configs
 from kfuse.registry import suggest
 from kfuse.tree import KfuseError
 
@@ -42,23 +43,6 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "lion": optax.lion,
 }
 SCHEDULES = ("constant", "cosine", "linear")
-
-
-def _get(cfg: Any, field: str, default: Any = None) -> Any:
-  """Read ``field`` from a dict or ConfigDict, with a default."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(field, default)
-  return getattr(cfg, field, default) if hasattr(cfg, field) else default
-
-
-def _to_dict(x: Any) -> dict:
-  if x is None:
-    return {}
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  return dict(x)
 
 
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list",
@@ -87,7 +71,7 @@ def check_types(cfg: Any, schema: Mapping[str, Any], prefix: str) -> None:
   ``cfg`` are skipped (defaults apply); unknown fields are not checked.
   """
   for field, expected in schema.items():
-    value = _get(cfg, field, _MISSING)
+    value = configs.get(cfg, field, _MISSING)
     if value is _MISSING:
       continue
     where = f"{prefix}.{field}" if prefix else field
@@ -110,7 +94,7 @@ def check_fields(cfg: Any, schema: Mapping[str, Any], prefix: str, hint: str = "
   """
   if cfg is None:
     return
-  for field in _to_dict(cfg):
+  for field in configs.to_dict(cfg):
     if field not in schema:
       raise KfuseError(f"{prefix}.{field}: unknown field{suggest(field, schema)};"
                        f" known: {', '.join(schema)}{hint}")
@@ -128,9 +112,9 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   ``total_steps <= 0`` means a run of unknown length (a test-time stream):
   only ``constant`` is accepted there.
   """
-  lr = float(_get(cfg, "learning_rate", 1e-3))
-  kind = _get(cfg, "schedule", "constant")
-  warmup = int(_get(cfg, "warmup_steps", 0) or 0)
+  lr = float(configs.get(cfg, "learning_rate", 1e-3))
+  kind = configs.get(cfg, "schedule", "constant")
+  warmup = int(configs.get(cfg, "warmup_steps", 0) or 0)
   if lr <= 0:
     raise KfuseError(f"optimizer.learning_rate: must be positive, got {lr}")
   if kind not in SCHEDULES:
@@ -187,16 +171,16 @@ def make_optimizer(cfg: Any, total_steps: int,
   check_types(cfg, OPTIMIZER_SCHEMA, "optimizer")
   check_fields(cfg, OPTIMIZER_SCHEMA, "optimizer",
                hint="; arguments of the optax constructor go in optimizer.kwargs")
-  name = _get(cfg, "name", "adam")
+  name = configs.get(cfg, "name", "adam")
   if name not in OPTIMIZERS:
     raise KfuseError(f"optimizer.name: unknown optimizer {name!r}{suggest(name, OPTIMIZERS)};"
                      f" known: {', '.join(sorted(OPTIMIZERS))}")
-  kwargs = _to_dict(_get(cfg, "kwargs"))
+  kwargs = configs.to_dict(configs.get(cfg, "kwargs"))
   try:
     tx = OPTIMIZERS[name](make_schedule(cfg, total_steps), **kwargs)
   except TypeError as e:
     raise KfuseError(f"optimizer.kwargs: invalid arguments {sorted(kwargs)} for {name!r}: {e}") from e
-  clip = float(_get(cfg, "clip_norm", 0.0) or 0.0)
+  clip = float(configs.get(cfg, "clip_norm", 0.0) or 0.0)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   if trainable is not None:

@@ -443,6 +443,26 @@ def validate(array_step: Callable, state: Any, example: jax.ShapeDtypeStruct) ->
   jax.eval_shape(lambda s, x: array_step(s, x, jax.random.key(0)), state, example)
 
 
+def make_init(name: str, build: Callable, array_step: Callable) -> Callable:
+  """The protocol's ``init(variables, batch, key=None, **kw) -> state`` of every method.
+
+  Checks the Flax ``variables`` and the example ``batch`` (one-line `KfuseError`s
+  naming ``name``), builds the state with ``build(variables, example, **kw)`` from
+  a copy of the variables (so donation never aliases the caller's buffers) and the
+  example's `jax.ShapeDtypeStruct`, then traces one ``array_step`` (`validate`) so
+  configuration errors surface here. Deterministic setup takes no key.
+  """
+  def init(variables, batch, key=None, **kw):
+    del key
+    check_variables(variables, name)
+    example = check_example(batch, name)
+    state = build(copy_tree(variables), example, **kw)
+    validate(array_step, state, example)
+    return state
+
+  return init
+
+
 def need_key(key: Any, name: str) -> jax.Array:
   """``key``, or `KfuseError` for a stochastic method called without one."""
   if key is None:

@@ -114,14 +114,6 @@ def cotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
   def fresh(source):
     return CottaState(source, source, sel.init(tx, source), source, jnp.zeros((), jnp.int32))
 
-  def init(variables, batch, key=None):
-    del key
-    core.check_variables(variables, "cotta")
-    example = core.check_example(batch, "cotta")
-    state = fresh(core.copy_tree(variables))
-    core.validate(step, state, example)
-    return state
-
   def reset(state: CottaState) -> CottaState:
     return fresh(state.source)
 
@@ -165,7 +157,7 @@ def cotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, target, metrics
 
-  return core.adapter("cotta", init, step, reset)
+  return core.adapter("cotta", core.make_init("cotta", lambda v, _: fresh(v), step), step, reset)
 
 
 # ------------------------------------------------------------------ RoTTA
@@ -233,15 +225,10 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
                       mem_lib.init_memory(capacity, x_shape, x_dtype), jnp.zeros((), jnp.int32),
                       source, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def init(variables, batch, key=None):
-    del key
-    core.check_variables(variables, "rotta")
-    example = core.check_example(batch, "rotta")
+  def build(variables, example):
     if not core.batch_norm_paths(variables):
       raise KfuseError("variables: rotta needs BatchNorm layers (RobustBN); the model has none")
-    state = fresh(core.copy_tree(variables), example.shape[1:], example.dtype)
-    core.validate(step, state, example)
-    return state
+    return fresh(variables, example.shape[1:], example.dtype)
 
   def reset(state: RottaState) -> RottaState:
     return fresh(state.source, state.memory.x.shape[1:], state.memory.x.dtype)
@@ -327,4 +314,4 @@ def rotta(apply_fn: Any, optimizer: optax.GradientTransformation | None = None, 
                "uncertainty": unc.mean(), "skipped": 1.0 - finite.astype(jnp.float32)}
     return new, ema_out, metrics
 
-  return core.adapter("rotta", init, step, reset)
+  return core.adapter("rotta", core.make_init("rotta", build, step), step, reset)

@@ -39,16 +39,11 @@ def _norm_method(name: str, apply_fn: Any, norm: str, prior: float,
                  apply_kwargs: Mapping[str, Any] | None) -> core.Adapter:
   apply_fn = core.as_apply_fn(apply_fn)
 
-  def init(variables, batch, key=None):
-    del key
-    core.check_variables(variables, name)
-    example = core.check_example(batch, name)
+  def build(variables, example):
     if norm == "batch" and not core.batch_norm_paths(variables):
       raise KfuseError(f"variables: {name} needs BatchNorm layers (a 'batch_stats' collection);"
                        " the model has none")
-    state = NormState(core.copy_tree(variables), jnp.zeros((), jnp.int32))
-    core.validate(step, state, example)
-    return state
+    return NormState(variables, jnp.zeros((), jnp.int32))
 
   def step(state: NormState, x, key):
     del key
@@ -62,7 +57,7 @@ def _norm_method(name: str, apply_fn: Any, norm: str, prior: float,
   def reset(state: NormState) -> NormState:
     return NormState(state.variables, jnp.zeros((), jnp.int32))
 
-  return core.adapter(name, init, step, reset)
+  return core.adapter(name, core.make_init(name, build, step), step, reset)
 
 
 def source(apply_fn: Any, *, apply_kwargs: Mapping[str, Any] | None = None) -> core.Adapter:

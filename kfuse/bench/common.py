@@ -9,30 +9,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from kfuse.configs import get, to_dict   # re-exported: the benchmarks read configs with them
 from kfuse.io.atomic import atomic_write_text
 from kfuse.tree import KfuseError
 
 __all__ = ["to_dict", "get", "plain", "method_entries", "check_workdir", "write_json",
            "write_text"]
-
-
-def to_dict(x: Any) -> dict:
-  """A ConfigDict / mapping / None as a plain dict."""
-  if x is None:
-    return {}
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  return dict(x)
-
-
-def get(cfg: Any, field: str, default: Any = None) -> Any:
-  """``cfg[field]`` for ConfigDicts and mappings, else the attribute; ``default`` if absent."""
-  if cfg is None:
-    return default
-  try:
-    return cfg[field] if field in cfg else default
-  except TypeError:
-    return getattr(cfg, field, default)
 
 
 def plain(v: Any) -> Any:

@@ -156,6 +156,16 @@ def _log_probs(logits: Array, temperature: Any = 1.0) -> Array:
   return jax.nn.log_softmax(logits / temperature, axis=-1)
 
 
+def _tempered_pair(student_logits: Array, teacher_logits: Array, temperature: Any,
+                   where: Array | None) -> tuple[Array, Array]:
+  """(log p_s^T, log p_t^T) of a student / teacher logit pair after the shared checks
+  (temperature, matching shapes, ``where`` over the positions) of every divergence."""
+  check_temperature(temperature)
+  check_pair(student_logits, teacher_logits)
+  _check_where(where, tuple(student_logits.shape[:-1]))
+  return _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+
+
 def _kl_rows(log_p: Array, log_q: Array, support: Array | None = None) -> Array:
   """KL(p ‖ q) = Σ p (log p − log q) per position, from finite log-probabilities.
 
@@ -226,11 +236,7 @@ def forward_kl(student_logits: Array, teacher_logits: Array, temperature: float 
   Mean-seeking (covers every teacher mode). No T² factor: `hinton` adds it.
   Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
   """
-  check_temperature(temperature)
-  check_pair(student_logits, teacher_logits)
-  _check_where(where, tuple(student_logits.shape[:-1]))
-  log_s = _log_probs(student_logits, temperature)
-  log_t = _log_probs(teacher_logits, temperature)
+  log_s, log_t = _tempered_pair(student_logits, teacher_logits, temperature, where)
   return masked_mean(_kl_rows(log_t, log_s), where)
 
 
@@ -242,11 +248,7 @@ def reverse_kl(student_logits: Array, teacher_logits: Array, temperature: float 
   Used token-level for LLMs by MiniLLM (Gu et al., 2024) and as the β = 1 end
   of GKD's generalized JSD (Agarwal et al., 2024).
   """
-  check_temperature(temperature)
-  check_pair(student_logits, teacher_logits)
-  _check_where(where, tuple(student_logits.shape[:-1]))
-  log_s = _log_probs(student_logits, temperature)
-  log_t = _log_probs(teacher_logits, temperature)
+  log_s, log_t = _tempered_pair(student_logits, teacher_logits, temperature, where)
   return masked_mean(_kl_rows(log_s, log_t), where)
 
 
@@ -269,11 +271,7 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, beta: float = 
   Language Models: Learning from Self-Generated Mistakes" (GKD, ICLR 2024).
   """
   check_unit_interval(beta, "beta")
-  check_temperature(temperature)
-  check_pair(student_logits, teacher_logits)
-  _check_where(where, tuple(student_logits.shape[:-1]))
-  log_s = _log_probs(student_logits, temperature)
-  log_t = _log_probs(teacher_logits, temperature)
+  log_s, log_t = _tempered_pair(student_logits, teacher_logits, temperature, where)
   if _is_concrete_number(beta) and beta == 0.0:
     return masked_mean(_kl_rows(log_t, log_s), where)
   if _is_concrete_number(beta) and beta == 1.0:

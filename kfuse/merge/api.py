@@ -94,9 +94,11 @@ def merge_tensor(method: Method | str, base, experts, values: Mapping[str, Any],
   return method.kernel(static)(base, experts, weights, hp, rng)
 
 
-def _layout_of(flat: Mapping[str, Any]) -> str:
-  # HF names ("…weight") are PyTorch layout; everything else is treated as Flax.
-  names = list(flat)
+def layout_of(names: Iterable[str]) -> str:
+  """Row-wise rules' layout for tensors with these names (or a flat dict's keys):
+  'torch' ([out, in]) when every name is a dotted HF name (``model.layers.0.mlp.up_proj.weight``),
+  else 'flax' ([in, out], e.g. ``params/Dense_0/kernel``)."""
+  names = list(names)
   if names and all(n.endswith((".weight", ".bias")) or "." in n and "/" not in n for n in names):
     return "torch"
   return "flax"
@@ -158,7 +160,7 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   ref = use_base if use_base is not None else experts[0]
   ref_flat = T.flatten(ref)
   exp_flat = [T.flatten(e) for e in experts]
-  layout = layout or _layout_of(ref_flat)
+  layout = layout or layout_of(ref_flat)
   L = T.num_layers(ref_flat)
   exact = {k for k, v in ref_flat.items() if not _is_inexact(v)}
   all_flat = ([ref_flat] if use_base is not None else []) + exp_flat   # order of `names`
@@ -260,6 +262,6 @@ def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | N
     _, m, p = rules[i]
     sub_e = [{k: e[k] for k in paths} for e in eflat]
     sub_b = {k: bflat[k] for k in paths} if bflat is not None else None
-    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or _layout_of(flat),
+    out.update(merge(m, sub_e, sub_b, params=p, key=key, layout=layout or layout_of(flat),
                      allow_nonfinite=allow_nonfinite))
   return T.unflatten(ref, out)

@@ -170,6 +170,10 @@ class Method:
       ranks in ``[hp['lo'], hp['hi'])``), or None. The engine finds those cuts
       exactly on the host and passes them as ``state.cuts``; the stage that
       selects (`stages.trim_magnitude` / `stages.trim_outliers`) uses them.
+    sparsifies: whether the per-model ``density`` is the fraction of each task
+      vector kept (TIES, DARE, breadcrumbs, DELLA). The native API then insists
+      on a density in (0, 1]; a mergekit YAML accepts any (as mergekit does:
+      <= 0 drops the task vector, > 1 keeps all of it) with one warning line.
     doc: formula and reference.
     data: the data the method needs ('' = none), e.g. "input Grams: 256 unlabeled
       examples per task"; such methods run on statistics (`kfuse.merge.informed`).
@@ -185,6 +189,7 @@ class Method:
   tree_stats: Optional[Callable] = None
   elementwise: Any = False
   selection: Optional[str] = None
+  sparsifies: bool = False
   doc: str = ""
   data: str = ""
 

@@ -14,7 +14,7 @@ from jax import lax
 
 from kfuse.merge.core import MergeState, Stage
 from kfuse.merge.select import kth_smallest_value, topk_mask
-from kfuse.merge.stages import _bcast, sum_models
+from kfuse.merge.stages import bcast, sum_models
 from kfuse.shard import tensor_norm, tensor_sum, tree_sum
 
 # Reductions over a tensor's entries use `tensor_sum` / `tree_sum` (a fixed
@@ -38,7 +38,7 @@ def linear(normalize: bool = True) -> Stage:
     wd = _work_dtype(s.values)
     v = s.values.astype(wd)
     w = s.weights.astype(wd)
-    out = sum_models(v * _bcast(w, v.ndim))
+    out = sum_models(v * bcast(w, v.ndim))
     if normalize:
       out = out / jnp.sum(w)
     return s.replace(result=out.astype(s.values.dtype))
@@ -290,7 +290,7 @@ def sce(fork_weights_only: bool = False) -> Stage:
     wts = _per_model_sum(jnp.square(tv_w), tv.shape[1:]) / max(tv[0].size, 1)
     wsum = jnp.sum(wts)
     wts = jnp.where(jnp.abs(wsum) < 1e-6, jnp.ones_like(wts) / n, wts / jnp.where(jnp.abs(wsum) < 1e-6, 1, wsum))
-    ew = _bcast(wts, tv.ndim) * erase
+    ew = bcast(wts, tv.ndim) * erase
     merged = sum_models(tv_use * ew) / jnp.maximum(sum_models(ew), 1e-6)
     return s.replace(result=(b + merged).astype(b.dtype))
 
@@ -318,7 +318,7 @@ def ram(plus: bool = False) -> Stage:
       uniq_c = jnp.sum((nz & unique[None]).reshape(n, -1), axis=1).astype(jnp.float32)
       rho = shared_c / jnp.maximum(uniq_c, s.hp["epsilon"])
       lam = 1 + s.hp["r"] * jnp.clip(rho, 0, s.hp["alpha"])
-      uniq_part = uniq_part * _bcast(lam.astype(tv.dtype), tv.ndim)
+      uniq_part = uniq_part * bcast(lam.astype(tv.dtype), tv.ndim)
     shared = tvz * overlap[None].astype(tv.dtype) / jnp.maximum(cnt, 1)[None].astype(tv.dtype)
     merged = sum_models(uniq_part + shared)
     return s.replace(result=(b + merged).astype(b.dtype))
@@ -400,7 +400,7 @@ def varm(weighting: str = "square", softmax: bool = False) -> Stage:
     w = jnp.where(tot > 0, v / jnp.where(tot > 0, tot, 1), jnp.ones_like(v) / n)
     if softmax:
       w = jax.nn.softmax(w / s.hp["temperature"])
-    out = sum_models(x * _bcast(w, x.ndim))
+    out = sum_models(x * bcast(w, x.ndim))
     return s.replace(result=out.astype(b.dtype))
 
   return apply

@@ -78,7 +78,7 @@ def _gta_prepare(sparsify: str | None):
     numel = int(np.prod(info.shape)) if info.shape else 1
     hp = {"lambda": _arr(values["lambda"])}
     dens = [float(d) for d in values.get("density", [1.0] * n)]
-    if sparsify is not None and ctx.dialect != "mergekit":
+    if method.sparsifies and ctx.dialect != "mergekit":
       # mergekit itself accepts any density (<= 0 zeroes δ, >= 1 keeps it), which a
       # density gradient reaching 0 relies on; the native API insists on (0, 1].
       for d in dens:
@@ -168,7 +168,8 @@ def _gta(name, sparsify, consensus, normalize, rescale, doc, extra=(), negate=Fa
       prepare=_negated(_gta_prepare(sparsify)) if negate else _gta_prepare(sparsify),
       random=sparsify in ("random", "della"),
       elementwise=unless_rescaled if sparsify in (None, "magnitude", "outliers") else False,
-      selection={"magnitude": "magnitude", "outliers": "band"}.get(sparsify), doc=doc))
+      selection={"magnitude": "magnitude", "outliers": "band"}.get(sparsify),
+      sparsifies=sparsify is not None, doc=doc))
 
 
 _gta("task_arithmetic", None, None, False, False, """Task Arithmetic.
@@ -445,7 +446,7 @@ def _ties_paper_prepare(method, values, info, n, ctx=NATIVE):
 
 def _ties_paper_recipe(reduce="sum"):
   def trim_global(s):
-    keep = jnp.abs(s.values) >= S._bcast(s.hp["thr"].astype(s.values.dtype), s.values.ndim)
+    keep = jnp.abs(s.values) >= S.bcast(s.hp["thr"].astype(s.values.dtype), s.values.ndim)
     return s.replace(values=jnp.where(keep, s.values, 0))
 
   def elect(s):

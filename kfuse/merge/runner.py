@@ -1,32 +1,30 @@
 """Command-line merge jobs: mergekit YAML and native checkpoint merges.
 
-Both stream tensor by tensor through `kfuse.merge.engine` and write their
-output atomically (a temporary sibling directory renamed when complete).
+Both plan their merge and run it through the one pipeline (`kfuse.merge.pipeline`:
+validate, stream tensor by tensor through `kfuse.merge.engine`, write atomically).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Mapping
 
 import jax
 
+from kfuse import configs
 from kfuse import tree as T
-from kfuse.io.atomic import check_output_writable
-from kfuse.merge.api import canonical_params, resolve_values, validate_params
-from kfuse.merge.core import TensorInfo, check_models, get_method
-from kfuse.merge.engine import OrbaxSource, Stats, TensorTask, execute, output_specs
+from kfuse.merge import pipeline
+from kfuse.merge.api import canonical_params, layout_of, resolve_values, validate_params
+from kfuse.merge.core import TensorInfo, get_method
+from kfuse.merge.engine import OrbaxSource, TensorTask
 from kfuse.tree import KfuseError
 
 
 def _get(config, name, default=None):
-  try:
-    v = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-  except AttributeError:
-    v = default
+  """`kfuse.configs.get`, with an unset (None) field reading as ``default``."""
+  v = configs.get(config, name, default)
   return default if v is None else v
 
 
@@ -60,18 +58,6 @@ def numerics_options(config) -> dict:
           "overflow": str(_get(config, "overflow", "error"))}
 
 
-def _report(res: dict, stats: Stats) -> dict:
-  if stats.clamped:
-    res["clamped"] = dict(stats.clamped)
-  if stats.nonfinite:
-    res["nonfinite"] = dict(stats.nonfinite)
-  if stats.copied:
-    res["copied"] = len(stats.copied)
-    print(f"kfuse: note: {len(stats.copied)} integer/bool tensor(s) copied unchanged (all"
-          f" models agree), e.g. {stats.copied[0]!r}", file=sys.stderr)
-  return res
-
-
 def run_mergekit(config, workdir=None) -> dict:
   """``configs/mergekit.py:PATH.yml``: run a mergekit YAML into config.output_dir."""
   from kfuse.mergekit_compat import run_yaml
@@ -82,13 +68,11 @@ def run_mergekit(config, workdir=None) -> dict:
   if not out:
     raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
   t0 = time.perf_counter()
-  stats = Stats()
   res = run_yaml(yml, out, overwrite=bool(_get(config, "overwrite", False)),
                  seed=int(_get(config, "seed", 0)),
                  out_shard_bytes=int(_get(config, "out_shard_bytes", 5_000_000_000)),
-                 progress=bool(_get(config, "progress", True)), stats=stats,
+                 progress=bool(_get(config, "progress", True)),
                  **scale_options(config), **numerics_options(config))
-  _report(res, stats)
   res["seconds"] = round(time.perf_counter() - t0, 3)
   print(json.dumps(res))
   return res
@@ -140,9 +124,8 @@ def input_layout(names, layout: str = "auto") -> str:
   rule of `kfuse.merge.merge` (HF names such as ``model.layers.0.mlp.up_proj.weight``
   are PyTorch layout, Flax paths such as ``params/Dense_0/kernel`` are not).
   """
-  from kfuse.merge.api import _layout_of
   if layout == "auto":
-    return _layout_of(dict.fromkeys(names))
+    return layout_of(names)
   if layout not in ("torch", "flax"):
     raise KfuseError(f"config.layout: unknown layout {layout!r} (auto|torch|flax)")
   return layout
@@ -170,20 +153,15 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     raise KfuseError("config.models: empty model list")
   kio.check_output_outside_inputs(output_dir, list(models) + ([base] if base else []))
   opened = [open_model(p) for p in models]
-  srcs = [o[0] for o in opened]
-  bsrc = None
-  if base:
-    bsrc = open_model(base)
-  check_models(m, len(srcs) + (1 if bsrc and m.base == "include" else 0), bsrc is not None,
-               "config.base" if m.base == "required" and bsrc is None else "config.models")
+  bsrc = open_model(base) if base else None
   if m.base == "include" and bsrc is not None:
-    srcs = [bsrc[0]] + srcs
     opened, bsrc = [bsrc] + opened, None
   if m.base == "unused":
     bsrc = None
-  n = len(srcs)
+  n = len(opened)
   validate_params(m, params, n, where="config.params")
-  all_srcs = ([bsrc[0]] if bsrc else []) + srcs
+  every = ([bsrc] if bsrc else []) + opened
+  all_srcs = [o[0] for o in every]
   ref = all_srcs[0]
   for s in all_srcs[1:]:
     extra = [k for k in s.names if k not in ref.names]
@@ -192,10 +170,11 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     missing = [k for k in ref.names if k not in s.names]
     if missing:
       raise KfuseError(f"{s.path}: missing key {missing[0]!r} present in {ref.path}")
-  kinds = {o[1] for o in opened + ([bsrc] if bsrc else [])}
   fmt = output_format
   if fmt == "auto":
-    fmt = "safetensors" if kinds == {"safetensors"} else "orbax"
+    fmt = "safetensors" if {o[1] for o in every} == {"safetensors"} else "orbax"
+  if fmt not in pipeline.FORMATS:
+    raise KfuseError(f"config.output_format: unknown format {output_format!r} (auto|safetensors|orbax)")
   layout = input_layout(ref.names, layout)
   L = T.num_layers(ref.names)
   off = 1 if bsrc else 0
@@ -205,42 +184,16 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     vals = resolve_values(m, params, info, n)
     tasks.append(TensorTask(name, m, (0, name) if bsrc else None,
                             [(i + off, name) for i in range(n)], vals, info))
-  stats = None
-  if m.tree_stats is not None:
-    raise KfuseError(f"method {m.name!r} needs whole-model statistics; use kfuse.merge.merge in Python")
   dt = T.resolve_dtype(dtype) if dtype else None
-  key = jax.random.key(seed)
-  stats = Stats()
-  scale = {"mesh": mesh, "prefetch_bytes": prefetch_bytes, "chunk": chunk, "stats": stats,
-           "allow_nonfinite": allow_nonfinite, "overflow": overflow}
-  t0 = time.perf_counter()
-  from kfuse import shard
-  if not shard.is_writer():   # multi-host: every process computes, process 0 writes
-    count = execute(tasks, all_srcs, lambda name, a: None, key=key, dtype=dt,
-                    progress=progress, **scale)
-    return {"output_dir": str(output_dir), "tensors": count, "method": m.name, "format": fmt,
-            "seconds": round(time.perf_counter() - t0, 3)}
-  kio.remove_stale_outputs(output_dir)
-  check_output_writable(output_dir)   # one line now, not a traceback after the work
-  if fmt == "safetensors":
-    with kio.atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-      donor = ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path)
-      kio.copy_aux_files(donor, tmp)
-      with kio.PlannedHFWriter(tmp, output_specs(tasks, all_srcs, dt), dtype=dt) as w:
-        count = execute(tasks, all_srcs, w.add, key=key, dtype=dt, progress=progress,
-                        write_part=w.add_part, **scale)
-        w.finish(config=getattr(ref, "config", None))
-  elif fmt == "orbax":
-    out = {}
-    count = execute(tasks, all_srcs, out.__setitem__, key=key, dtype=dt, progress=progress,
-                    **scale)
-    like = next((o[2] for o in ([bsrc] if bsrc else []) + opened if o[2] is not None), None)
-    tree = T.unflatten(like, out) if like is not None else out
-    kio.save_orbax(output_dir, tree, overwrite=overwrite)
-  else:
-    raise KfuseError(f"config.output_format: unknown format {output_format!r} (auto|safetensors|orbax)")
-  return _report({"output_dir": str(output_dir), "tensors": count, "method": m.name,
-                  "format": fmt, "seconds": round(time.perf_counter() - t0, 3)}, stats)
+  plan = pipeline.Plan(
+      m, tasks, all_srcs, format=fmt, dtype=dt, out_dtype=dt,
+      donor=ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path),
+      config=getattr(ref, "config", None),
+      like=next((o[2] for o in every if o[2] is not None), None),
+      where="config.models", base_where="config.base", base_word="base model")
+  return pipeline.run(plan, output_dir, key=jax.random.key(seed), overwrite=overwrite,
+                      progress=progress, mesh=mesh, prefetch_bytes=prefetch_bytes, chunk=chunk,
+                      allow_nonfinite=allow_nonfinite, overflow=overflow)
 
 
 def cli_params(method: str, params: Mapping[str, Any]) -> dict:

@@ -167,7 +167,7 @@ def kth_largest(keys: jax.Array, k: jax.Array, bits: int = 32):
   return prefix, jnp.asarray(k, jnp.int32) - kk, eq
 
 
-def _rows(shape: tuple) -> tuple:
+def row_view(shape: tuple) -> tuple:
   """2-D view [R, C] of a tensor: rows follow axis 0 (the sharded axis)."""
   n = int(np.prod(shape)) if shape else 1
   if len(shape) >= 2 and shape[0] > 0:

@@ -27,8 +27,8 @@ from kfuse.shard import tensor_sum
 # ------------------------------------------------------------------ helpers
 
 
-def _bcast(w, ndim):
-  """Reshape a [N] vector to broadcast against [N, ...] of rank ``ndim``."""
+def bcast(w, ndim):
+  """Reshape a per-model [N] vector to broadcast against [N, ...] of rank ``ndim``."""
   return w.reshape(w.shape + (1,) * (ndim - w.ndim))
 
 
@@ -94,7 +94,7 @@ def _apply_mask(state: MergeState, keep: jax.Array, rescale: str | None) -> Merg
   if rescale in ("l1", "l2", "linf"):
     masked = jax.vmap(lambda d, m: rescale_to_norm(d, m, rescale))(delta, masked)
   elif rescale == "inverse":  # DARE paper / FusionBench: divide by keep prob.
-    p = _bcast(state.hp["density"], delta.ndim).astype(delta.dtype)
+    p = bcast(state.hp["density"], delta.ndim).astype(delta.dtype)
     masked = masked / jnp.where(p > 0, p, 1)
   elif rescale is not None:
     raise ValueError(f"unknown rescale {rescale!r}")
@@ -148,7 +148,7 @@ def drop_random(rescale: str | None = "l1") -> Stage:
     keys = jax.random.split(s.key, n)
     dens = s.hp["density"]
     keep = jax.vmap(lambda k, p: jax.random.bernoulli(k, p, s.values.shape[1:]))(keys, dens)
-    keep = jnp.where(_bcast(dens >= 1, s.values.ndim), True, keep)
+    keep = jnp.where(bcast(dens >= 1, s.values.ndim), True, keep)
     return _apply_mask(s, keep, rescale)
 
   return apply
@@ -216,7 +216,7 @@ def weigh() -> Stage:
   """Multiply every model's tensor by its weight: wd_i = w_i·δ_i."""
 
   def apply(s: MergeState) -> MergeState:
-    w = _bcast(s.weights.astype(s.values.dtype), s.values.ndim)
+    w = bcast(s.weights.astype(s.values.dtype), s.values.ndim)
     return s.replace(values=s.values * w)
 
   return apply
@@ -254,7 +254,7 @@ def combine(normalize: bool = True) -> Stage:
 
   def apply(s: MergeState) -> MergeState:
     v = s.values
-    w = _bcast(s.weights.astype(v.dtype), v.ndim)
+    w = bcast(s.weights.astype(v.dtype), v.ndim)
     if s.mask is not None:
       m = s.mask.astype(v.dtype)
       mixed = sum_models(v * m)

@@ -85,3 +85,23 @@ def test_augment_is_deterministic_shape_preserving_and_mild():
     adapt.make_augment(spatial_dims=3)
   with pytest.raises(KfuseError, match="x: augment"):
     augment.augment(jax.random.key(0), jnp.ones((4,)))
+
+
+@pytest.mark.parametrize("name", adapt.names())
+def test_every_init_checks_its_inputs_and_copies_the_variables(name):
+  """One `core.make_init` behind every method: bad variables or an example batch without
+  ``'x'`` are one-line errors naming the method; the state holds copies of the caller's
+  arrays (equal values, other buffers), so a donated step never frees the caller's."""
+  model, v, x = tiny_bn(batch=8)
+  tta = adapt.make(name, model, **SMALL.get(name, {}))
+  extra = {"fisher": adapt.fisher_information(model, v, [x])} if name == "eata" else {}
+  with pytest.raises(KfuseError, match=rf"^variables: {name} expects Flax variables"):
+    tta.init({"kernel": jnp.ones(3)}, {"x": x}, jax.random.key(0), **extra)
+  with pytest.raises(KfuseError, match=rf"^batch: {name}\.init: missing key 'x'"):
+    tta.init(v, {"y": x}, jax.random.key(0), **extra)
+  state = tta.init(v, {"x": x}, jax.random.key(0), **extra)
+  kernel = v["params"]["dense"]["kernel"]
+  held = [a for a in jax.tree.leaves(state) if jnp.shape(a) == kernel.shape]
+  assert held and all(np.array_equal(a, kernel) for a in held[:1])
+  ptr = kernel.unsafe_buffer_pointer()
+  assert all(a.unsafe_buffer_pointer() != ptr for a in held)

@@ -54,8 +54,7 @@ def test_header_bytes_offsets():
 
 def test_no_module_imports_another_modules_private_names():
   """`from kfuse.x import _y` couples modules to internals; the public name is the contract.
-  (kfuse/merge is being refactored on another branch; its two are listed, not hidden.)"""
-  known = {("kfuse/merge/kernels.py", "_bcast"), ("kfuse/merge/runner.py", "_layout_of")}
+  No exceptions."""
   found = set()
   for path in glob.glob(os.path.join(REPO, "kfuse", "**", "*.py"), recursive=True):
     rel = os.path.relpath(path, REPO)
@@ -65,7 +64,7 @@ def test_no_module_imports_another_modules_private_names():
         if os.path.dirname(rel).replace(os.sep, ".") == (node.module or "").rpartition(".")[0]:
           continue
         found |= {(rel, a.name) for a in node.names if a.name.startswith("_")}
-  assert found <= known, sorted(found - known)
+  assert not found, sorted(found)
 
 
 def test_one_class_per_name_across_the_package():

@@ -155,3 +155,59 @@ def test_registry_is_the_shared_registry():
   assert core.METHODS.defaults("ties")["density"] == 1.0
   with pytest.raises(KfuseError, match="did you mean 'ties'"):
     merge.get_method("tiess")
+
+
+def _with_method(monkeypatch, method):
+  """Register ``method`` in a copy of the merge registry for this test only."""
+  from kfuse.merge import core
+  from kfuse.registry import Registry
+  reg = Registry("merge method")
+  for name in core.names():
+    reg.register(name, core.get_method(name), defaults=core.METHODS.defaults(name))
+  monkeypatch.setattr(core, "METHODS", reg)
+  core.register(method)
+
+
+@pytest.mark.parametrize("sparsifies", [True, False])
+def test_a_new_method_declaring_sparsifies_gets_the_density_behaviour(monkeypatch, tmp_path,
+                                                                      sparsifies, capsys):
+  """`Method.sparsifies`, not a list of names, decides what ``density`` means: a newly
+  registered method that declares it gets mergekit's lenient density (one warning line for a
+  density outside (0, 1]) in YAML and the (0, 1] check in the native API; one that does not
+  declare it gets neither."""
+  import textwrap
+  from kfuse.mergekit_compat import run_yaml
+  recipe = merge.chain(S.task_vectors(), S.weigh(), S.combine(normalize=False), S.scale(),
+                       S.add_base())
+  m = merge.get_method("task_arithmetic").like("my_sparse", recipe, sparsifies=sparsifies)
+  _with_method(monkeypatch, m)
+  root = tmp_path / "zoo"
+  for i, t in enumerate([BASE] + EXPERTS[:2]):
+    kio.write_hf_dir(str(root / f"m{i}"), t)
+  yml = tmp_path / "m.yml"
+  yml.write_text(textwrap.dedent(f"""
+      merge_method: my_sparse
+      base_model: {root}/m0
+      models:
+        - model: {root}/m1
+          parameters: {{weight: 1.0, density: 1.5}}
+        - model: {root}/m2
+          parameters: {{weight: 0.5, density: 0.5}}
+      """))
+  run_yaml(str(yml), str(tmp_path / "out"), progress=False)
+  warned = [ln for ln in capsys.readouterr().err.splitlines() if "outside (0, 1]" in ln]
+  assert len(warned) == (1 if sparsifies else 0), warned
+  if sparsifies:
+    assert "density 1.5" in warned[0] and "m1" in warned[0]
+  ex = [{k: jnp.asarray(v) for k, v in e.items()} for e in EXPERTS[:2]]
+  call = lambda: merge.merge(m, ex, {k: jnp.asarray(v) for k, v in BASE.items()},
+                             params={"weight": [1.0, 0.5], "density": [1.5, 0.5]})
+  if sparsifies:
+    with pytest.raises(KfuseError, match=r"density 1\.5 for my_sparse must be in \(0, 1\]"):
+      call()
+  else:   # the recipe ignores density: plain task arithmetic, checked in float64
+    got = call()
+    for k, b in BASE.items():
+      ref = b.astype(np.float64) + sum(w * (e[k].astype(np.float64) - b)
+                                       for w, e in zip([1.0, 0.5], EXPERTS[:2]))
+      np.testing.assert_allclose(np.asarray(got[k]), ref, rtol=1e-5, atol=1e-5)

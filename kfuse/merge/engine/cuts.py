@@ -121,7 +121,7 @@ class CutSearch:
       if job.chunked:
         cut = self._chunk_cuts(job, kind, n, k, bits, views)
       else:
-        rows = select._rows(tuple(job.shape))[0]
+        rows = select.row_view(tuple(job.shape))[0]
         cut = select.find_cuts_array(_array_keyfn(kind, job.dt.name, has_base),
                                      (job.base, job.experts), n, k, bits, rows)
       out[f"{name}_v"], out[f"{name}_p"] = cut.v, cut.p
