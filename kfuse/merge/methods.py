@@ -471,3 +471,6 @@ _simple("ties_paper", _ties_paper_recipe, [
   agreeing entries (sum / mean over non-zero / max-magnitude);
   θ = θ_b + λ·merged with λ = 0.3. Yadav et al., NeurIPS 2023.""",
     prepare=_ties_paper_prepare, tree_stats=_ties_paper_stats)
+
+# Families in their own modules register on import (kept last: they import this module).
+from kfuse.merge import subspace as _subspace  # noqa: E402,F401
