@@ -473,4 +473,4 @@ _simple("ties_paper", _ties_paper_recipe, [
     prepare=_ties_paper_prepare, tree_stats=_ties_paper_stats)
 
 # Families in their own modules register on import (kept last: they import this module).
-from kfuse.merge import subspace as _subspace  # noqa: E402,F401
+from kfuse.merge import masks as _masks, subspace as _subspace  # noqa: E402,F401
