@@ -144,18 +144,9 @@ PARAMS = {
     'iso_c': (
         {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
     ),
-    'iso_c_svc': (
-        {'name': 'lambda', 'default': 1.5, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
-        {'name': 'svc_alpha', 'default': 0.1, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "SVC's α: projection coefficients below α count as α"},
-    ),
     'iso_cts': (
         {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
         {'name': 'common_space_fraction', 'default': 0.8, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'fraction of the rank kept as the common subspace'},
-    ),
-    'iso_cts_svc': (
-        {'name': 'lambda', 'default': 1.5, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
-        {'name': 'common_space_fraction', 'default': 0.8, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'fraction of the rank kept as the common subspace'},
-        {'name': 'svc_alpha', 'default': 0.2, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "SVC's α: projection coefficients below α count as α"},
     ),
     'karcher': (
         {'name': 'max_iter', 'default': 10, 'required': False, 'per_model': False, 'kind': 'int', 'doc': ''},

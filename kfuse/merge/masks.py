@@ -81,11 +81,11 @@ def _emr_task_prepare(method, values, info, n, ctx=NATIVE):
   if ctx.stats is None:
     raise KfuseError(f"{info.path}: method 'emr_task' needs whole-model rescalers (its tree_stats"
                      f" pre-pass); use kfuse.merge.merge or emr_task_model in Python")
-  r = float(np.asarray(ctx.stats["rescaler"])[t])
-  if not np.isfinite(r):
-    raise KfuseError(f"{info.path}: emr_task: task {t}'s rescaler is {r} (its task vector is all"
-                     f" zero, or no entry of it agrees with the elected sign)")
-  return {"task": t}, {"rescaler": _arr(r)}
+  r = jnp.asarray(ctx.stats["rescaler"], F32)[t]
+  if not isinstance(r, jax.core.Tracer) and not np.isfinite(float(r)):
+    raise KfuseError(f"{info.path}: emr_task: task {t}'s rescaler is {float(r)} (its task vector"
+                     f" is all zero, or no entry of it agrees with the elected sign)")
+  return {"task": t}, {"rescaler": r}
 
 
 _EMR_DOC = """EMR-Merging (Elect, Mask & Rescale).
