@@ -65,15 +65,21 @@ def _emr_recipe(task: int = -1):
 
 
 def _emr_stats(base_flat, experts_flat, values):
-  """EMR's rescalers λ_i = Σ_tensors mean|τ_i| / Σ_tensors mean|M_i ⊙ τ_uni| (whole model)."""
-  num = den = 0.0
+  """EMR's rescalers λ_i = Σ_tensors mean|τ_i| / Σ_tensors mean|M_i ⊙ τ_uni| (whole model).
+
+  Zero-size tensors are skipped (no mean); λ_i = 1 where M_i ⊙ τ_uni = 0 everywhere, since
+  task i's model is then θ_b whatever λ_i is."""
+  t = np.shape(next(iter(experts_flat.values())))[0]
+  num = den = jnp.zeros((t,), F32)
   for nm, stack in experts_flat.items():
+    if not np.prod(np.shape(stack)[1:]):
+      continue
     tv = jnp.asarray(stack, F32) - jnp.asarray(base_flat[nm], F32)[None]
     uni, masks = emr_elect(tv)
     axes = tuple(range(1, tv.ndim))
     num = num + jnp.mean(jnp.abs(tv), axis=axes)
     den = den + jnp.mean(jnp.abs(jnp.where(masks, uni[None], 0)), axis=axes)
-  return {"rescaler": num / den}
+  return {"rescaler": jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 1.0)}
 
 
 def _emr_task_prepare(method, values, info, n, ctx=NATIVE):
@@ -81,11 +87,7 @@ def _emr_task_prepare(method, values, info, n, ctx=NATIVE):
   if ctx.stats is None:
     raise KfuseError(f"{info.path}: method 'emr_task' needs whole-model rescalers (its tree_stats"
                      f" pre-pass); use kfuse.merge.merge or emr_task_model in Python")
-  r = jnp.asarray(ctx.stats["rescaler"], F32)[t]
-  if not isinstance(r, jax.core.Tracer) and not np.isfinite(float(r)):
-    raise KfuseError(f"{info.path}: emr_task: task {t}'s rescaler is {float(r)} (its task vector"
-                     f" is all zero, or no entry of it agrees with the elected sign)")
-  return {"task": t}, {"rescaler": r}
+  return {"task": t}, {"rescaler": jnp.asarray(ctx.stats["rescaler"], F32)[t]}
 
 
 _EMR_DOC = """EMR-Merging (Elect, Mask & Rescale).
@@ -286,6 +288,8 @@ def pcb_delta(tv: jax.Array, ratio: float) -> jax.Array:
   t = tv.shape[0]
   x = tv.reshape(t, -1)
   d = x.shape[1]
+  if d == 0:
+    return jnp.zeros(tv.shape[1:], tv.dtype)
   lo, hi, top = pcb_indices(d, ratio)
   mag = _clamp_rows(jnp.abs(x), lo, hi)
   clipped = jnp.sign(x) * mag

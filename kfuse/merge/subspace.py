@@ -71,7 +71,7 @@ def matrix_stage(fn: Callable[[jax.Array, dict], jax.Array], transpose: bool) ->
 
   def apply(s: MergeState) -> MergeState:
     v = s.values
-    if v.ndim != 3:
+    if v.ndim != 3 or v.size == 0:   # zero-size matrices: nothing to decompose
       return s.replace(result=S.sum_models(v) / v.shape[0])
     x = jnp.swapaxes(v, 1, 2) if transpose else v
     d = fn(x, s.hp)
@@ -87,7 +87,7 @@ def _subspace_prepare(method_name: str, min_rank_per_task: bool = False):
     for p in method.params:
       if p.kind is float and not p.static and values.get(p.name) is not None:
         check_finite_param(method.name, p.name, values[p.name], info.path)
-    if min_rank_per_task and is_matrix(info.shape) and min(info.shape) < n:
+    if min_rank_per_task and is_matrix(info.shape) and 0 < min(info.shape) < n:
       raise KfuseError(f"{info.path}: {method.name} keeps ⌊r/T⌋ singular triplets per task and"
                        f" this {info.shape[0]}x{info.shape[1]} matrix has rank r <= {min(info.shape)}"
                        f" < T = {n} tasks (every task would keep none)")
@@ -356,7 +356,7 @@ def svc(transpose: bool = False, name: str = "svc_alpha") -> Callable[[Stage], S
   def wrap(inner: Stage) -> Stage:
     def apply(s: MergeState) -> MergeState:
       out = inner(s)
-      if s.values.ndim != 3:
+      if s.values.ndim != 3 or s.values.size == 0:
         return out
       base = s.base
       tv = s.values.astype(base.dtype) - base[None]
