@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.peers.peer import require
+from .peer import require
 
 torch = require("torch")
 fb = require("fusion_bench")
