@@ -18,6 +18,10 @@ wudi,singular_value_calibration}`):
   is repeated or zero (then the vectors are not unique, and neither are the
   results of the SVD methods of FusionBench).
 
+Sharded over devices (``--config.num_devices``) the results agree with unsharded runs to a
+few float32 ulps, not bit for bit: a sharded SVD or matrix product sums in another order
+(tests/merge/test_subspace.py; the elementwise mask methods are bit-identical).
+
 Methods: `tsv_m`, `iso_c`, `iso_cts`, `wudi` (Adam as in the paper, or its exact
 minimiser, ``solver='closed_form'``), and the SVC post-step `svc` / `with_svc`
 with registered variants ``*_svc``.
