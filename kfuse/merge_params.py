@@ -76,6 +76,28 @@ PARAMS = {
         {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
         {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
     ),
+    'consensus_ta': (
+        {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
+        {'name': 'density', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'fraction of δ entries kept'},
+        {'name': 'lambda', 'default': 0.3, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'final scale λ of the merged task vector'},
+        {'name': 'normalize', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'rescale', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
+        {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
+        {'name': 'tall_lambda', 'default': 0.6, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'TALL mask threshold λ'},
+        {'name': 'consensus_k', 'default': 2, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'minimum number of tasks whose TALL mask keeps an entry'},
+    ),
+    'consensus_ties': (
+        {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
+        {'name': 'density', 'default': 0.2, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'fraction of δ entries kept'},
+        {'name': 'lambda', 'default': 0.3, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'final scale λ of the merged task vector'},
+        {'name': 'normalize', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'rescale', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
+        {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
+        {'name': 'tall_lambda', 'default': 0.6, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'TALL mask threshold λ'},
+        {'name': 'consensus_k', 'default': 2, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'minimum number of tasks whose TALL mask keeps an entry'},
+    ),
     'dare_linear': (
         {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
         {'name': 'density', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'fraction of δ entries kept'},
@@ -114,10 +136,22 @@ PARAMS = {
         {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
         {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
     ),
+    'emr': (
+    ),
+    'emr_task': (
+        {'name': 'task', 'default': 0, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'index of the task model to materialise'},
+    ),
     'fisher': (
         {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model scaling (FusionBench fisher_scaling_coefficients)'},
         {'name': 'normalize', 'default': True, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'c_i ∝ 1/‖F_i‖₂ (FusionBench normalize_fisher_weight)'},
         {'name': 'epsilon', 'default': 1e-06, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'added to every Fisher entry (FusionBench minimal_fisher_weight)'},
+    ),
+    'iso_c': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
+    ),
+    'iso_cts': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
+        {'name': 'common_space_fraction', 'default': 0.8, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'fraction of the rank kept as the common subspace'},
     ),
     'karcher': (
         {'name': 'max_iter', 'default': 10, 'required': False, 'per_model': False, 'kind': 'int', 'doc': ''},
@@ -130,6 +164,9 @@ PARAMS = {
     'linear': (
         {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': ''},
         {'name': 'normalize', 'default': True, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+    ),
+    'magmax': (
+        {'name': 'lambda', 'default': 0.5, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the selected task vector'},
     ),
     'model_stock': (
         {'name': 'filter_wise', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
@@ -149,6 +186,10 @@ PARAMS = {
     ),
     'passthrough': (
         {'name': 'scale', 'default': None, 'required': False, 'per_model': True, 'kind': 'float', 'doc': ''},
+    ),
+    'pcb': (
+        {'name': 'pcb_ratio', 'default': 0.1, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "fraction of each task's entries kept by their balancing score"},
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ (the paper searches it)'},
     ),
     'ram': (
         {'name': 'epsilon', 'default': 1e-05, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
@@ -176,6 +217,10 @@ PARAMS = {
     'slerp': (
         {'name': 't', 'default': None, 'required': True, 'per_model': False, 'kind': 'float', 'doc': ''},
     ),
+    'tall_mask': (
+        {'name': 'task', 'default': 0, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'index of the task model to materialise'},
+        {'name': 'tall_lambda', 'default': 0.6, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'TALL mask threshold λ'},
+    ),
     'task_arithmetic': (
         {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
         {'name': 'density', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'fraction of δ entries kept'},
@@ -184,6 +229,16 @@ PARAMS = {
         {'name': 'rescale', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
         {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
         {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
+    ),
+    'task_arithmetic_svc': (
+        {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
+        {'name': 'density', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'fraction of δ entries kept'},
+        {'name': 'lambda', 'default': 0.3, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'final scale λ of the merged task vector'},
+        {'name': 'normalize', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'rescale', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
+        {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
+        {'name': 'svc_alpha', 'default': 0.1, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "SVC's α: projection coefficients below α count as α"},
     ),
     'task_negation': (
         {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
@@ -208,6 +263,23 @@ PARAMS = {
         {'name': 'lambda', 'default': 0.3, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
         {'name': 'disjoint', 'default': 'sum', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'sum' (dis-sum), 'mean' (dis-mean) or 'max' (dis-max)"},
     ),
+    'ties_svc': (
+        {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model weight w_i (mergekit requires it)'},
+        {'name': 'density', 'default': 0.2, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'fraction of δ entries kept'},
+        {'name': 'lambda', 'default': 0.3, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'final scale λ of the merged task vector'},
+        {'name': 'normalize', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'rescale', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
+        {'name': 'int8_mask', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'memory-only option in mergekit; identical results'},
+        {'name': 'rescale_mode', 'default': 'l1', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'l1' (mergekit: match ‖δ‖₁) or 'inverse' (DARE paper: 1/p)"},
+        {'name': 'svc_alpha', 'default': 0.1, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "SVC's α: projection coefficients below α count as α"},
+    ),
+    'tsv_m': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
+    ),
+    'tsv_m_svc': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
+        {'name': 'svc_alpha', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "SVC's α: projection coefficients below α count as α"},
+    ),
     'varm': (
         {'name': 'weighting', 'default': 'square', 'required': False, 'per_model': False, 'kind': 'str', 'doc': ''},
         {'name': 'softmax', 'default': False, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': ''},
@@ -215,5 +287,18 @@ PARAMS = {
     ),
     'wise_ft': (
         {'name': 'alpha', 'default': 0.5, 'required': False, 'per_model': False, 'kind': 'float', 'doc': ''},
+    ),
+    'wudi': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
+        {'name': 'steps', 'default': 300, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'Adam steps'},
+        {'name': 'lr', 'default': 1e-05, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'Adam learning rate'},
+        {'name': 'solver', 'default': 'adam', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'adam' (paper) or 'closed_form' (the exact minimiser)"},
+    ),
+    'wudi_svc': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector'},
+        {'name': 'steps', 'default': 300, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'Adam steps'},
+        {'name': 'lr', 'default': 1e-05, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'Adam learning rate'},
+        {'name': 'solver', 'default': 'adam', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "'adam' (paper) or 'closed_form' (the exact minimiser)"},
+        {'name': 'svc_alpha', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': "SVC's α: projection coefficients below α count as α"},
     ),
 }

@@ -473,4 +473,6 @@ _simple("ties_paper", _ties_paper_recipe, [
   θ = θ_b + λ·merged with λ = 0.3. Yadav et al., NeurIPS 2023.""",
     prepare=_ties_paper_prepare, tree_stats=_ties_paper_stats)
 
+# Families in their own modules register on import (kept last: they import this module).
+from kfuse.merge import masks as _masks, subspace as _subspace  # noqa: E402,F401
 from kfuse.merge import informed as _informed  # noqa: E402,F401  (registers fisher, regmean, regmean_plusplus)

@@ -254,8 +254,8 @@ def _one(method: str, shape: tuple, values=(1.0, 3.0, 2.0)):
 
 
 def _engine_methods() -> list[str]:
-  """Every method the streaming engine runs (ties_paper needs whole-model statistics)."""
-  return [m.name for m in _methods() if m.name != "ties_paper"]
+  """Every method the streaming engine runs (ties_paper, emr_task need whole-model statistics)."""
+  return [m.name for m in _methods() if m.tree_stats is None]
 
 
 def _merged(root: str) -> np.ndarray:

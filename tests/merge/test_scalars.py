@@ -32,10 +32,10 @@ PARAMS = {"ties": {"density": 0.3}, "breadcrumbs": {"density": 0.5, "gamma": 0.0
           "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05}, "ram": {"epsilon": 1e-3},
           "ramplus_tl": {"epsilon": 1e-3}}
 
-# ties_paper needs whole-model statistics: the engine refuses it (test_runner.py); data-informed
-# methods need statistics (tests/merge/test_informed.py).
+# ties_paper / emr_task need whole-model statistics: the engine refuses them (test_runner.py);
+# data-informed methods need statistics (tests/merge/test_informed.py).
 API_METHODS = [m for m in names() if not get_method(m).data]
-ENGINE_METHODS = [m for m in API_METHODS if m != "ties_paper"]
+ENGINE_METHODS = [m for m in API_METHODS if get_method(m).tree_stats is None]
 
 
 def inputs():
