@@ -125,6 +125,7 @@ class MergeInputs:
     data: ``{task: TaskData}``.
     key: a PRNG key for the method.
     pool: the loaded `kfuse.bench.pool.Pool` (manifest, checkpoints).
+    log: a merger appends what it used (data amounts, steps) per call; the row's ``merger_log``.
   """
   tasks: list
   pretrained: PyTree
@@ -134,6 +135,7 @@ class MergeInputs:
   data: dict
   key: jax.Array
   pool: Any = None
+  log: list = dataclasses.field(default_factory=list)
 
 
 MERGERS = Registry("benchmark merger")
@@ -645,6 +647,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
                          heads=heads, model=pool.model, data=budget_data, key=k, pool=pool)
     add_row(spec["label"], spec["method"], lambda p, fn=fn, inputs=inputs: fn(inputs, p),
             spec["points"])
+    if inputs.log:
+      rows[-1]["merger_log"] = _plain(inputs.log)
   for label in seq_labels:
     spec = next(s for s in specs if s["label"] == label)
     fn = _data_free(spec["method"])
@@ -710,3 +714,6 @@ def run(config: Any, workdir: str | None = None) -> dict:
         flush=True)
   logging.info("merge_bench: wrote %s (%.1f s)", workdir, time.time() - t_start)
   return results
+
+
+from kfuse.bench import informed_rows  # noqa: E402,F401  (registers the data-informed mergers)
