@@ -85,7 +85,8 @@ PLOT_PNG = "merge_bench.png"
 LITERATURE = {
     "Pretrained": 48.2, "Individual": 90.3, "simple_average": 66.5, "task_arithmetic": 68.0,
     "ties": 72.2, "ties_paper": 72.2, "fisher": 70.6, "regmean": 82.4,
-    "adamerging_layerwise": 82.6, "tsv_m": 83.1, "wudi": 84.5, "regmean_plusplus": 84.4,
+    "adamerging_layerwise": 82.6, "adamerging_layer": 82.6, "tsv_m": 83.1, "wudi": 84.5,
+    "regmean_plusplus": 84.4,
 }
 LITERATURE_INDIVIDUAL = 90.3
 # Ilharco et al. 2023, Table 1, ViT-B/32: negative task vectors, average over 8 target tasks (%),
