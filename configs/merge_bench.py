@@ -94,13 +94,29 @@ def methods(lambdas=LAMBDAS, ties_lambdas=TIES_LAMBDAS, densities=(0.2,), drop_d
   )
 
 
+def informed_methods(adamerging_steps=1000):
+  """The data-informed rows (`kfuse.bench.informed_rows`): each uses the tasks' unlabeled test
+  inputs (``data.unlabeled_per_task``) and the papers' / FusionBench's hyper-parameters (no grid):
+  Fisher (own predictions as labels), RegMean / RegMean++ (alpha 0.95), AdaMerging (init 0.3,
+  Adam 1e-3, 16 inputs per task per step; FusionBench runs 1000 steps)."""
+  ada = dict(steps=adamerging_steps)
+  return dict(
+      fisher=dict(name="fisher", params={}, grid={}),
+      regmean=dict(name="regmean", params={}, grid={}),
+      regmean_plusplus=dict(name="regmean_plusplus", params={}, grid={}),
+      adamerging_task=dict(name="adamerging_task", params=dict(ada), grid={}),
+      adamerging_layer=dict(name="adamerging_layer", params=dict(ada), grid={}),
+  )
+
+
 QUICK_METHODS = ("simple_average", "task_arithmetic", "ties", "ties_paper", "dare_ties",
                  "model_stock")   # the quick run's subset: compiling each method's merge dominates
 
 
 def _full_methods():
   """Wider grids for the 8 / 14 / 20-task runs (trim densities, DARE keep-rates)."""
-  return methods(densities=(0.1, 0.2, 0.3, 0.5), drop_densities=(0.3, 0.5, 0.7))
+  return {**methods(densities=(0.1, 0.2, 0.3, 0.5), drop_densities=(0.3, 0.5, 0.7)),
+          **informed_methods()}
 
 
 def _num_tasks(text):

@@ -3,6 +3,7 @@ recomputations (float64 NumPy merges, plain ``model.apply`` accuracies), the seq
 data-informed hooks, negation's constraint, configs, and the bad-input lines through the CLI."""
 
 import importlib.util
+import functools
 import json
 import os
 import shutil
@@ -46,6 +47,9 @@ def _tiny_config(workdir, pool_path, cache):
                            grid={"lambda": list(LAMBDAS)}),
       ties=dict(name="ties", params=dict(density=0.5, weight=1.0), grid={"lambda": [0.5, 1.0]}),
       first_expert=dict(name="_test_first_expert", params={}, grid={}),
+      regmean=dict(name="regmean", params={}, grid={}),
+      regmean_plusplus=dict(name="regmean_plusplus", params={}, grid={}),
+      adamerging_layer=dict(name="adamerging_layer", params=dict(steps=3, log_every=1), grid={}),
   ), sort_keys=False)
   config.negation.enabled = True
   config.negation.grid = {"lambda": list(NEG_LAMBDAS)}
@@ -120,7 +124,8 @@ def test_outputs_and_rows(bench):
   assert on_disk["tasks"] == ["grating_orientation", "shapes", "texture"]
   names = [r["name"] for r in on_disk["rows"]]
   assert names == ["Pretrained", "Individual", "simple_average", "task_arithmetic", "ties",
-                   "first_expert", "seq:task_arithmetic"]
+                   "first_expert", "regmean", "regmean_plusplus", "adamerging_layer",
+                   "seq:task_arithmetic"]
   md = (work / "results.md").read_text()
   assert all(f"| {n} |" in md for n in names) and "Task negation" in md
   assert os.path.isfile(root / "pool" / "manifest.json")   # the job built the pool
@@ -384,3 +389,105 @@ def test_a_half_written_pool_is_resumed_by_the_job(bench, tmp_path, monkeypatch)
   assert [r["name"] for r in out["rows"]] == ["Pretrained", "Individual"]
   want = next(r for r in results["rows"] if r["name"] == "Individual")["test"]
   assert out["rows"][1]["test"] == pytest.approx(want)
+
+
+# ------------------------------------------------------------------ data-informed rows
+
+
+def _np_regmean(grams, kernels, alpha=0.95):
+  """float64 RegMean of one kernel: (Σ G̃_i)⁻¹ Σ G̃_i W_i, G̃ = αG + (1−α)diag(G) (Jin et al. 2023)."""
+  gt = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in grams]
+  d = grams[0].shape[0]
+  w = [np.asarray(k, np.float64).reshape(d, -1) for k in kernels]
+  return np.linalg.solve(sum(gt), sum(g @ wi for g, wi in zip(gt, w))).reshape(kernels[0].shape)
+
+
+def _gram(rows):
+  rows = np.asarray(rows, np.float64).reshape(-1, rows.shape[-1])
+  return rows.T @ rows / len(rows)
+
+
+def _patches(x, p):
+  """[B, H, W] images -> [B·(H/p)·(W/p), p·p] patch rows (the patch embedding's inputs, C = 1)."""
+  b, h, w = x.shape[:3]
+  x = np.asarray(x, np.float64).reshape(b, h // p, p, w // p, p)
+  return x.transpose(0, 1, 3, 2, 4).reshape(-1, p * p)
+
+
+def _norm0_inputs(model, backbone, head, x):
+  """The first block's LayerNorm outputs (the q/k/v projections' inputs), from Flax's own
+  captured intermediates (not the benchmark's interception)."""
+  _, inter = model.apply(models.with_params(backbone, head), np.asarray(x), train=False,
+                         capture_intermediates=True, mutable=["intermediates"])
+  return np.asarray(inter["intermediates"]["backbone"]["layers_0"]["norm_0"]["__call__"][0])
+
+
+def _informed_parts(bench):
+  root, config, results = bench
+  tasks = results["tasks"]
+  pre, experts, _ = _pool_parts(root, tasks)
+  merged = train.restore_checkpoint(str(root / "work" / "checkpoints" / "merged"))
+  tm = _tasks_and_models(results)
+  x = {t: tm[t][0].x_test[:config.data.unlabeled_per_task] for t in tasks}
+  return results, tasks, pre, experts, merged, tm, x
+
+
+def test_regmean_row_is_a_numpy_regmean_of_numpy_grams(bench):
+  results, tasks, _, experts, merged, tm, x = _informed_parts(bench)
+  bb = {t: models.backbone_of(experts[t]) for t in tasks}
+  got = merged["regmean"]
+  p = results["pool"]["config"]["model"]["patch_size"]
+  want = _np_regmean([_gram(_patches(x[t], p)) for t in tasks],
+                     [bb[t]["patch_embed"]["kernel"] for t in tasks])
+  np.testing.assert_allclose(got["patch_embed"]["kernel"], want, rtol=2e-4, atol=2e-5)
+  g = [_gram(_norm0_inputs(tm[t][1], bb[t], models.head_of(experts[t]), x[t])) for t in tasks]
+  for proj in ("query", "key", "value"):
+    want = _np_regmean(g, [bb[t]["layers_0"]["attn"][proj]["kernel"] for t in tasks])
+    np.testing.assert_allclose(got["layers_0"]["attn"][proj]["kernel"], want, rtol=2e-4, atol=2e-5)
+  for path in (("cls",), ("pos_embed",), ("norm", "scale"), ("layers_0", "attn", "query", "bias")):
+    leaf = lambda tree: functools.reduce(lambda a, k: a[k], path, tree)
+    np.testing.assert_allclose(leaf(got), np.mean([leaf(bb[t]) for t in tasks], axis=0), atol=1e-6)
+  log = next(r for r in results["rows"] if r["name"] == "regmean")["merger_log"][0]
+  assert log["unlabeled_per_task"] == {t: 7 for t in tasks} and log["labeled_per_task"] == 0
+  h, w = x[tasks[0]].shape[1:3]
+  assert log["gram_tokens"][tasks[0]]["patch_embed/kernel"] == 7 * (h // p) * (w // p)
+
+
+def test_regmean_plusplus_row_takes_grams_behind_the_merged_prefix(bench):
+  results, tasks, _, experts, merged, tm, x = _informed_parts(bench)
+  bb = {t: models.backbone_of(experts[t]) for t in tasks}
+  got, rm = merged["regmean_plusplus"], merged["regmean"]
+  log = next(r for r in results["rows"] if r["name"] == "regmean_plusplus")["merger_log"][0]
+  assert log["stages"] == ["patch_embed", "layers_0"]        # forward order of the tiny ViT
+  # stage 1 sees the raw inputs: RegMean's patch embedding
+  np.testing.assert_allclose(got["patch_embed"]["kernel"], rm["patch_embed"]["kernel"], rtol=1e-5,
+                             atol=1e-6)
+  # stage 2: Grams of the q/k/v inputs with the merged patch embedding / averaged cls, pos in front
+  front = {k: got[k] for k in ("patch_embed", "cls", "pos_embed")}
+  g = [_gram(_norm0_inputs(tm[t][1], {**bb[t], **front}, models.head_of(experts[t]), x[t]))
+       for t in tasks]
+  for proj in ("query", "key", "value"):
+    want = _np_regmean(g, [bb[t]["layers_0"]["attn"][proj]["kernel"] for t in tasks])
+    np.testing.assert_allclose(got["layers_0"]["attn"][proj]["kernel"], want, rtol=2e-4, atol=2e-5)
+  diff = np.max(np.abs(np.asarray(got["layers_0"]["attn"]["query"]["kernel"])
+                       - np.asarray(rm["layers_0"]["attn"]["query"]["kernel"])))
+  assert diff > 1e-6   # the merged prefix changed the Grams
+
+
+def test_adamerging_row_starts_at_0_3_and_is_the_logged_lambda_merge(bench):
+  results, tasks, pre, experts, merged, _, _ = _informed_parts(bench)
+  row = next(r for r in results["rows"] if r["name"] == "adamerging_layer")
+  log = row["merger_log"][0]
+  traj = log["lambda_trajectory"]
+  assert traj[0] == [pytest.approx(0.3)] * len(tasks) and len(traj) == 4   # init + 3 steps
+  assert log["steps"] == 3 and log["inputs_seen_per_task"] == 3 * 16
+  assert any(abs(v - 0.3) > 1e-5 for v in traj[-1])   # Adam moved them (lr 1e-3: ~1e-3 per step)
+  lam = np.asarray(log["lambdas_final"], np.float64)  # [N, P], P tensors in flatten order
+  b0 = _np(models.backbone_of(pre))
+  leaves, treedef = jax.tree.flatten(b0)
+  taus = [jax.tree.leaves(jax.tree.map(lambda e, b: e - b, _np(models.backbone_of(experts[t])), b0))
+          for t in tasks]
+  want = jax.tree.unflatten(treedef, [b + sum(lam[i, p] * taus[i][p] for i in range(len(tasks)))
+                                      for p, b in enumerate(leaves)])
+  for a, b in zip(jax.tree.leaves(merged["adamerging_layer"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

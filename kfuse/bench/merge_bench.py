@@ -85,7 +85,8 @@ PLOT_PNG = "merge_bench.png"
 LITERATURE = {
     "Pretrained": 48.2, "Individual": 90.3, "simple_average": 66.5, "task_arithmetic": 68.0,
     "ties": 72.2, "ties_paper": 72.2, "fisher": 70.6, "regmean": 82.4,
-    "adamerging_layerwise": 82.6, "tsv_m": 83.1, "wudi": 84.5, "regmean_plusplus": 84.4,
+    "adamerging_layerwise": 82.6, "adamerging_layer": 82.6, "tsv_m": 83.1, "wudi": 84.5,
+    "regmean_plusplus": 84.4,
 }
 LITERATURE_INDIVIDUAL = 90.3
 # Ilharco et al. 2023, Table 1, ViT-B/32: negative task vectors, average over 8 target tasks (%),
@@ -125,6 +126,7 @@ class MergeInputs:
     data: ``{task: TaskData}``.
     key: a PRNG key for the method.
     pool: the loaded `kfuse.bench.pool.Pool` (manifest, checkpoints).
+    log: a merger appends what it used (data amounts, steps) per call; the row's ``merger_log``.
   """
   tasks: list
   pretrained: PyTree
@@ -134,6 +136,7 @@ class MergeInputs:
   data: dict
   key: jax.Array
   pool: Any = None
+  log: list = dataclasses.field(default_factory=list)
 
 
 MERGERS = Registry("benchmark merger")
@@ -645,6 +648,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
                          heads=heads, model=pool.model, data=budget_data, key=k, pool=pool)
     add_row(spec["label"], spec["method"], lambda p, fn=fn, inputs=inputs: fn(inputs, p),
             spec["points"])
+    if inputs.log:
+      rows[-1]["merger_log"] = _plain(inputs.log)
   for label in seq_labels:
     spec = next(s for s in specs if s["label"] == label)
     fn = _data_free(spec["method"])
@@ -710,3 +715,6 @@ def run(config: Any, workdir: str | None = None) -> dict:
         flush=True)
   logging.info("merge_bench: wrote %s (%.1f s)", workdir, time.time() - t_start)
   return results
+
+
+from kfuse.bench import informed_rows  # noqa: E402,F401  (registers the data-informed mergers)
