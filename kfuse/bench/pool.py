@@ -8,8 +8,11 @@ same pretrained checkpoint and the same fine-tuned experts for every method.
 1. pretrain the backbone (``config.model``, e.g. a small ViT) with a
    throw-away head on the broad pretraining mixture (`image_tasks.pretrain_mixture`,
    disjoint from every task's data);
-2. per task: a linear probe on the frozen pretrained backbone (the weak
-   "zero-shot" baseline's head), then fine-tune the backbone from it with that
+2. per task: a "zero-shot" head on the frozen pretrained backbone
+   (``config.head``: ``prototype``, the default, a cosine classifier over class
+   prototypes of a few labelled val examples, no training, the analogue of
+   CLIP's zero-shot head; or ``probe``, a linear probe trained on the task's
+   train split), then fine-tune the backbone from it with that
    head frozen (``finetune.trainable='backbone'``, as task arithmetic fine-tunes
    CLIP under its fixed zero-shot head; ``'all'``: LP-FT, Kumar et al. 2022)
    -> the task's expert;
@@ -18,7 +21,7 @@ same pretrained checkpoint and the same fine-tuned experts for every method.
      <path>/manifest.json        written last, atomically: its presence = a complete pool
      <path>/progress.json        during a build: finished parts and their hashes (resume)
      <path>/pretrained/          {'params': {'backbone', 'head'}}  (head: pretraining classes)
-     <path>/probes/<task>/       {'params': {'head'}}              (on the pretrained backbone)
+     <path>/probes/<task>/       {'params': {'head'}}              (zero-shot head, pretrained backbone)
      <path>/experts/<task>/      {'params': {'backbone', 'head'}}
 
 The manifest holds the format, the resolved config (tasks, data seeds and
@@ -557,7 +560,8 @@ class Pool:
     path: the pool directory.
     manifest: the parsed ``manifest.json``.
     pretrained: the pretrained variables (backbone + pretraining head).
-    probes: ``{task: {'params': {'head'}}}`` linear probes on the pretrained backbone.
+    probes: ``{task: {'params': {'head'}}}`` each task's zero-shot head (prototype or linear
+      probe, ``manifest['experts'][task]['head']``) on the pretrained backbone.
     experts: ``{task: variables}`` fine-tuned experts.
   """
   path: str
