@@ -1,52 +1,166 @@
-"""The multi-task model-merging benchmark (FusionBench-style, MNIST-1D, 8 tasks).
+"""The multi-task model-merging benchmark on a pinned model pool (FusionBench-style).
 
-    python -m kfuse.main --config=configs/merge_bench.py          # full: 8 tasks
-    python -m kfuse.main --config=configs/merge_bench.py:quick    # == configs/default.py
-    python -m kfuse.main --config=configs/merge_bench.py:digits   # 8 tasks on sklearn digits
+    python -m kfuse.main --config=configs/merge_bench.py:8          # 8 tasks (the default variant)
+    python -m kfuse.main --config=configs/merge_bench.py:14         # first 14 tasks
+    python -m kfuse.main --config=configs/merge_bench.py:20         # all 20 tasks
+    python -m kfuse.main --config=configs/merge_bench.py:negation   # task negation on the 8 tasks
+    python -m kfuse.main --config=configs/merge_bench.py:quick      # == configs/default.py
+    python -m kfuse.main --config=configs/merge_bench.py:8,model=mlp   # the MLP backbone
 
-Same pipeline as the quick run (`kfuse.bench.merge_bench`); the full variant
-uses 8 tasks, longer fine-tuning (1,500 steps) and wider validation grids
-(lambda x density) for the task-vector methods. Grid points are scored by average validation
-accuracy over all tasks; test accuracy is reported for the best point.
+The argument's keys: ``variant`` (8 | 14 | 20 | negation | quick), ``tasks`` (N: the
+first N of `kfuse.data.image_tasks.TASK_NAMES`; 0 = the variant's), ``model``
+('' = the pool recipe's backbone, or ``vit`` / ``mlp``), ``pool`` (a preset of
+`kfuse.bench.pool.PRESETS`, e.g. ``tiny``; '' = the variant's recipe).
+
+The job loads the pool at ``pool.path`` (building or resuming it first when it
+is not complete), merges the experts' backbones with every ``methods.<label>``
+(hyper-parameters chosen on validation from each ``grid``), runs task negation
+when ``negation.enabled`` and writes results.json / results.md / merge_bench.png
+(`kfuse.bench.merge_bench`). The 8 / 14 / 20 variants use the pool preset
+``default`` (its recipe, the first N tasks) at ``workdirs/pools/<N>``; point
+``--config.pool.path`` at a 20-task pool to run the 8- or 14-task protocol on it.
 """
-
-import importlib.util
-import os
 
 import ml_collections
 
 from kfuse.configs import one_of, parse_arg
 
+TASK_NAMES = (  # kfuse.data.image_tasks.TASK_NAMES (configs stay JAX-free; tests check the copy)
+    "sk_digits", "letters_sans", "grating_orientation", "shapes", "texture", "signal_process",
+    "cellular_automata", "mnist1d_plot", "symbols", "glyph_digits", "shape_count",
+    "grating_frequency", "font_style", "lissajous", "letters_serif", "case", "glyph_rotation",
+    "shape_position", "symmetry", "spectral_slope")
 
-def _default_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("kfuse_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+# Methods left out, and why: `linear` (== simple_average), `task_negation` (the negation
+# protocol, not multi-task), `slerp` / `nuslerp` / `nearswap` / `arcee_fusion` / `wise_ft` /
+# `layer_swap` (exactly one or two models), `passthrough` (layer surgery).
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)   # Task Arithmetic paper: chosen on validation
+TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)      # disjoint *mean*: TIES paper range is ~1
+# negation: lambda in {0, 0.05, ..., 1}, chosen on validation (0 = the pretrained model)
+NEGATION_LAMBDAS = tuple(round(0.05 * i, 2) for i in range(21))
+
+MLP = dict(name="mlp", hidden=(256, 256), activation="gelu", dropout=0.0, layer_norm=False)
+VIT = dict(name="vit", patch_size=4, dim=64, depth=4, num_heads=4)
+
+# the quick run's own small pool: 4 of the 8 tasks, a small ViT, short training (<= 3 min)
+QUICK_POOL = dict(
+    preset="default",   # pool recipe under these fields (kfuse.bench.pool.PRESETS)
+    seed=0,
+    tasks=("sk_digits", "letters_sans", "grating_orientation", "cellular_automata"),
+    data=dict(seed=0, sizes=(1000, 300, 500), pretrain_per_domain=300),
+    model=dict(name="vit", patch_size=4, dim=32, depth=2, num_heads=4),
+    pretrain=dict(steps=500, batch_size=128),
+    probe=dict(steps=100, batch_size=128),
+    finetune=dict(steps=200, batch_size=128),
+)
 
 
-def _full_methods(default):
-  """The quick run's methods with wider grids (trim densities, DARE drop rates)."""
-  return default.methods(densities=(0.1, 0.2, 0.3, 0.5), drop_densities=(0.3, 0.5, 0.7))
+def methods(lambdas=LAMBDAS, ties_lambdas=TIES_LAMBDAS, densities=(0.2,), drop_densities=(0.5,)):
+  """Every multi-model data-free method of `kfuse.merge`: label -> name, params, validation grid.
+
+  A new method (a data-informed one registered with
+  `kfuse.bench.merge_bench.register_merger`, or any `kfuse.merge` method) is
+  one more entry ``label=dict(name=..., params={...}, grid={...})``.
+  """
+  lam = lambda: list(lambdas)
+  return dict(
+      simple_average=dict(name="simple_average", params={}, grid={}),
+      task_arithmetic=dict(name="task_arithmetic", params=dict(weight=1.0),
+                           grid={"lambda": lam()}),
+      ties=dict(name="ties", params=dict(weight=1.0),                     # mergekit: mean
+                grid={"density": list(densities), "lambda": list(ties_lambdas)}),
+      ties_paper=dict(name="ties_paper", params=dict(disjoint="sum"),     # paper / FusionBench
+                      grid={"k": list(densities), "lambda": lam()}),
+      dare_linear=dict(name="dare_linear", params=dict(weight=1.0),
+                       grid={"density": list(drop_densities), "lambda": lam()}),
+      dare_ties=dict(name="dare_ties", params=dict(weight=1.0),
+                     grid={"density": list(drop_densities), "lambda": lam()}),
+      breadcrumbs=dict(name="breadcrumbs", params=dict(weight=1.0, density=0.9, gamma=0.01),
+                       grid={"lambda": lam()}),
+      breadcrumbs_ties=dict(name="breadcrumbs_ties",
+                            params=dict(weight=1.0, density=0.9, gamma=0.01),
+                            grid={"lambda": lam()}),
+      della=dict(name="della", params=dict(weight=1.0, epsilon=0.1),
+                 grid={"density": list(drop_densities), "lambda": list(ties_lambdas)}),
+      della_linear=dict(name="della_linear", params=dict(weight=1.0, epsilon=0.1),
+                        grid={"density": list(drop_densities), "lambda": lam()}),
+      model_stock=dict(name="model_stock", params={}, grid={}),
+      karcher=dict(name="karcher", params={}, grid={}),
+      multislerp=dict(name="multislerp", params={}, grid={}),
+      sce=dict(name="sce", params={}, grid={"select_topk": [0.1, 0.2, 0.5, 1.0]}),
+      varm=dict(name="varm", params={}, grid={}),
+      ram=dict(name="ram", params={}, grid={}),
+      ramplus_tl=dict(name="ramplus_tl", params={}, grid={}),
+  )
+
+
+QUICK_METHODS = ("simple_average", "task_arithmetic", "ties", "ties_paper", "dare_ties",
+                 "model_stock")   # the quick run's subset: compiling each method's merge dominates
+
+
+def _full_methods():
+  """Wider grids for the 8 / 14 / 20-task runs (trim densities, DARE keep-rates)."""
+  return methods(densities=(0.1, 0.2, 0.3, 0.5), drop_densities=(0.3, 0.5, 0.7))
+
+
+def _num_tasks(text):
+  n = int(text)
+  if not 0 <= n <= len(TASK_NAMES):
+    raise ValueError(f"expected 1..{len(TASK_NAMES)} (0: the variant's), got {n}")
+  return n
 
 
 def get_config(arg=None):
-  """``arg``: None / 'full' (8 MNIST-1D tasks), 'quick' (the default run), 'digits'."""
-  variant = parse_arg(arg, variant=("full", one_of("full", "quick", "digits"))).variant
-  default = _default_module()
-  config = default.get_config()
-  if variant == "quick":
-    return config
-  config.workdir = f"workdirs/merge_bench_{variant}"
-  config.data.num_tasks = 8
-  config.finetune.steps = 1500
-  config.methods = ml_collections.ConfigDict(_full_methods(default), sort_keys=False)
-  if variant == "digits":
-    config.data.name = "digits"
-    config.data.pretrain_samples = 0  # no generator for digits: pretrain on its base split
-    config.pretrain.steps = 1500
-    config.finetune.steps = 600
-    config.finetune.batch_size = 64
-    config.pretrain.batch_size = 64
+  """``arg``: ``variant`` (8 | 14 | 20 | negation | quick), ``tasks=N``, ``model=vit|mlp``, ``pool=PRESET``."""
+  arg = parse_arg(arg, variant=("8", one_of("8", "14", "20", "negation", "quick")),
+                  tasks=(0, _num_tasks), model=("", one_of("", "vit", "mlp")), pool="")
+  variant = arg.variant
+  n = int(arg.tasks) or {"14": 14, "20": 20}.get(variant, 8)
+  config = ml_collections.ConfigDict()
+  config.task = "merge_bench"
+  config.workdir = "workdirs/default" if variant == "quick" else f"workdirs/merge_bench_{variant}"
+  config.overwrite = False      # replace the results of an earlier run in workdir
+  config.seed = 0               # merge keys (DARE / DELLA masks); the pool has its own seed
+  config.progress = True
+  config.eval_batch_size = 500
+  config.tasks = ()             # the benchmark's tasks ((): the pool config's); must be in the pool
+
+  if variant == "quick" and not arg.pool:
+    pool = dict(QUICK_POOL, path="")
+    if arg.tasks:
+      pool["tasks"] = TASK_NAMES[:n]
+  else:
+    preset = arg.pool or "default"
+    pool = dict(path="", preset=preset)
+    if not arg.pool or arg.tasks:   # a named preset keeps its own tasks unless tasks=N
+      pool["tasks"] = TASK_NAMES[:n]
+    if variant != "quick":
+      pool["path"] = (f"workdirs/pools/{preset}" + (f"_{n}" if "tasks" in pool else "")
+                      + (f"_{arg.model}" if arg.model else ""))
+  if arg.model:
+    pool["model"] = dict(MLP if arg.model == "mlp" else VIT)
+  # pool.path: the pool directory ('' = <workdir>/pool); built (or resumed) there when it is not
+  # complete, then loaded with its manifest / hash checks. pool.preset: the recipe
+  # (kfuse.bench.pool.PRESETS) under the other pool fields (seed, tasks, data, model, ...).
+  config.pool = pool
+
+  config.data = dict(
+      cache_dir="",             # generated-data cache ('' = $KFUSE_CACHE or ~/.cache/kfuse)
+      unlabeled_per_task=200,   # test-time inputs without labels, per task (data-informed merges)
+      val_per_task=64,          # labelled validation examples per task (data-informed merges)
+  )
+  full = variant in ("8", "14", "20")
+  table = {} if variant == "negation" else _full_methods() if full else {
+      k: v for k, v in methods().items() if k in QUICK_METHODS}
+  config.methods = ml_collections.ConfigDict(table, sort_keys=False)  # keep table order
+  config.negation = dict(
+      enabled=variant in ("negation", "quick"),   # quick: on its 4 tasks
+      targets=(),               # target tasks ((): every task in turn); control = the others
+      grid={"lambda": list(NEGATION_LAMBDAS)},
+      control_threshold=0.95,   # control val accuracy >= this x the pretrained model's
+  )
+  config.sequential = dict(
+      order=(),                 # continual merging: task order, one expert at a time ((): off)
+      methods=(),               # labels of config.methods to run sequentially ((): all)
+  )
   return config

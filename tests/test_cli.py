@@ -371,10 +371,10 @@ def test_help_with_a_config_lists_its_fields_and_docs():
 
 def test_old_field_names_point_to_the_new_ones():
   """Renamed fields (WORKSPACE.md, "Config vocabulary") get a one-line (did you mean ...)."""
-  r = cli("--config=configs/merge_bench.py:digits", "--config.data.suite=mnist1d", "--help")
+  r = cli("--config=configs/mnist1d_baselines.py:quick", "--config.data.suite=mnist1d", "--help")
   assert r.returncode == 0   # --help wins; the check runs on a real parse:
-  r = cli("--config=configs/merge_bench.py:digits", "--config.data.suite=mnist1d")
-  assert "config.data in configs/merge_bench.py has no field 'suite' (did you mean 'name'?" \
+  r = cli("--config=configs/mnist1d_baselines.py:quick", "--config.data.suite=mnist1d")
+  assert "config.data in configs/mnist1d_baselines.py has no field 'suite' (did you mean 'name'?" \
       in one_line_error(r)
   r = cli("--config=configs/tta_bench.py:quick", "--config.methods.tent.method=tent")
   assert "no field 'method' (did you mean 'name'?" in one_line_error(r)

@@ -85,7 +85,7 @@ def test_configs_import_only_ml_collections_and_config_helpers(path):
   assert r.stdout.strip() == "[]", r.stdout
 
 
-_VARIANTS = {"merge.py": "ties", "mergekit.py": "x.yml", "merge_bench.py": "digits"}
+_VARIANTS = {"merge.py": "ties", "mergekit.py": "x.yml", "merge_bench.py": "negation"}
 
 
 def _walk(node, prefix=""):
