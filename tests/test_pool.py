@@ -179,6 +179,11 @@ def test_config_errors_before_any_work(tmp_path):
   with pytest.raises(KfuseError, match=r"config.finetune.optimizer.warmup_steps"):
     pool.resolve_config({**TINY, "finetune": {"optimizer": {"name": "adam", "schedule": "cosine",
                                                             "warmup_steps": 600}}})
+  with pytest.raises(KfuseError, match=r"config.head.kind: unknown value 'prototyp'"
+                                       r" \(did you mean 'prototype'\?\)"):
+    pool.resolve_config({"head": {"kind": "prototyp"}})
+  with pytest.raises(KfuseError, match=r"config.head: shots must be >= 1"):
+    pool.resolve_config({"head": {"shots": 0}})
   with pytest.raises(KfuseError, match=r"config.finetune.trainable: unknown value 'backbon'"
                                        r" \(did you mean 'backbone'\?\)"):
     pool.resolve_config({"finetune": {"trainable": "backbon"}})
@@ -257,3 +262,100 @@ def test_cli_builds_and_reports(tmp_path, cache, capsys):
   rc = pool.main(["--path", str(tmp_path / "bad"), "--preset", "tiny", "--tasks", "shapez",
                   "--cache", cache])
   assert rc == 1 and "kfuse: error: " in capsys.readouterr().err
+
+
+def _cosine_nearest_prototype(f, y, k, queries):
+  """Reference (float64, per sample loops): SimpleShot's CL2N nearest-prototype prediction."""
+  mu = sum(f) / len(f)
+  unit = lambda v: v / np.sqrt(np.dot(v, v))
+  g = [unit(v - mu) for v in f]
+  protos = [unit(sum(g[i] for i in range(len(f)) if y[i] == c) / np.sum(y == c)) for c in range(k)]
+  out = []
+  for q in queries:
+    cos = [float(np.dot(unit(q - mu), p)) for p in protos]
+    out.append((int(np.argmax(cos)), cos))
+  return out
+
+
+def test_prototype_head_is_a_tempered_cosine_nearest_prototype_classifier():
+  rng = np.random.default_rng(0)
+  k, d, t = 5, 12, 20.0
+  centers = rng.normal(size=(k, d)) + 3.0                    # a shared offset, as LN'd features have
+  y = np.repeat(np.arange(k), 4)
+  f = centers[y] + 0.8 * rng.normal(size=(len(y), d))
+  q = centers[rng.integers(0, k, 50)] + 1.5 * rng.normal(size=(50, d))
+  head = pool.prototype_head(f, y, k, t)
+  assert head["kernel"].shape == (d, k) and head["bias"].shape == (k,)
+  logits = q @ head["kernel"].astype(np.float64) + head["bias"]
+  mu = f.mean(0)
+  s = np.mean([np.sqrt(np.dot(v - mu, v - mu)) for v in f])
+  for i, (pred, cos) in enumerate(_cosine_nearest_prototype(f, y, k, q)):
+    assert logits[i].argmax() == pred
+    scale = t * np.sqrt(np.dot(q[i] - mu, q[i] - mu)) / s     # logit_c = T cos_c |q - mu| / s
+    np.testing.assert_allclose(logits[i], scale * np.array(cos), rtol=1e-5, atol=1e-5)
+
+
+def test_shot_indices_take_the_first_shots_of_each_class():
+  y = np.array([2, 0, 1, 0, 2, 0, 1, 2, 0])
+  assert pool.shot_indices(y, 3, 2).tolist() == [1, 3, 2, 6, 0, 4]
+  assert pool.shot_indices(y, 3, 9).tolist() == [1, 3, 5, 8, 2, 6, 0, 4, 7]
+  with pytest.raises(KfuseError, match="head.shots: the val split has no example of class 3"):
+    pool.shot_indices(y, 4, 2)
+
+
+def test_pool_head_is_the_prototype_of_recorded_val_shots(built, cache):
+  """The stored head = prototypes of the pretrained backbone's features on the recorded val shots.
+
+  The features are read through an independent route: the full classifier with an identity head.
+  """
+  from kfuse import models
+  from kfuse.data import image_tasks
+  path, m = built
+  p = pool.load_pool(path)
+  cfg = m["config"]
+  assert cfg["head"]["kind"] == "prototype"
+  dim = m["backbone"]["kwargs"]["dim"]
+  ident = models.with_params(models.backbone_of(p.pretrained),
+                             {"kernel": np.eye(dim, dtype=np.float32), "bias": np.zeros(dim, np.float32)})
+  for t in p.tasks:
+    rec = m["experts"][t]["head"]
+    ds = image_tasks.load_task(t, seed=cfg["data"]["seed"], sizes=tuple(cfg["data"]["sizes"]),
+                               cache=cache)
+    idx = np.array(rec["shot_indices"])
+    for c in range(ds.num_classes):   # the first `shots` val examples of each class, all recorded
+      want = np.flatnonzero(ds.y_val == c)[:cfg["head"]["shots"]]
+      assert set(want) <= set(idx) and np.all(ds.y_val[idx[np.isin(idx, want)]] == c)
+    feats = np.asarray(pool._model(cfg, dim).apply(ident, ds.x_val[idx]), np.float64)
+    head = p.probes[t]["params"]["head"]
+    preds = [c for c, _ in _cosine_nearest_prototype(feats, ds.y_val[idx], ds.num_classes, feats)]
+    logits = feats @ np.asarray(head["kernel"], np.float64) + head["bias"]
+    np.testing.assert_array_equal(logits.argmax(1), preds)
+    # the pool's zero-shot accuracy is the head's accuracy on the pretrained backbone (no training)
+    x, yv = ds.x_val, ds.y_val
+    fv = np.asarray(pool._model(cfg, dim).apply(ident, x), np.float64)
+    acc = np.mean((fv @ np.asarray(head["kernel"], np.float64) + head["bias"]).argmax(1) == yv)
+    assert abs(acc - m["experts"][t]["accuracy"]["pretrained_val"]) < 1e-3
+
+
+def test_probe_head_option_trains_a_linear_probe(built, tmp_path, cache):
+  over = copy.deepcopy(TINY)
+  over["tasks"] = ["shapes"]
+  over["head"] = {"kind": "probe"}
+  m = pool.build_pool(over, str(tmp_path / "probe"), cache=cache)
+  assert m["experts"]["shapes"]["head"] == {"kind": "probe", "trained_on": "train"}
+  # the same pretrained backbone as the prototype pool, but another (trained) head
+  assert m["pretrained"]["sha256"] == built[1]["pretrained"]["sha256"]
+  probe = pool.load_pool(str(tmp_path / "probe")).probes["shapes"]["params"]["head"]["kernel"]
+  proto = pool.load_pool(built[0], tasks=["shapes"]).probes["shapes"]["params"]["head"]["kernel"]
+  assert probe.shape == proto.shape == (16, 8) and not np.allclose(probe, proto, atol=1e-3)
+
+
+def test_cli_protocol_number_selects_the_first_tasks(monkeypatch, tmp_path, capsys):
+  seen = {}
+  def fake_build(over, path, **kw):
+    seen["tasks"] = over["tasks"]
+    raise pool.KfuseError("stop")
+  monkeypatch.setattr(pool, "build_pool", fake_build)
+  assert pool.main(["--path", str(tmp_path / "p"), "--tasks", "14"]) == 1
+  from kfuse.data import image_tasks
+  assert seen["tasks"] == list(image_tasks.TASK_NAMES[:14])

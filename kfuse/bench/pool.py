@@ -8,8 +8,11 @@ same pretrained checkpoint and the same fine-tuned experts for every method.
 1. pretrain the backbone (``config.model``, e.g. a small ViT) with a
    throw-away head on the broad pretraining mixture (`image_tasks.pretrain_mixture`,
    disjoint from every task's data);
-2. per task: a linear probe on the frozen pretrained backbone (the weak
-   "zero-shot" baseline's head), then fine-tune the backbone from it with that
+2. per task: a "zero-shot" head on the frozen pretrained backbone
+   (``config.head``: ``prototype``, the default, a cosine classifier over class
+   prototypes of a few labelled val examples, no training, the analogue of
+   CLIP's zero-shot head; or ``probe``, a linear probe trained on the task's
+   train split), then fine-tune the backbone from it with that
    head frozen (``finetune.trainable='backbone'``, as task arithmetic fine-tunes
    CLIP under its fixed zero-shot head; ``'all'``: LP-FT, Kumar et al. 2022)
    -> the task's expert;
@@ -18,7 +21,7 @@ same pretrained checkpoint and the same fine-tuned experts for every method.
      <path>/manifest.json        written last, atomically: its presence = a complete pool
      <path>/progress.json        during a build: finished parts and their hashes (resume)
      <path>/pretrained/          {'params': {'backbone', 'head'}}  (head: pretraining classes)
-     <path>/probes/<task>/       {'params': {'head'}}              (on the pretrained backbone)
+     <path>/probes/<task>/       {'params': {'head'}}              (zero-shot head, pretrained backbone)
      <path>/experts/<task>/      {'params': {'backbone', 'head'}}
 
 The manifest holds the format, the resolved config (tasks, data seeds and
@@ -68,6 +71,7 @@ from kfuse.tree import KfuseError, flatten
 PyTree = Any
 
 __all__ = ["DEFAULT_CONFIG", "PRESETS", "Pool", "resolve_config", "tree_hash", "build_pool",
+           "features", "shot_indices", "prototype_head",
            "load_pool", "pool_status", "markdown_table", "main"]
 
 FORMAT = "kfuse-pool/1"
@@ -85,6 +89,12 @@ DEFAULT_CONFIG: dict = {
     "pretrain": {"steps": 2000, "batch_size": 128,
                  "optimizer": {"name": "adamw", "learning_rate": 1e-3, "schedule": "cosine",
                                "warmup_steps": 100}},
+    # head: the task's "zero-shot" head, the pool's pretrained-model baseline, frozen while the
+    # experts are fine-tuned. "prototype": a cosine classifier over class means of the
+    # pretrained backbone's features on `shots` labelled val examples per class (no training;
+    # the analogue of CLIP's text-prototype head); "probe": a linear probe trained on the
+    # task's train split (`probe` below), far stronger than a zero-shot head.
+    "head": {"kind": "prototype", "shots": 16, "temperature": 20.0},
     "probe": {"steps": 300, "batch_size": 128,
               "optimizer": {"name": "adam", "learning_rate": 1e-2}},
     # trainable "backbone": the probe head stays frozen during fine-tuning, as task arithmetic
@@ -95,6 +105,7 @@ DEFAULT_CONFIG: dict = {
                                "warmup_steps": 50}},
 }
 TRAINABLE = {"backbone": ("backbone",), "all": None}
+HEADS = ("prototype", "probe")
 
 PRESETS: dict[str, dict] = {
     "default": {},
@@ -119,6 +130,7 @@ _PHASE = {"steps": int, "batch_size": int, "optimizer": optim.OPTIMIZER_SCHEMA}
 SCHEMA = {"seed": int, "tasks": list, "model": dict,
           "data": {"seed": int, "sizes": list, "pretrain_per_domain": int,
                    "pretrain_exclude_tasks": bool},
+          "head": {"kind": str, "shots": int, "temperature": float},
           "pretrain": _PHASE, "probe": _PHASE, "finetune": {**_PHASE, "trainable": str}}
 
 
@@ -172,6 +184,14 @@ def resolve_config(config: Mapping | None = None) -> dict:
     v = cfg["finetune"]["trainable"]
     raise KfuseError(f"config.finetune.trainable: unknown value {v!r}{suggest(v, TRAINABLE)};"
                      f" known: {', '.join(TRAINABLE)}")
+  head = cfg["head"]
+  if head["kind"] not in HEADS:
+    from kfuse.registry import suggest
+    raise KfuseError(f"config.head.kind: unknown value {head['kind']!r}{suggest(head['kind'], HEADS)};"
+                     f" known: {', '.join(HEADS)}")
+  if head["shots"] < 1 or not head["temperature"] > 0:
+    raise KfuseError(f"config.head: shots must be >= 1 and temperature > 0, got {head['shots']}"
+                     f" and {head['temperature']}")
   _backbone(cfg)  # the model name and its arguments
   models.get_model(cfg["model"]["name"], num_classes=2, **_model_kwargs(cfg))
   return cfg
@@ -337,23 +357,94 @@ def _pretrain(cfg: Mapping, cache: str | None, progress: bool) -> tuple[dict, di
   return variables, info
 
 
+_FEATURES: dict[str, Any] = {}
+
+
+def features(cfg: Mapping, backbone: PyTree, x: np.ndarray, batch: int = 1000) -> np.ndarray:
+  """The backbone's output features of ``x`` (eval mode), ``[N, D]`` float64."""
+  key = json.dumps(cfg["model"], sort_keys=True)
+  if key not in _FEATURES:
+    model = _model(cfg, 2)
+    _FEATURES[key] = jax.jit(lambda v, xb: model.apply(v, xb, method=lambda m, xb: m.backbone(xb)))
+  fn = _FEATURES[key]
+  variables = {"params": {"backbone": backbone}}
+  return np.concatenate([np.asarray(fn(variables, x[i:i + batch]), np.float64)
+                         for i in range(0, len(x), batch)])
+
+
+def shot_indices(y: np.ndarray, num_classes: int, shots: int, where: str = "val") -> np.ndarray:
+  """The first ``shots`` indices of each class in ``y`` (class by class); error if a class lacks one."""
+  idx = []
+  for c in range(num_classes):
+    have = np.flatnonzero(np.asarray(y) == c)[:shots]
+    if not len(have):
+      raise KfuseError(f"head.shots: the {where} split has no example of class {c}")
+    idx.append(have)
+  return np.concatenate(idx)
+
+
+def prototype_head(features: np.ndarray, y: np.ndarray, num_classes: int,
+                   temperature: float) -> dict:
+  """A cosine prototype classifier written as a linear head ``{'kernel': [D, K], 'bias': [K]}``.
+
+  With μ the mean of the labelled features f_i and ĝ_i = (f_i − μ)/‖f_i − μ‖
+  (centring + L2 normalisation, "CL2N" of SimpleShot, Wang et al. 2019), the
+  prototypes are p̂_c = normalise(mean_{y_i = c} ĝ_i) and the head is
+
+    logit_c(f) = T · p̂_c · (f − μ) / s,     s = mean_i ‖f_i − μ‖,
+
+  i.e. kernel = T·P̂ᵀ/s, bias = −T·P̂μ/s. Its argmax is the nearest prototype in
+  cosine similarity (the per-sample factor ‖f − μ‖/s leaves it unchanged), and
+  T is a fixed temperature, as CLIP's zero-shot head (Radford et al. 2021) scores
+  normalised image features against class prototypes from another modality:
+  no parameter is trained on the task's data.
+  """
+  f = np.asarray(features, np.float64)
+  mu = f.mean(0)
+  g = f - mu
+  s = float(np.linalg.norm(g, axis=1).mean())
+  g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+  protos = np.stack([g[np.asarray(y) == c].mean(0) for c in range(num_classes)])
+  protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+  kernel = temperature * protos.T / s
+  return {"kernel": kernel.astype(np.float32), "bias": (-(mu @ kernel)).astype(np.float32)}
+
+
+def _zero_shot_head(cfg: Mapping, ds, backbone: PyTree, key: jax.Array,
+                    progress: bool) -> tuple[dict, dict]:
+  """The task's head on the pretrained backbone (see ``config.head``) -> ``(head, record)``."""
+  k = ds.num_classes
+  k_init, k_probe = jax.random.split(key)
+  head_cfg = cfg["head"]
+  if head_cfg["kind"] == "probe":
+    head = _model(cfg, k).init(k_init, ds.x_train[:1])["params"]["head"]
+    variables = models.with_params(backbone, jax.tree.map(np.asarray, head))
+    probed = _fit(cfg, "probe", variables, ds.x_train, ds.y_train, k, k_probe, ("head",), progress)
+    return probed["params"]["head"], {"kind": "probe", "trained_on": "train"}
+  idx = shot_indices(ds.y_val, k, int(head_cfg["shots"]))
+  head = prototype_head(features(cfg, backbone, ds.x_val[idx]), ds.y_val[idx], k,
+                        float(head_cfg["temperature"]))
+  return head, {"kind": "prototype", "shots_from": "val", "shot_indices": idx.tolist(),
+                "temperature": float(head_cfg["temperature"])}
+
+
 def _build_task(cfg: Mapping, task: str, backbone: PyTree, cache: str | None,
                 progress: bool) -> tuple[dict, dict, dict]:
-  """Linear probe on the frozen backbone, then fine-tune all -> ``(probe, expert, info)``."""
+  """Zero-shot head on the frozen backbone, then fine-tune -> ``(head, expert, info)``."""
   ds = image_tasks.load_task(task, seed=int(cfg["data"]["seed"]),
                              sizes=tuple(cfg["data"]["sizes"]), cache=cache)
   k = ds.num_classes
-  k_init, k_probe, k_ft = jax.random.split(_task_key(cfg, task), 3)
-  head = _model(cfg, k).init(k_init, ds.x_train[:1])["params"]["head"]
-  variables = models.with_params(backbone, jax.tree.map(np.asarray, head))
-  probed = _fit(cfg, "probe", variables, ds.x_train, ds.y_train, k, k_probe, ("head",), progress)
-  expert = _fit(cfg, "finetune", probed, ds.x_train, ds.y_train, k, k_ft,
+  k_head, k_ft = jax.random.split(_task_key(cfg, task))
+  head, head_info = _zero_shot_head(cfg, ds, backbone, k_head, progress)
+  zero_shot = models.with_params(backbone, head)
+  expert = _fit(cfg, "finetune", zero_shot, ds.x_train, ds.y_train, k, k_ft,
                 TRAINABLE[cfg["finetune"]["trainable"]], progress)
   acc = {f"{who}_{split}": _accuracy(cfg, v, k, getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}"))
-         for who, v in (("pretrained", probed), ("expert", expert)) for split in ("val", "test")}
+         for who, v in (("pretrained", zero_shot), ("expert", expert)) for split in ("val", "test")}
   info = {"num_classes": k, "class_names": list(ds.class_names), "source": ds.source,
-          "why": ds.why, "data_seed": ds.seed, "sizes": ds.sizes(), "accuracy": acc}
-  return {"params": {"head": probed["params"]["head"]}}, expert, info
+          "why": ds.why, "data_seed": ds.seed, "sizes": ds.sizes(), "accuracy": acc,
+          "head": head_info}
+  return {"params": {"head": head}}, expert, info
 
 
 # ------------------------------------------------------------------ build
@@ -469,7 +560,8 @@ class Pool:
     path: the pool directory.
     manifest: the parsed ``manifest.json``.
     pretrained: the pretrained variables (backbone + pretraining head).
-    probes: ``{task: {'params': {'head'}}}`` linear probes on the pretrained backbone.
+    probes: ``{task: {'params': {'head'}}}`` each task's zero-shot head (prototype or linear
+      probe, ``manifest['experts'][task]['head']``) on the pretrained backbone.
     experts: ``{task: variables}`` fine-tuned experts.
   """
   path: str
@@ -578,8 +670,9 @@ def load_pool(path: str, expect: Mapping | None = None, *, tasks: Sequence[str] 
 
 
 def markdown_table(manifest: Mapping) -> str:
-  """Per task: pretrained backbone + linear probe vs expert, test (val) accuracy %, and the gap."""
-  rows = ["| task | source | classes | pretrained+probe | expert | gap |", "|---|---|---|---|---|---|"]
+  """Per task: pretrained backbone + zero-shot head vs expert, test (val) accuracy %, and the gap."""
+  head = manifest["config"].get("head", {}).get("kind", "probe")
+  rows = [f"| task | source | classes | pretrained+{head} | expert | gap |", "|---|---|---|---|---|---|"]
   gaps, pres, exps = [], [], []
   for t in manifest["tasks"]:
     e = manifest["experts"][t]
@@ -591,6 +684,7 @@ def markdown_table(manifest: Mapping) -> str:
     rows.append(f"| {t} | {e['source']} | {e['num_classes']} | {p:.1f} ({100 * a['pretrained_val']:.1f})"
                 f" | {x:.1f} ({100 * a['expert_val']:.1f}) | {x - p:+.1f} |")
   rows.append(f"| **average** | | | {np.mean(pres):.1f} | {np.mean(exps):.1f} | {np.mean(gaps):+.1f} |")
+  rows.append(f"| **normalised** | | | {100 * np.mean(pres) / np.mean(exps):.1f} % | 100 % | |")
   return "\n".join(rows)
 
 
@@ -600,7 +694,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m kfuse.bench.pool", description=__doc__.splitlines()[0])
   ap.add_argument("--path", required=True, help="pool directory")
   ap.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
-  ap.add_argument("--tasks", default=None, help="comma-separated task names (overrides the preset)")
+  ap.add_argument("--tasks", default=None,
+                  help="8, 14 or 20 (the protocol: first N of TASK_NAMES) or comma-separated task"
+                       " names (overrides the preset)")
   ap.add_argument("--config_json", default=None, help="JSON overrides applied after the preset")
   ap.add_argument("--cache", default=None, help="data cache directory")
   ap.add_argument("--overwrite", action="store_true")
@@ -611,7 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       from kfuse.registry import suggest
       raise KfuseError(f"--preset: unknown preset {args.preset!r}{suggest(args.preset, PRESETS)}")
     over = copy.deepcopy(PRESETS[args.preset])
-    if args.tasks:
+    if args.tasks and args.tasks.strip().isdigit():
+      over["tasks"] = list(image_tasks.protocol(int(args.tasks)))
+    elif args.tasks:
       over["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.config_json:
       try:
