@@ -200,7 +200,7 @@ def _regmean_stats(stats, ref_flat, experts_flat, values):
     if set(s.gram) != paths:
       diff = sorted(set(s.gram) ^ paths)[0]
       raise KfuseError(f"statistics[{i}]: Gram paths differ from statistics[0]'s (e.g. {diff!r})")
-  torch_layout = api._layout_of(ref_flat) == "torch"
+  torch_layout = api.layout_of(ref_flat) == "torch"
   out = {}
   for k in sorted(paths):
     if k not in experts_flat:
