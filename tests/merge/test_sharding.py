@@ -79,9 +79,10 @@ def test_sharded_equals_unsharded_bit_for_bit():
 @pytest.mark.slow
 def test_sharded_equals_unsharded_every_method():
   from kfuse.merge import get_method, names
+  from tests.merge.test_subspace import SHARDED_WITHIN_ULPS  # checked within ulps there
   # ties_paper, emr_task: whole-model statistics; data-informed methods need statistics
-  assert run_script([n for n in names()
-                     if get_method(n).tree_stats is None and not get_method(n).data]) == {}
+  assert run_script([n for n in names() if get_method(n).tree_stats is None
+                     and not get_method(n).data and n not in SHARDED_WITHIN_ULPS]) == {}
 
 
 def _tiny_llama(path, seed, base=None):
