@@ -36,7 +36,6 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kfuse.merge import stages as S
 from kfuse.merge.core import NATIVE, Method, MergeState, Param, Stage, chain, get_method, register
@@ -262,6 +261,7 @@ def wudi_grad_fn(tv: jax.Array) -> Callable[[jax.Array], jax.Array]:
 def wudi_adam(tv: jax.Array, steps: int = 300, lr: float = 1e-5) -> jax.Array:
   """WUDI by Adam (β = (0.9, 0.999), ε = 1e-8, PyTorch's defaults) from τ = Σ_i τ_i:
   ``steps`` updates in one `lax.fori_loop` (one compiled program)."""
+  import optax  # here, not at module level: only WUDI needs it, and every merge job imports this module
   grad = wudi_grad_fn(tv)
   opt = optax.adam(lr)
   tau0 = S.sum_models(tv)
