@@ -141,6 +141,13 @@ PARAMS = {
     'emr_task': (
         {'name': 'task', 'default': 0, 'required': False, 'per_model': False, 'kind': 'int', 'doc': 'index of the task model to materialise'},
     ),
+    'esm': (
+        {'name': 'lambda', 'default': 1.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'scale λ of the merged task vector (the reference picks it on validation in [0, 2])'},
+        {'name': 'power', 'default': 2.0, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'exponent p of the inter-task / -dimension / -layer polarised scaling'},
+        {'name': 'eig_power', 'default': 0.15, 'required': False, 'per_model': False, 'kind': 'float', 'doc': 'exponent q of the eigenvalue weights (ē/mean ē)^q'},
+        {'name': 'polarize', 'default': True, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'False: the ESD-only ablation Σ_i U_k U_kᵀ τ_i (kfuse)'},
+        {'name': 'rank', 'default': 'per_task', 'required': False, 'per_model': False, 'kind': 'str', 'doc': "directions kept per task: 'per_task' = ⌊out/T⌋ (reference), 'full' = out"},
+    ),
     'fisher': (
         {'name': 'weight', 'default': 1.0, 'required': False, 'per_model': True, 'kind': 'float', 'doc': 'per-model scaling (FusionBench fisher_scaling_coefficients)'},
         {'name': 'normalize', 'default': True, 'required': False, 'per_model': False, 'kind': 'bool', 'doc': 'c_i ∝ 1/‖F_i‖₂ (FusionBench normalize_fisher_weight)'},

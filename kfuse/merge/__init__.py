@@ -9,6 +9,7 @@ See `kfuse.merge.methods` for every registered method with its formula.
 
 from kfuse.merge import kernels, stages
 from kfuse.merge import methods as _methods  # registers the methods
+from kfuse.merge import essential as _essential  # noqa: F401  (registers esm)
 from kfuse.merge.api import merge, merge_by_path, merge_tensor, path_key, resolve_values
 from kfuse.merge.core import (CUTS, MERGEKIT, NATIVE, REQUIRED, Method, MergeState, Param,
                               PrepareContext, TensorInfo, chain, get_method, names, register,

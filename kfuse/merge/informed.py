@@ -37,7 +37,7 @@ from kfuse.tree import KfuseError
 PyTree = Any
 Array = jax.Array
 
-__all__ = ["with_statistics", "regmean_plusplus", "fisher_coefficients"]
+__all__ = ["with_statistics", "regmean_plusplus", "fisher_coefficients", "register_binder"]
 
 
 # ------------------------------------------------------------ binding
@@ -379,3 +379,9 @@ REGMEAN_PLUSPLUS = register(dataclasses.replace(
 
 _BINDERS = {"fisher": _fisher_stats, "regmean": _regmean_stats,
             "regmean_plusplus": _regmean_stats}
+
+
+def register_binder(name: str, fn: Callable) -> None:
+  """Let `with_statistics` bind method ``name`` (registered elsewhere, e.g. `essential`):
+  ``fn(stats, base_flat, experts_flat, values) -> ctx.stats`` (its whole-model pre-pass)."""
+  _BINDERS[name] = fn
