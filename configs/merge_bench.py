@@ -97,13 +97,15 @@ def methods(lambdas=LAMBDAS, ties_lambdas=TIES_LAMBDAS, densities=(0.2,), drop_d
 def informed_methods(adamerging_steps=1000):
   """The data-informed rows (`kfuse.bench.informed_rows`): each uses the tasks' unlabeled test
   inputs (``data.unlabeled_per_task``) and the papers' / FusionBench's hyper-parameters (no grid):
-  Fisher (own predictions as labels), RegMean / RegMean++ (alpha 0.95), AdaMerging (init 0.3,
+  Fisher (own predictions as labels), RegMean / RegMean++ (alpha 0.95), ESM (32 inputs per
+  task; lambda on validation, as its reference), AdaMerging (init 0.3,
   Adam 1e-3, 16 inputs per task per step; FusionBench runs 1000 steps)."""
   ada = dict(steps=adamerging_steps)
   return dict(
       fisher=dict(name="fisher", params={}, grid={}),
       regmean=dict(name="regmean", params={}, grid={}),
       regmean_plusplus=dict(name="regmean_plusplus", params={}, grid={}),
+      esm=dict(name="esm", params={}, grid={"lambda": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}),
       adamerging_task=dict(name="adamerging_task", params=dict(ada), grid={}),
       adamerging_layer=dict(name="adamerging_layer", params=dict(ada), grid={}),
   )

@@ -1,6 +1,6 @@
-"""Data-informed merges as merging-benchmark rows: Fisher, RegMean, RegMean++, AdaMerging.
+"""Data-informed merges as merging-benchmark rows: Fisher, RegMean, RegMean++, ESM, AdaMerging.
 
-Importing this module registers five mergers with `kfuse.bench.merge_bench.register_merger`
+Importing this module registers six mergers with `kfuse.bench.merge_bench.register_merger`
 (``config.methods.<label> = dict(name=<one of them>, params={...}, grid={})``). Every one
 uses only the benchmark's data budget (`merge_bench.TaskData`), and all of them the same
 part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, default
@@ -21,6 +21,11 @@ part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, 
   embedding, each transformer block); expert i's Grams of stage l are taken with the
   *merged* stages < l in front of it. Entries without linear layers (cls, position
   embedding, final norm) are averaged, as RegMean does.
+* ``esm``: Li et al., "Model Merging in the Essential Subspace", CVPR 2026. Grams of the
+  first ``samples`` = 32 unlabeled inputs of task i through expert i (the paper's proxy
+  budget), then `kfuse.merge.essential` (PCA of the activation shift, polarised scaling,
+  p = 2, q = 0.15). λ is the row's grid, chosen on the labelled validation split as every
+  grid row (the reference picks it on validation in [0, 2]).
 * ``adamerging_task`` / ``adamerging_layer``: Yang et al., "AdaMerging", ICLR 2024.
   θ(λ) = θ₀ + Σ_i λ_i τ_i (per expert, or per expert and tensor), λ₀ = 0.3, Adam 1e-3,
   one batch of 16 unlabeled test inputs per task per step, each scored by its own head
@@ -49,7 +54,8 @@ from kfuse.tree import KfuseError
 
 PyTree = Any
 
-__all__ = ["fisher_merger", "regmean_merger", "regmean_plusplus_merger", "adamerging_merger",
+__all__ = ["fisher_merger", "regmean_merger", "regmean_plusplus_merger", "esm_merger",
+           "adamerging_merger",
            "forward_order", "DATA"]
 
 DATA = "unlabeled test inputs (data.unlabeled_per_task), no labels"
@@ -76,12 +82,13 @@ def _log(inputs: MB.MergeInputs, params: Mapping, **info) -> None:
 
 
 def _grams(inputs: MB.MergeInputs, i: int, backbone: PyTree, batch_size: int,
-           state: Mapping) -> ST.Statistics:
-  """Grams of ``backbone`` (with task i's head) on task i's unlabeled inputs, backbone paths."""
+           state: Mapping, max_examples: int | None = None) -> ST.Statistics:
+  """Grams of ``backbone`` (with task i's head) on task i's unlabeled inputs (the first
+  ``max_examples`` of them; all when None), backbone paths."""
   t = inputs.tasks[i]
+  x = inputs.data[t].unlabeled[:max_examples]
   st = ST.grams(inputs.model(t), models.with_params(backbone, inputs.heads[t], state),
-                _batches(inputs.data[t].unlabeled, batch_size, f"{t}"),
-                apply_kwargs={"train": False})
+                _batches(x, batch_size, f"{t}"), apply_kwargs={"train": False})
   return st.under("backbone")
 
 
@@ -157,6 +164,24 @@ def regmean_plusplus_merger(inputs: MB.MergeInputs, params: Mapping) -> PyTree:
   return {k: merged[k] for k in inputs.experts[0]}
 
 
+# ------------------------------------------------------------------ ESM
+
+
+def esm_merger(inputs: MB.MergeInputs, params: Mapping) -> PyTree:
+  """ESM of the backbones: Grams of the first ``samples`` unlabeled inputs of task i through
+  expert i (the paper's 32 per task), then `kfuse.merge.essential` with ``lambda``."""
+  state, n = _state(inputs), int(params["samples"])
+  if n < 1:
+    raise KfuseError(f"esm: samples must be >= 1, got {n}")
+  stats = [_grams(inputs, i, e, n, state, max_examples=n) for i, e in enumerate(inputs.experts)]
+  esm = {k: params[k] for k in ("lambda", "power", "eig_power")}
+  _log(inputs, params, unlabeled_used_per_task={t: int(min(n, len(inputs.data[t].unlabeled)))
+                                                for t in inputs.tasks},
+       gram_tokens={t: sorted(set(s.tokens.values())) for t, s in zip(inputs.tasks, stats)})
+  return api.merge(informed.with_statistics("esm", stats), inputs.experts, inputs.pretrained,
+                   params=esm)
+
+
 # ------------------------------------------------------------------ AdaMerging
 
 
@@ -226,6 +251,8 @@ _register("regmean", regmean_merger, {**_STATS, "alpha": 0.95, "ridge": 0.0},
           "RegMean, Grams from the unlabeled test inputs")
 _register("regmean_plusplus", regmean_plusplus_merger, {**_STATS, "alpha": 0.95, "ridge": 0.0},
           "RegMean++, Grams behind the merged prefix")
+_register("esm", esm_merger, {"samples": 32, "lambda": 1.0, "power": 2.0, "eig_power": 0.15},
+          "ESM, Grams of 32 unlabeled test inputs per task; λ chosen on validation (grid)")
 _register("adamerging_task", adamerging_merger("task"), _ADA,
           "task-wise AdaMerging, entropy on the unlabeled test inputs")
 _register("adamerging_layer", adamerging_merger("layer"), _ADA,

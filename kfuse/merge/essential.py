@@ -34,10 +34,11 @@ reference's ``sv_reduction = 1/T``), p = 2 (``power``), q = 0.15 (``eig_power``)
    the same matrix in every block (the path with its block index removed:
    ``layers_3/mlp/fc_in/kernel`` → ``layers_#/mlp/fc_in/kernel``);
 
-θ = θ₀ + λ·Δ for matrices; 2-D tensors without a Gram get TSV-M's merge
-(`subspace.tsv_m_delta`, as the reference does for its matrices without ESD)
-and join the inter-layer groups; every other tensor (biases, norms, embeddings
-of other ranks) gets θ₀ + λ·mean_i τ_i.
+θ = θ₀ + λ·Δ for matrices; 2-D weights without a Gram (a leaf named ``kernel``
+or ``weight``) get TSV-M's merge (`subspace.tsv_m_delta`, as the reference does
+for its matrices without ESD) and join the inter-layer groups; every other
+tensor (biases, including DenseGeneral's 2-D ``[heads, head_dim]`` ones, norms,
+embeddings) gets θ₀ + λ·mean_i τ_i.
 
 **Choices the paper / reference leave open, made here:**
 
@@ -165,6 +166,9 @@ def layer_group(path: str) -> str:
 # ------------------------------------------------------------------ whole-model pass
 
 
+_WEIGHT_NAMES = ("kernel", "weight")
+
+
 def _rank(rank: str, out: int, t: int) -> int:
   return out if rank == "full" else out // t
 
@@ -197,7 +201,8 @@ def _esm_stats(stats, ref_flat, experts_flat, values) -> dict:
   for path in sorted(experts_flat):
     shape = tuple(experts_flat[path].shape[1:])
     g = grams.get(path)
-    if g is None and len(shape) != 2:
+    if g is None and not (len(shape) == 2 and path.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+                          in _WEIGHT_NAMES):
       continue   # averaged in the recipe
     if g is not None and torch_layout and len(shape) != 2:
       raise KfuseError(f"esm: {path!r} is {shape} with a Gram; PyTorch-layout kernels must be"
@@ -293,7 +298,7 @@ ESM = register(Method(
   expressed in its essential subspace (V_i = U_iᵀ ΔW_i, top k = ⌊out/T⌋ directions),
   polarised scaling (inter-task ‖ΔW_i‖^p, eigenvalue weights (e/mean e)^0.15,
   inter-dimension column norms^p, inter-layer norms^p, p = 2), orthogonalised
-  concatenations Δ = 2·U⊥V⊥; θ = θ₀ + λΔ; matrices without a Gram by TSV-M, other
+  concatenations Δ = 2·U⊥V⊥; θ = θ₀ + λΔ; 2-D kernels without a Gram by TSV-M, other
   tensors θ₀ + λ·mean τ. Li et al., "Model Merging in the Essential Subspace", CVPR 2026
   (arXiv 2602.20208), reference implementation kiddo127/ESM; every choice it leaves
   open is listed in `kfuse.merge.essential`."""))

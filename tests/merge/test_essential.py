@@ -22,10 +22,11 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-  """embed (6→8), layers_0 / layers_1 (8→8, one inter-layer group), out (8→5), and an
-  unused 2-D ``pos`` parameter (no Gram: TSV-M)."""
+  """embed (6→8), layers_0 / layers_1 (8→8, one inter-layer group), out (8→5), an unused
+  2-D ``kernel`` (no Gram: TSV-M) and an unused 2-D ``pos`` (not a weight: averaged)."""
   @nn.compact
   def __call__(self, x):
+    self.param("kernel", nn.initializers.normal(1.0), (4, 8))
     self.param("pos", nn.initializers.normal(1.0), (4, 8))
     h = nn.tanh(nn.Dense(8, name="embed")(x))
     h = Block(name="layers_0")(h)
@@ -113,7 +114,7 @@ def _np_esm(base, experts, xs, lam=1.0, p=2.0):
     if key in ins[0]:   # Flax kernel [in, out] -> [out, in]
       out = b[key].shape[1]
       d = _np_esm_matrix([tau.T for tau in taus], [i[key] for i in ins], out // t).T
-    elif b[key].ndim == 2:
+    elif key == "kernel":
       d = _np_tsv([tau.T for tau in taus]).T
     else:
       d = np.mean(taus, axis=0)
