@@ -1,6 +1,7 @@
-"""Data-informed merges as merging-benchmark rows: Fisher, RegMean, RegMean++, ESM, AdaMerging.
+"""Data-informed merges as merging-benchmark rows: Fisher, RegMean, RegMean++, ESM, Expert
+Merging, AdaMerging.
 
-Importing this module registers six mergers with `kfuse.bench.merge_bench.register_merger`
+Importing this module registers seven mergers with `kfuse.bench.merge_bench.register_merger`
 (``config.methods.<label> = dict(name=<one of them>, params={...}, grid={})``). Every one
 uses only the benchmark's data budget (`merge_bench.TaskData`), and all of them the same
 part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, default
@@ -26,6 +27,12 @@ part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, 
   budget), then `kfuse.merge.essential` (PCA of the activation shift, polarised scaling,
   p = 2, q = 0.15). λ is the row's grid, chosen on the labelled validation split as every
   grid row (the reference picks it on validation in [0, 2]).
+* ``expert_merging``: Zhang et al., "Expert Merging", arXiv 2509.25712. θ₀ + Σ_i σ(w_{i,p}) τ_{i,p}
+  (one coefficient per expert and tensor, α₀ = 0.1), w trained to align the merged model's
+  logits (soft-target CE, T = 1) and backbone features (MSE, β = 0.1) with expert i's on the
+  first ``samples`` = 32 unlabeled inputs of task i (full batch, every task per step), L1 pull
+  to α₀ (ρ = 0.1), AdamW; kfuse's choices for this small pool: lr 1e-2, 200 steps (the
+  reference's LLM runs use 1e-6..1e-4 over ~100 samples per task, 3 epochs).
 * ``adamerging_task`` / ``adamerging_layer``: Yang et al., "AdaMerging", ICLR 2024.
   θ(λ) = θ₀ + Σ_i λ_i τ_i (per expert, or per expert and tensor), λ₀ = 0.3, Adam 1e-3,
   one batch of 16 unlabeled test inputs per task per step, each scored by its own head
@@ -47,6 +54,7 @@ import optax
 from kfuse import models
 from kfuse.bench import merge_bench as MB
 from kfuse.merge import adamerging as AM
+from kfuse.merge import expert_merging as EM
 from kfuse.merge import api
 from kfuse.merge import informed
 from kfuse.merge import statistics as ST
@@ -55,7 +63,7 @@ from kfuse.tree import KfuseError
 PyTree = Any
 
 __all__ = ["fisher_merger", "regmean_merger", "regmean_plusplus_merger", "esm_merger",
-           "adamerging_merger",
+           "expert_merging_merger", "adamerging_merger",
            "forward_order", "DATA"]
 
 DATA = "unlabeled test inputs (data.unlabeled_per_task), no labels"
@@ -182,6 +190,46 @@ def esm_merger(inputs: MB.MergeInputs, params: Mapping) -> PyTree:
                    params=esm)
 
 
+# ------------------------------------------------------------------ Expert Merging
+
+
+def expert_merging_merger(inputs: MB.MergeInputs, params: Mapping) -> PyTree:
+  """Expert Merging: per-tensor coefficients aligning the merged backbone's logits and
+  features with each expert's on the first ``samples`` unlabeled inputs of its task."""
+  state, n, steps = _state(inputs), int(params["samples"]), int(params["steps"])
+  xs = [np.asarray(inputs.data[t].unlabeled[:n]) for t in inputs.tasks]
+  for t, x in zip(inputs.tasks, xs):
+    if len(x) < n:
+      raise KfuseError(f"expert_merging: task {t!r} has {len(x)} unlabeled inputs, fewer than"
+                       f" samples = {n} (data.unlabeled_per_task)")
+  mods = [inputs.model(t) for t in inputs.tasks]
+  is_backbone = lambda mdl, name: mdl.name == "backbone" and name == "__call__"
+
+  def apply_fn(p, x, i):
+    t = inputs.tasks[i]
+    z, inter = mods[i].apply(models.with_params(p, inputs.heads[t], state), x, train=False,
+                             capture_intermediates=is_backbone, mutable=["intermediates"])
+    return z, inter["intermediates"]["backbone"]["__call__"][0]
+
+  learner = EM.expert_merging(apply_fn, tasks=len(inputs.tasks), init=float(params["init"]),
+                              learning_rate=float(params["learning_rate"]),
+                              temperature=float(params["temperature"]),
+                              hidden_weight=float(params["hidden_weight"]),
+                              reg_weight=float(params["reg_weight"]))
+  batch = {"x": np.stack(xs)}
+  st = learner.init(inputs.pretrained, inputs.experts, batch)
+  losses = []
+  for _ in range(steps):
+    st, m = learner.step(st, batch)
+    losses.append(float(m["loss"]))
+  alphas = np.asarray(jax.nn.sigmoid(st.w), np.float64)
+  _log(inputs, params, unlabeled_used_per_task={t: n for t in inputs.tasks}, steps=steps,
+       loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+       alpha_mean_per_expert=alphas.mean(axis=1).tolist(),
+       alpha_range=[float(alphas.min()), float(alphas.max())])
+  return EM.merged(st)
+
+
 # ------------------------------------------------------------------ AdaMerging
 
 
@@ -253,6 +301,10 @@ _register("regmean_plusplus", regmean_plusplus_merger, {**_STATS, "alpha": 0.95,
           "RegMean++, Grams behind the merged prefix")
 _register("esm", esm_merger, {"samples": 32, "lambda": 1.0, "power": 2.0, "eig_power": 0.15},
           "ESM, Grams of 32 unlabeled test inputs per task; λ chosen on validation (grid)")
+_register("expert_merging", expert_merging_merger,
+          {"samples": 32, "steps": 200, "init": 0.1, "learning_rate": 1e-2, "temperature": 1.0,
+           "hidden_weight": 0.1, "reg_weight": 0.1},
+          "Expert Merging, logits + backbone features aligned to each expert on 32 unlabeled inputs")
 _register("adamerging_task", adamerging_merger("task"), _ADA,
           "task-wise AdaMerging, entropy on the unlabeled test inputs")
 _register("adamerging_layer", adamerging_merger("layer"), _ADA,
