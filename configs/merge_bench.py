@@ -105,7 +105,7 @@ def informed_methods(adamerging_steps=1000):
       fisher=dict(name="fisher", params={}, grid={}),
       regmean=dict(name="regmean", params={}, grid={}),
       regmean_plusplus=dict(name="regmean_plusplus", params={}, grid={}),
-      esm=dict(name="esm", params={}, grid={"lambda": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}),
+      esm=dict(name="esm", params={}, grid={"lambda": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0]}),
       expert_merging=dict(name="expert_merging", params={}, grid={}),
       adamerging_task=dict(name="adamerging_task", params=dict(ada), grid={}),
       adamerging_layer=dict(name="adamerging_layer", params=dict(ada), grid={}),

@@ -243,3 +243,30 @@ def test_nan_gram_and_unbound_are_one_line():
   with pytest.raises(KfuseError) as e:
     merge.merge(informed.with_statistics("esm", stats), experts, base, params={"rank": "ful"})
   assert "did you mean 'full'" in _one_line(e)
+
+
+def test_dense_general_kernel_is_flattened_along_its_gram():
+  """A DenseGeneral kernel [in, heads, head_dim] is the [in, heads·head_dim] matrix its Gram
+  contracts; its 2-D bias [heads, head_dim] is averaged (not a weight)."""
+
+  class Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 3), name="q")(x)
+
+  net = Proj()
+  base = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 4)))["params"]
+  experts = [jax.tree.map(lambda a, i=i: a + 0.3 * jax.random.normal(
+      jax.random.fold_in(jax.random.PRNGKey(9), i * 13 + a.size), a.shape), base) for i in range(2)]
+  xs = [np.random.default_rng(20 + i).normal(size=(8, 5, 4)).astype(np.float32) for i in range(2)]
+  stats = [ST.grams(net, {"params": e}, [{"x": x}]) for e, x in zip(experts, xs)]
+  out = T.flatten(merge.merge(informed.with_statistics("esm", stats), experts, base))
+  b = {k: np.asarray(v, np.float64) for k, v in T.flatten(base).items()}
+  taus = [{k: np.asarray(v, np.float64) - b[k] for k, v in T.flatten(e).items()} for e in experts]
+  dws = [tau["q/kernel"].reshape(4, 6).T for tau in taus]
+  want = b["q/kernel"] + _np_esm_matrix(dws, [x.reshape(-1, 4).astype(np.float64) for x in xs],
+                                        6 // 2).T.reshape(4, 2, 3)
+  err = np.max(np.abs(np.asarray(out["q/kernel"]) - want)) / np.max(np.abs(want))
+  assert err < 2e-4, err
+  np.testing.assert_allclose(np.asarray(out["q/bias"]),
+                             b["q/bias"] + (taus[0]["q/bias"] + taus[1]["q/bias"]) / 2, atol=1e-6)
