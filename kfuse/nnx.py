@@ -42,7 +42,7 @@ from flax import nnx
 from kfuse.tree import KfuseError
 
 __all__ = ["is_nnx", "is_state", "split", "collection", "to_variables", "as_variables",
-           "to_state", "apply_fn"]
+           "to_state", "native_tree", "from_native", "apply_fn"]
 
 PyTree = Any
 
@@ -147,6 +147,21 @@ def to_state(variables: Mapping[str, Any], like: nnx.State | None = None) -> nnx
   return nnx.State(_nest(items))
 
 
+def native_tree(state: nnx.State) -> dict:
+  """The tree Orbax writes for an ``nnx.State`` saved as is: ``{path...: {'value': leaf}}``."""
+  return _nest([(path + ("value",), var.get_value()) for path, var in _flat(state)])
+
+
+def from_native(tree: Mapping, like: nnx.State) -> nnx.State:
+  """`native_tree`'s layout back into an ``nnx.State`` with ``like``'s types and metadata."""
+  def leaf(path):
+    node = tree
+    for k in path + ("value",):
+      node = node[k]
+    return node
+  return nnx.State(_nest([(path, var.replace(leaf(path))) for path, var in _flat(like)]))
+
+
 # ------------------------------------------------------------------ apply
 
 
@@ -212,7 +227,7 @@ def apply_fn(model: Any) -> Callable:
             rngs: Mapping[str, jax.Array] | None = None, **kwargs):
     state = variables if is_state(variables) else to_state(variables)
     try:
-      module = nnx.merge(graphdef, state)
+      module = nnx.merge(graphdef, state, copy=True)   # never the caller's Variables
     except (ValueError, KeyError, TypeError) as e:
       raise KfuseError(f"variables: do not fit the NNX graphdef: {str(e).splitlines()[0]}") from None
     _route_batch_norm(module)
