@@ -180,7 +180,7 @@ def test_merge_by_path_of_nnx_states():
 # ------------------------------------------------------------------ Tent and KD steps
 
 
-@pytest.mark.parametrize("name", ["tent", "rotta"])
+@pytest.mark.parametrize("name", ["tent", pytest.param("rotta", marks=pytest.mark.slow)])
 def test_adaptation_step_nnx_equals_linen(name):
   v = linen_variables(0)
   lin = adapt.make(name, LinenNet().apply, optimizer=optax.adam(1e-2), apply_kwargs={"train": False})
@@ -269,6 +269,16 @@ def test_orbax_restore_into_a_different_nnx_model_is_one_line(tmp_path):
   other = nnx.state(NNXNet(nnx.Rngs(0), classes=5))
   with pytest.raises(KfuseError, match=r"params/head/(bias|kernel)' has shape"):
     orbax_io.restore_orbax(tmp_path / "ckpt", target=other)
+
+
+def test_orbax_restores_from_a_relative_path(tmp_path, monkeypatch):
+  """Regression: orbax refuses relative paths, so restore_orbax('ckpt') failed after save_orbax('ckpt')."""
+  monkeypatch.chdir(tmp_path)
+  tree = {"a": np.arange(3, dtype=np.float32)}
+  orbax_io.save_orbax("ckpt", tree)
+  np.testing.assert_array_equal(orbax_io.restore_orbax("ckpt")["a"], tree["a"])
+  np.testing.assert_array_equal(np.asarray(orbax_io.restore_orbax("ckpt", target=tree)["a"]), tree["a"])
+  assert flatten(orbax_io.orbax_metadata("ckpt"))["a"].shape == (3,)
 
 
 # ------------------------------------------------------------------ README

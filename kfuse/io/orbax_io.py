@@ -82,7 +82,7 @@ def _require_item_dir(path: str | os.PathLike) -> str:
   item = _item_dir(p)
   if item is None:
     raise KfuseError(f"{p} is not an orbax checkpoint (no _METADATA / manifest.ocdbt found)")
-  return item
+  return os.path.abspath(item)     # orbax refuses relative paths
 
 
 def orbax_metadata(path: str | os.PathLike) -> PyTree:
