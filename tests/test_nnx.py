@@ -229,6 +229,21 @@ def test_kd_step_nnx_equals_linen():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_supervised_train_step_nnx_equals_linen():
+  from kfuse import train
+  v = linen_variables(0)
+  lin = train.learner(LinenNet(), optax.sgd(0.1, momentum=0.9))
+  graphdef, state = nnx.split(nnx_model(v))
+  nx = train.learner(graphdef, optax.sgd(0.1, momentum=0.9))
+  st_lin, st_nnx = lin.init(v), nx.init(state)
+  for t in range(2):
+    batch = {"x": X * (1.0 + 0.5 * t), "y": Y}
+    st_lin, m_lin = lin.step(st_lin, batch, jax.random.key(t))
+    st_nnx, m_nnx = nx.step(st_nnx, batch, jax.random.key(t))
+    np.testing.assert_allclose(float(m_nnx["loss"]), float(m_lin["loss"]), rtol=1e-6)
+  assert_close(st_nnx, jax.tree.map(jnp.asarray, st_lin), tol=1e-6)
+
+
 def test_nnx_features_are_refused():
   graphdef, _ = nnx.split(NNXNet(nnx.Rngs(0)))
   with pytest.raises(KfuseError, match="feature capture by module path needs a Linen module"):
