@@ -33,11 +33,9 @@ adaptation (`kfuse.adapt.make`) and Orbax I/O (`kfuse.io.orbax_io`) keep one cod
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any, Callable, Mapping, Sequence
-
-import flax.linen as nn
-import jax
-from flax import nnx
 
 from kfuse.tree import KfuseError
 
@@ -47,18 +45,29 @@ __all__ = ["is_nnx", "is_state", "split", "collection", "to_variables", "as_vari
 PyTree = Any
 
 
+def _nnx():
+  """``flax.nnx``, imported on first use: ``import kfuse.merge`` / ``kfuse.io`` stay free of it
+  (about 1 s of import time, optax included)."""
+  from flax import nnx
+  return nnx
+
+
 def is_nnx(model: Any) -> bool:
-  """True for an NNX model: an ``nnx.Module`` or the ``nnx.GraphDef`` of one."""
-  return isinstance(model, (nnx.Module, nnx.GraphDef))
+  """True for an NNX model: an ``nnx.Module`` or the ``nnx.GraphDef`` of one (False, without
+  importing flax.nnx, while nothing has: no such object can exist yet)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(model, (nnx.Module, nnx.GraphDef))
 
 
 def is_state(tree: Any) -> bool:
-  """True for an ``nnx.State`` (what ``nnx.split`` / ``nnx.state`` return)."""
-  return isinstance(tree, nnx.State)
+  """True for an ``nnx.State`` (what ``nnx.split`` / ``nnx.state`` return); never imports flax.nnx."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(tree, nnx.State)
 
 
-def split(model: Any) -> tuple[Any, nnx.State | None]:
+def split(model: Any) -> tuple[Any, Any]:
   """``(graphdef, state)`` of an ``nnx.Module``; a ``GraphDef`` comes back with ``None``."""
+  nnx = _nnx()
   if isinstance(model, nnx.GraphDef):
     return model, None
   if isinstance(model, nnx.Module):
@@ -68,11 +77,11 @@ def split(model: Any) -> tuple[Any, nnx.State | None]:
 
 def collection(var_type: type) -> str:
   """The collection name of an NNX variable type (``nnx.Param`` -> ``'params'``)."""
-  return nnx.variable_name_from_type(var_type, allow_register=True)
+  return _nnx().variable_name_from_type(var_type, allow_register=True)
 
 
-def _flat(state: nnx.State):
-  return [(tuple(path), var) for path, var in nnx.to_flat_state(state)]
+def _flat(state: Any):
+  return [(tuple(path), var) for path, var in _nnx().to_flat_state(state)]
 
 
 def _nest(items: Sequence[tuple[tuple, Any]]) -> dict:
@@ -112,8 +121,8 @@ def to_variables(state: nnx.State) -> dict:
 
 def as_variables(tree: Any) -> Any:
   """`to_variables` for an ``nnx.State`` or ``nnx.Module``; anything else unchanged."""
-  if isinstance(tree, nnx.Module):
-    tree = nnx.state(tree)
+  if is_nnx(tree) and not isinstance(tree, _nnx().GraphDef):
+    tree = _nnx().state(tree)
   return to_variables(tree) if is_state(tree) else tree
 
 
@@ -125,6 +134,7 @@ def to_state(variables: Mapping[str, Any], like: nnx.State | None = None) -> nnx
   naming the first missing or extra path); without it, each collection's registered type
   (``'params'`` -> ``nnx.Param``) wraps the values.
   """
+  nnx = _nnx()
   if not isinstance(variables, Mapping):
     raise KfuseError(f"variables: expected a mapping of collections, got {type(variables).__name__}")
   given = {(c,) + p: v for c, tree in variables.items() for p, v in
@@ -159,56 +169,64 @@ def from_native(tree: Mapping, like: nnx.State) -> nnx.State:
     for k in path + ("value",):
       node = node[k]
     return node
-  return nnx.State(_nest([(path, var.replace(leaf(path))) for path, var in _flat(like)]))
+  return _nnx().State(_nest([(path, var.replace(leaf(path))) for path, var in _flat(like)]))
 
 
 # ------------------------------------------------------------------ apply
 
 
-class _LinenBatchNorm(nnx.BatchNorm):
-  """An ``nnx.BatchNorm`` whose call runs ``flax.linen.BatchNorm`` on its variables, so Linen
-  method interceptors (``kfuse.adapt``'s normalization control) see it. Set on merged copies
-  only (`apply_fn`), never on the caller's modules."""
+@functools.cache
+def _routed_batch_norm() -> type:
+  """The ``nnx.BatchNorm`` subclass `apply_fn` gives the merged copy's BatchNorm layers."""
+  import flax.linen as nn
+  nnx = _nnx()
 
-  _kfuse_path: str = ""
+  class _LinenBatchNorm(nnx.BatchNorm):
+    """An ``nnx.BatchNorm`` whose call runs ``flax.linen.BatchNorm`` on its variables, so Linen
+    method interceptors (``kfuse.adapt``'s normalization control) see it. Set on merged copies
+    only (`apply_fn`), never on the caller's modules."""
 
-  def __call__(self, x, use_running_average=None, *, mask=None):
-    ura = use_running_average if use_running_average is not None else self.use_running_average
-    if ura is None:
-      raise KfuseError(f"model: BatchNorm {self._kfuse_path!r} has no use_running_average;"
-                       " pass train=True/False")
-    name = self._kfuse_path or "BatchNorm"
-    config = dict(use_running_average=bool(ura), axis=self.axis, momentum=self.momentum,
-                  epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                  use_bias=self.use_bias, use_scale=self.use_scale, axis_name=self.axis_name,
-                  axis_index_groups=self.axis_index_groups,
-                  use_fast_variance=self.use_fast_variance)
-    params = {k: getattr(self, k).get_value() for k in ("scale", "bias")
-              if getattr(self, k, None) is not None}
-    stats = {"mean": self.mean.get_value(), "var": self.var.get_value()}
-    y, upd = _At(name, tuple(config.items())).apply(
-        {"params": {name: params}, "batch_stats": {name: stats}}, x, mask=mask,
-        mutable=["batch_stats"])
-    new = upd["batch_stats"][name]
-    self.mean.set_value(new["mean"])
-    self.var.set_value(new["var"])
-    return y
+    _kfuse_path: str = ""
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+      ura = use_running_average if use_running_average is not None else self.use_running_average
+      if ura is None:
+        raise KfuseError(f"model: BatchNorm {self._kfuse_path!r} has no use_running_average;"
+                         " pass train=True/False")
+      name = self._kfuse_path or "BatchNorm"
+      config = dict(use_running_average=bool(ura), axis=self.axis, momentum=self.momentum,
+                    epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                    use_bias=self.use_bias, use_scale=self.use_scale, axis_name=self.axis_name,
+                    axis_index_groups=self.axis_index_groups,
+                    use_fast_variance=self.use_fast_variance)
+      params = {k: getattr(self, k).get_value() for k in ("scale", "bias")
+                if getattr(self, k, None) is not None}
+      stats = {"mean": self.mean.get_value(), "var": self.var.get_value()}
+      y, upd = _At(name, tuple(config.items())).apply(
+          {"params": {name: params}, "batch_stats": {name: stats}}, x, mask=mask,
+          mutable=["batch_stats"])
+      new = upd["batch_stats"][name]
+      self.mean.set_value(new["mean"])
+      self.var.set_value(new["var"])
+      return y
+
+  class _At(nn.Module):
+    """Runs ``nn.BatchNorm(**config)`` as the child ``name_``, so its scope path is the NNX path."""
+    name_: str
+    config: tuple
+
+    @nn.compact
+    def __call__(self, x, **kw):
+      return nn.BatchNorm(name=self.name_, **dict(self.config))(x, **kw)
+
+  return _LinenBatchNorm
 
 
-class _At(nn.Module):
-  """Runs ``nn.BatchNorm(**config)`` as the child ``name_``, so its scope path is the NNX path."""
-  name_: str
-  config: tuple
-
-  @nn.compact
-  def __call__(self, x, **kw):
-    return nn.BatchNorm(name=self.name_, **dict(self.config))(x, **kw)
-
-
-def _route_batch_norm(module: nnx.Module) -> None:
+def _route_batch_norm(module: Any) -> None:
+  nnx = _nnx()
   for path, node in nnx.iter_graph(module):
     if type(node) is nnx.BatchNorm:          # subclasses keep their own call
-      node.__class__ = _LinenBatchNorm
+      node.__class__ = _routed_batch_norm()
       node._kfuse_path = _name(path)
 
 
@@ -221,10 +239,11 @@ def apply_fn(model: Any) -> Callable:
   the collections in ``mutable`` (a list, or True for every non-``params`` one) as they are
   after the call (BatchNorm's updated ``batch_stats``). Pure: the caller's model is untouched.
   """
+  nnx = _nnx()
   graphdef, _ = split(model)
 
   def apply(variables, *args, train: bool | None = None, mutable: Any = False,
-            rngs: Mapping[str, jax.Array] | None = None, **kwargs):
+            rngs: Mapping[str, Any] | None = None, **kwargs):
     state = variables if is_state(variables) else to_state(variables)
     try:
       module = nnx.merge(graphdef, state, copy=True)   # never the caller's Variables

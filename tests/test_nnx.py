@@ -104,6 +104,15 @@ Y = jnp.array([0, 1, 2, 0, 1, 2])
 # ------------------------------------------------------------------ conversion and apply
 
 
+def test_merge_and_io_do_not_import_flax_nnx():
+  """kfuse.nnx imports flax.nnx (and with it optax, ~1 s) only when an NNX object is handed in."""
+  import subprocess
+  import sys
+  code = ("import sys, kfuse.merge, kfuse.io.orbax_io, kfuse.nnx; "
+          "assert 'flax.nnx' not in sys.modules and 'optax' not in sys.modules, 'eager import'")
+  subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ROOT})
+
+
 def test_variables_layout_and_round_trip():
   v = linen_variables(0)
   m = nnx_model(v)
