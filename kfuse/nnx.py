@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from kfuse.tree import KfuseError
 
 __all__ = ["is_nnx", "is_state", "split", "collection", "to_variables", "as_variables",
-           "to_state", "native_tree", "from_native", "apply_fn"]
+           "to_state", "key_data", "native_tree", "from_native", "apply_fn"]
 
 PyTree = Any
 
@@ -149,12 +149,32 @@ def to_state(variables: Mapping[str, Any], like: nnx.State | None = None) -> nnx
     if key not in given:
       raise KfuseError(f"variables: no {_name(key)!r} (the NNX state has {_name(path)!r} in"
                        f" collection {key[0]!r})")
-    items.append((path, var.replace(given.pop(key))))
+    items.append((path, var.replace(_like_key(given.pop(key), var.get_value()))))
   if given:
     extra = _name(next(iter(given)))
     raise KfuseError(f"variables: {extra!r} is not a variable of the NNX state"
                      f" ({len(items)} variables)")
   return nnx.State(_nest(items))
+
+
+def _is_key(x: Any) -> bool:
+  import jax
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def key_data(variables: PyTree) -> PyTree:
+  """``variables`` with each typed PRNG key (an ``nnx.Rngs`` stream's ``RngKey``) as its raw
+  ``uint32`` key data, so pytree code over arrays (merging: integer leaves are copied when the
+  models agree) can take it; `to_state` with ``like`` wraps it back into a key."""
+  import jax
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, variables)
+
+
+def _like_key(value: Any, ref: Any) -> Any:
+  import jax
+  if _is_key(ref) and not _is_key(value):
+    return jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
+  return value
 
 
 def native_tree(state: nnx.State) -> dict:

@@ -176,6 +176,32 @@ def test_merge_of_nnx_states_equals_the_linen_merge_bitwise(method, params):
   assert_close(nnx_values(nnx.merge(graphdef, out)), jax.tree.map(jnp.asarray, ref))
 
 
+class DropoutNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.lin = nnx.Linear(3, 3, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.drop(self.lin(x))
+
+
+def test_merge_copies_rng_streams_and_refuses_different_ones():
+  """RNG streams (typed PRNG keys, counters) are copied from the base like integer leaves, never
+  merged (the typed key used to raise a TypeError), and stay keys."""
+  a, b = DropoutNet(nnx.Rngs(0)), DropoutNet(nnx.Rngs(0))
+  b.lin.kernel.set_value(b.lin.kernel.get_value() + 1.0)
+  graphdef, sa = nnx.split(a)
+  out = merge.merge("linear", [sa, nnx.state(b)])
+  np.testing.assert_array_equal(np.asarray(out["lin"]["kernel"].get_value()),
+                                np.asarray(a.lin.kernel.get_value()) + 0.5)
+  key = out["drop"]["rngs"]["key"].get_value()
+  assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(a.drop.rngs.key.get_value()))
+  nnx.merge(graphdef, out)(jnp.ones((2, 3)))
+  with pytest.raises(KfuseError, match="drop/rngs/key"):
+    merge.merge("linear", [sa, nnx.state(DropoutNet(nnx.Rngs(1)))])
+
+
 def test_merge_by_path_of_nnx_states():
   vs = [linen_variables(s) for s in (0, 1, 2)]
   rules = [("bn|ln", "linear", None), (".*", "ties", {"density": 0.5})]

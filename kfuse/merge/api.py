@@ -137,8 +137,8 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   experts = list(experts)
   like = _nnx_like(base, experts)
   if like is not None:    # NNX: merge the variables layout, hand back an nnx.State
-    out = merge(method, [knnx.as_variables(e) for e in experts], knnx.as_variables(base),
-                params=params, model_params=model_params, key=key, layout=layout, check=check,
+    out = merge(method, [_nnx_arrays(e) for e in experts], _nnx_arrays(base), params=params,
+                model_params=model_params, key=key, layout=layout, check=check,
                 allow_nonfinite=allow_nonfinite)
     return knnx.to_state(out, like=like)
   if not experts:
@@ -201,6 +201,11 @@ def _nnx_like(base: PyTree | None, experts: Sequence[PyTree]):
   return ref if knnx.is_state(ref) else None
 
 
+def _nnx_arrays(tree: PyTree | None) -> PyTree | None:
+  """An ``nnx.State``'s variables layout with RNG keys as key data (copied, never merged)."""
+  return knnx.key_data(knnx.as_variables(tree)) if knnx.is_state(tree) else tree
+
+
 def _is_inexact(x) -> bool:
   return _dtype(x).kind in "fc" or _dtype(x).name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
@@ -261,8 +266,8 @@ def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | N
   rules = [(re.compile(r), get_method(m), dict(p or {})) for r, m, p in rules]
   like = _nnx_like(base, experts)
   if like is not None:
-    out = merge_by_path(rules, [knnx.as_variables(e) for e in experts], knnx.as_variables(base),
-                        key=key, layout=layout, allow_nonfinite=allow_nonfinite)
+    out = merge_by_path(rules, [_nnx_arrays(e) for e in experts], _nnx_arrays(base), key=key,
+                        layout=layout, allow_nonfinite=allow_nonfinite)
     return knnx.to_state(out, like=like)
   ref = base if base is not None else experts[0]
   flat = T.flatten(ref)
