@@ -264,6 +264,26 @@ def test_kd_step_nnx_equals_linen():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_stacked_nnx_teacher_equals_linen():
+  """A checkpoint ensemble (Teacher(..., stacked=True)) of NNX states: vmapped through the edge."""
+  sv, tvs = linen_variables(0), [linen_variables(5, scale=2.0), linen_variables(6, scale=2.0)]
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  objective = distill.objectives.hinton(temperature=2.0)
+  lin = distill.make_step(LinenNet(), objective, optax.sgd(0.1),
+                          teachers=[distill.Teacher(LinenNet(), stack(tvs), stacked=True)],
+                          donate=False)
+  graphdef, s_state = nnx.split(nnx_model(sv))
+  stacked_state = stack([nnx.state(nnx_model(v)) for v in tvs])
+  nx = distill.make_step(graphdef, objective, optax.sgd(0.1),
+                         teachers=[distill.Teacher(graphdef, stacked_state, stacked=True)],
+                         donate=False)
+  st_lin, m_lin = lin(lin.init(sv, X), {"x": X, "y": Y}, jax.random.key(0))
+  st_nnx, m_nnx = nx(nx.init(s_state, X), {"x": X, "y": Y}, jax.random.key(0))
+  np.testing.assert_allclose(float(m_nnx["loss"]), float(m_lin["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(m_nnx["teacher_accuracy"]), float(m_lin["teacher_accuracy"]))
+  assert_close(st_nnx.params, jax.tree.map(jnp.asarray, st_lin.params), tol=1e-6)
+
+
 def test_supervised_train_step_nnx_equals_linen():
   from kfuse import train
   v = linen_variables(0)
