@@ -167,13 +167,20 @@ def key_data(variables: PyTree) -> PyTree:
   ``uint32`` key data, so pytree code over arrays (merging: integer leaves are copied when the
   models agree) can take it; `to_state` with ``like`` wraps it back into a key."""
   import jax
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, variables)
+  def data(x):
+    if not _is_key(x):
+      return x
+    return (jax.eval_shape(jax.random.key_data, x) if isinstance(x, jax.ShapeDtypeStruct)
+            else jax.random.key_data(x))
+  return jax.tree.map(data, variables)
 
 
 def _like_key(value: Any, ref: Any) -> Any:
   import jax
-  if _is_key(ref) and not _is_key(value):
-    return jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
+  if _is_key(ref) and not _is_key(value):     # an abstract ref: its dtype names the impl
+    impl = (getattr(ref.dtype, "_impl", None) if isinstance(ref, jax.ShapeDtypeStruct)
+            else jax.random.key_impl(ref))          # None: the default impl
+    return jax.random.wrap_key_data(value, impl=impl)
   return value
 
 

@@ -323,6 +323,19 @@ def test_orbax_round_trip_and_exchange_with_linen(tmp_path):
   assert_close(nnx_values(nnx.merge(graphdef, orbax_io.restore_orbax(tmp_path / "linen", target=state))), v)
 
 
+def test_orbax_round_trip_of_rng_streams(tmp_path):
+  model = DropoutNet(nnx.Rngs(3))
+  graphdef, state = nnx.split(model)
+  orbax_io.save_orbax(tmp_path / "drop", state)
+  abstract = nnx.state(nnx.eval_shape(lambda: DropoutNet(nnx.Rngs(0))))
+  back = orbax_io.restore_orbax(tmp_path / "drop", target=abstract)
+  key = back["drop"]["rngs"]["key"].get_value()
+  assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(model.drop.rngs.key.get_value()))
+  np.testing.assert_array_equal(np.asarray(back["lin"]["kernel"].get_value()),
+                                np.asarray(model.lin.kernel.get_value()))
+
+
 def test_orbax_restores_a_native_nnx_checkpoint(tmp_path):
   import orbax.checkpoint as ocp
   v = linen_variables(0)

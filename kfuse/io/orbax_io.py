@@ -6,7 +6,7 @@ writing. `save_orbax` therefore saves into a fresh temporary sibling and swaps
 it in with `kfuse.io.atomic.commit_dir`, so an overwrite is all-or-nothing too.
 
 Flax NNX: an ``nnx.State`` is saved in its Linen variables layout (`kfuse.nnx.to_variables`:
-``params/...``, ``batch_stats/...``), so a Linen model's checkpoint and an NNX model's with the
+``params/...``, ``batch_stats/...``; RNG keys as key data), so a Linen model's checkpoint and an NNX model's with the
 same submodule names are interchangeable, and the merge CLI reads both alike.
 ``restore_orbax(path, target=state)`` returns an ``nnx.State`` (types and metadata of
 ``target``) from that layout, or from a checkpoint of ``nnx.state(model)`` written by Orbax
@@ -106,7 +106,7 @@ def save_orbax(path: str | os.PathLike, tree: PyTree, overwrite: bool = False) -
   """
   p = os.fspath(path)
   check_output_free(p, overwrite)
-  tree = knnx.as_variables(tree) if knnx.is_state(tree) else tree
+  tree = knnx.key_data(knnx.as_variables(tree)) if knnx.is_state(tree) else tree
   _check_saveable(p, tree)
   ocp = _ocp()
   dst = os.path.abspath(p)
@@ -215,7 +215,7 @@ def restore_orbax(path: str | os.PathLike, target: PyTree | None = None) -> PyTr
 
 def _restore_nnx(path: str, like: Any) -> Any:
   """An ``nnx.State`` shaped like ``like`` from kfuse's layout or Orbax's native NNX one."""
-  variables = knnx.to_variables(like)
+  variables = knnx.key_data(knnx.to_variables(like))     # RNG keys are stored as key data
   saved = set(flatten(orbax_metadata(path)))
   native = knnx.native_tree(like)
   if saved != set(flatten(variables)) and saved == set(flatten(native)):
