@@ -10,7 +10,10 @@ Every pillar of kfuse works on a Linen-style pair: a pure ``apply(variables, x, 
     model = nnx.merge(graphdef, state)
 
 so merging (`kfuse.merge.merge`), distillation (`kfuse.distill.make_step`), test-time
-adaptation (`kfuse.adapt.make`) and Orbax I/O (`kfuse.io.orbax_io`) keep one code path each.
+adaptation (`kfuse.adapt.make`), supervised training (`kfuse.train.learner`) and Orbax I/O
+(`kfuse.io.orbax_io`) keep one code path each. RNG streams (``nnx.Rngs``: typed keys and
+counters) travel as any variable; `key_data` turns the keys into ``uint32`` data where array code
+(merging, Orbax) needs plain arrays, and `to_state` with ``like`` wraps them back.
 
 * **Collections.** A variable's collection is its type's registered NNX name
   (`nnx.variable_name_from_type`, as flax's Linen bridge names them): ``nnx.Param`` ->
