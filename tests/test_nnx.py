@@ -354,6 +354,23 @@ def test_orbax_restore_into_a_different_nnx_model_is_one_line(tmp_path):
     orbax_io.restore_orbax(tmp_path / "ckpt", target=other)
 
 
+def test_checkpoint_merge_of_nnx_orbax_checkpoints(tmp_path):
+  """NNX states saved with save_orbax merge on disk (the CLI's merge_checkpoints) and restore as an
+  nnx.State equal to merge.merge of the states in memory."""
+  from kfuse.merge.runner import merge_checkpoints
+  vs = [linen_variables(s) for s in (0, 1, 2)]
+  graphdef, base = nnx.split(nnx_model(vs[0]))
+  experts = [nnx.state(nnx_model(v)) for v in vs[1:]]
+  paths = [os.fspath(tmp_path / n) for n in ("base", "a", "b")]
+  for p, st in zip(paths, [base] + experts):
+    orbax_io.save_orbax(p, st)
+  merge_checkpoints("ties", paths[1:], paths[0], os.fspath(tmp_path / "out"),
+                    params={"density": 0.5}, progress=False)
+  got = orbax_io.restore_orbax(tmp_path / "out", target=base)
+  ref = merge.merge("ties", experts, base, params={"density": 0.5})
+  assert_close(nnx_values(nnx.merge(graphdef, got)), nnx_values(nnx.merge(graphdef, ref)))
+
+
 def test_orbax_restores_from_a_relative_path(tmp_path, monkeypatch):
   """Regression: orbax refuses relative paths, so restore_orbax('ckpt') failed after save_orbax('ckpt')."""
   monkeypatch.chdir(tmp_path)
