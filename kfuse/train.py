@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from kfuse import nnx as knnx
 from kfuse.data import iterate
 from kfuse.distill.losses import cross_entropy
 from kfuse.distill.steps import copy_tree, make_predict
@@ -121,6 +122,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   running statistics in ``state.model_state``.
   """
   trainable = tuple(trainable) if trainable is not None else None
+  apply = knnx.apply_fn(model) if knnx.is_nnx(model) else model.apply   # NNX: its graphdef
 
   def loss_fn(params, model_state, x, y, key):
     if trainable is not None:
@@ -129,10 +131,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                             params, labels)
     variables = {"params": params, **model_state}
     if model_state:
-      logits, new_state = model.apply(variables, x, train=True, rngs={"dropout": key},
-                                      mutable=list(model_state))
+      logits, new_state = apply(variables, x, train=True, rngs={"dropout": key},
+                                mutable=list(model_state))
     else:
-      logits, new_state = model.apply(variables, x, train=True, rngs={"dropout": key}), {}
+      logits, new_state = apply(variables, x, train=True, rngs={"dropout": key}), {}
     return cross_entropy(logits, y), (logits, dict(new_state))
 
   def step(state: TrainState, batch, key):
@@ -159,7 +161,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 def learner(model: nn.Module, tx: optax.GradientTransformation,
             trainable: Sequence[str] | None = None) -> Learner:
   """Supervised training as a `kfuse.protocol.Learner`: ``init(variables) -> TrainState``, the jitted step."""
-  return Learner(lambda variables: init_state_from_variables(variables, tx),
+  return Learner(lambda variables: init_state_from_variables(knnx.as_variables(variables), tx),
                  make_train_step(model, tx, trainable))
 
 

@@ -40,6 +40,7 @@ a batch with NaN/Inf inputs leaves the state unchanged inside ``step``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kfuse import nnx as knnx
 from kfuse import protocol
 from kfuse import tree as ktree
 from kfuse.tree import KfuseError
@@ -88,9 +90,13 @@ class Adapter(NamedTuple):
 
 
 def as_apply_fn(model: Any) -> Callable:
-  """``model.apply`` for a Flax Linen module, else ``model`` itself (a Flax-style apply)."""
+  """``model.apply`` for a Flax Linen module; for an NNX model (``nnx.Module`` / ``GraphDef``)
+  `kfuse.nnx.apply_fn` in eval mode (its BatchNorm layers are intercepted like Linen's; pass
+  the ``nnx.State`` to ``init``); else ``model`` itself (a Flax-style apply)."""
   if isinstance(model, nn.Module):
     return model.apply
+  if knnx.is_nnx(model):
+    return functools.partial(knnx.apply_fn(model), train=False)
   if not callable(model):
     raise KfuseError("apply_fn: expected a flax.linen.Module or its apply function,"
                      f" got {type(model).__name__}")
@@ -454,6 +460,7 @@ def make_init(name: str, build: Callable, array_step: Callable) -> Callable:
   """
   def init(variables, batch, key=None, **kw):
     del key
+    variables = knnx.as_variables(variables)     # an nnx.State: its Linen variables layout
     check_variables(variables, name)
     example = check_example(batch, name)
     state = build(copy_tree(variables), example, **kw)

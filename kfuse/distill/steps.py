@@ -32,7 +32,9 @@ Design
 * **Models** are Flax Linen modules called as ``module.apply(variables, x,
   train=...)`` (intermediate outputs named by module path, e.g.
   ``"backbone"`` or ``"backbone/layers_1"``, are captured for feature
-  losses), or any callable ``fn(variables, x, train, key)`` returning logits,
+  losses), Flax NNX models (an ``nnx.GraphDef`` or ``nnx.Module``, run by
+  `kfuse.nnx.apply_fn`; their ``nnx.State`` is accepted wherever variables
+  are, e.g. ``Teacher(*nnx.split(teacher))``, ``step.init(state, x)``), or any callable ``fn(variables, x, train, key)`` returning logits,
   `Outputs`, or ``(logits | Outputs, new_model_state)``.
 * **Mixup** (``mixup_alpha > 0``): one λ ~ Beta(α, α) and one permutation
   per step, drawn from the step key; teacher and student see the *same*
@@ -53,6 +55,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from kfuse import nnx as knnx
 from kfuse.distill import ensembles, losses
 from kfuse.protocol import Learner, check_batch
 from kfuse.registry import suggest
@@ -149,6 +152,11 @@ def flax_forward(module: nn.Module, features: Sequence[str] = ()) -> Callable:
   outputs of the submodules named by ``features`` (``'/'``-joined module
   paths) are captured with Flax's ``capture_intermediates``.
   """
+  return _apply_forward(module.apply, features)
+
+
+def _apply_forward(apply: Callable, features: Sequence[str] = ()) -> Callable:
+  """`flax_forward` of a Linen-style ``apply`` (a Linen module's, or `kfuse.nnx.apply_fn`'s)."""
   paths = tuple(dict.fromkeys(features))
 
   def capture(mdl, method_name):
@@ -160,9 +168,9 @@ def flax_forward(module: nn.Module, features: Sequence[str] = ()) -> Callable:
     rngs = {"dropout": key} if (train and key is not None) else None
     kw = {"capture_intermediates": capture} if paths else {}
     if mutable:
-      logits, upd = module.apply(variables, x, train=train, rngs=rngs, mutable=mutable, **kw)
+      logits, upd = apply(variables, x, train=train, rngs=rngs, mutable=mutable, **kw)
     else:
-      logits, upd = module.apply(variables, x, train=train, rngs=rngs), {}
+      logits, upd = apply(variables, x, train=train, rngs=rngs), {}
     feats = {p: _lookup_feature(upd.get("intermediates", {}), p) for p in paths}
     new_state = {c: upd[c] for c in state_cols if c in upd} if train else {}
     return Outputs(logits, feats), new_state
@@ -188,6 +196,12 @@ def as_forward(model: Any, features: Sequence[str] = ()) -> Callable:
   """
   if isinstance(model, nn.Module):
     return flax_forward(model, features)
+  if knnx.is_nnx(model):
+    if features:
+      raise KfuseError(f"features: {features[0]!r} requested from an NNX model; feature capture"
+                       " by module path needs a Linen module (pass a forward callable that"
+                       " returns Outputs(logits, features) instead)")
+    return _apply_forward(knnx.apply_fn(model))
   if not callable(model):
     raise KfuseError(f"model: expected a flax.linen.Module or a forward callable, got {type(model)}")
   try:
@@ -278,8 +292,8 @@ class DistillStep:
 
   def with_teachers(self, teacher_variables: Sequence[PyTree]) -> "DistillStep":
     """The same compiled step bound to other teacher variables of the same shapes."""
-    return DistillStep(self.init, self.jitted, self.loss_fn, tuple(teacher_variables),
-                       self.objective)
+    return DistillStep(self.init, self.jitted, self.loss_fn,
+                       tuple(knnx.as_variables(v) for v in teacher_variables), self.objective)
 
 
 _BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits")
@@ -329,6 +343,7 @@ def make_step(student: Any, objective: Any, optimizer: Any,
   if not (isinstance(mixup_alpha, (int, float)) and mixup_alpha >= 0):
     raise KfuseError(f"mixup_alpha: must be a number >= 0, got {mixup_alpha!r}")
   teachers = tuple(t if isinstance(t, Teacher) else Teacher(*t) for t in teachers)
+  teachers = tuple(t._replace(variables=knnx.as_variables(t.variables)) for t in teachers)
   if objective.needs_teachers and not teachers:
     raise KfuseError(f"teachers: objective {objective.name!r} needs at least one teacher")
   if objective.min_teachers and sum(_members(t) for t in teachers) < objective.min_teachers:
@@ -405,6 +420,7 @@ def make_step(student: Any, objective: Any, optimizer: Any,
   jitted = jax.jit(step_fn, donate_argnums=(0,) if donate else ())
 
   def init(variables: Mapping[str, Any], x_example: Array, key: Array | None = None) -> DistillState:
+    variables = knnx.as_variables(variables)
     params, model_state = _split_variables(variables, "variables")
     key = jax.random.key(0) if key is None else key
     s_shape = jax.eval_shape(lambda v, x: s_forward(v, x, False, None)[0], variables, x_example)
@@ -526,6 +542,7 @@ def make_mutual_step(students: Sequence[Any], optimizer: Any, *,
     del key
     if len(variables_list) != n:
       raise KfuseError(f"variables_list: {len(variables_list)} variable sets for {n} students")
+    variables_list = [knnx.as_variables(v) for v in variables_list]
     split = [_split_variables(v, f"variables_list[{i}]") for i, v in enumerate(variables_list)]
     shapes = [jax.eval_shape(lambda v, x, f=f: f(v, x, False, None)[0].logits, v, x_example)
               for f, v in zip(forwards, variables_list)]
@@ -543,4 +560,4 @@ def make_mutual_step(students: Sequence[Any], optimizer: Any, *,
 def make_predict(model: Any) -> Callable:
   """``predict(variables, x) -> logits`` in eval mode, jitted (modules or forward callables)."""
   fwd = as_forward(model)
-  return jax.jit(lambda variables, x: fwd(variables, x, False, None)[0].logits)
+  return jax.jit(lambda variables, x: fwd(knnx.as_variables(variables), x, False, None)[0].logits)

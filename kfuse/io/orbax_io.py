@@ -4,6 +4,13 @@ Orbax (v0 API) already commits a save by writing ``<dir>.orbax-checkpoint-tmp*``
 and renaming it, but ``force=True`` deletes the old checkpoint *before*
 writing. `save_orbax` therefore saves into a fresh temporary sibling and swaps
 it in with `kfuse.io.atomic.commit_dir`, so an overwrite is all-or-nothing too.
+
+Flax NNX: an ``nnx.State`` is saved in its Linen variables layout (`kfuse.nnx.to_variables`:
+``params/...``, ``batch_stats/...``; RNG keys as key data), so a Linen model's checkpoint and an NNX model's with the
+same submodule names are interchangeable, and the merge CLI reads both alike.
+``restore_orbax(path, target=state)`` returns an ``nnx.State`` (types and metadata of
+``target``) from that layout, or from a checkpoint of ``nnx.state(model)`` written by Orbax
+directly (flax's NNX checkpointing guide: ``.../value`` leaves).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from kfuse import nnx as knnx
 from kfuse.io.atomic import check_output_free, commit_dir, temp_sibling
 from kfuse.io.hf_dir import LazyTensors, is_hf_dir, open_hf_dir
 from kfuse.tree import KfuseError, flatten
@@ -74,7 +82,7 @@ def _require_item_dir(path: str | os.PathLike) -> str:
   item = _item_dir(p)
   if item is None:
     raise KfuseError(f"{p} is not an orbax checkpoint (no _METADATA / manifest.ocdbt found)")
-  return item
+  return os.path.abspath(item)     # orbax refuses relative paths
 
 
 def orbax_metadata(path: str | os.PathLike) -> PyTree:
@@ -98,6 +106,7 @@ def save_orbax(path: str | os.PathLike, tree: PyTree, overwrite: bool = False) -
   """
   p = os.fspath(path)
   check_output_free(p, overwrite)
+  tree = knnx.key_data(knnx.as_variables(tree)) if knnx.is_state(tree) else tree
   _check_saveable(p, tree)
   ocp = _ocp()
   dst = os.path.abspath(p)
@@ -185,6 +194,8 @@ def restore_orbax(path: str | os.PathLike, target: PyTree | None = None) -> PyTr
   """
   p = os.fspath(path)
   item = _require_item_dir(p)
+  if knnx.is_state(target):
+    return _restore_nnx(p, target)
   ocp = _ocp()
   meta_tree = orbax_metadata(item)
   try:
@@ -200,6 +211,16 @@ def restore_orbax(path: str | os.PathLike, target: PyTree | None = None) -> PyTr
     raise
   except Exception as e:
     raise KfuseError(f"orbax checkpoint {p}: restore failed: {_one_line(e)}") from e
+
+
+def _restore_nnx(path: str, like: Any) -> Any:
+  """An ``nnx.State`` shaped like ``like`` from kfuse's layout or Orbax's native NNX one."""
+  variables = knnx.key_data(knnx.to_variables(like))     # RNG keys are stored as key data
+  saved = set(flatten(orbax_metadata(path)))
+  native = knnx.native_tree(like)
+  if saved != set(flatten(variables)) and saved == set(flatten(native)):
+    return knnx.from_native(restore_orbax(path, native), like)
+  return knnx.to_state(restore_orbax(path, variables), like=like)
 
 
 def load_params(path: str | os.PathLike) -> tuple[Mapping[str, Any], str]:

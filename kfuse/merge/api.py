@@ -2,7 +2,8 @@
 
     merged = merge("ties", experts, base, params={"density": 0.2, "weight": [1., .5]})
 
-Works on any pytree (Flax params, a flat dict of HF tensors) and under
+Works on any pytree (Flax params, a flat dict of HF tensors, an ``nnx.State``, merged as
+its Linen variables layout by `kfuse.nnx.to_variables` and returned as an ``nnx.State``) and under
 `jax.jit` (parameter resolution is host-side Python over static paths and
 shapes; value checks are skipped on tracers).
 """
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kfuse import nnx as knnx
 from kfuse import tree as T
 from kfuse.merge import params as P
 from kfuse.merge.core import (NATIVE, REQUIRED, Method, PrepareContext, TensorInfo, check_models,
@@ -133,6 +135,12 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   method = get_method(method)
   params = canonical_params(params)
   experts = list(experts)
+  like = _nnx_like(base, experts)
+  if like is not None:    # NNX: merge the variables layout, hand back an nnx.State
+    out = merge(method, [_nnx_arrays(e) for e in experts], _nnx_arrays(base), params=params,
+                model_params=model_params, key=key, layout=layout, check=check,
+                allow_nonfinite=allow_nonfinite)
+    return knnx.to_state(out, like=like)
   if not experts:
     raise KfuseError("empty model list: merge needs at least one expert")
   if method.base == "include" and base is not None:
@@ -185,6 +193,17 @@ def merge(method: str | Method, experts: Sequence[PyTree], base: PyTree | None =
   if concrete and not allow_nonfinite:
     check_finite_results(out, method.name)
   return T.unflatten(ref, out)
+
+
+def _nnx_like(base: PyTree | None, experts: Sequence[PyTree]):
+  """The ``nnx.State`` whose structure the result takes (base, else first expert), or None."""
+  ref = base if base is not None else (experts[0] if experts else None)
+  return ref if knnx.is_state(ref) else None
+
+
+def _nnx_arrays(tree: PyTree | None) -> PyTree | None:
+  """An ``nnx.State``'s variables layout with RNG keys as key data (copied, never merged)."""
+  return knnx.key_data(knnx.as_variables(tree)) if knnx.is_state(tree) else tree
 
 
 def _is_inexact(x) -> bool:
@@ -245,6 +264,11 @@ def merge_by_path(rules: Iterable[tuple[str, str | Method, Mapping[str, Any] | N
   """
   import re
   rules = [(re.compile(r), get_method(m), dict(p or {})) for r, m, p in rules]
+  like = _nnx_like(base, experts)
+  if like is not None:
+    out = merge_by_path(rules, [_nnx_arrays(e) for e in experts], _nnx_arrays(base), key=key,
+                        layout=layout, allow_nonfinite=allow_nonfinite)
+    return knnx.to_state(out, like=like)
   ref = base if base is not None else experts[0]
   flat = T.flatten(ref)
   groups: dict[int, list[str]] = {}
