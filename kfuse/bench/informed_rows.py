@@ -27,6 +27,15 @@ part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, 
   (`kfuse.merge.adamerging`). Steps: 1000 in FusionBench; the parameter ``steps``. The λ
   trajectory (every ``log_every`` steps, from step 0) is logged.
 
+* ``adarank_ta`` / ``adarank_cart``: Lee et al., "AdaRank", ICLR 2026. Straight-through
+  binary masks over each task matrix's SVD components and λ per expert and tensor, by the
+  same entropy loop as AdaMerging (`kfuse.merge.adarank`; reference defaults: TA λ₀ 0.3 with
+  every component kept, CART λ₀ 2.3 with the top 16 % kept, T = 10, Adam 1e-3). Logged: the
+  kept fraction of components (every ``log_every`` steps) and per expert at the end.
+* Twin-Merging (Lu et al., NeurIPS 2024) is not a merger row: its model differs per input.
+  `twin_row` / `run_twin` score it on a pool: the router is trained on the **labelled val
+  budget** (``data.val_per_task``; the label is the task id), no test label is used.
+
 Hyper-parameters are the papers' / FusionBench's; none is chosen on the test split.
 """
 
