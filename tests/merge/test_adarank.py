@@ -185,3 +185,44 @@ def test_bad_input_one_line():
       R.adarank(apply_fn, base="x")
     except e as err:
       assert "\n" not in str(err)
+
+
+class _Body(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(5, name="fc")(x))
+
+
+class _Model(nn.Module):
+  """backbone + head, as the merging benchmark's models (`models.with_params`)."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(3, name="head")(_Body(name="backbone")(x))
+
+
+def test_benchmark_row_zero_steps_is_task_arithmetic_and_logs_the_budget():
+  from kfuse.bench import informed_rows as IR
+  from kfuse.bench import merge_bench as MB
+  r = np.random.default_rng(0)
+  v = _Model().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  pre = jax.tree.map(np.asarray, v["backbone"])
+  experts = [jax.tree.map(lambda a: a + 0.3 * r.normal(size=a.shape).astype(np.float32), pre)
+             for _ in range(2)]
+  tasks = ["a", "b"]
+  data = {t: MB.TaskData(unlabeled=r.normal(size=(6, 4)).astype(np.float32),
+                         x_val=np.zeros((0, 4), np.float32), y_val=np.zeros((0,), np.int32))
+          for t in tasks}
+  inputs = MB.MergeInputs(tasks=tasks, pretrained=pre, experts=experts,
+                          heads={t: v["head"] for t in tasks}, model=lambda t: _Model(),
+                          data=data, key=jax.random.key(0))
+  fn = MB.MERGERS.get("adarank_ta").fn
+  got = fn(inputs, {"steps": 0})
+  want = np.asarray(pre["fc"]["kernel"], np.float64) + 0.3 * sum(
+      np.asarray(e["fc"]["kernel"], np.float64) - np.asarray(pre["fc"]["kernel"], np.float64)
+      for e in experts)
+  np.testing.assert_allclose(got["fc"]["kernel"], want, rtol=1e-5, atol=1e-6)
+  fn(inputs, {"steps": 2, "log_every": 1})
+  log = inputs.log[-1]
+  assert log["steps"] == 2 and log["inputs_seen_per_task"] == 32 and len(log["trajectory"]) == 3
+  assert log["unlabeled_per_task"] == {"a": 6, "b": 6} and log["labeled_per_task"] == 0
+  assert log["total_components"] == [8] and log["trajectory"][0]["kept_fraction"] == 1.0
