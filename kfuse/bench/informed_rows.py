@@ -39,12 +39,21 @@ part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, 
   (`kfuse.merge.adamerging`). Steps: 1000 in FusionBench; the parameter ``steps``. The λ
   trajectory (every ``log_every`` steps, from step 0) is logged.
 
+* ``adarank_ta`` / ``adarank_cart``: Lee et al., "AdaRank", ICLR 2026. Straight-through
+  binary masks over each task matrix's SVD components and λ per expert and tensor, by the
+  same entropy loop as AdaMerging (`kfuse.merge.adarank`; reference defaults: TA λ₀ 0.3 with
+  every component kept, CART λ₀ 2.3 with the top 16 % kept, T = 10, Adam 1e-3). Logged: the
+  kept fraction of components (every ``log_every`` steps) and per expert at the end.
+* Twin-Merging (Lu et al., NeurIPS 2024) is not a merger row: its model differs per input.
+  `twin_row` / `run_twin` score it on a pool: the router is trained on the **labelled val
+  budget** (``data.val_per_task``; the label is the task id), no test label is used.
+
 Hyper-parameters are the papers' / FusionBench's; none is chosen on the test split.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,6 +64,7 @@ from kfuse import models
 from kfuse.bench import merge_bench as MB
 from kfuse.merge import adamerging as AM
 from kfuse.merge import expert_merging as EM
+from kfuse.merge import adarank as AR
 from kfuse.merge import api
 from kfuse.merge import informed
 from kfuse.merge import statistics as ST
@@ -63,7 +73,7 @@ from kfuse.tree import KfuseError
 PyTree = Any
 
 __all__ = ["fisher_merger", "regmean_merger", "regmean_plusplus_merger", "esm_merger",
-           "expert_merging_merger", "adamerging_merger",
+           "expert_merging_merger", "adamerging_merger", "adarank_merger", "twin_row", "run_twin",
            "forward_order", "DATA"]
 
 DATA = "unlabeled test inputs (data.unlabeled_per_task), no labels"
@@ -233,8 +243,13 @@ def expert_merging_merger(inputs: MB.MergeInputs, params: Mapping) -> PyTree:
 # ------------------------------------------------------------------ AdaMerging
 
 
-def adamerging_merger(granularity: str):
-  """AdaMerging (``granularity`` 'task' or 'layer') on the tasks' unlabeled test inputs."""
+def _entropy_merger(what: str, build: Callable, merged_of: Callable, info: Callable,
+                    trajectory: str = "trajectory"):
+  """A merger that trains an entropy learner (`kfuse.merge.adamerging` protocol: per-task
+  batches ``[T, B, ...]`` of unlabeled test inputs, each task scored by its own head).
+
+  ``build(apply_fn, params, tasks) -> Learner``; ``merged_of(state) -> backbone``;
+  ``info(state) -> dict`` logged (λ etc.)."""
 
   def merger(inputs: MB.MergeInputs, params: Mapping) -> PyTree:
     state, bs = _state(inputs), int(params["batch_size"])
@@ -242,10 +257,10 @@ def adamerging_merger(granularity: str):
     xs = [np.asarray(inputs.data[t].unlabeled) for t in inputs.tasks]
     for t, x in zip(inputs.tasks, xs):
       if len(x) == 0:
-        raise KfuseError(f"{granularity}-wise AdaMerging: no unlabeled inputs for task {t!r}"
+        raise KfuseError(f"{what}: no unlabeled inputs for task {t!r}"
                          f" (data.unlabeled_per_task = 0)")
       if x.shape[1:] != xs[0].shape[1:]:
-        raise KfuseError(f"{granularity}-wise AdaMerging: task {t!r} inputs are {x.shape[1:]},"
+        raise KfuseError(f"{what}: task {t!r} inputs are {x.shape[1:]},"
                          f" task {inputs.tasks[0]!r}'s {xs[0].shape[1:]} (one batch per task)")
     mods = [inputs.model(t) for t in inputs.tasks]
 
@@ -253,26 +268,119 @@ def adamerging_merger(granularity: str):
       t = inputs.tasks[i]
       return mods[i].apply(models.with_params(p, inputs.heads[t], state), x, train=False)
 
-    learner = AM.adamerging(apply_fn, granularity=granularity, init=float(params["init"]),
-                            optimizer=optax.adam(float(params["learning_rate"])),
-                            tasks=len(inputs.tasks))
+    learner = build(apply_fn, params, len(inputs.tasks))
     rng = np.random.default_rng(int(params["seed"]))
     batch = lambda: np.stack([x[rng.integers(0, len(x), bs)] for x in xs])
     st = learner.init(inputs.pretrained, inputs.experts, {"x": batch()[:, :1]})
-    traj, losses = [_lam(st.lambdas)], []
+    traj, losses = [info(st)], []
     for s in range(steps):
       st, m = learner.step(st, {"x": batch()})
       losses.append(float(m["loss"]))
       if (s + 1) % every == 0 or s + 1 == steps:
-        traj.append(_lam(st.lambdas))
+        traj.append(info(st))
     _log(inputs, params, steps=steps, batch_per_task=bs, inputs_seen_per_task=steps * bs,
-         lambda_shape=list(st.lambdas.shape), log_every=every,
-         lambda_trajectory=traj, entropy_first=losses[0] if losses else None,
-         entropy_last=losses[-1] if losses else None,
-         lambdas_final=np.asarray(st.lambdas, np.float64).tolist())
-    return AM.merged(st)
+         log_every=every, **{trajectory: traj}, entropy_first=losses[0] if losses else None,
+         entropy_last=losses[-1] if losses else None, **info(st, final=True))
+    return merged_of(st)
 
   return merger
+
+
+def adamerging_merger(granularity: str):
+  """AdaMerging (``granularity`` 'task' or 'layer') on the tasks' unlabeled test inputs."""
+  build = lambda apply_fn, params, n: AM.adamerging(
+      apply_fn, granularity=granularity, init=float(params["init"]),
+      optimizer=optax.adam(float(params["learning_rate"])), tasks=n)
+
+  def info(st, final=False):
+    if final:
+      return {"lambda_shape": list(st.lambdas.shape),
+              "lambdas_final": np.asarray(st.lambdas, np.float64).tolist()}
+    return _lam(st.lambdas)
+
+  return _entropy_merger(f"{granularity}-wise AdaMerging", build, AM.merged, info,
+                         trajectory="lambda_trajectory")
+
+
+def adarank_merger(base: str):
+  """AdaRank on ``base`` ('ta' or 'cart') on the tasks' unlabeled test inputs."""
+  build = lambda apply_fn, params, n: AR.adarank(
+      apply_fn, base=base, init=params["init"], initial_rank_ratio=params["initial_rank_ratio"],
+      temperature=float(params["temperature"]),
+      optimizer=optax.adam(float(params["learning_rate"])), tasks=n)
+
+  def info(st, final=False):
+    kept = [int(np.sum(np.asarray(m) > 0)) for m in st.logits]
+    total = [int(np.size(m)) for m in st.logits]
+    if final:
+      return {"lambda_shape": list(st.lambdas.shape), "kept_components": kept,
+              "total_components": total,
+              "kept_per_expert": [int(sum(np.sum(np.asarray(m)[i] > 0) for m in st.logits))
+                                  for i in range(st.lambdas.shape[0])]}
+    return {"lambda_mean": _lam(st.lambdas), "kept_fraction": sum(kept) / max(1, sum(total))}
+
+  return _entropy_merger(f"AdaRank ({base})", build, AR.merged, info)
+
+
+# ------------------------------------------------------------------ Twin-Merging
+
+
+def twin_row(inputs: MB.MergeInputs, test: Mapping[str, tuple], params: Mapping | None = None
+             ) -> dict:
+  """Twin-Merging on the benchmark (not a `register_merger` row: θ(x) differs per input).
+
+  θ* = task arithmetic (λ 0.29) or TIES of the backbones; exclusive deltas at rank ratio 0.1;
+  the router is trained on the shared expert's features of the **labelled val budget**
+  (``inputs.data[t].x_val``, label = the task id, not the class); each test input x of task t
+  is scored by t's head on θ*(x) + Σ w_i(x) δ̂_i. ``test``: ``{task: (x_test, y_test)}``.
+  Returns per-task test accuracy, the router's task-id accuracy on test and what was used."""
+  from kfuse.bench import pool as pool_lib
+  from kfuse.merge import twin as TW
+  p = {"shared": "task_arithmetic", "shared_params": None, "rank_ratio": TW.RANK_RATIO,
+       "router_epochs": 50, "router_lr": 5e-4, "router_batch_size": 1024, "batch_size": 100,
+       "seed": 0, **dict(params or {})}
+  cfg, state = inputs.pool.manifest["config"], _state(inputs)
+  shared = TW.shared_expert(inputs.pretrained, inputs.experts, p["shared"], p["shared_params"])
+  tw = TW.twin(shared, inputs.experts, float(p["rank_ratio"]))
+  xs = [np.asarray(inputs.data[t].x_val) for t in inputs.tasks]
+  if any(len(x) == 0 for x in xs):
+    raise KfuseError("Twin-Merging: the router needs labelled val inputs of every task"
+                     " (data.val_per_task = 0)")
+  feats = np.concatenate([pool_lib.features(cfg, shared, x) for x in xs])
+  ids = np.concatenate([np.full(len(x), i) for i, x in enumerate(xs)])
+  router = TW.train_router(feats, ids, len(inputs.tasks), epochs=int(p["router_epochs"]),
+                           learning_rate=float(p["router_lr"]),
+                           batch_size=int(p["router_batch_size"]), seed=int(p["seed"]))
+  acc, route_acc, bs = {}, {}, int(p["batch_size"])
+  for i, t in enumerate(inputs.tasks):
+    model, head = inputs.model(t), inputs.heads[t]
+    fn = jax.jit(lambda w, x, model=model, head=head: TW.twin_apply(
+        lambda th, xb: model.apply(models.with_params(th, head, state), xb, train=False), tw, w, x))
+    x, y = test[t]
+    w = np.asarray(TW.route(router, pool_lib.features(cfg, shared, np.asarray(x))))
+    pred = np.concatenate([np.asarray(fn(w[j:j + bs], x[j:j + bs])).argmax(-1)
+                           for j in range(0, len(x), bs)])
+    acc[t] = float(np.mean(pred == np.asarray(y)))
+    route_acc[t] = float(np.mean(w.argmax(1) == i))
+  return {"test": acc, "test_avg": float(np.mean(list(acc.values()))), "router_task_accuracy": route_acc,
+          "params": MB._plain(p), "data": "labelled val inputs (data.val_per_task) for the router"
+          " (task ids only); no test label", "labeled_per_task": {t: int(len(x)) for t, x in
+                                                                  zip(inputs.tasks, xs)}}
+
+
+def run_twin(pool_path: str, val_per_task: int = 64, params: Mapping | None = None,
+             cache: str | None = None) -> dict:
+  """`twin_row` on a built pool (the benchmark's data and heads; read-only)."""
+  from kfuse.bench import pool as pool_lib
+  pool = pool_lib.load_pool(pool_path)
+  tasks = pool.tasks
+  datasets = MB._datasets(pool, tasks, cache)
+  data, _ = MB._budget(datasets, 0, int(val_per_task))
+  inputs = MB.MergeInputs(tasks=list(tasks), pretrained=models.backbone_of(pool.pretrained),
+                          experts=[models.backbone_of(pool.experts[t]) for t in tasks],
+                          heads={t: models.head_of(pool.experts[t]) for t in tasks},
+                          model=pool.model, data=data, key=jax.random.key(0), pool=pool)
+  return twin_row(inputs, {t: (datasets[t].x_test, datasets[t].y_test) for t in tasks}, params)
 
 
 def _lam(lambdas) -> list:
@@ -305,6 +413,12 @@ _register("expert_merging", expert_merging_merger,
           {"samples": 32, "steps": 200, "init": 0.1, "learning_rate": 1e-2, "temperature": 1.0,
            "hidden_weight": 0.1, "reg_weight": 0.1},
           "Expert Merging, logits + backbone features aligned to each expert on 32 unlabeled inputs")
+_ARK = {"init": None, "initial_rank_ratio": None, "temperature": 10.0, "learning_rate": 1e-3,
+        "batch_size": 16, "steps": 1000, "log_every": 50, "seed": 0}
+_register("adarank_ta", adarank_merger("ta"), _ARK,
+          "AdaRank on task arithmetic, entropy on the unlabeled test inputs")
+_register("adarank_cart", adarank_merger("cart"), _ARK,
+          "AdaRank on CART (the experts' mean as origin), entropy on the unlabeled test inputs")
 _register("adamerging_task", adamerging_merger("task"), _ADA,
           "task-wise AdaMerging, entropy on the unlabeled test inputs")
 _register("adamerging_layer", adamerging_merger("layer"), _ADA,

@@ -1,0 +1,257 @@
+"""AdaRank: learned binary masks over the rank-1 components of each task vector.
+
+Lee et al., "AdaRank: Adaptive Rank Pruning for Enhanced Model Merging", ICLR 2026
+(arXiv 2503.22178; reference implementation github.com/david3684/AdaRank,
+``vision/src/models/merge_vit/adaptive.py``). Per expert i and weight matrix p,
+
+    τ_{i,p} = θ_{i,p} − θ_o,p = U_{i,p} diag(s_{i,p}) V_{i,p}ᵀ          (thin SVD, r = min(m, n))
+    τ̂_{i,p}(B) = U_{i,p} diag(B_{i,p} ⊙ s_{i,p}) V_{i,p}ᵀ               B_{i,p} ∈ {0, 1}^r
+    θ_p(λ, B) = θ_o,p + Σ_i λ_{i,p} τ̂_{i,p}(B)                        (other tensors: τ̂ = τ)
+    min_{λ, B} Σ_t mean_b H(softmax(f_t(θ(λ, B); x_{t,b})))              (AdaMerging's entropy)
+
+The mask is relaxed as the reference does: real logits m, gate g = σ(m / T) and a
+**straight-through estimator** (Bengio et al. 2013) — the forward pass uses the hard
+B = 1[g > 0.5] (= 1[m > 0]), the backward pass the gradient of the soft gate:
+
+    B_ste = g + stop_gradient(1[g > 0.5] − g)      ∂L/∂m = ∂L/∂B · g(1 − g) / T
+
+(``straight_through=False`` is the reference's ``soft_mask`` option: B = g in both passes.)
+The reference has no hard-concrete noise and no sparsity penalty; the entropy alone decides
+which components are pruned. Initial logits: +0.1 for the first ⌈ρ·r⌉ components
+(``initial_rank_ratio`` ρ) and −0.1 for the rest (soft masks: 2.0 / 0.0), T = 10, one λ per
+expert and tensor ("layer-wise", as AdaMerging), Adam lr 1e-3 on both.
+
+Bases (``base``), as in the reference's two variants:
+- ``'ta'``: θ_o = θ_0 (the pretrained model), τ_i = θ_i − θ_0; λ₀ = 0.3, ρ = 1 (every
+  component kept at the start: with frozen λ and masks this is task arithmetic, λ = 0.3).
+- ``'cart'``: θ_o = (1/N) Σ θ_i (CART, Choi et al. 2024: "Revisiting weight averaging for
+  model merging"), τ_i = θ_i − θ_o; the reference's 8-task ViT-B/32 config λ₀ = 2.3, ρ = 0.16.
+
+Which tensors are masked (``matrix_split``): every 2-D weight (``kernel`` / ``weight``), and a 3-D
+``DenseGeneral`` attention kernel ([in, heads, dim] or [heads, dim, out]) read as the
+most-square matrix (the [d, d] projection PyTorch's CLIP holds). Biases, norms, embeddings
+and convolution kernels keep their whole τ (the reference masks only the attention / MLP
+weights). Flax [in, out] vs PyTorch [out, in] does not matter: the SVD of the transpose has
+the same rank-1 components.
+
+Step protocol (`kfuse.protocol`), the same as `kfuse.merge.adamerging`, whose merged forward
+(`adamerging.merge_params`) and entropy (`adamerging.objective_fn`) it uses:
+
+    learner = adarank(apply_fn, base="ta", tasks=T)
+    state = learner.init(pretrained, experts, {"x": x_example})
+    state, metrics = learner.step(state, {"x": x}, key)     # jitted; key unused
+    merged = merged(state)                                 # θ(λ, B) with the hard masks
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kfuse import tree as T
+from kfuse.merge import adamerging as AM
+from kfuse.protocol import Learner, check_batch
+from kfuse.tree import KfuseError
+
+PyTree = Any
+Array = jax.Array
+
+__all__ = ["AdaRankState", "adarank", "merged", "masks", "objective_fn", "matrix_split",
+           "BASES", "DEFAULTS"]
+
+BASES = ("ta", "cart")
+# the reference's configs: vision/configs/adarank_B_T8/adarank_{TA,CART}.yaml (+ hydra_default)
+DEFAULTS = {"ta": {"init": 0.3, "initial_rank_ratio": 1.0},
+            "cart": {"init": 2.3, "initial_rank_ratio": 0.16}}
+
+
+class AdaRankState(NamedTuple):
+  """lambdas ``[N, P]``; mask logits, one ``[N, r_p]`` per masked matrix (flatten order);
+  the optimizer state; θ_o; per tensor either the SVD ``(U [N, m, r], s [N, r], Vᵀ [N, r, n])``
+  of its task vectors or the stacked task vectors ``[N, ...]`` (frozen); the step."""
+  lambdas: Array
+  logits: tuple
+  opt_state: Any
+  origin: PyTree
+  parts: tuple
+  count: Array
+
+
+def matrix_split(path: str, shape: tuple) -> int | None:
+  """k such that the tensor is the matrix ``[prod(shape[:k]), prod(shape[k:])]``, or None
+  (not masked). Only weights are masked (the leaf is ``kernel`` or ``weight``, as the
+  reference masks the attention / MLP weights): 2-D: k = 1; 3-D (Flax DenseGeneral): the
+  most square split. Everything else (biases, norms, embeddings, convolution kernels): None."""
+  if path.rsplit("/", 1)[-1] not in ("kernel", "weight") or min(shape, default=0) == 0:
+    return None
+  if len(shape) == 2:
+    return 1
+  if len(shape) == 3:
+    return min((1, 2), key=lambda k: abs(math.prod(shape[:k]) - math.prod(shape[k:])))
+  return None
+
+
+def _decompose(tau: Array, k: int):
+  """Thin SVD of the stacked task matrices ``tau [N, ...]`` read at split k."""
+  n = tau.shape[0]
+  mat = tau.reshape(n, math.prod(tau.shape[1:k + 1]), -1)
+  u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
+  return (u, s, vt)
+
+
+def _task_vectors(parts: tuple, gates: Sequence[Array], like: PyTree) -> PyTree:
+  """τ̂ per tensor: U diag(gate ⊙ s) Vᵀ reshaped back, or τ (flatten order of ``like``)."""
+  leaves, treedef = jax.tree.flatten(like)
+  out, j = [], 0
+  for b, part in zip(leaves, parts):
+    if isinstance(part, tuple):
+      u, s, vt = part
+      out.append(((u * (gates[j] * s)[:, None, :]) @ vt).reshape((u.shape[0],) + b.shape))
+      j += 1
+    else:
+      out.append(part)
+  return jax.tree.unflatten(treedef, out)
+
+
+def objective_fn(apply_fn: Callable, tasks: int | None = None) -> Callable:
+  """``L(lambdas, gates, origin, parts, x)``: the entropy of θ(λ, B = gates), with
+  continuous gates (for gradient checks; the learner feeds the straight-through masks)."""
+  entropy_of = AM.objective_fn(apply_fn, tasks)
+
+  def objective(lambdas, gates, origin, parts, x):
+    return entropy_of(lambdas, origin, _task_vectors(parts, gates, origin), x)
+
+  return objective
+
+
+def _gates(logits: Sequence[Array], temperature: float, straight_through: bool) -> list:
+  out = []
+  for m in logits:
+    g = jax.nn.sigmoid(m / temperature)
+    out.append(g + jax.lax.stop_gradient((g > 0.5).astype(g.dtype) - g) if straight_through
+               else g)
+  return out
+
+
+def masks(state: AdaRankState, straight_through: bool = True, temperature: float = 10.0) -> list:
+  """The forward masks B (hard 0/1 with the straight-through estimator, else σ(m/T))."""
+  return [np.asarray(g) for g in _gates(state.logits, temperature, straight_through)]
+
+
+def merged(state: AdaRankState, straight_through: bool = True, temperature: float = 10.0
+           ) -> PyTree:
+  """θ(λ, B) of ``state`` with the forward masks (`masks`)."""
+  gates = _gates(state.logits, temperature, straight_through)
+  return AM.merge_params(state.origin, _task_vectors(state.parts, gates, state.origin),
+                         state.lambdas)
+
+
+def adarank(apply_fn: Callable, *, base: str = "ta", init: float | None = None,
+            initial_rank_ratio: float | None = None, temperature: float = 10.0,
+            straight_through: bool = True, optimizer: Any = None, tasks: int | None = None,
+            split: Callable[[str, tuple], int | None] = matrix_split) -> Learner:
+  """AdaRank as a `Learner` (see the module doc).
+
+  Args:
+    apply_fn: ``(params, x) -> logits`` or, with ``tasks``, ``(params, x, t) -> logits``.
+    base: 'ta' (θ_0 origin) or 'cart' (the experts' mean as origin).
+    init: initial λ (None: the base's default, 0.3 / 2.3).
+    initial_rank_ratio: fraction ρ of each matrix's components kept at the start (None:
+      the base's default, 1.0 / 0.16).
+    temperature: T of the gate σ(m / T) (10).
+    straight_through: hard masks forward, soft-gate gradient backward (True, the paper);
+      False: soft gates σ(m/T) in both passes.
+    optimizer: an optax transformation or a `kfuse.optim` config; None: Adam(1e-3).
+    tasks: number of tasks T when each step scores T per-task batches ``[T, B, ...]``.
+    split: ``(path, shape) -> k | None``: which tensors are masked and as what matrix.
+  """
+  if base not in BASES:
+    from kfuse.registry import suggest
+    raise KfuseError(f"adarank: unknown base {base!r}{suggest(base, BASES)}; known: ta, cart")
+  init = DEFAULTS[base]["init"] if init is None else float(init)
+  rho = DEFAULTS[base]["initial_rank_ratio"] if initial_rank_ratio is None else float(initial_rank_ratio)
+  if not 0.0 <= rho <= 1.0:
+    raise KfuseError(f"adarank: initial_rank_ratio must be in [0, 1], got {rho}")
+  if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+    raise KfuseError(f"adarank: temperature must be > 0, got {temperature}")
+  if tasks is not None and int(tasks) < 1:
+    raise KfuseError(f"adarank: tasks must be >= 1, got {tasks}")
+  tx = AM._optimizer(optimizer)
+  objective = objective_fn(apply_fn, tasks)
+  on, off = (2.0, 0.0) if not straight_through else (0.1, -0.1)
+
+  def loss_fn(trainable, origin, parts, x):
+    gates = _gates(trainable["logits"], temperature, straight_through)
+    return objective(trainable["lambdas"], gates, origin, parts, x)
+
+  def _check(batch, where):
+    check_batch(batch, ("x",), where=where)
+    x = batch["x"]
+    if tasks is not None and (np.ndim(x) < 2 or np.shape(x)[0] != int(tasks)):
+      raise KfuseError(f"{where}: 'x' must be [T={tasks}, B, ...] (one batch per task),"
+                       f" got shape {tuple(np.shape(x))}")
+
+  def init_fn(pretrained: PyTree, experts: Sequence[PyTree],
+              batch: Mapping[str, Any] | None = None, key: Array | None = None) -> AdaRankState:
+    experts = list(experts)
+    if not experts:
+      raise KfuseError("adarank: no experts")
+    T.check_same_structure([pretrained] + experts,
+                           ["pretrained"] + [f"expert[{i}]" for i in range(len(experts))])
+    for i, e in enumerate(experts):
+      T.check_finite(e, f"expert[{i}]")
+    stacked = jax.tree.map(lambda *e: jnp.stack([jnp.asarray(a) for a in e]), *experts)
+    origin = (jax.tree.map(jnp.asarray, pretrained) if base == "ta"
+              else jax.tree.map(lambda s: jnp.mean(s, axis=0), stacked))
+    paths = T.paths(origin)
+    leaves, treedef = jax.tree.flatten(origin)
+    taus = treedef.flatten_up_to(jax.tree.map(lambda s, o: s - o[None], stacked, origin))
+    parts, logits = [], []
+    for path, o, tau in zip(paths, leaves, taus):
+      k = split(path, tuple(o.shape))
+      if k is None:
+        parts.append(tau)
+        continue
+      u, s, vt = _decompose(tau, k)
+      r = s.shape[-1]
+      keep = min(r, int(math.ceil(rho * r)))
+      m = np.full((len(experts), r), off, np.float32)
+      m[:, :keep] = on
+      parts.append((u, s, vt))
+      logits.append(jnp.asarray(m))
+    n, p = len(experts), len(leaves)
+    lambdas = jnp.full((n, p), init, jnp.float32)
+    trainable = {"lambdas": lambdas, "logits": tuple(logits)}
+    state = AdaRankState(lambdas, tuple(logits), tx.init(trainable), origin, tuple(parts),
+                         jnp.zeros((), jnp.int32))
+    if batch is not None:
+      _check(batch, "adarank.init batch")
+      jax.eval_shape(_step, state, dict(batch), key)   # configuration errors surface here
+    return state
+
+  def _update(trainable, opt_state, count, origin, parts, x):
+    loss, g = jax.value_and_grad(loss_fn)(trainable, origin, parts, x)
+    updates, opt_state = tx.update(g, opt_state, trainable)
+    kept = sum(jnp.sum(m > 0) for m in trainable["logits"]) if trainable["logits"] else jnp.zeros(())
+    return (optax.apply_updates(trainable, updates), opt_state, count + 1,
+            {"loss": loss, "grad_norm": optax.tree.norm(g), "kept": kept})
+
+  jitted = jax.jit(_update)   # θ_o and the SVDs go in but never come out (no copies per step)
+
+  def _step(state: AdaRankState, batch, key):
+    trainable = {"lambdas": state.lambdas, "logits": state.logits}
+    trainable, opt_state, count, metrics = jitted(trainable, state.opt_state, state.count,
+                                                  state.origin, state.parts, batch["x"])
+    return state._replace(lambdas=trainable["lambdas"], logits=tuple(trainable["logits"]),
+                          opt_state=opt_state, count=count), metrics
+
+  def step(state: AdaRankState, batch: Mapping[str, Any], key: Array | None = None):
+    _check(batch, "adarank batch")
+    return _step(state, {"x": batch["x"]}, key)
+
+  return Learner(init_fn, step)
