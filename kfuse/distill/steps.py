@@ -282,7 +282,7 @@ class DistillStep:
                        self.objective)
 
 
-_BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits")
+_BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits", "topk_ce")  # topk_ce: kfuse.fusion
 
 
 def _check_batch(batch: Mapping[str, Any]) -> None:
