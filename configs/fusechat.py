@@ -30,5 +30,4 @@ def get_config(arg=None):
       task_arithmetic=dict(name="task_arithmetic", params=dict(weight=0.5)),
       ties=dict(name="ties", params=dict(density=0.6, weight=0.5)),
   ))
-  c.workdir = f"workdirs/fusechat_{variant}"
   return c

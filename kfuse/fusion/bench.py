@@ -11,12 +11,17 @@ Pipeline (every stage cached in the workdir, so a re-run resumes):
    tokens; each sequence's text is scored by every source (and by the target itself, the
    "reference model" of FuseLLM) into `kfuse.fusion.representations` directories.
 4. Alignment (`kfuse.fusion.align`): each source's top-K mapped to the target's positions and
-   vocabulary (offsets alignment, MinED vocabulary map by default).
+   vocabulary (offsets alignment, MinED vocabulary map by default). The CE that weighs
+   sources is FuseLLM's per-token mean (``fusion.ce_unit="token"``) or nats per character
+   (``"char"``): per-token CEs of different tokenizers are not comparable (a tokenizer with
+   shorter tokens has a lower per-token CE whatever the model's quality).
 5. Training: copies of the target continued for ``fusion.steps`` on the same batches with
    λ·CLM + (1−λ)·fusion (`kfuse.fusion.losses.objective`); variants: CLM only (the control),
    single-source KD, FuseLLM MinCE / AvgCE over all sources; FuseChat: pairwise fusion of each
    source into a copy of the target, then `kfuse.merge` methods over the fused targets.
 6. Bits per character on each domain's test documents: Σ NLL / (ln 2 · characters predicted).
+   ``job="fusechat"`` shares the workdir (models, representations, alignments) with
+   ``job="fusellm"``; results go to ``results_<job>.json`` and ``table_<job>.md``.
 
 Wan et al., "Knowledge Fusion of Large Language Models" (FuseLLM, ICLR 2024); Wan et al.,
 "FuseChat: Knowledge Fusion of Chat Models" (2024).
@@ -174,23 +179,33 @@ def _aligned(config, wd, name, rep_dir, tgt_tok, src_tok, ids, offs, nxt):
   from kfuse.fusion import align as A
   from kfuse.fusion import representations as R
   path = os.path.join(wd, "aligned", f"{name}.npz")
+  unit = str(config.fusion.ce_unit)
+  if unit not in ("token", "char"):
+    raise KfuseError(f"fusion.ce_unit: expected 'token' or 'char', got {unit!r}")
   if os.path.isfile(path):
     with np.load(path) as z:
-      return z["indices"], z["logits"], z["ce"], float(z["matched"])
+      return z["indices"], z["logits"], z[f"ce_{unit}"], float(z["matched"])
   vm = A.vocab_map(tgt_tok, src_tok, str(config.fusion.vocab_map), cache_dir=config.data.cache_dir)
-  I, Lg, ce, matched = [], [], [], []
+  I, Lg, ce, ce_char, matched = [], [], [], [], []
   for n, rec in enumerate(R.read(rep_dir)):
+    R.check_tokens(rep_dir, n, rec["token_ids"]) if n == 0 else None
     i, l, m = A.align_topk(ids[n], offs[n], rec["offsets"], rec["topk_ids"],
                            rec["topk_logprobs"], vm, next_id=int(nxt[n]))
     I.append(i)
     Lg.append(l)
     ce.append(rec["seq_ce"])
+    # nats per character of the text the source predicted (comparable across tokenizers)
+    tce, off = rec["token_ce"], rec["offsets"]
+    ok = np.isfinite(tce)
+    chars = int(np.sum(off[1:, 1] - off[:-1, 1])) if len(off) > 1 else 0
+    ce_char.append(float(np.sum(tce[ok])) / max(chars, 1))
     matched.append(m.mean())
-  out = np.stack(I), np.stack(Lg), np.asarray(ce, np.float32), float(np.mean(matched))
+  arrays = dict(indices=np.stack(I), logits=np.stack(Lg), ce_token=np.asarray(ce, np.float32),
+                ce_char=np.asarray(ce_char, np.float32), matched=float(np.mean(matched)))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path + ".tmp.npz", indices=out[0], logits=out[1], ce=out[2], matched=out[3])
+  np.savez(path + ".tmp.npz", **arrays)
   os.replace(path + ".tmp.npz", path)
-  return out
+  return arrays["indices"], arrays["logits"], arrays[f"ce_{unit}"], arrays["matched"]
 
 
 def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, key):
@@ -230,7 +245,9 @@ def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, 
 def run(config: Any, workdir: str | None = None) -> dict:
   """Run the FuseLLM / FuseChat benchmark of ``config`` (see ``configs/fusellm.py``)."""
   t_start = time.time()
-  wd = check_workdir(workdir or config.workdir, bool(config.overwrite))
+  if config.job not in ("fusellm", "fusechat"):
+    raise KfuseError(f"job: expected 'fusellm' or 'fusechat', got {config.job!r}")
+  wd = check_workdir(workdir or config.workdir, bool(config.overwrite), f"results_{config.job}.json")
   for d in config.domains:
     text._check_domain(d)
   seq_len = int(config.seq_len)
@@ -284,10 +301,11 @@ def run(config: Any, workdir: str | None = None) -> dict:
     results["matched"][n] = targets[n][3]
   # 5. variants
   steps = int(config.fusion.steps)
-  variants = {"clm": ("min_ce", [])}
-  for n in models:
-    variants[f"kd:{n}"] = ("min_ce", [n])
+  variants = {}
   if config.job == "fusellm":
+    variants["clm"] = ("min_ce", [])
+    for n in models:
+      variants[f"kd:{n}"] = ("min_ce", [n])
     for fusion in config.fusion.rules:
       variants[f"fusellm:{fusion}"] = (fusion, ["target", *models])
   else:
@@ -310,8 +328,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
       _log(config, f"fusechat:{label}: {results['bpc'][f'fusechat:{label}']}")
   results["seconds"] = time.time() - t_start
   results["config"] = plain(config.to_dict())
-  write_json(os.path.join(wd, "results.json"), results)
-  write_text(os.path.join(wd, "table.md"), _table(results, list(config.domains)))
+  write_json(os.path.join(wd, f"results_{config.job}.json"), results)
+  write_text(os.path.join(wd, f"table_{config.job}.md"), _table(results, list(config.domains)))
   _log(config, "\n" + _table(results, list(config.domains)))
   return results
 
