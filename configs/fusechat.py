@@ -10,7 +10,7 @@ between the target's own distribution and the source's (FuseChat's ``fuse_with_r
 
 import ml_collections
 
-from kfuse.configs import parse_arg
+from kfuse.configs import one_of, parse_arg
 
 
 def get_config(arg=None):
@@ -21,7 +21,7 @@ def get_config(arg=None):
       "fusellm_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusellm.py"))
   base = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(base)
-  variant = parse_arg(arg, variant="full").variant
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick"))).variant
   c = base.get_config(variant)
   c.job = "fusechat"
   c.merges = ml_collections.ConfigDict(dict(

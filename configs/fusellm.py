@@ -12,7 +12,7 @@ domain's test documents. Writes results.json and table.md to ``workdir``.
 
 import ml_collections
 
-from kfuse.configs import parse_arg
+from kfuse.configs import one_of, parse_arg
 
 
 def _model(tokenizer, vocab_size, domains, steps, dim=64, depth=2, num_heads=4):
@@ -22,7 +22,7 @@ def _model(tokenizer, vocab_size, domains, steps, dim=64, depth=2, num_heads=4):
 
 def get_config(arg=None):
   """``arg``: ``quick`` (a smoke run) or nothing (the benchmark)."""
-  variant = parse_arg(arg, variant="full").variant
+  variant = parse_arg(arg, variant=("full", one_of("full", "quick"))).variant
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
   c.task = "fusion_bench"

@@ -6,7 +6,9 @@ Pipeline (every stage cached in the workdir, so a re-run resumes):
 1. Tokenizers (`kfuse.data.text.train_tokenizer`): the target's and one per source, each its
    own algorithm, vocabulary size and training domains.
 2. Models: zoo GPTs (`kfuse.models.gpt`); each source trained with CLM on its domains, the
-   target briefly on all domains (a weak starting point); Orbax checkpoints in ``models/``.
+   target briefly on all domains (a weak starting point); Orbax checkpoints in
+   ``models/<name>-<hash of its settings, seed, seq_len>`` (representations and alignments
+   are keyed the same way, so a changed setting never reuses a stale file).
 3. Fusion corpus: train documents of every domain cut into sequences of ``seq_len`` target
    tokens; each sequence's text is scored by every source (and by the target itself, the
    "reference model" of FuseLLM) into `kfuse.fusion.representations` directories.
@@ -87,6 +89,13 @@ def _train_clm(model, variables, windows: np.ndarray, steps: int, batch: int, lr
   jax.block_until_ready(state.params)
   tps = steps * batch * (windows.shape[1] - 1) / max(time.time() - t0, 1e-9)
   return {"params": state.params}, float(m["loss"]), tps
+
+
+def _key(*parts) -> str:
+  """A short hash of JSON-able settings: cached models / representations are keyed by them."""
+  import hashlib
+  import json
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _save(path: str, variables) -> None:
@@ -263,7 +272,8 @@ def run(config: Any, workdir: str | None = None) -> dict:
     tok = text.train_tokenizer(s["tokenizer"], int(s["vocab_size"]), domains=tuple(s["domains"]),
                                cache_dir=cache)
     model = _gpt(s, tok.vocab_size, seq_len)
-    path = os.path.join(wd, "models", name)
+    mkey = _key(s, int(config.seed), seq_len)
+    path = os.path.join(wd, "models", f"{name}-{mkey}")
     variables = _load(path)
     if variables is None:
       wins = _windows([tok.encode(t).ids for t in text.texts(s["domains"])], seq_len)
@@ -272,10 +282,11 @@ def run(config: Any, workdir: str | None = None) -> dict:
                                         float(s["learning_rate"]), jax.random.fold_in(key, 200 + i))
       _save(path, variables)
       _log(config, f"source {name}: {tok.vocab_size} tokens, final loss {loss:.3f}, {tps:.0f} tok/s")
-    models[name] = (model, variables, tok)
+    models[name] = (model, variables, tok, mkey)
     results["bpc"][f"source:{name}"] = _eval(config, lambda x, m=model, v=variables: m.apply(v, x), tok, seq_len)
   tmodel = _gpt(tgt_cfg, tgt_tok.vocab_size, seq_len)
-  tpath = os.path.join(wd, "models", "target")
+  tkey = _key(tgt_cfg, int(config.seed), seq_len)
+  tpath = os.path.join(wd, "models", f"target-{tkey}")
   tvars = _load(tpath)
   if tvars is None:
     wins = _windows([tgt_tok.encode(t).ids for t in text.texts(config.domains)], seq_len)
@@ -289,15 +300,18 @@ def run(config: Any, workdir: str | None = None) -> dict:
   # 3. fusion corpus and representations
   from kfuse.fusion import representations as R
   ftexts, ids, offs, nxt = fusion_corpus(tgt_tok, config.domains, seq_len, int(config.fusion.sequences_per_domain))
-  reps = {"target": (os.path.join(wd, "reps", "target"), tgt_tok, tmodel, tvars)}
-  reps.update({n: (os.path.join(wd, "reps", n), t, m, v) for n, (m, v, t) in models.items()})
+  ckey = _key(int(config.fusion.sequences_per_domain), int(config.fusion.k), tkey)
+  reps = {"target": (os.path.join(wd, "reps", f"target-{tkey}-{ckey}"), tgt_tok, tmodel, tvars)}
+  reps.update({n: (os.path.join(wd, "reps", f"{n}-{k}-{ckey}"), t, m, v)
+               for n, (m, v, t, k) in models.items()})
   for n, (path, tok, model, variables) in reps.items():
     R.write(path, ftexts, tok, lambda x, m=model, v=variables: m.apply(v, x), k=int(config.fusion.k),
             context=seq_len, shard_size=64, meta={"source": n})
   # 4. alignment
   targets = {}
   for n, (path, tok, _, _) in reps.items():
-    targets[n] = _aligned(config, wd, n, path, tgt_tok, tok, ids, offs, nxt)
+    targets[n] = _aligned(config, wd, os.path.basename(path) + "-" + str(config.fusion.vocab_map),
+                          path, tgt_tok, tok, ids, offs, nxt)
     results["matched"][n] = targets[n][3]
   # 5. variants
   steps = int(config.fusion.steps)
