@@ -68,6 +68,7 @@ __all__ = [
     "align_dtw",
     "dtw_ranges",
     "token_costs",
+    "aligned_pairs",
     "pair_counts",
     "vocab_map",
     "align_topk",
@@ -291,6 +292,14 @@ def align_dtw(base_surfaces: Sequence[bytes], blend_surfaces: Sequence[bytes]) -
 # ------------------------------------------------------------------ vocabulary maps
 
 
+def aligned_pairs(base_ids, base_offsets, blend_ids, blend_offsets) -> tuple[np.ndarray, np.ndarray]:
+  """Every aligned (base id, blending id) pair of one text (offsets alignment), for `pair_counts`."""
+  lo, hi = align_offsets(base_offsets, blend_offsets)
+  n = hi - lo
+  cols = np.repeat(lo - np.cumsum(np.concatenate(([0], n[:-1]))), n) + np.arange(int(n.sum()))
+  return np.repeat(np.asarray(base_ids, np.int64), n), np.asarray(blend_ids, np.int64)[cols]
+
+
 def pair_counts(pairs_base: np.ndarray, pairs_blend: np.ndarray, blend_vocab: int) -> tuple[np.ndarray, ...]:
   """Sparse counts of aligned (base id, blending id) pairs: COO ``(base, blend, count)``."""
   key = np.asarray(pairs_base, np.int64) * blend_vocab + np.asarray(pairs_blend, np.int64)
@@ -303,7 +312,6 @@ def _mined(base_s: list[bytes], blend_s: list[bytes]) -> np.ndarray:
   index: dict[bytes, int] = {}
   for i, s in enumerate(base_s):
     index.setdefault(s, i)
-  special = [i for i, s in enumerate(base_s) if s.startswith(b"\x00")]
   plain_ids = np.array([i for i, s in enumerate(base_s) if not s.startswith(b"\x00")])
   plain = [base_s[i] for i in plain_ids]
   lens = np.fromiter((len(s) for s in plain), np.int64, len(plain))
@@ -313,7 +321,6 @@ def _mined(base_s: list[bytes], blend_s: list[bytes]) -> np.ndarray:
       out[j] = index[s]
     elif not s.startswith(b"\x00") and len(plain):
       out[j] = plain_ids[nearest(s, plain, lens)]
-  del special
   return out
 
 
@@ -418,7 +425,6 @@ def align_topk(base_ids: np.ndarray, base_offsets: np.ndarray, blend_offsets: np
                blend_topk_ids: np.ndarray, blend_topk_logits: np.ndarray, vmap: np.ndarray,
                method: str = "offsets", base_surfaces: Sequence[bytes] | None = None,
                blend_surfaces: Sequence[bytes] | None = None,
-               blend_ids: np.ndarray | None = None,
                next_id: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """A blending model's top-K re-expressed at the base positions, in base ids.
 
@@ -429,8 +435,8 @@ def align_topk(base_ids: np.ndarray, base_offsets: np.ndarray, blend_offsets: np
     base_offsets, blend_offsets: character spans ``[L, 2]``, ``[L_j, 2]`` of the same text.
     blend_topk_ids, blend_topk_logits: the blending model's top-K ``[L_j, K]``.
     vmap: `vocab_map` (blending id -> base id, -1 = none).
-    method: ``"offsets"`` or ``"dtw"`` (needs the surfaces: `surfaces` of each tokenizer
-      indexed by the ids, or pass ``base_surfaces`` / ``blend_surfaces`` per position).
+    method: ``"offsets"`` or ``"dtw"`` (needs ``base_surfaces`` / ``blend_surfaces``: the
+      `surfaces` of each sequence's tokens, one per position).
 
   Returns:
     ``(indices [L, K] int32, logits [L, K] float32, matched [L] bool)``; unmatched positions

@@ -183,7 +183,7 @@ def fusion_corpus(tok, domains, seq_len: int, per_domain: int) -> tuple[list[str
   return texts, np.stack(ids).astype(np.int32), np.stack(offs), np.asarray(nxt, np.int32)
 
 
-def _aligned(config, wd, name, rep_dir, tgt_tok, src_tok, ids, offs, nxt):
+def _aligned(config, wd, name, rep_dir, tgt_tok, src_tok, texts, ids, offs, nxt):
   """[N, L, K] aligned targets and [N] CE of one source (cached in the workdir)."""
   from kfuse.fusion import align as A
   from kfuse.fusion import representations as R
@@ -194,10 +194,19 @@ def _aligned(config, wd, name, rep_dir, tgt_tok, src_tok, ids, offs, nxt):
   if os.path.isfile(path):
     with np.load(path) as z:
       return z["indices"], z["logits"], z[f"ce_{unit}"], float(z["matched"])
-  vm = A.vocab_map(tgt_tok, src_tok, str(config.fusion.vocab_map), cache_dir=config.data.cache_dir)
+  kind = str(config.fusion.vocab_map)
+  counts = None
+  if kind == "ms":  # FuseChat-2: aligned pair statistics over the fusion corpus, sparse
+    pairs = [A.aligned_pairs(ids[n], offs[n], rec["token_ids"], rec["offsets"])
+             for n, rec in enumerate(R.read(rep_dir))]
+    counts = A.pair_counts(np.concatenate([p[0] for p in pairs]),
+                           np.concatenate([p[1] for p in pairs]), src_tok.vocab_size)
+  vm = A.vocab_map(tgt_tok, src_tok, kind, counts=counts, cache_dir=config.data.cache_dir)
   I, Lg, ce, ce_char, matched = [], [], [], [], []
   for n, rec in enumerate(R.read(rep_dir)):
-    R.check_tokens(rep_dir, n, rec["token_ids"]) if n == 0 else None
+    if rec["token_sha256"] != R.token_hash(src_tok.encode(texts[n]).ids):
+      raise KfuseError(f"{rep_dir}: sequence {n}'s token ids differ from the corpus'"
+                       " (made from a different corpus, order or tokenizer)")
     i, l, m = A.align_topk(ids[n], offs[n], rec["offsets"], rec["topk_ids"],
                            rec["topk_logprobs"], vm, next_id=int(nxt[n]))
     I.append(i)
@@ -311,7 +320,7 @@ def run(config: Any, workdir: str | None = None) -> dict:
   targets = {}
   for n, (path, tok, _, _) in reps.items():
     targets[n] = _aligned(config, wd, os.path.basename(path) + "-" + str(config.fusion.vocab_map),
-                          path, tgt_tok, tok, ids, offs, nxt)
+                          path, tgt_tok, tok, ftexts, ids, offs, nxt)
     results["matched"][n] = targets[n][3]
   # 5. variants
   steps = int(config.fusion.steps)

@@ -203,3 +203,10 @@ def test_align_topk_bad_inputs():
     A.align_topk(np.array([1]), off, off, np.zeros((2, 2), int), np.zeros((2, 2)), np.arange(3))
   with pytest.raises(KfuseError, match="did you mean 'mined'"):
     A.vocab_map(None, None, "mind")
+
+
+def test_aligned_pairs_enumerate_every_overlap(toks):
+  ea, eb = toks["bpe"].encode(HARD), toks["wp"].encode(HARD)
+  b, j = A.aligned_pairs(ea.ids, ea.offsets, eb.ids, eb.offsets)
+  want = [(ea.ids[i], eb.ids[k]) for i, ks in enumerate(_brute_overlap(ea.offsets, eb.offsets)) for k in ks]
+  assert list(zip(b.tolist(), j.tolist())) == want
