@@ -41,6 +41,8 @@ register_task("tta_bench", "kfuse.bench.tta_bench:run",
               "test-time adaptation benchmark on MNIST-1D-C")
 register_task("lm_eval", "kfuse.bench.lm_eval:run",
               "perplexity of an HF causal LM (Llama, Mistral, Qwen2, GPT-2) on a text file")
+register_task("fusion_bench", "kfuse.fusion.bench:run",
+              "FuseLLM / FuseChat knowledge fusion across tokenizers, bits per character")
 register_task("kd_bench", "kfuse.bench.kd_bench:run",
               "knowledge-distillation benchmark (KD losses, Forget-Me-Not, Fantastic Gains)")
 

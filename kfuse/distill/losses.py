@@ -58,6 +58,7 @@ __all__ = [
     "trg",
     "topk_from_logits",
     "topk_cross_entropy",
+    "topk_cross_entropy_rows",
     "topk_kl",
     "masked_mean",
     "l2_normalize",
@@ -700,10 +701,16 @@ def topk_cross_entropy(student_logits: Array, topk_indices: Array, topk_logits: 
   check_temperature(temperature)
   _check_topk(student_logits, topk_indices, topk_logits)
   _check_where(where, tuple(student_logits.shape[:-1]))
+  return masked_mean(topk_cross_entropy_rows(student_logits, topk_indices, topk_logits,
+                                             temperature), where)
+
+
+def topk_cross_entropy_rows(student_logits: Array, topk_indices: Array, topk_logits: Array,
+                            temperature: float = 1.0) -> Array:
+  """`topk_cross_entropy` per position (``[...]``, no mean): −Σ_k p_k·log softmax(z_s/T)[idx_k]."""
   valid, log_p, log_s_k = _topk_parts(student_logits, topk_indices, topk_logits, temperature)
   p = jnp.where(valid, jnp.exp(log_p), 0.0)
-  ce = -jnp.sum(p * jnp.where(valid, log_s_k, 0.0), axis=-1)
-  return masked_mean(ce, where)
+  return -jnp.sum(p * jnp.where(valid, log_s_k, 0.0), axis=-1)
 
 
 def topk_kl(student_logits: Array, topk_indices: Array, topk_logits: Array,

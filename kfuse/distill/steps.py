@@ -296,7 +296,7 @@ class DistillStep:
                        tuple(knnx.as_variables(v) for v in teacher_variables), self.objective)
 
 
-_BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits")
+_BATCH_KEYS = ("x", "y", "where", "topk_indices", "topk_logits", "topk_ce")  # topk_ce: kfuse.fusion
 
 
 def _check_batch(batch: Mapping[str, Any]) -> None:
