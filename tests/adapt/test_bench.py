@@ -149,8 +149,12 @@ def test_images_variant_config():
   module = _config_module()
   img, quick = module.get_config("images"), module.get_config("images_quick")
   assert img.seeds == (0, 1, 2) and img.model.name == "cnn2d" and img.data.name == "glyph_digits"
-  assert quick.source.steps < img.source.steps and quick.data.sizes[2] < img.data.sizes[2]
-  assert set(quick.methods.keys()) >= {"source", "bn_adapt", "tent", "eata", "cotta"}
+  assert img.data.sizes[2] // img.batch_size == 50       # CIFAR-10-C's 50 steps per corruption
+  assert quick.seeds == (0,) and quick.data.sizes[2] < img.data.sizes[2]
+  assert set(quick.methods.keys()) == {"source", "bn_adapt", "tent", "eata"}
+  assert set(img.methods.keys()) == {"source", "bn_adapt", "tent", "eata", "cotta"}
+  assert set(img.long.methods) <= set(img.methods.keys())
+  assert "vida" not in module.get_config().methods and "vida" in module.methods()
 
 
 @pytest.mark.slow
