@@ -292,7 +292,8 @@ def _draws(torch, key, x, n_augment, augment, state, rst):
   return views, masks
 
 
-@pytest.mark.parametrize("thr,scale_high_rank", [(0.0, False), (10.0, True)])
+@pytest.mark.parametrize("thr,scale_high_rank", [(0.0, False),
+                                                   pytest.param(10.0, True, marks=pytest.mark.slow)])
 def test_step_matches_pytorch_restatement(thr, scale_high_rank):
   """Online predictions, uncertainty, student / teacher weights and adapters after every step."""
   model, variables = source_variables()
