@@ -143,6 +143,8 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
   assert agg["seeds"] == [0, 1, 2] and agg["timing_s"]["total"] == 6.0
   md = tta_bench.markdown_tables(agg)
   assert f"**18.0 ± {statistics.stdev(means):.1f}**" in md
+  one = tta_bench.markdown_tables(tta_bench.aggregate(runs[:1]))     # one seed: no "± 0.0"
+  assert "**15.0**" in one and "±" not in one
 
 
 def test_images_variant_config():
