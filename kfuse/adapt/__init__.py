@@ -8,7 +8,8 @@
         metrics["logits"]                                # online predictions for x
 
 Families (one module each): `norm` (source, bn_adapt), `entropy` (tent, eta,
-eata, sar, fisher_information), `mean_teacher` (cotta, rotta), with `memory`
+eata, sar, fisher_information), `mean_teacher` (cotta, rotta), `vida` (ViDA adapters: `adapt.make("vida", ...)` or
+`kfuse.adapt.vida.vida`; not re-exported, the name is its module's), with `memory`
 (RoTTA's CSTU bank), `augment` (test-time augmentations), `core` (BatchNorm
 control, the shared trainable subset, losses) and `stream` (stream runner and
 online evaluation). `registry` holds the methods and their paper defaults:

@@ -15,6 +15,7 @@
 | sar | E0 = 0.4 ln C, ρ 0.05, reset below 0.2, SGD 2.5e-4 m 0.9 |
 | cotta | m 0.999, p 0.01, AP 0.92, N 32, Adam 1e-3, all params (16.2-16.5) |
 | rotta | α 0.05, ν 0.001, K 64, every 64 samples, Adam 1e-3 (19.3) |
+| vida | ranks 1 / 128, thr 0.05, N 10, m = m_vida = 0.999, restore 0.1, Adam 1e-4 (adapters 1e-5) |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import optax
 
 from kfuse import optim
 from kfuse.adapt import core, entropy, mean_teacher, norm
+from kfuse.adapt.vida import vida as _vida
 from kfuse.registry import Registry
 from kfuse.tree import KfuseError
 
@@ -64,6 +66,13 @@ REGISTRY.register("rotta", mean_teacher.rotta, defaults=dict(optimizer=_ADAM, al
                                                               capacity=64, update_frequency=64), doc="""
     RoTTA: RobustBN, CSTU memory, timeliness-weighted teacher→student CE, θ′ ← (1-ν)θ′ + νθ.
     Yuan et al., CVPR 2023.""")
+REGISTRY.register("vida", _vida, defaults=dict(
+    optimizer=dict(name="adam", learning_rate=1e-4),
+    adapter_optimizer=dict(name="adam", learning_rate=1e-5), rank1=1, rank2=128, mt=0.999,
+    mt_vida=0.999, rst=0.1, unc_thr=0.05, n_augment=10), doc="""
+    ViDA: y = Wx + s₁U₁D₁x + s₂U₂D₂x (ranks 1 / 128, U = 0 at init); u = 0.1·mean Var over 10
+    augmented teacher views sets s₁ = 1∓u (s₂ as released: 1); teacher→student soft CE, EMA
+    teacher, stochastic restore. Liu et al., ICLR 2024 (Yangsenqiao/vida).""")
 
 
 def names() -> list[str]:

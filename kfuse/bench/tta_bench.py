@@ -192,7 +192,8 @@ def markdown_tables(results: Mapping) -> str:
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join([" --- "] + [" ---: "] * (len(names) + 1)) + "|")
     for label, r in rows.items():
-      mean = f"{r['mean']:.1f} ± {r['std']:.1f}" if "std" in r else f"{r['mean']:.1f}"
+      several = "std" in r and len(r.get("seed_means") or ()) > 1      # one seed: no "± 0.0"
+      mean = f"{r['mean']:.1f} ± {r['std']:.1f}" if several else f"{r['mean']:.1f}"
       cells = [label] + [f"{e:.1f}" for e in r["errors"]] + [f"**{mean}**"]
       out.append("| " + " | ".join(cells) + " |")
     out.append("")

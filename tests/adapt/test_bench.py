@@ -143,14 +143,20 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
   assert agg["seeds"] == [0, 1, 2] and agg["timing_s"]["total"] == 6.0
   md = tta_bench.markdown_tables(agg)
   assert f"**18.0 ± {statistics.stdev(means):.1f}**" in md
+  one = tta_bench.markdown_tables(tta_bench.aggregate(runs[:1]))     # one seed: no "± 0.0"
+  assert "**15.0**" in one and "±" not in one
 
 
 def test_images_variant_config():
   module = _config_module()
   img, quick = module.get_config("images"), module.get_config("images_quick")
   assert img.seeds == (0, 1, 2) and img.model.name == "cnn2d" and img.data.name == "glyph_digits"
-  assert quick.source.steps < img.source.steps and quick.data.sizes[2] < img.data.sizes[2]
-  assert set(quick.methods.keys()) >= {"source", "bn_adapt", "tent", "eata", "cotta"}
+  assert img.data.sizes[2] // img.batch_size == 50       # CIFAR-10-C's 50 steps per corruption
+  assert quick.seeds == (0,) and quick.data.sizes[2] < img.data.sizes[2]
+  assert set(quick.methods.keys()) == {"source", "bn_adapt", "tent", "eata"}
+  assert set(img.methods.keys()) == {"source", "bn_adapt", "tent", "eata", "cotta"}
+  assert set(img.long.methods) <= set(img.methods.keys())
+  assert "vida" not in module.get_config().methods and "vida" in module.methods()
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from kfuse.tree import KfuseError
 
 from tests.adapt.helpers import run_step, tiny_bn
 
-SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=4)}
+SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=4),
+         "vida": dict(n_augment=2, rank2=4, target="dense|head")}
 
 
 def _types(tree):
@@ -54,7 +55,8 @@ def test_step_compiles_once_and_keeps_state_types(name):
 
 
 def test_registry_defaults_and_errors():
-  assert adapt.names() == sorted(["source", "bn_adapt", "tent", "eta", "eata", "sar", "cotta", "rotta"])
+  assert adapt.names() == sorted(["source", "bn_adapt", "tent", "eta", "eata", "sar", "cotta", "rotta",
+                                       "vida"])
   assert "ICLR 2021" in adapt.REGISTRY.get("tent").doc
   assert adapt.default_config("tent") == {"optimizer": {"name": "adam", "learning_rate": 1e-3},
                                           "params": {"steps": 1, "episodic": False}}

@@ -11,7 +11,8 @@ from kfuse.adapt import entropy as ent_lib
 
 from tests.adapt.helpers import run_step, tiny_bn
 
-SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=8)}   # 1 update / step
+SMALL = {"cotta": dict(n_augment=2), "rotta": dict(capacity=8, update_frequency=8),
+         "vida": dict(n_augment=2, rank2=4, target="dense|head")}   # 1 update / step
 
 
 def _all_finite(tree):
