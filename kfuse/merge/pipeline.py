@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 import jax
 
 from kfuse.merge.core import Method, check_models
-from kfuse.merge.engine import Stats, TensorTask, execute, output_specs
+from kfuse.merge.engine import Stats, TensorTask, compile_cache, execute, output_specs
 from kfuse.tree import KfuseError
 
 FORMATS = ("safetensors", "orbax")
@@ -94,9 +94,33 @@ def validate(plan: Plan) -> None:
     check_models(method, n, has_base, where, base_word=plan.base_word)
 
 
+def process_age() -> Optional[float]:
+  """Seconds since this process started (Linux ``/proc``, 10 ms resolution; None elsewhere)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: starttime, in ticks
+    with open("/proc/uptime") as f:
+      up = float(f.read().split()[0])
+    return round(up - start / os.sysconf("SC_CLK_TCK"), 3)
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def report(res: dict, stats: Stats) -> dict:
   """Add the engine's counts to a result dict (``clamped``, ``nonfinite`` per tensor,
-  ``copied``) and say on stderr, in one line, that integer / bool tensors were copied."""
+  ``copied``) and say on stderr, in one line, that integer / bool tensors were copied.
+  Also how long the process took before the engine started (``startup_s``) and
+  before the first tensor was merged (``first_tensor_s``), wall time from the
+  process's start and CPU time of all its threads (``*_cpu_s``)."""
+  age, now = process_age(), time.perf_counter()
+  for name, at in (("startup", stats.started), ("first_tensor", stats.first_tensor)):
+    if at is not None and age is not None:
+      res[f"{name}_s"] = round(age - (now - at[0]), 3)
+    if at is not None:
+      res[f"{name}_cpu_s"] = round(at[1], 3)
+  cache = compile_cache.counts()
+  if cache is not None:
+    res["compile_cache"] = cache
   if stats.clamped:
     res["clamped"] = dict(stats.clamped)
   if stats.nonfinite:
