@@ -94,6 +94,22 @@ def validate(plan: Plan) -> None:
     check_models(method, n, has_base, where, base_word=plan.base_word)
 
 
+def no_matrix_note(plan: Plan) -> Optional[str]:
+  """One line when a subspace method (TSV-M, Iso-C/CTS, WUDI, SVC) meets a model with no
+  2-D tensor: there is nothing to decompose, and every tensor is merged as the papers
+  merge non-matrix tensors (the mean task vector; SVC leaves them as its base method made
+  them). None otherwise."""
+  from kfuse.merge import subspace
+  if not plan.tasks or not subspace.decomposes(plan.method):
+    return None
+  if any(subspace.is_matrix(t.info.shape) for t in plan.tasks):
+    return None
+  ranks = sorted({len(t.info.shape) for t in plan.tasks})
+  return (f"method {plan.method.name!r} decomposes 2-D weight matrices and this model has"
+          f" none ({len(plan.tasks)} tensors of rank {'/'.join(map(str, ranks))}): every"
+          f" tensor was merged as a non-matrix tensor (the mean task vector), as the paper does")
+
+
 def process_age() -> Optional[float]:
   """Seconds since this process started (Linux ``/proc``, 10 ms resolution; None elsewhere)."""
   try:
@@ -147,6 +163,9 @@ def run(plan: Plan, output_dir: str | os.PathLike, *, key: jax.Array | None = No
   from kfuse import shard
   from kfuse.io.atomic import check_output_writable
   validate(plan)
+  note = no_matrix_note(plan)
+  if note:
+    print(f"kfuse: note: {note}", file=sys.stderr)
   stats = stats if stats is not None else Stats()
   opts = dict(key=key, dtype=plan.dtype, out_dtype=plan.out_dtype, progress=progress,
               stats=stats, **engine_options)
@@ -155,7 +174,8 @@ def run(plan: Plan, output_dir: str | os.PathLike, *, key: jax.Array | None = No
 
   def result(count: int) -> dict:
     return {"output_dir": str(output_dir), "tensors": count, "method": plan.method.name,
-            "format": plan.format, "seconds": round(time.perf_counter() - t0, 3)}
+            "format": plan.format, "seconds": round(time.perf_counter() - t0, 3),
+            **({"note": note} if note else {})}
 
   if not shard.is_writer():   # multi-host: every process computes, process 0 writes
     return result(execute(tasks, sources, lambda name, a: None, **opts))
