@@ -67,7 +67,7 @@ def enable(setting: Optional[str] = AUTO) -> Optional[str]:
 
 
 def counts() -> Optional[dict]:
-  """Programs loaded from (``hits``) and written to (``writes``) the cache so far, and
+  """XLA programs loaded from (``hits``) and written to (``writes``) the cache so far, and
   its ``dir`` (None when `enable` did not turn it on)."""
   if _dir is None:
     return None
