@@ -383,14 +383,14 @@ def matrix(sizes, methods, repeat=3, root="/tmp/kfuse_perf", dtype="float32", ex
         shutil.rmtree(k_out, ignore_errors=True)
         wall, rss, log, cpu = timed(_kfuse_cmd(yml, k_out, cold_cache), env)
         res = _result_line(log)
-        runs["cold"].append((wall, cpu, rss, res["seconds"], res.get("first_tensor_s")))
+        runs["cold"].append((wall, cpu, rss, res["seconds"], res))
         shutil.rmtree(m_out, ignore_errors=True)
         wall, rss, _, cpu = timed(_mergekit_cmd(yml, m_out), env)
         runs["mergekit"].append((wall, cpu, rss))
         shutil.rmtree(k_out, ignore_errors=True)
         wall, rss, log, cpu = timed(_kfuse_cmd(yml, k_out, warm_cache), env)
         res = _result_line(log)
-        runs["warm"].append((wall, cpu, rss, res["seconds"], res.get("first_tensor_s")))
+        runs["warm"].append((wall, cpu, rss, res["seconds"], res))
         if r:
           shutil.rmtree(cold_cache, ignore_errors=True)
       mk = runs["mergekit"]
@@ -402,7 +402,8 @@ def matrix(sizes, methods, repeat=3, root="/tmp/kfuse_perf", dtype="float32", ex
         row[f"kfuse_{k}_cpu"] = [round(x[1], 2) for x in kr]
         row[f"kfuse_{k}_wall"] = [round(x[0], 2) for x in kr]
         row[f"kfuse_{k}_merge_s"] = [round(x[3], 2) for x in kr]
-        row[f"kfuse_{k}_first_tensor_s"] = [x[4] for x in kr]
+        for t in ("startup_s", "startup_cpu_s", "first_tensor_s", "first_tensor_cpu_s"):
+          row[f"kfuse_{k}_{t}"] = [x[4].get(t) for x in kr]
         row[f"cpu_ratio_{k}"] = _spread([m[1] / x[1] for m, x in zip(mk, kr)])
         row[f"wall_ratio_{k}"] = _spread([m[0] / x[0] for m, x in zip(mk, kr)])
       row["mergekit_cpu"] = [round(x[1], 2) for x in mk]
@@ -424,6 +425,29 @@ def matrix(sizes, methods, repeat=3, root="/tmp/kfuse_perf", dtype="float32", ex
   return rows
 
 
+def table(path):
+  """The matrix rows of ``path`` (jsonl) as a markdown table (medians; ratios: median (min–max))."""
+  med = lambda xs: float(np.median([x for x in xs if x is not None]))
+  out = ["| shape | method | kfuse CPU s cold / warm | mergekit CPU s | mergekit / kfuse CPU,"
+         " cold | ... warm | wall ratio cold / warm | kfuse CPU s to engine start / first"
+         " tensor (warm) | peak RSS kfuse / mergekit GB | agreement (max rel. err) |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for line in open(path):
+    r = json.loads(line)
+    rc, rw = r["cpu_ratio_cold"], r["cpu_ratio_warm"]
+    agree = (f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "random (not compared)")
+    out.append(
+        f"| {r['size']} ({r['params_M']}M) | {r['method']} |"
+        f" {med(r['kfuse_cold_cpu']):.1f} / {med(r['kfuse_warm_cpu']):.1f} |"
+        f" {med(r['mergekit_cpu']):.1f} |"
+        f" **{rc['median']:.2f}×** ({rc['min']:.2f}–{rc['max']:.2f}) |"
+        f" **{rw['median']:.2f}×** ({rw['min']:.2f}–{rw['max']:.2f}) |"
+        f" {r['wall_ratio_cold']['median']:.2f}× / {r['wall_ratio_warm']['median']:.2f}× |"
+        f" {med(r['kfuse_warm_startup_cpu_s']):.2f} / {med(r['kfuse_warm_first_tensor_cpu_s']):.2f} |"
+        f" {r['kfuse_rss_GB']:.2f} / {r['mergekit_rss_GB']:.2f} | {agree} |")
+  return "\n".join(out)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size", default="136m", choices=sorted(SIZES))
@@ -439,7 +463,11 @@ def main(argv=None):
   ap.add_argument("--matrix", default="", help="SIZES:METHODS, comma lists (e.g."
                   " gpt2-256,8m:karcher,sce): shapes x methods x cold/warm cache, median of"
                   " pairs, rows to --results (default matrix_results.jsonl)")
+  ap.add_argument("--table", default="", help="print the matrix rows of this jsonl as markdown")
   args = ap.parse_args(argv)
+  if args.table:
+    print(table(args.table))
+    return None
   if args.matrix:
     sizes, _, methods = args.matrix.partition(":")
     res = args.results
