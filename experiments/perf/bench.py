@@ -500,6 +500,8 @@ def main(argv=None):
   env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
   k_out, m_out = os.path.join(work, "kfuse_out"), os.path.join(work, "mergekit_out")
   extra = args.kfuse_args.split()
+  if not any(a.startswith("--config.compile_cache") for a in extra):
+    extra.append("--config.compile_cache=off")   # these runs compile (the cache is on by default)
   have_mk = shutil.which("mergekit-yaml") is not None
   use_mk = args.mergekit == "on" or (args.mergekit == "auto" and have_mk)
   k_runs, m_runs = [], []
