@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.num_devices = 0          # >1: shard every tensor over this many devices
   config.prefetch_bytes = 0       # input bytes held at once; 0: largest tensor's inputs
   config.chunk = -1               # flat chunk length for elementwise methods; -1 auto, 0 off
-  config.compile_cache = ""       # dir for JAX's persistent compilation cache; '' off
+  config.compile_cache = "auto"   # JAX's persistent compilation cache: auto (~/.cache/kfuse/xla), a dir, or '' off
   # numerics (WORKSPACE.md, "Method-author conventions")
   config.allow_nonfinite = False  # write results holding NaN/Inf instead of refusing them
   config.overflow = "error"       # values a down-cast turns into inf: error | clamp (to ±max)

@@ -344,3 +344,39 @@ def test_segmented_streaming_equals_whole_tensors(tmp_path, method, params, top)
       np.testing.assert_array_equal(a.view(n), b.view(n), err_msg=n)
   if method != "ties":   # buffers held: a few segments, not the largest tensor's inputs
     assert seg.peak_buffer_bytes <= (E.LOOKAHEAD + 2) * 3 * 512 * 4 < whole.peak_buffer_bytes
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts", "wudi"])
+def test_subspace_method_on_a_model_without_matrices_says_so_once(tmp_path, capsys, method):
+  """A 1-D-only model (norms, biases, a 0-d scale): nothing to decompose. One note line for
+  the whole model, and every tensor is the mean task vector θ_b + λ·(1/T)Σ τ_i (float64)."""
+  from kfuse.merge.runner import merge_checkpoints
+  r = np.random.default_rng(0)
+  shapes = {"norm.weight": (16,), "bias": (7,), "scale": ()}
+  trees = [{k: r.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+           for _ in range(4)]
+  paths = []
+  for i, t in enumerate(trees):
+    p = tmp_path / f"m{i}"
+    kio.write_hf_dir(str(p), t)
+    paths.append(str(p))
+  res = merge_checkpoints(method, paths[1:], paths[0], str(tmp_path / "out"),
+                          params={"lambda": 0.7}, progress=False)
+  notes = [ln for ln in capsys.readouterr().err.splitlines() if "no" in ln and method in ln]
+  assert len(notes) == 1 and notes[0].startswith("kfuse: note:"), notes
+  assert "decomposes 2-D weight matrices" in notes[0] and "3 tensors of rank 0/1" in notes[0]
+  assert res["note"] in notes[0]
+  got = kio.read_hf_dir(str(tmp_path / "out"))
+  for k in shapes:
+    b = trees[0][k].astype(np.float64)
+    ref = b + 0.7 * np.mean([t[k].astype(np.float64) - b for t in trees[1:]], axis=0)
+    np.testing.assert_allclose(got[k], ref, rtol=1e-6, atol=1e-7, err_msg=k)
+  # one matrix is enough to decompose: no note
+  for t in trees:
+    t["w.weight"] = r.standard_normal((6, 5)).astype(np.float32)
+  for i, t in enumerate(trees):
+    kio.write_hf_dir(str(tmp_path / f"n{i}"), t)
+  res = merge_checkpoints(method, [str(tmp_path / f"n{i}") for i in (1, 2, 3)],
+                          str(tmp_path / "n0"), str(tmp_path / "out2"), params={"lambda": 0.7},
+                          progress=False)
+  assert "note" not in res and "decomposes" not in capsys.readouterr().err

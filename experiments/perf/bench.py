@@ -45,8 +45,11 @@ from kfuse import io as kio  # noqa: E402  (numpy-only safetensors I/O)
 from kfuse.tree import resolve_dtype  # noqa: E402
 
 SIZES = {
-    # name: hidden, intermediate, layers, vocab, heads, kv_heads
+    # name: hidden, intermediate, layers, vocab, heads, kv_heads (Llama); arch="gpt2": GPT-2
     "tiny": dict(hidden=64, intermediate=176, layers=2, vocab=512, heads=4, kv_heads=4),
+    "gpt2-64": dict(arch="gpt2", hidden=64, layers=2, vocab=50257, positions=1024),
+    "gpt2-256": dict(arch="gpt2", hidden=256, layers=4, vocab=50257, positions=1024),
+    "8m": dict(hidden=256, intermediate=688, layers=4, vocab=16384, heads=4, kv_heads=4),
     "30m": dict(hidden=512, intermediate=1408, layers=4, vocab=16384, heads=8, kv_heads=8),
     "136m": dict(hidden=768, intermediate=2048, layers=12, vocab=33280, heads=12, kv_heads=12),
     "1b": dict(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
@@ -59,7 +62,16 @@ METHODS = {
     "slerp": ("slerp", None, "parameters: {{t: 0.5}}"),
     "breadcrumbs": ("breadcrumbs", "parameters: {{weight: 1.0, density: 0.2, gamma: 0.01}}", ""),
     "dare_ties": ("dare_ties", "parameters: {{weight: 1.0, density: 0.2}}", ""),
+    "della": ("della", "parameters: {{weight: 1.0, density: 0.4}}", "parameters: {{epsilon: 0.1}}"),
+    "karcher": ("karcher", "", ""),
+    "sce": ("sce", "", "parameters: {{select_topk: 0.5}}"),
+    "nuslerp": ("nuslerp", "parameters: {{weight: {w}}}", ""),
+    "multislerp": ("multislerp", "parameters: {{weight: {w}}}", ""),
+    "model_stock": ("model_stock", "", ""),
 }
+RANDOM = ("dare_ties", "della")   # outputs differ by the RNG: not compared
+NO_BASE = ("karcher",)            # mergekit YAMLs without a base model
+TWO_EXPERTS = ("nuslerp",)        # nuslerp merges exactly two models
 
 
 def llama_shapes(hidden, intermediate, layers, vocab, heads, kv_heads):
@@ -84,6 +96,43 @@ def llama_shapes(hidden, intermediate, layers, vocab, heads, kv_heads):
   return shapes
 
 
+def gpt2_shapes(hidden, layers, vocab, positions, **_):
+  """HF GPT-2 tensor names and shapes in file order (Conv1D [in, out] layout)."""
+  h = hidden
+  shapes = {"transformer.wte.weight": (vocab, h), "transformer.wpe.weight": (positions, h)}
+  for i in range(layers):
+    p = f"transformer.h.{i}."
+    shapes.update({
+        p + "ln_1.weight": (h,), p + "ln_1.bias": (h,),
+        p + "attn.c_attn.weight": (h, 3 * h), p + "attn.c_attn.bias": (3 * h,),
+        p + "attn.c_proj.weight": (h, h), p + "attn.c_proj.bias": (h,),
+        p + "ln_2.weight": (h,), p + "ln_2.bias": (h,),
+        p + "mlp.c_fc.weight": (h, 4 * h), p + "mlp.c_fc.bias": (4 * h,),
+        p + "mlp.c_proj.weight": (4 * h, h), p + "mlp.c_proj.bias": (h,),
+    })
+  shapes["transformer.ln_f.weight"] = (h,)
+  shapes["transformer.ln_f.bias"] = (h,)
+  return shapes
+
+
+def gpt2_config(hidden, layers, vocab, positions, dtype, **_):
+  return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": hidden,
+          "n_layer": layers, "n_head": max(1, hidden // 64), "vocab_size": vocab,
+          "n_positions": positions, "n_ctx": positions, "tie_word_embeddings": True,
+          "torch_dtype": dtype}
+
+
+def model_shapes(size):
+  cfg = dict(SIZES[size])
+  return gpt2_shapes(**cfg) if cfg.pop("arch", "llama") == "gpt2" else llama_shapes(**cfg)
+
+
+def model_config(size, dtype):
+  cfg = dict(SIZES[size])
+  arch = cfg.pop("arch", "llama")
+  return gpt2_config(**cfg, dtype=dtype) if arch == "gpt2" else llama_config(**cfg, dtype=dtype)
+
+
 def llama_config(hidden, intermediate, layers, vocab, heads, kv_heads, dtype):
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -100,6 +149,8 @@ def _rng(seed, name):
 
 def _base_tensor(name, shape, seed):
   r = _rng(seed, name)
+  if len(shape) == 1 and name.endswith("bias"):
+    return 0.02 * r.standard_normal(shape, dtype=np.float32)
   if len(shape) == 1:
     return 1.0 + 0.05 * r.standard_normal(shape, dtype=np.float32)
   return 0.02 * r.standard_normal(shape, dtype=np.float32)
@@ -146,12 +197,11 @@ def build_model(path, size, dtype, seed, expert=None):
   if os.path.exists(marker) and open(marker).read() == spec:
     return path
   shutil.rmtree(path, ignore_errors=True)
-  cfg = SIZES[size]
   np_dt = resolve_dtype(dtype)
   tmp = path + ".building"
   shutil.rmtree(tmp, ignore_errors=True)
   with kio.HFWriter(tmp, max_shard_bytes=2_000_000_000) as w:
-    for name, shape in llama_shapes(**cfg).items():
+    for name, shape in model_shapes(size).items():
       x = _base_tensor(name, shape, seed)
       if expert is not None:
         b = x.reshape(-1).copy()
@@ -160,7 +210,7 @@ def build_model(path, size, dtype, seed, expert=None):
           x = _tie_free(b, x.reshape(-1)).reshape(shape)
       w.add(name, x.astype(np_dt))
       del x
-    w.finish(config=llama_config(**cfg, dtype=dtype))
+    w.finish(config=model_config(size, dtype))
   os.rename(tmp, path)
   with open(marker, "w") as f:
     f.write(spec)
@@ -168,12 +218,14 @@ def build_model(path, size, dtype, seed, expert=None):
 
 
 def num_params(size):
-  return sum(int(np.prod(s)) for s in llama_shapes(**SIZES[size]).values())
+  return sum(int(np.prod(s)) for s in model_shapes(size).values())
 
 
 def write_yaml(path, method, base, experts, dtype, n_experts):
   mname, per_model, top = METHODS[method]
-  lines = [f"merge_method: {mname}", f"base_model: {base}", "models:"]
+  lines = [f"merge_method: {mname}"] + ([] if method in NO_BASE else [f"base_model: {base}"])
+  lines.append("models:")
+  n_experts = 2 if method in TWO_EXPERTS else n_experts
   if method == "slerp":
     lines += [f"  - model: {base}", f"  - model: {experts[0]}"]
   else:
@@ -224,7 +276,10 @@ def io_floor(inputs, out_bytes, scratch, chunk=64 << 20):
 
 
 def timed(cmd, env=None):
-  """Run ``cmd`` under /usr/bin/time -v; return (wall s, peak RSS GB, stdout+stderr)."""
+  """Run ``cmd`` under /usr/bin/time -v; return (wall s, peak RSS GB, stdout+stderr, CPU s).
+
+  CPU s is user + system time of the process and its children: on a shared machine
+  it does not grow with other jobs' load the way wall time does."""
   full = ["/usr/bin/time", "-v"] + list(cmd)
   t0 = time.perf_counter()
   p = subprocess.run(full, capture_output=True, text=True, env=env)
@@ -234,7 +289,8 @@ def timed(cmd, env=None):
     raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{text[-4000:]}")
   m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
   rss = int(m.group(1)) / 1e6 if m else float("nan")
-  return wall, rss, text
+  cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
+  return wall, rss, text, cpu
 
 
 def compare(a_dir, b_dir):
@@ -260,7 +316,7 @@ def compare(a_dir, b_dir):
 def run_kfuse(yml, out, extra, env):
   cmd = [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
          f"--config.output_dir={out}", "--config.progress=False", "--config.overwrite=True"]
-  wall, rss, log = timed(cmd + extra, env)
+  wall, rss, log, _ = timed(cmd + extra, env)
   inner = json.loads([ln for ln in log.splitlines() if ln.startswith("{")][-1])["seconds"]
   return wall, rss, inner
 
@@ -269,8 +325,127 @@ def run_mergekit(yml, out, env):
   shutil.rmtree(out, ignore_errors=True)
   cmd = ["mergekit-yaml", yml, out, "--no-cuda", "--no-copy-tokenizer",
          "--no-write-model-card", "--random-seed", "0", "--quiet"]
-  wall, rss, _ = timed(cmd, env)
+  wall, rss, _, _ = timed(cmd, env)
   return wall, rss
+
+
+# ------------------------------------------------------------------ matrix
+
+
+def _spread(xs):
+  """Median and (min, max) of a list, rounded: how a ratio of alternated pairs is reported."""
+  xs = sorted(xs)
+  return {"median": round(float(np.median(xs)), 2), "min": round(xs[0], 2),
+          "max": round(xs[-1], 2), "pairs": [round(x, 2) for x in xs]}
+
+
+def _kfuse_cmd(yml, out, cache):
+  return [sys.executable, "-m", "kfuse.main", f"--config={REPO}/configs/mergekit.py:{yml}",
+          f"--config.output_dir={out}", "--config.progress=False", "--config.overwrite=True",
+          f"--config.compile_cache={cache}"]
+
+
+def _mergekit_cmd(yml, out):
+  return ["mergekit-yaml", yml, out, "--no-cuda", "--no-copy-tokenizer",
+          "--no-write-model-card", "--random-seed", "0", "--quiet"]
+
+
+def _result_line(log):
+  return json.loads([ln for ln in log.splitlines() if ln.startswith("{")][-1])
+
+
+def matrix(sizes, methods, repeat=3, root="/tmp/kfuse_perf", dtype="float32", experts=3,
+           results=None, compare_outputs=True):
+  """Model shapes × methods × {cold, warm} compilation cache, kfuse beside mergekit.
+
+  Per (size, method) and per repeat, in this order: kfuse with an empty compilation
+  cache (cold: a fresh directory), mergekit, kfuse with the cache the first cold run
+  filled (warm). Both CPU time (user + sys) and wall time are kept; the ratios
+  mergekit / kfuse are per alternated triple, reported as median (min, max).
+  """
+  env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+  rows = []
+  for size in sizes:
+    mdir = os.path.join(root, f"{size}-{dtype}")
+    os.makedirs(mdir, exist_ok=True)
+    base = build_model(os.path.join(mdir, "base"), size, dtype, seed=1)
+    exps = [build_model(os.path.join(mdir, f"expert{i}"), size, dtype, seed=1, expert=100 + i)
+            for i in range(1, experts + 1)]
+    for method in methods:
+      work = tempfile.mkdtemp(prefix=f"mx-{method}-", dir=root)
+      yml = write_yaml(os.path.join(work, "merge.yml"), method, base, exps, dtype, experts)
+      k_out, m_out = os.path.join(work, "kfuse_out"), os.path.join(work, "mergekit_out")
+      warm_cache = os.path.join(work, "xla_warm")
+      runs = {"cold": [], "warm": [], "mergekit": []}
+      load0 = os.getloadavg()[0]
+      for r in range(repeat):
+        cold_cache = warm_cache if r == 0 else os.path.join(work, f"xla_cold{r}")
+        shutil.rmtree(k_out, ignore_errors=True)
+        wall, rss, log, cpu = timed(_kfuse_cmd(yml, k_out, cold_cache), env)
+        res = _result_line(log)
+        runs["cold"].append((wall, cpu, rss, res["seconds"], res))
+        shutil.rmtree(m_out, ignore_errors=True)
+        wall, rss, _, cpu = timed(_mergekit_cmd(yml, m_out), env)
+        runs["mergekit"].append((wall, cpu, rss))
+        shutil.rmtree(k_out, ignore_errors=True)
+        wall, rss, log, cpu = timed(_kfuse_cmd(yml, k_out, warm_cache), env)
+        res = _result_line(log)
+        runs["warm"].append((wall, cpu, rss, res["seconds"], res))
+        if r:
+          shutil.rmtree(cold_cache, ignore_errors=True)
+      mk = runs["mergekit"]
+      row = {"size": size, "params_M": round(num_params(size) / 1e6, 2), "dtype": dtype,
+             "method": method, "experts": experts, "repeat": repeat, "cores": os.cpu_count(),
+             "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+      for k in ("cold", "warm"):
+        kr = runs[k]
+        row[f"kfuse_{k}_cpu"] = [round(x[1], 2) for x in kr]
+        row[f"kfuse_{k}_wall"] = [round(x[0], 2) for x in kr]
+        row[f"kfuse_{k}_merge_s"] = [round(x[3], 2) for x in kr]
+        for t in ("startup_s", "startup_cpu_s", "first_tensor_s", "first_tensor_cpu_s"):
+          row[f"kfuse_{k}_{t}"] = [x[4].get(t) for x in kr]
+        row[f"cpu_ratio_{k}"] = _spread([m[1] / x[1] for m, x in zip(mk, kr)])
+        row[f"wall_ratio_{k}"] = _spread([m[0] / x[0] for m, x in zip(mk, kr)])
+      row["mergekit_cpu"] = [round(x[1], 2) for x in mk]
+      row["mergekit_wall"] = [round(x[0], 2) for x in mk]
+      row["kfuse_rss_GB"] = round(max(x[2] for x in runs["cold"]), 3)
+      row["mergekit_rss_GB"] = round(max(x[2] for x in mk), 3)
+      if compare_outputs and method not in RANDOM:
+        row.update(compare(k_out, m_out))
+      print(f"{size} {method}: cpu mergekit/kfuse cold {row['cpu_ratio_cold']['median']}x"
+            f" {row['cpu_ratio_cold']['pairs']}, warm {row['cpu_ratio_warm']['median']}x"
+            f" {row['cpu_ratio_warm']['pairs']} | kfuse cold cpu {row['kfuse_cold_cpu']},"
+            f" warm {row['kfuse_warm_cpu']}, mergekit {row['mergekit_cpu']}"
+            f" | rel.err {row.get('max_rel_err', '-')}", flush=True)
+      rows.append(row)
+      if results:
+        with open(results, "a") as f:
+          f.write(json.dumps(row) + "\n")
+      shutil.rmtree(work, ignore_errors=True)
+  return rows
+
+
+def table(path):
+  """The matrix rows of ``path`` (jsonl) as a markdown table (medians; ratios: median (min–max))."""
+  med = lambda xs: float(np.median([x for x in xs if x is not None]))
+  out = ["| shape | method | kfuse CPU s cold / warm | mergekit CPU s | mergekit / kfuse CPU,"
+         " cold | ... warm | wall ratio cold / warm | kfuse CPU s to engine start / first"
+         " tensor (warm) | peak RSS kfuse / mergekit GB | agreement (max rel. err) |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for line in open(path):
+    r = json.loads(line)
+    rc, rw = r["cpu_ratio_cold"], r["cpu_ratio_warm"]
+    agree = (f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "random (not compared)")
+    out.append(
+        f"| {r['size']} ({r['params_M']}M) | {r['method']} |"
+        f" {med(r['kfuse_cold_cpu']):.1f} / {med(r['kfuse_warm_cpu']):.1f} |"
+        f" {med(r['mergekit_cpu']):.1f} |"
+        f" **{rc['median']:.2f}×** ({rc['min']:.2f}–{rc['max']:.2f}) |"
+        f" **{rw['median']:.2f}×** ({rw['min']:.2f}–{rw['max']:.2f}) |"
+        f" {r['wall_ratio_cold']['median']:.2f}× / {r['wall_ratio_warm']['median']:.2f}× |"
+        f" {med(r['kfuse_warm_startup_cpu_s']):.2f} / {med(r['kfuse_warm_first_tensor_cpu_s']):.2f} |"
+        f" {r['kfuse_rss_GB']:.2f} / {r['mergekit_rss_GB']:.2f} | {agree} |")
+  return "\n".join(out)
 
 
 def main(argv=None):
@@ -285,7 +460,21 @@ def main(argv=None):
   ap.add_argument("--kfuse-args", default="", help="extra --config.X=Y flags for kfuse")
   ap.add_argument("--results", default=os.path.join(REPO, "experiments/perf/results.jsonl"))
   ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
+  ap.add_argument("--matrix", default="", help="SIZES:METHODS, comma lists (e.g."
+                  " gpt2-256,8m:karcher,sce): shapes x methods x cold/warm cache, median of"
+                  " pairs, rows to --results (default matrix_results.jsonl)")
+  ap.add_argument("--table", default="", help="print the matrix rows of this jsonl as markdown")
   args = ap.parse_args(argv)
+  if args.table:
+    print(table(args.table))
+    return None
+  if args.matrix:
+    sizes, _, methods = args.matrix.partition(":")
+    res = args.results
+    if res == ap.get_default("results"):
+      res = os.path.join(REPO, "experiments/perf/matrix_results.jsonl")
+    return matrix(sizes.split(","), methods.split(","), repeat=args.repeat, root=args.root,
+                  dtype=args.dtype, experts=args.experts, results=res)
 
   mdir = os.path.join(args.root, f"{args.size}-{args.dtype}")
   os.makedirs(mdir, exist_ok=True)
@@ -311,6 +500,8 @@ def main(argv=None):
   env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
   k_out, m_out = os.path.join(work, "kfuse_out"), os.path.join(work, "mergekit_out")
   extra = args.kfuse_args.split()
+  if not any(a.startswith("--config.compile_cache") for a in extra):
+    extra.append("--config.compile_cache=off")   # these runs compile (the cache is on by default)
   have_mk = shutil.which("mergekit-yaml") is not None
   use_mk = args.mergekit == "on" or (args.mergekit == "auto" and have_mk)
   k_runs, m_runs = [], []
@@ -330,7 +521,7 @@ def main(argv=None):
   print(f"kfuse, warm compilation cache: {warm[0]:.2f}s wall", flush=True)
   k_wall, k_rss, k_inner = min(k_runs)
   n_in = 1 if args.method == "slerp" else args.experts
-  largest = max(int(np.prod(sh)) for sh in llama_shapes(**SIZES[args.size]).values())
+  largest = max(int(np.prod(sh)) for sh in model_shapes(args.size).values())
   itemsize = np.dtype(resolve_dtype(args.dtype)).itemsize
   row = {"size": args.size, "params_M": round(num_params(args.size) / 1e6, 1),
          "dtype": args.dtype, "method": args.method, "experts": n_in,

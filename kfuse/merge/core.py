@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from kfuse.registry import Registry
 from kfuse.tree import KfuseError
@@ -32,7 +31,10 @@ Array = jax.Array
 REQUIRED = object()  # sentinel for a parameter without default
 
 
-@struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["base", "values", "weights", "hp", "key", "mask", "result", "cuts"],
+                   meta_fields=["is_delta"])
+@dataclasses.dataclass(frozen=True)
 class MergeState:
   """Per-tensor merge state threaded through stages.
 
@@ -58,7 +60,12 @@ class MergeState:
   mask: Optional[Array] = None
   result: Optional[Array] = None
   cuts: Optional[dict] = None
-  is_delta: bool = struct.field(pytree_node=False, default=False)
+  is_delta: bool = False
+
+  def replace(self, **changes) -> "MergeState":
+    """A copy with ``changes`` (a frozen pytree dataclass, as `flax.struct`'s, without
+    importing Flax on every merge job's start-up)."""
+    return dataclasses.replace(self, **changes)
 
 
 Stage = Callable[[MergeState], MergeState]

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 import jax
 
 from kfuse.merge.core import Method, check_models
-from kfuse.merge.engine import Stats, TensorTask, execute, output_specs
+from kfuse.merge.engine import Stats, TensorTask, compile_cache, execute, output_specs
 from kfuse.tree import KfuseError
 
 FORMATS = ("safetensors", "orbax")
@@ -94,9 +94,49 @@ def validate(plan: Plan) -> None:
     check_models(method, n, has_base, where, base_word=plan.base_word)
 
 
+def no_matrix_note(plan: Plan) -> Optional[str]:
+  """One line when a subspace method (TSV-M, Iso-C/CTS, WUDI, SVC) meets a model with no
+  2-D tensor: there is nothing to decompose, and every tensor is merged as the papers
+  merge non-matrix tensors (the mean task vector; SVC leaves them as its base method made
+  them). None otherwise."""
+  from kfuse.merge import subspace
+  if not plan.tasks or not subspace.decomposes(plan.method):
+    return None
+  if any(subspace.is_matrix(t.info.shape) for t in plan.tasks):
+    return None
+  ranks = sorted({len(t.info.shape) for t in plan.tasks})
+  return (f"method {plan.method.name!r} decomposes 2-D weight matrices and this model has"
+          f" none ({len(plan.tasks)} tensors of rank {'/'.join(map(str, ranks))}): every"
+          f" tensor was merged as a non-matrix tensor (the mean task vector), as the paper does")
+
+
+def process_age() -> Optional[float]:
+  """Seconds since this process started (Linux ``/proc``, 10 ms resolution; None elsewhere)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: starttime, in ticks
+    with open("/proc/uptime") as f:
+      up = float(f.read().split()[0])
+    return round(up - start / os.sysconf("SC_CLK_TCK"), 3)
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def report(res: dict, stats: Stats) -> dict:
   """Add the engine's counts to a result dict (``clamped``, ``nonfinite`` per tensor,
-  ``copied``) and say on stderr, in one line, that integer / bool tensors were copied."""
+  ``copied``) and say on stderr, in one line, that integer / bool tensors were copied.
+  Also how long the process took before the engine started (``startup_s``) and
+  before the first tensor was merged (``first_tensor_s``), wall time from the
+  process's start and CPU time of all its threads (``*_cpu_s``)."""
+  age, now = process_age(), time.perf_counter()
+  for name, at in (("startup", stats.started), ("first_tensor", stats.first_tensor)):
+    if at is not None and age is not None:
+      res[f"{name}_s"] = round(age - (now - at[0]), 3)
+    if at is not None:
+      res[f"{name}_cpu_s"] = round(at[1], 3)
+  cache = compile_cache.counts()
+  if cache is not None:
+    res["compile_cache"] = cache
   if stats.clamped:
     res["clamped"] = dict(stats.clamped)
   if stats.nonfinite:
@@ -123,6 +163,9 @@ def run(plan: Plan, output_dir: str | os.PathLike, *, key: jax.Array | None = No
   from kfuse import shard
   from kfuse.io.atomic import check_output_writable
   validate(plan)
+  note = no_matrix_note(plan)
+  if note:
+    print(f"kfuse: note: {note}", file=sys.stderr)
   stats = stats if stats is not None else Stats()
   opts = dict(key=key, dtype=plan.dtype, out_dtype=plan.out_dtype, progress=progress,
               stats=stats, **engine_options)
@@ -131,7 +174,8 @@ def run(plan: Plan, output_dir: str | os.PathLike, *, key: jax.Array | None = No
 
   def result(count: int) -> dict:
     return {"output_dir": str(output_dir), "tensors": count, "method": plan.method.name,
-            "format": plan.format, "seconds": round(time.perf_counter() - t0, 3)}
+            "format": plan.format, "seconds": round(time.perf_counter() - t0, 3),
+            **({"note": note} if note else {})}
 
   if not shard.is_writer():   # multi-host: every process computes, process 0 writes
     return result(execute(tasks, sources, lambda name, a: None, **opts))

@@ -34,17 +34,14 @@ def scale_options(config) -> dict:
   ``num_devices`` > 1 shards every tensor over a 1-D mesh of that many devices;
   ``prefetch_bytes`` caps the input bytes held at once (0: the largest tensor's
   inputs); ``chunk`` sets the flat chunk length of elementwise recipes (-1:
-  automatic, 0: whole tensors); ``compile_cache`` names a directory for JAX's
-  persistent compilation cache, so a repeated merge of the same architecture
-  skips compiling ('' : off).
+  automatic, 0: whole tensors); ``compile_cache`` is JAX's persistent compilation
+  cache, so a repeated merge of the same architecture skips compiling ('auto', the
+  default: in the user's cache directory; a directory; '' or 'off': none;
+  `kfuse.merge.engine.compile_cache`).
   """
   from kfuse import shard
-  cache = _get(config, "compile_cache", "")
-  if cache:
-    cache = os.path.expanduser(str(cache))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from kfuse.merge.engine import compile_cache
+  compile_cache.enable(_get(config, "compile_cache", compile_cache.AUTO))
   chunk = int(_get(config, "chunk", -1))
   return {"mesh": shard.make_mesh(int(_get(config, "num_devices", 0))),
           "prefetch_bytes": int(_get(config, "prefetch_bytes", 0)) or None,

@@ -41,7 +41,6 @@ import math
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,8 +55,21 @@ Array = jax.Array
 __all__ = ["Statistics", "LAYERS", "grams", "fisher", "collect", "save", "load",
            "layer_inputs", "FISHER_MODES"]
 
-LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
 FISHER_MODES = ("per_example", "batch")
+
+
+def _nn():
+  """flax.linen, imported on first use: ``import kfuse.merge`` (every merge job's
+  start-up) does not pay for it."""
+  import flax.linen as nn
+  return nn
+
+
+def __getattr__(name: str):
+  if name == "LAYERS":   # the layers whose inputs `grams` collects (Flax classes, lazily)
+    nn = _nn()
+    return (nn.Dense, nn.DenseGeneral, nn.Conv)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +134,7 @@ def _conv_rows(m: nn.Conv, x: Array) -> Array:
 def layer_inputs(module: nn.Module, x: Array) -> Array:
   """The rows ``X`` ``[tokens, d_in]`` a linear layer multiplies by its kernel
   ``[d_in, ...]``: Dense (last axis), DenseGeneral (its contracted ``axis``), Conv (patches)."""
+  nn = _nn()
   x = jnp.asarray(x)
   if isinstance(module, nn.Conv):
     return _conv_rows(module, x)
@@ -172,14 +185,17 @@ def _finite_or_raise(flat: Mapping[str, Any], what: str, where: str) -> None:
 
 def _model_apply(model: nn.Module | Callable, apply_kwargs: Mapping[str, Any] | None):
   kw = dict(apply_kwargs or {})
-  if isinstance(model, nn.Module):
+  if isinstance(model, _nn().Module):
     return lambda variables, x: model.apply(variables, x, **kw)
   return lambda variables, x: model(variables, x, **kw)
 
 
-def gram_sums(apply: Callable, layers: tuple = LAYERS) -> Callable:
+def gram_sums(apply: Callable, layers: tuple | None = None) -> Callable:
   """``(variables, x) -> {kernel path: (XᵀX, n)}`` over one batch (traceable): the
-  interception behind `grams`, reused by RegMean++ on one block at a time."""
+  interception behind `grams`, reused by RegMean++ on one block at a time.
+  ``layers``: the Flax classes intercepted (None: `LAYERS`)."""
+  nn = _nn()
+  layers = (nn.Dense, nn.DenseGeneral, nn.Conv) if layers is None else layers
 
   def sums(variables, x):
     out: dict[str, tuple] = {}
@@ -218,7 +234,7 @@ def _gram_step(model, apply_kwargs: tuple, layers: tuple) -> Callable:
 
 def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any], *,
           max_examples: int | None = None, apply_kwargs: Mapping[str, Any] | None = None,
-          layers: tuple = LAYERS) -> Statistics:
+          layers: tuple | None = None) -> Statistics:
   """Input Grams ``G = XᵀX / n`` of every ``layers`` instance (see the module doc).
 
   Args:
@@ -229,10 +245,11 @@ def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any]
     max_examples: stop once this many examples were seen (whole batches;
       FusionBench's ``num_regmean_examples`` = 256).
     apply_kwargs: e.g. ``{'train': False}``.
-    layers: the layer types whose inputs are collected.
+    layers: the layer types whose inputs are collected (None: `LAYERS`).
   Returns:
     `Statistics` with ``gram`` and ``tokens`` keyed by kernel path.
   """
+  layers = __getattr__("LAYERS") if layers is None else layers
   opts = (model, tuple(sorted((apply_kwargs or {}).items())), tuple(layers))
   try:
     hash(opts)

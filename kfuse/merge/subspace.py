@@ -57,6 +57,11 @@ def is_matrix(shape) -> bool:
   return len(shape) == 2
 
 
+def decomposes(method: Method) -> bool:
+  """Whether ``method`` is one of this module's matrix merges (its recipe is defined here)."""
+  return getattr(method.recipe, "__module__", None) == __name__
+
+
 def torch_layout(info) -> bool:
   """Whether a 2-D tensor must be transposed to PyTorch ``[out, in]`` (a Flax kernel)."""
   return info.layout == "flax" and is_matrix(info.shape)

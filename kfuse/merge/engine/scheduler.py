@@ -68,6 +68,9 @@ class Stats:
   bytes_written: int = 0
   seconds: float = 0.0
   peak_buffer_bytes: int = 0
+  # (time.perf_counter(), time.process_time()) when execute started / the first tensor was done
+  started: Optional[tuple] = None
+  first_tensor: Optional[tuple] = None
   clamped: dict = dataclasses.field(default_factory=dict)     # name -> values clamped
   copied: list = dataclasses.field(default_factory=list)      # integer / bool tensors copied
   nonfinite: dict = dataclasses.field(default_factory=dict)   # name -> NaN/Inf written
@@ -137,6 +140,8 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
       'clamp' writes ±max of that dtype instead (counted in ``stats.clamped``).
   """
   t0 = time.perf_counter()
+  st = stats if stats is not None else Stats()
+  st.started = (t0, time.process_time())
   check_overflow(overflow)
   plan = list(plan)
   dt_in = np.dtype(dtype) if dtype is not None else None
@@ -156,7 +161,6 @@ def execute(plan: Sequence[TensorTask], sources: Sequence[TensorSource],
   pool = BufferPool(prefetch_bytes if prefetch_bytes else max(largest, 512 << 20))
   total = sum(j.in_bytes + j.numel * j.out_dt.itemsize for j in jobs)
   bar = _Progress(len(plan), total, progress)
-  st = stats if stats is not None else Stats()
   run = _Run(sources, write, write_part, key, mesh, pool, chunk, bar, st,
              allow_nonfinite=allow_nonfinite, overflow=overflow)
   run.x64 = any(np.float64 in (j.dt, j.out_dt) for j in jobs)
@@ -485,6 +489,8 @@ class _Run:
       self.write(task.out_name, arr)
     out_bytes = job.numel * job.out_dt.itemsize
     self.stats.tensors += int(job.last)
+    if job.last and self.stats.first_tensor is None:
+      self.stats.first_tensor = (time.perf_counter(), time.process_time())
     self.stats.chunked += int(job.chunked and job.last)
     self.stats.bytes_read += job.in_bytes
     self.stats.bytes_written += out_bytes
