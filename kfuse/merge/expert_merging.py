@@ -65,7 +65,7 @@ from kfuse.tree import KfuseError
 PyTree = Any
 Array = jax.Array
 
-__all__ = ["ExpertMergingState", "Layout", "expert_merging", "merged", "merge_params",
+__all__ = ["ExpertMergingState", "CoefficientLayout", "expert_merging", "merged", "merge_params",
            "objective_fn", "layout"]
 
 
@@ -79,7 +79,7 @@ class ExpertMergingState(NamedTuple):
   count: Array
 
 
-class Layout(NamedTuple):
+class CoefficientLayout(NamedTuple):
   """Static: for each leaf of θ₀ (flatten order) its coefficient offset and chunk count
   (0 = not merged: kept at θ₀), and C, the coefficients per expert."""
   offsets: tuple
@@ -88,7 +88,7 @@ class Layout(NamedTuple):
 
 
 def layout(base: PyTree, chunks: Mapping[str, int] | None = None,
-           exclude: Sequence[str] = ()) -> Layout:
+           exclude: Sequence[str] = ()) -> CoefficientLayout:
   """The coefficient layout of ``base``: one coefficient per merged tensor, ``chunks[path]``
   for the paths given; tensors matching an ``exclude`` regex (or not floating) get none."""
   chunks = dict(chunks or {})
@@ -113,7 +113,7 @@ def layout(base: PyTree, chunks: Mapping[str, int] | None = None,
     o += k
   if o == 0:
     raise KfuseError("expert_merging: every tensor is excluded; nothing to learn")
-  return Layout(tuple(offsets), tuple(ks), o)
+  return CoefficientLayout(tuple(offsets), tuple(ks), o)
 
 
 def _chunk_index(n: int, k: int) -> np.ndarray:
@@ -122,7 +122,8 @@ def _chunk_index(n: int, k: int) -> np.ndarray:
   return np.arange(n) // size
 
 
-def merge_params(base: PyTree, task_vectors: PyTree, alphas: Array, lay: Layout) -> PyTree:
+def merge_params(base: PyTree, task_vectors: PyTree, alphas: Array,
+                 lay: CoefficientLayout) -> PyTree:
   """θ₀ + Σ_i α_i ⊙ τ_i with ``alphas [N, C]`` spread over the tensors / chunks of ``lay``."""
   leaves, treedef = jax.tree.flatten(base)
   taus = treedef.flatten_up_to(task_vectors)
@@ -164,7 +165,8 @@ def _soft_ce(teacher: Array, student: Array, temperature: float) -> Array:
   return -jnp.mean(jnp.sum(p * logq, axis=-1)) * temperature ** 2
 
 
-def objective_fn(apply_fn: Callable, lay: Layout, tasks: int, *, temperature: float = 1.0,
+def objective_fn(apply_fn: Callable, lay: CoefficientLayout, tasks: int, *,
+                 temperature: float = 1.0,
                  hidden_weight: float = 0.1, reg_weight: float = 0.1, init: float = 0.1,
                  task_weights: Sequence[float] | None = None) -> Callable:
   """``L(w, base, task_vectors, x)`` of the module doc (for gradient checks and custom loops)."""
