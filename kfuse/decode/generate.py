@@ -35,10 +35,12 @@ __all__ = ["Generation", "generate", "score", "pad_prompts", "stop_token_ids", "
 
 class Generation(NamedTuple):
   """tokens [B, N] (pad_id after each row's stop token), lengths [B] (stop token included),
-  state: the processor's state after the last step (e.g. DLF's weights)."""
+  state: the processor's state after the last step (e.g. DLF's weights), logits: the
+  fused logits [B, N, V] each token was picked from (``return_logits=True``, else None)."""
   tokens: np.ndarray
   lengths: np.ndarray
   state: Any
+  logits: Any = None
 
 
 def check_models(models: Sequence, processor: P.Processor) -> None:
@@ -120,9 +122,9 @@ def _sample(logits, key, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "processor", "new", "temperature",
-                                             "top_k", "top_p", "stops", "pad_id"))
+                                             "top_k", "top_p", "stops", "pad_id", "keep"))
 def _run(states, ids, mask, key, *, graphdefs, processor, new, temperature, top_k, top_p,
-         stops, pad_id):
+         stops, pad_id, keep):
   models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
   b, plen = ids.shape
   size = plen + new
@@ -138,9 +140,13 @@ def _run(states, ids, mask, key, *, graphdefs, processor, new, temperature, top_
 
   def pick(logits_per_model, pstate, step):
     fused, pstate = processor.apply(tuple(logits_per_model), pstate)
-    return _sample(fused, jax.random.fold_in(key, step), temperature, top_k, top_p), pstate
+    tok = _sample(fused, jax.random.fold_in(key, step), temperature, top_k, top_p)
+    return tok, pstate, fused.astype(jnp.float32)
 
-  tok, pstate = pick(last, pstate, 0)
+  tok, pstate, fused = pick(last, pstate, 0)
+  kept = jnp.zeros((b, new if keep else 1, fused.shape[-1]), jnp.float32)
+  if keep:
+    kept = kept.at[:, 0].set(fused)
   done = jnp.isin(tok, stop_arr)
   out = jnp.full((b, new), pad_id, jnp.int32).at[:, 0].set(tok)
   lengths = jnp.ones((b,), jnp.int32)
@@ -150,7 +156,7 @@ def _run(states, ids, mask, key, *, graphdefs, processor, new, temperature, top_
     return (c[0] < new) & ~jnp.all(c[3])
 
   def body(c):
-    step, tok, caches, done, out, lengths, key_valid, pstate = c
+    step, tok, caches, done, out, lengths, key_valid, pstate, kept = c
     slot = plen + step - 1
     key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((b, 1), bool), (0, slot))
     pos = (next_pos + step - 1)[:, None]
@@ -159,16 +165,18 @@ def _run(states, ids, mask, key, *, graphdefs, processor, new, temperature, top_
       z, cache = m.decode(tok[:, None], pos, cache, slot, key_valid)
       logits.append(z[:, 0])
       new_caches.append(cache)
-    nxt, pstate = pick(logits, pstate, step)
+    nxt, pstate, fused = pick(logits, pstate, step)
+    if keep:
+      kept = jax.lax.dynamic_update_slice(kept, fused[:, None], (0, step, 0))
     nxt = jnp.where(done, pad_id, nxt)
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(nxt, stop_arr)
-    return step + 1, nxt, new_caches, done, out, lengths, key_valid, pstate
+    return step + 1, nxt, new_caches, done, out, lengths, key_valid, pstate, kept
 
-  c = (jnp.int32(1), tok, caches, done, out, lengths, key_valid, pstate)
+  c = (jnp.int32(1), tok, caches, done, out, lengths, key_valid, pstate, kept)
   c = jax.lax.while_loop(cond, body, c)
-  return c[4], c[5], c[7]
+  return c[4], c[5], c[7], c[8]
 
 
 def _split(models):
@@ -179,13 +187,14 @@ def _split(models):
 def generate(models, prompts, max_new_tokens: int, *, processor: P.Processor | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence = (), tokenizer=None, key=None,
-             pad_id: int = 0) -> Generation:
+             pad_id: int = 0, return_logits: bool = False) -> Generation:
   """Decode ``max_new_tokens`` tokens after each prompt (lists of token ids).
 
   ``models``: one model or a list; their next-token logits go through ``processor``
   (default: the one model's logits). ``temperature`` 0 = greedy (no key needed),
   else sampling with ``key``, after optional ``top_k`` / ``top_p`` truncation.
   ``stop_tokens``: ids, or strings the ``tokenizer`` encodes as one token each.
+  ``return_logits``: also return the fused logits of every step (before temperature).
   """
   models = list(models) if isinstance(models, (list, tuple)) else [models]
   processor = processor or P.identity()
@@ -210,11 +219,13 @@ def generate(models, prompts, max_new_tokens: int, *, processor: P.Processor | N
   _check_lengths(models, ids.shape[1], int(max_new_tokens))
   graphdefs, states = _split(models)
   key = jax.random.key(0) if key is None else key
-  tokens, lengths, state = _run(states, jnp.asarray(ids), jnp.asarray(mask), key,
-                                graphdefs=graphdefs, processor=processor,
-                                new=int(max_new_tokens), temperature=temperature,
-                                top_k=int(top_k), top_p=top_p, stops=stops, pad_id=int(pad_id))
-  return Generation(np.asarray(tokens), np.asarray(lengths), state)
+  tokens, lengths, state, logits = _run(states, jnp.asarray(ids), jnp.asarray(mask), key,
+                                        graphdefs=graphdefs, processor=processor,
+                                        new=int(max_new_tokens), temperature=temperature,
+                                        top_k=int(top_k), top_p=top_p, stops=stops,
+                                        pad_id=int(pad_id), keep=bool(return_logits))
+  return Generation(np.asarray(tokens), np.asarray(lengths), state,
+                    np.asarray(logits) if return_logits else None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "processor"))
