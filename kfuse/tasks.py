@@ -43,6 +43,8 @@ register_task("lm_eval", "kfuse.bench.lm_eval:run",
               "perplexity of an HF causal LM (Llama, Mistral, Qwen2, GPT-2) on a text file")
 register_task("kd_bench", "kfuse.bench.kd_bench:run",
               "knowledge-distillation benchmark (KD losses, Forget-Me-Not, Fantastic Gains)")
+register_task("w2s_bench", "kfuse.decode.w2s_bench:run",
+              "weak-to-strong decoding: proxy-tuning / DLF vs fine-tuning, bits per character")
 
 
 def entry(config: Any) -> Callable[[Any, Any], Any]:

@@ -8,10 +8,10 @@
                           processor=decode.dlf(experts=2))                     # DLF
     logp = decode.score([large, small, small_tuned], ids, decode.proxy_tune()) # teacher-forced
 
-`generate` is `kfuse.decode.generate`; the processors are in `kfuse.decode.processors`.
+`generate` and `score` are in `kfuse.decode.loop`; the processors are in `kfuse.decode.processors`.
 """
 
-from kfuse.decode.generate import (Generation, check_models, generate, pad_prompts, score,
+from kfuse.decode.loop import (Generation, check_models, generate, pad_prompts, score,
                                    stop_token_ids)
 from kfuse.decode.processors import (ENSEMBLE_RULES, DLFState, Processor, chain, dlf,
                                      dlf_objective, dlf_weights, ensemble, identity,
