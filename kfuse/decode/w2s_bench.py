@@ -65,12 +65,18 @@ def make_model(vocab: int, seq_len: int, dim: int, layers: int, heads: int, ffn:
 
 
 def token_stream(tok, docs) -> tuple[np.ndarray, np.ndarray]:
-  """Documents as one id stream (an <eos> after each) and each token's character count."""
+  """Documents as one id stream (an <eos> after each) and each token's character count.
+
+  A token counts the characters its offsets end past the previous tokens' (byte-level
+  pieces of one character share its offsets: the first piece counts it), so a
+  document's counts sum to its length.
+  """
   ids, chars = [], []
   for _, t in docs:
     enc = tok.encode(t)
     ids.append(enc.ids)
-    chars.append(enc.offsets[:, 1] - enc.offsets[:, 0])
+    ends = np.maximum.accumulate(enc.offsets[:, 1]) if len(enc.ids) else enc.offsets[:, 1]
+    chars.append(np.diff(ends, prepend=0))
     ids.append(np.array([EOS], np.int32))
     chars.append(np.array([1]))          # the document break stands for its newline
   return np.concatenate(ids).astype(np.int32), np.concatenate(chars).astype(np.int64)
