@@ -34,12 +34,12 @@ def get_config(arg=None):
                   dict(dim=128, layers=4, heads=4, ffn=384))    # the strong model
   config.small = (dict(dim=16, layers=1, heads=2, ffn=32) if quick else
                   dict(dim=64, layers=2, heads=4, ffn=192))     # the weak models
-  config.pretrain_steps = 20 if quick else 600   # optimizer steps on the general mixture
+  config.pretrain_steps = 20 if quick else 300   # optimizer steps on the general mixture
   config.pretrain_lr = 3e-3
-  config.finetune_steps = 10 if quick else 200   # optimizer steps on a domain
+  config.finetune_steps = 10 if quick else 100   # optimizer steps on a domain
   config.finetune_lr = 1e-3
   config.alpha = 1.0                 # proxy-tuning's α (every expert)
   config.dlf = dict(lo=0.0, hi=2.0, grid=21, newton_steps=10)   # DLF's box and solver
-  config.eval_windows = 4 if quick else 96    # test windows scored per domain
+  config.eval_windows = 4 if quick else 64    # test windows scored per domain
   config.eval_batch_size = 4 if quick else 16
   return config
