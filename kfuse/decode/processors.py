@@ -268,6 +268,16 @@ def dlf(experts: int = 1, lo: float = 0.0, hi: float = 2.0, grid: int = 21,
   Logits Fusion". α minimises `dlf_objective` (the paper's KL constraints) per row and
   step, in the box [lo, hi]^T (`dlf_weights`). Model order as `proxy_tune`: large, small
   untuned, then the T tuned small models. The state holds the last step's α.
+
+  Choices the paper leaves open, as made here:
+  - the two KL equalities are solved as one least-squares problem (sum of squared
+    residuals, equal weights), summed over the T experts in the multi-task case;
+  - KL directions: KL(p̃ ‖ p_L), KL(p_t ‖ p_S), KL(p̃ ‖ p_t), KL(p_L ‖ p_S) (the fused /
+    tuned distribution first), over the full vocabulary at temperature 1;
+  - α is boxed to [lo, hi] = [0, 2] by default (0: no transfer; 2: twice the small
+    model's shift) and solved by a grid then projected Newton steps (`dlf_weights`),
+    in float32, independently for every row and every step;
+  - every expert is a fine-tune of the one small base model z_S (one anti-expert).
   """
   if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
     raise KfuseError(f"dlf: experts must be an integer >= 1, got {experts!r}")
