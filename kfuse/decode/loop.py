@@ -43,6 +43,11 @@ class Generation(NamedTuple):
   logits: Any = None
 
 
+# one object: the jitted loop's cache is keyed on the processor, so a fresh identity()
+# per call would recompile every call
+_IDENTITY = P.identity()
+
+
 def check_models(models: Sequence, processor: P.Processor) -> None:
   """One shared vocabulary and a model count the processor reads; one line otherwise."""
   if not models:
@@ -197,7 +202,7 @@ def generate(models, prompts, max_new_tokens: int, *, processor: P.Processor | N
   ``return_logits``: also return the fused logits of every step (before temperature).
   """
   models = list(models) if isinstance(models, (list, tuple)) else [models]
-  processor = processor or P.identity()
+  processor = processor or _IDENTITY
   check_models(models, processor)
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
       or max_new_tokens < 1:
@@ -243,7 +248,7 @@ def score(models, ids, processor: P.Processor | None = None) -> np.ndarray:
   """Teacher-forced log-probabilities [B, T−1] (nats) of ids[:, 1:] under the fused
   next-token distribution (each position fused on its own, as in decoding)."""
   models = list(models) if isinstance(models, (list, tuple)) else [models]
-  processor = processor or P.identity()
+  processor = processor or _IDENTITY
   check_models(models, processor)
   ids = np.asarray(ids, np.int32)
   if ids.ndim != 2 or ids.shape[1] < 2:

@@ -102,3 +102,13 @@ def test_top_k_and_top_p_keep_the_reference_sets():
     pz, _ = decode.top_p(p).apply((z,), None)
     for row, k in zip(z.astype(np.float64), np.asarray(pz)):
       np.testing.assert_array_equal(k > -1e29, _np_top_p(row, p))
+
+
+def test_repeated_calls_reuse_the_compiled_loop():
+  from kfuse.decode import loop
+  model = tiny("gpt2", seed=6)
+  decode.generate(model, PROMPTS, 3)
+  n = loop._run._cache_size()
+  decode.generate(model, PROMPTS, 3)
+  decode.generate(tiny("gpt2", seed=7), PROMPTS, 3)     # same shapes, other weights
+  assert loop._run._cache_size() == n
