@@ -8,7 +8,7 @@
    same CPU threads. Min over ``--repeats`` runs (the machine is shared).
 2. Fusion overhead: three models decoded together with proxy-tuning (and DLF) against
    the sum of the three models' own decoding times; target ≤ 1.15 x.
-Writes speed.json beside this script.
+Writes speed.json (``--out``) beside this script.
 """
 
 from __future__ import annotations
@@ -60,15 +60,18 @@ def main():
   ap.add_argument("--new", type=int, default=64)
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default="speed.json", help="file name beside this script")
   args = ap.parse_args()
   threads = torch.get_num_threads()
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, args.vocab, (args.batch, args.prompt)).tolist()
-  res = dict(vars(args), torch_threads=threads, cpus=os.cpu_count())
+  res = dict(vars(args), torch_threads=threads, cpus=os.cpu_count(),
+             weights_mb_per_model=None)
   with tempfile.TemporaryDirectory() as root:
     paths = [os.path.join(root, f"m{i}") for i in range(3)]
     tms = [_torch_llama(p, args.dim, args.layers, args.vocab, i) for i, p in enumerate(paths)]
     models = [hf.load(p) for p in paths]
+  res["weights_mb_per_model"] = sum(v.size * 4 for v in hf.to_hf_dict(models[0]).values()) / 2**20
   ids = torch.tensor(prompts)
 
   def hf_gen():
@@ -92,7 +95,7 @@ def main():
     res[f"fused_{name}_seconds"] = t
     res[f"fused_{name}_over_sum_of_alone"] = t / sum(alone)
   print(json.dumps(res, indent=2))
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speed.json")
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.out)
   with open(out, "w") as f:
     json.dump(res, f, indent=2)
 
