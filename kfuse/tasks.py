@@ -45,6 +45,8 @@ register_task("fusion_bench", "kfuse.fusion.bench:run",
               "FuseLLM / FuseChat knowledge fusion across tokenizers, bits per character")
 register_task("kd_bench", "kfuse.bench.kd_bench:run",
               "knowledge-distillation benchmark (KD losses, Forget-Me-Not, Fantastic Gains)")
+register_task("w2s_bench", "kfuse.decode.w2s_bench:run",
+              "weak-to-strong decoding: proxy-tuning / DLF vs fine-tuning, bits per character")
 
 
 def entry(config: Any) -> Callable[[Any, Any], Any]:

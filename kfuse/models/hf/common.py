@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["Linear", "Conv1D", "Embedding", "RMSNorm", "LayerNorm", "activation",
-           "causal_attention"]
+           "causal_attention", "cached_attention"]
 
 
 def _param(shape, dtype) -> nnx.Param:
@@ -98,8 +98,12 @@ def activation(name: str, x):
   return jax.nn.relu(x)
 
 
-def _attend(q, k, v, scale: float, window: int, q_start: int, k_start: int):
-  """Queries at positions q_start.. over keys at k_start.. (masked as in `causal_attention`)."""
+def _attend(q, k, v, scale: float, window: int, q_start, k_start: int, key_valid=None):
+  """Queries at positions q_start.. over keys at k_start.. (masked as in `causal_attention`).
+
+  ``q_start`` may be traced (a KV cache's write slot); ``key_valid`` [B, S] (optional)
+  also masks keys per row (left padding, cache slots not written yet).
+  """
   b, t, h, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, d)
@@ -109,6 +113,8 @@ def _attend(q, k, v, scale: float, window: int, q_start: int, k_start: int):
   allowed = j <= i
   if window:
     allowed = allowed & (j > i - window)
+  if key_valid is not None:
+    allowed = (allowed[None] & key_valid[:, None, :])[:, None, None]   # [B, 1, 1, T, S]
   s = jnp.where(allowed, s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(b, t, h, d)
@@ -134,3 +140,18 @@ def causal_attention(q, k, v, scale: float, window: int = 0, block: int = 128):
     k_lo = max(0, lo - window + 1) if window else 0
     outs.append(_attend(q[:, lo:hi], k[:, k_lo:hi], v[:, k_lo:hi], scale, window, lo, k_lo))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def cached_attention(q, k, v, cache, start, key_valid, scale: float, window: int = 0):
+  """`causal_attention` of T new positions against a KV cache; returns (out, cache).
+
+  ``cache`` = (k_cache, v_cache) [B, S, K, D]; the new keys / values k, v [B, T, K, D]
+  are written at slots ``start``..``start``+T−1 (``start`` may be traced), then the
+  queries (slots start..) attend to every slot j ≤ i that ``key_valid`` [B, S] marks
+  (and j > i − window). Slots are positions shifted by each row's left padding, so the
+  causal and sliding-window masks are the same in either; padded slots are masked.
+  """
+  k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
+  out = _attend(q, k_cache, v_cache, scale, window, start, 0, key_valid)
+  return out, (k_cache, v_cache)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from kfuse.errors import KfuseError
 from kfuse.models.hf.common import (Conv1D, Embedding, LayerNorm, Linear, activation,
-                                    causal_attention)
+                                    cached_attention, causal_attention)
 from kfuse.models.hf.config import LMConfig
 
 __all__ = ["GPT2LMHeadModel"]
@@ -35,11 +35,21 @@ class GPT2Attention(nnx.Module):
     self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
     self.heads = cfg.num_heads
 
-  def __call__(self, x):
+  def _qkv(self, x):
     b, t, d = x.shape
     q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-    q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
+    return tuple(y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    q, k, v = self._qkv(x)
     return self.c_proj(causal_attention(q, k, v, self.scale).reshape(b, t, d))
+
+  def decode(self, x, cache, start, key_valid):
+    b, t, d = x.shape
+    q, k, v = self._qkv(x)
+    o, cache = cached_attention(q, k, v, cache, start, key_valid, self.scale)
+    return self.c_proj(o.reshape(b, t, d)), cache
 
 
 class GPT2MLP(nnx.Module):
@@ -62,6 +72,11 @@ class Block(nnx.Module):
   def __call__(self, h):
     h = h + self.attn(self.ln_1(h))
     return h + self.mlp(self.ln_2(h))
+
+  def decode(self, h, cache, start, key_valid):
+    a, cache = self.attn.decode(self.ln_1(h), cache, start, key_valid)
+    h = h + a
+    return h + self.mlp(self.ln_2(h)), cache
 
 
 class Transformer(nnx.Module):
@@ -89,5 +104,26 @@ class GPT2LMHeadModel(nnx.Module):
     h = tr.wte(ids) + tr.wpe.weight[...][:t][None]
     for block in tr.h:
       h = block(h)
-    h = tr.ln_f(h)
-    return tr.wte.attend(h) if self.lm_head is None else self.lm_head(h)
+    return self._logits(h)
+
+  def _logits(self, h):
+    h = self.transformer.ln_f(h)
+    return self.transformer.wte.attend(h) if self.lm_head is None else self.lm_head(h)
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> list:
+    """Empty KV cache: per block (k, v) zeros ``[batch, length, heads, head_dim]``."""
+    cfg = self.config
+    dtype = dtype or self.transformer.wte.weight[...].dtype
+    shape = (batch, length, cfg.num_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+  def decode(self, ids, positions, cache, start, key_valid):
+    """Logits of ids ``[B, T]`` at ``positions`` [B, T] through the KV cache (slots
+    start..); see `LlamaForCausalLM.decode`. Returns (logits, cache)."""
+    tr = self.transformer
+    h = tr.wte(ids) + jnp.take(tr.wpe.weight[...], positions, axis=0)
+    new = []
+    for block, c in zip(tr.h, cache):
+      h, c = block.decode(h, c, start, key_valid)
+      new.append(c)
+    return self._logits(h), new

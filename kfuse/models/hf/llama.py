@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kfuse.models.hf.common import Embedding, Linear, RMSNorm, activation, causal_attention
+from kfuse.models.hf.common import (Embedding, Linear, RMSNorm, activation, cached_attention,
+                                    causal_attention)
 from kfuse.models.hf.config import LMConfig
 
 __all__ = ["LlamaForCausalLM", "rope_inv_freq", "apply_rope"]
@@ -60,10 +61,19 @@ def rope_inv_freq(cfg: LMConfig) -> np.ndarray:
 
 
 def apply_rope(x, cos, sin):
-  """x·cos + rotate_half(x)·sin; x [B, T, H, D], cos/sin [T, D]."""
+  """x·cos + rotate_half(x)·sin; x [B, T, H, D], cos/sin [T, D] (or per row: [B, T, D])."""
   half = x.shape[-1] // 2
   rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  if cos.ndim == 3:
+    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
   return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def _rope_tables(positions, cfg: LMConfig, dtype):
+  """cos, sin of RoPE angles at integer ``positions`` ([T] or [B, T]) -> [..., head_dim]."""
+  angle = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+  angle = jnp.concatenate([angle, angle], axis=-1)
+  return jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
 
 
 class LlamaAttention(nnx.Module):
@@ -75,15 +85,27 @@ class LlamaAttention(nnx.Module):
     self.o_proj = Linear(cfg.num_heads * hd, d, cfg.o_bias, dtype)
     self.cfg, self.window = cfg, cfg.windows[layer]
 
-  def __call__(self, x, cos, sin):
+  def _qkv(self, x, cos, sin):
     b, t, _ = x.shape
     cfg = self.cfg
     q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = causal_attention(q, k, v, cfg.head_dim ** -0.5, self.window)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def __call__(self, x, cos, sin):
+    b, t, _ = x.shape
+    q, k, v = self._qkv(x, cos, sin)
+    o = causal_attention(q, k, v, self.cfg.head_dim ** -0.5, self.window)
     return self.o_proj(o.reshape(b, t, -1))
+
+  def decode(self, x, cos, sin, cache, start, key_valid):
+    """`__call__` for new positions at cache slots start..; returns (out, cache)."""
+    b, t, _ = x.shape
+    q, k, v = self._qkv(x, cos, sin)
+    o, cache = cached_attention(q, k, v, cache, start, key_valid, self.cfg.head_dim ** -0.5,
+                                self.window)
+    return self.o_proj(o.reshape(b, t, -1)), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -109,6 +131,11 @@ class DecoderLayer(nnx.Module):
     h = h + self.self_attn(self.input_layernorm(h), cos, sin)
     return h + self.mlp(self.post_attention_layernorm(h))
 
+  def decode(self, h, cos, sin, cache, start, key_valid):
+    a, cache = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache, start, key_valid)
+    h = h + a
+    return h + self.mlp(self.post_attention_layernorm(h)), cache
+
 
 class Decoder(nnx.Module):
   def __init__(self, cfg: LMConfig, dtype):
@@ -128,10 +155,30 @@ class LlamaForCausalLM(nnx.Module):
 
   def __call__(self, ids):
     h = self.model.embed_tokens(ids)
-    angle = jnp.arange(ids.shape[1], dtype=jnp.float32)[:, None] * rope_inv_freq(self.config)
-    angle = jnp.concatenate([angle, angle], axis=-1)
-    cos, sin = jnp.cos(angle).astype(h.dtype), jnp.sin(angle).astype(h.dtype)
+    cos, sin = _rope_tables(jnp.arange(ids.shape[1]), self.config, h.dtype)
     for layer in self.model.layers:
       h = layer(h, cos, sin)
+    return self._logits(h)
+
+  def _logits(self, h):
     h = self.model.norm(h)
     return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> list:
+    """Empty KV cache: per layer (k, v) zeros ``[batch, length, kv_heads, head_dim]``."""
+    cfg = self.config
+    dtype = dtype or self.model.embed_tokens.weight[...].dtype
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+  def decode(self, ids, positions, cache, start, key_valid):
+    """Logits ``[B, T, vocab]`` of ids ``[B, T]`` at ``positions`` [B, T], written to the
+    cache slots start..start+T−1; keys attended: slots ≤ each query's that ``key_valid``
+    [B, S] marks. Returns (logits, cache) (`kfuse.decode.generate` drives it)."""
+    h = self.model.embed_tokens(ids)
+    cos, sin = _rope_tables(positions, self.config, h.dtype)
+    new = []
+    for layer, c in zip(self.model.layers, cache):
+      h, c = layer.decode(h, cos, sin, c, start, key_valid)
+      new.append(c)
+    return self._logits(h), new
