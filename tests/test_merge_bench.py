@@ -345,6 +345,11 @@ def test_configs_are_complete_and_valid():
   assert mod.get_config("negation").negation.enabled and not mod.get_config("negation").methods
   mlp = mod.get_config("8,model=mlp")
   assert merge_bench.pool_config(mlp)["model"]["name"] == "mlp" and mlp.pool.path.endswith("_mlp")
+  free = mod.get_config("8,informed=no").methods.to_dict()
+  assert sorted(free) == sorted(set(mod.get_config("8").methods) - set(mod.informed_methods()))
+  assert sorted(free) == sorted(mod.methods())   # every data-free method, none informed
+  with pytest.raises(KfuseError, match="informed"):
+    mod.get_config("8,informed=maybe")
   with pytest.raises(KfuseError, match="variant"):
     mod.get_config("huge")
   with pytest.raises(KfuseError, match="tasks"):
