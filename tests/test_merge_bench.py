@@ -268,6 +268,32 @@ def test_ordering_claims_are_the_measured_comparisons(bench):
   assert results["ordering"] == want
 
 
+def test_lambda_factored_merges_equal_the_method_at_every_lambda():
+  """Every LAMBDA_LINEAR method with the full benchmark's grid: theta0 + lambda*(merge(1) - theta0),
+  one merge per setting of the other parameters, equals kfuse.merge.merge at each lambda."""
+  from kfuse import merge
+  rng = np.random.default_rng(0)
+  base = {"blk": {"kernel": rng.normal(size=(12, 10)).astype(np.float32)}}   # one shape: one compile
+  experts = [jax.tree.map(lambda b: (b + 0.1 * rng.normal(size=b.shape)).astype(np.float32), base)
+             for _ in range(4)]
+  key = jax.random.key(3)
+  table = _config_module("merge_bench")._full_methods()
+  linear = sorted(merge_bench.LAMBDA_LINEAR)
+  assert linear == sorted(k for k, v in table.items() if "lambda" in v["grid"])
+  calls = []
+  for label in linear:
+    spec = table[label]
+    points = merge_bench.grid_points(spec["params"], spec["grid"])
+    direct = lambda p, name=spec["name"]: merge.merge(name, experts, base, params=p, key=key)
+    counted = lambda p, direct=direct: calls.append(p) or direct(p)
+    factored = merge_bench.lambda_factored(counted, base)
+    calls.clear()
+    for p in points:
+      for a, b in zip(jax.tree.leaves(factored(p)), jax.tree.leaves(direct(p))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{label} {p}")
+    assert len(calls) == len(points) // len(spec["grid"]["lambda"])   # one merge per other setting
+
+
 def test_negation_choice_rule():
   tr = [{"target_val": 0.5, "control_val": 0.9}, {"target_val": 0.2, "control_val": 0.86},
         {"target_val": 0.1, "control_val": 0.5}]
@@ -319,6 +345,11 @@ def test_configs_are_complete_and_valid():
   assert mod.get_config("negation").negation.enabled and not mod.get_config("negation").methods
   mlp = mod.get_config("8,model=mlp")
   assert merge_bench.pool_config(mlp)["model"]["name"] == "mlp" and mlp.pool.path.endswith("_mlp")
+  free = mod.get_config("8,informed=no").methods.to_dict()
+  assert sorted(free) == sorted(set(mod.get_config("8").methods) - set(mod.informed_methods()))
+  assert sorted(free) == sorted(mod.methods())   # every data-free method, none informed
+  with pytest.raises(KfuseError, match="informed"):
+    mod.get_config("8,informed=maybe")
   with pytest.raises(KfuseError, match="variant"):
     mod.get_config("huge")
   with pytest.raises(KfuseError, match="tasks"):

@@ -74,7 +74,8 @@ PyTree = Any
 
 __all__ = ["run", "markdown_table", "plot", "grid_points", "method_specs", "MergeInputs",
            "TaskData", "MERGERS", "register_merger", "select_on_validation", "sequential_merge",
-           "negation_choice", "ordering", "LITERATURE", "NEGATION_LITERATURE"]
+           "negation_choice", "ordering", "lambda_factored", "LAMBDA_LINEAR", "LITERATURE",
+           "NEGATION_LITERATURE"]
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -157,6 +158,39 @@ def _data_free(name: str) -> Callable[[MergeInputs, Mapping], PyTree]:
 
   def fn(inputs: MergeInputs, params: Mapping) -> PyTree:
     return merge.merge(name, inputs.experts, inputs.pretrained, params=dict(params), key=inputs.key)
+  return fn
+
+
+# kfuse.merge methods whose recipe ends with ``scale("lambda"), add_base()``: the merge is
+# θ(λ, p) = θ₀ + λ·Δ(p), with Δ independent of λ (DARE / DELLA masks come from the key, not λ).
+# Their λ grid needs one merge per setting of the other parameters (`lambda_factored`);
+# tests/test_merge_bench.py checks each against `kfuse.merge.merge` at every λ.
+LAMBDA_LINEAR = frozenset({"task_arithmetic", "ties", "ties_paper", "dare_linear", "dare_ties",
+                           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
+
+
+def lambda_factored(merge_fn: Callable[[Mapping], PyTree], base: PyTree
+                    ) -> Callable[[Mapping], PyTree]:
+  """``merge_fn`` for a method linear in λ, merging once per setting of the other parameters.
+
+  θ(λ, p) = θ₀ + λ·Δ(p) with Δ(p) = θ(1, p) − θ₀ computed in float64 from one
+  merge at λ = 1; every λ of the grid is then θ₀ + λ·Δ(p) (rounded to the
+  leaf's dtype), equal to the method's own result up to float rounding.
+  """
+  deltas: dict[str, PyTree] = {}
+
+  def fn(params: Mapping) -> PyTree:
+    if "lambda" not in params:
+      return merge_fn(params)
+    rest = {k: v for k, v in params.items() if k != "lambda"}
+    key = repr(sorted(_plain(rest).items()))
+    if key not in deltas:
+      one = merge_fn({**rest, "lambda": 1.0})
+      deltas[key] = jax.tree.map(lambda m, b: np.asarray(m, np.float64) - np.asarray(b, np.float64),
+                                 one, base)
+    lam = float(params["lambda"])
+    return jax.tree.map(lambda b, d: (np.asarray(b, np.float64) + lam * d).astype(np.asarray(b).dtype),
+                        base, deltas[key])
   return fn
 
 
@@ -260,24 +294,55 @@ def check_config(config: Any) -> None:
 
 
 class _Evaluator:
-  """Accuracy of (backbone, head) pairs on the tasks' splits; one jitted predict per task shape."""
+  """Accuracy of a backbone under each task's head on the tasks' splits.
+
+  One jitted backbone forward pass (the variables are arguments, so a single
+  compilation serves every merged model, grid point and task) computes the
+  features of every requested task's split in fixed-size chunks of the
+  concatenated inputs; each task's linear head is then applied on the host:
+  logits = f · W + b, exactly the `Classifier`'s ``head(backbone(x))``.
+  """
 
   def __init__(self, pool, datasets: Mapping, batch_size: int):
-    self.pool, self.datasets, self.batch_size = pool, datasets, batch_size
-    self._predict: dict[str, Any] = {}
+    self.pool, self.datasets, self.batch_size = pool, datasets, int(batch_size)
+    model = pool.model(pool.tasks[0])   # the backbone does not depend on the head size
+    self._features = jax.jit(
+        lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone(x, train=False)))
 
-  def accuracy(self, task: str, variables: PyTree, split: str) -> float:
-    if task not in self._predict:
-      self._predict[task] = train.make_predict(self.pool.model(task))
-    ds = self.datasets[task]
-    x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
-    return float(train.evaluate(self._predict[task], variables, x, y, self.batch_size)["accuracy"])
+  def features(self, backbone: PyTree, state: Mapping | None, split: str,
+               tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{task: [N, D] features}`` of ``backbone`` on each task's ``split``, in one batched pass."""
+    xs = [getattr(self.datasets[t], f"x_{split}") for t in tasks]
+    x = np.concatenate(xs)
+    b = self.batch_size
+    pad = (-len(x)) % b
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    variables = {"params": {"backbone": backbone}, **dict(state or {})}
+    f = np.concatenate([np.asarray(self._features(variables, x[i:i + b]))
+                        for i in range(0, len(x), b)])
+    out, start = {}, 0
+    for t, xt in zip(tasks, xs):
+      out[t] = f[start:start + len(xt)]
+      start += len(xt)
+    return out
 
   def backbone(self, backbone: PyTree, heads: Mapping, split: str, state: Mapping | None = None,
                tasks: Sequence[str] | None = None) -> dict[str, float]:
     """``{task: accuracy}`` of ``backbone`` + each task's head on ``split``."""
-    return {t: self.accuracy(t, models.with_params(backbone, heads[t], state), split)
-            for t in (tasks if tasks is not None else list(heads))}
+    tasks = list(tasks if tasks is not None else heads)
+    feats = self.features(backbone, state, split, tasks)
+    out = {}
+    for t in tasks:
+      h = heads[t]
+      logits = feats[t] @ np.asarray(h["kernel"]) + np.asarray(h["bias"])
+      out[t] = float(np.mean(logits.argmax(-1) == getattr(self.datasets[t], f"y_{split}")))
+    return out
+
+  def accuracy(self, task: str, variables: PyTree, split: str) -> float:
+    """Accuracy of full variables (backbone + ``task``'s head) on ``task``'s ``split``."""
+    return self.backbone(models.backbone_of(variables), {task: models.head_of(variables)}, split,
+                         models.model_state_of(variables), [task])[task]
 
 
 def _mean_state(states: Sequence[Mapping]) -> dict:
@@ -534,7 +599,9 @@ def _negation(config: Any, ev: _Evaluator, pool, tasks: Sequence[str], pre_bb: P
     trace, trees = [], []
     for p in points:
       bb = merge.merge("task_negation", [experts_bb[target]], pre_bb, params=p, key=key)
-      val = ev.backbone(bb, heads, "val", pre_state)
+      # λ = 0 is θ₀ itself (θ₀ − 0·τ): its val accuracies are the pretrained model's
+      val = pre["val"] if set(p) == {"lambda"} and p["lambda"] == 0 else ev.backbone(
+          bb, heads, "val", pre_state)
       trace.append({"params": _plain(p), "target_val": val[target], "control_val": ctl(val)})
       trees.append(bb)
     i, feasible = negation_choice(trace, ctl(pre["val"]), thr)
@@ -646,8 +713,10 @@ def run(config: Any, workdir: str | None = None) -> dict:
     k = jax.random.fold_in(key, zlib.crc32(spec["label"].encode()) & 0x7FFFFFFF)
     inputs = MergeInputs(tasks=list(tasks), pretrained=pre_bb, experts=[experts_bb[t_] for t_ in tasks],
                          heads=heads, model=pool.model, data=budget_data, key=k, pool=pool)
-    add_row(spec["label"], spec["method"], lambda p, fn=fn, inputs=inputs: fn(inputs, p),
-            spec["points"])
+    merge_point = lambda p, fn=fn, inputs=inputs: fn(inputs, p)
+    if spec["method"] in LAMBDA_LINEAR and spec["method"] not in MERGERS:
+      merge_point = lambda_factored(merge_point, pre_bb)
+    add_row(spec["label"], spec["method"], merge_point, spec["points"])
     if inputs.log:
       rows[-1]["merger_log"] = _plain(inputs.log)
   for label in seq_labels:
