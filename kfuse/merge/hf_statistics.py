@@ -1,0 +1,190 @@
+"""RegMean / Fisher statistics of HF causal LMs (`kfuse.models.hf`), keyed by HF tensor name.
+
+    model = hf.load("expert_dir")
+    batches = hf_statistics.token_batches(ids, seq_len=512, batch_size=8)
+    st = hf_statistics.grams(model, batches).combine(hf_statistics.fisher(model, batches))
+    statistics.save("stats/expert", st)            # the Orbax format of `kfuse.merge.statistics`
+
+Calibration data are token windows ``x [B, T]`` int, right-padded with ``PAD`` = −1
+(a row's real tokens first, then pads; `token_batches` cuts a token stream so).
+The models are causal, so pads after a row's tokens change none of its real
+positions; they are only masked out of the statistics (mask ``m = x ≥ 0``).
+
+**Gram** (RegMean, Jin et al., ICLR 2023): for every linear projection
+(``common.Linear`` ``[out, in]`` and GPT-2's ``Conv1D`` ``[in, out]``: q/k/v/o,
+gate/up/down, c_attn/c_fc/c_proj, an untied lm_head) the input rows ``x_t ∈ R^{d_in}``
+of every real token, ``G = Σ_t m_t x_t x_tᵀ / n`` with ``n = Σ_t m_t`` (the running
+average over tokens as RegMean and FusionBench define it; kept as a sum, divided
+once). Keyed by the layer's weight name (``model.layers.0.self_attn.q_proj.weight``),
+``G`` is ``[d_in, d_in]`` whichever way the weight is stored. The inputs are taken by a
+tap in ``common.Linear`` / ``Conv1D`` (`kfuse.models.hf.common.TAPS`) while the
+jitted forward is traced: the model code is not forked and costs nothing otherwise.
+
+**Fisher** (Matena & Raffel, NeurIPS 2022): the label-free score of
+`kfuse.merge.statistics.fisher` summed over a window's real tokens,
+``s(x) = Σ_t m_t Σ_c sg(√p_tc) log p_tc``; ``F = (1/N) Σ_n (∇_θ s(x_n))²`` over the N
+windows (``mode="per_example"``: a batch of per-window gradients, so memory is
+``batch_size`` parameter copies) or FusionBench's ``mode="batch"`` (one gradient
+per batch). Keyed by every parameter's HF name.
+
+Memory: one batch's activations plus the accumulators (``d_in²`` per projection;
+one parameter copy for Fishers). On a mesh (`hf.load(..., mesh=)`) give batches
+placed with `hf.batch_sharding`; Grams and Fishers are sums, the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kfuse.merge import statistics as ST
+from kfuse.merge.statistics import Statistics
+from kfuse.models.hf import common
+from kfuse.models.hf.loading import to_hf_dict, with_hf_dict
+from kfuse.tree import KfuseError
+
+__all__ = ["PAD", "token_batches", "grams", "fisher", "collect", "split_mask"]
+
+PAD = -1
+
+
+def token_batches(ids, seq_len: int, batch_size: int) -> list[dict]:
+  """``{'x': [batch_size, seq_len]}`` windows of a token stream ``ids`` (non-overlapping,
+  the last window right-padded with `PAD`, the last batch with all-`PAD` rows)."""
+  ids = np.asarray(ids, np.int64).reshape(-1)
+  if seq_len < 1 or batch_size < 1:
+    raise KfuseError(f"token_batches: seq_len and batch_size must be ≥ 1, got {seq_len},"
+                     f" {batch_size}")
+  if ids.size == 0:
+    raise KfuseError("token_batches: the calibration text holds no tokens")
+  if np.any(ids < 0):
+    raise KfuseError("token_batches: negative token ids (−1 is the padding marker)")
+  rows = -(-ids.size // seq_len)
+  total = -(-rows // batch_size) * batch_size
+  x = np.full(total * seq_len, PAD, np.int32)
+  x[:ids.size] = ids
+  x = x.reshape(total, seq_len)
+  return [{"x": x[i:i + batch_size]} for i in range(0, total, batch_size)]
+
+
+def split_mask(x):
+  """``(ids, mask)`` of a padded window batch: mask = x ≥ 0, pads replaced by id 0."""
+  mask = x >= 0
+  return jnp.where(mask, x, 0), mask
+
+
+def _windows(batches: Iterable[Any], where: str) -> Iterator[np.ndarray]:
+  """Each batch's ``x`` as int32 ``[B, T]``, right padding checked; `KfuseError` when empty."""
+  seen = 0
+  for batch in batches:
+    ST.check_batch(batch, ("x",), where=f"{where} batch")
+    x = np.asarray(batch["x"])
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+      raise KfuseError(f"{where}: a batch 'x' must be int token ids [B, T], got"
+                       f" {x.dtype} {x.shape}")
+    m = x >= 0
+    if np.any(m[:, 1:] & ~m[:, :-1]):
+      raise KfuseError(f"{where}: a token follows padding (−1) in a row; pad on the right only")
+    if not m.any():
+      continue
+    seen += int(m.sum())
+    yield x.astype(np.int32)
+  if seen == 0:
+    raise KfuseError(f"{where}: the data iterator yielded no tokens; statistics need a"
+                     f" calibration text")
+
+
+def _module_names(model: nnx.Module) -> dict[int, str]:
+  return {id(m): ".".join(str(p) for p in path) for path, m in nnx.iter_modules(model)}
+
+
+def grams(model: nnx.Module, batches: Iterable[Any], *,
+          max_tokens: Optional[int] = None) -> Statistics:
+  """Input Grams of every Linear / Conv1D of ``model`` (see the module doc).
+
+  Args:
+    model: a `kfuse.models.hf` causal LM (`hf.load`).
+    batches: mappings ``{'x': int [B, T]}``, right-padded with `PAD` (`token_batches`).
+    max_tokens: stop once this many real tokens were seen (whole batches).
+  Returns:
+    `Statistics` with ``gram`` / ``tokens`` keyed by HF weight name, ``examples`` =
+    windows seen.
+  """
+  graph = model
+
+  @jax.jit
+  def step(acc, tensors, x):
+    ids, mask = split_mask(x)
+    m = with_hf_dict(graph, tensors)
+    names = _module_names(m)
+    keep = mask.reshape(-1, 1).astype(jnp.float32)
+    out: dict = {}
+
+    def tap(module, h):
+      name = names[id(module)] + ".weight"
+      rows = h.reshape(-1, h.shape[-1]).astype(jnp.float32) * keep
+      g = rows.T @ rows if jax.default_backend() == "cpu" else jnp.matmul(
+          rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+      out[name] = out.get(name, 0.0) + g
+
+    common.TAPS.append(tap)
+    try:
+      m(ids)
+    finally:
+      common.TAPS.remove(tap)
+    n = jnp.sum(mask, dtype=jnp.int32)
+    if acc is None:
+      return {k: (g, n) for k, g in out.items()}
+    return {k: (acc[k][0] + g, acc[k][1] + n) for k, g in out.items()}
+
+  tensors = to_hf_dict(model)
+  acc, examples, seen = None, 0, 0
+  for x in _windows(batches, "hf_statistics.grams"):
+    if max_tokens is not None and seen >= max_tokens:
+      break
+    acc = step(acc, tensors, x)
+    examples += int(np.sum(np.any(x >= 0, axis=1)))
+    seen += int(np.sum(x >= 0))
+  if not acc:
+    raise KfuseError("hf_statistics.grams: the model called no Linear / Conv1D layer")
+  tokens = {k: int(n) for k, (_, n) in jax.device_get(acc).items()}
+  gram = {k: g / tokens[k] for k, (g, _) in acc.items()}
+  ST._finite_or_raise(gram, "the Gram", "hf_statistics.grams")
+  return Statistics(gram=gram, tokens=tokens, examples=examples)
+
+
+def fisher(model: nnx.Module, batches: Iterable[Any], *, mode: str = "per_example",
+           max_examples: Optional[int] = None) -> Statistics:
+  """Diagonal Fisher of every parameter of ``model``, keyed by HF name (see the module doc);
+  ``max_examples`` counts windows (whole batches)."""
+
+  def apply_fn(tensors, x):
+    ids, mask = split_mask(x)
+    logits = with_hf_dict(model, tensors)(ids).astype(jnp.float32)
+    return jnp.where(mask[..., None], logits, 0.0)   # padded positions: constant, no gradient
+
+  real = [0, 0]   # windows with tokens, rows (incl. all-pad rows) that ST.fisher counts
+
+  def xs():
+    for x in _windows(batches, "hf_statistics.fisher"):
+      real[0] += int(np.sum(np.any(x >= 0, axis=1)))
+      real[1] += x.shape[0]
+      yield {"x": x}
+
+  st = ST.fisher(apply_fn, to_hf_dict(model), xs(), mode=mode, max_examples=max_examples)
+  scale = real[1] / real[0]   # all-pad rows add zero gradients: divide by real windows
+  return Statistics(fisher={k: v * scale for k, v in st.fisher.items()}, examples=real[0])
+
+
+def collect(model: nnx.Module, batches, *, fisher_mode: Optional[str] = "per_example",
+            max_tokens: Optional[int] = None) -> Statistics:
+  """Grams and (unless ``fisher_mode`` is None) the Fisher; ``batches`` is iterated twice."""
+  batches = list(batches)
+  st = grams(model, batches, max_tokens=max_tokens)
+  if fisher_mode is None:
+    return st
+  return st.combine(fisher(model, batches, mode=fisher_mode))
