@@ -47,7 +47,8 @@ from kfuse.models.hf import common
 from kfuse.models.hf.loading import to_hf_dict, with_hf_dict
 from kfuse.tree import KfuseError
 
-__all__ = ["PAD", "token_batches", "grams", "fisher", "collect", "split_mask"]
+__all__ = ["PAD", "token_batches", "grams", "fisher", "collect", "split_mask",
+           "StatisticsStore", "stream_contexts"]
 
 PAD = -1
 
@@ -188,3 +189,162 @@ def collect(model: nnx.Module, batches, *, fisher_mode: Optional[str] = "per_exa
   if fisher_mode is None:
     return st
   return st.combine(fisher(model, batches, mode=fisher_mode))
+
+
+# ------------------------------------------------ streaming merge: statistics per tensor
+
+
+def _flat(tree: Any, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class StatisticsStore:
+  """A saved statistics checkpoint (`statistics.save`) read one tensor at a time with
+  Orbax's partial restore: the shapes and token counts up front, each Gram / Fisher
+  only when its tensor is merged (so the host holds one tensor's statistics per expert)."""
+
+  def __init__(self, path):
+    from kfuse.io import orbax_io
+    self.path = str(path)
+    self._item = orbax_io._require_item_dir(path)
+    meta = orbax_io.orbax_metadata(path)
+    if not isinstance(meta, dict) or "examples" not in meta:
+      raise KfuseError(f"{self.path}: not a kfuse statistics checkpoint (no 'examples' entry)")
+    self.shapes = {kind: {k: tuple(v.shape) for k, v in _flat(meta.get(kind, {})).items()}
+                   for kind in ("gram", "fisher")}
+    small = self._restore({"tokens": {k: np.zeros((), np.int64) for k in
+                                      _flat(meta.get("tokens", {}))}} if "tokens" in meta else {})
+    self.tokens = {k: int(v) for k, v in _flat(small.get("tokens", {})).items()}
+
+  def _restore(self, want: dict) -> dict:
+    if not want:
+      return {}
+    import orbax.checkpoint as ocp
+    nested = {kind: ST._nest(d) for kind, d in want.items()}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), nested)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
+      return ck.restore(self._item, args=ocp.args.PyTreeRestore(
+          item=nested, restore_args=args, partial_restore=True))
+
+  def read(self, kind: str, path: str) -> np.ndarray:
+    """The ``kind`` ('gram' | 'fisher') statistic of parameter ``path``."""
+    shape = self.shapes[kind][path]
+    got = self._restore({kind: {path: np.zeros(shape, np.float32)}})
+    return np.asarray(_flat(got[kind])[path])
+
+
+class _Lazy(dict):
+  """``ctx.stats[kind]`` for one tensor: its N experts' statistics, read and checked on use."""
+
+  def __init__(self, load):
+    super().__init__()
+    self._load = load
+
+  def get(self, path, default=None):
+    return self._load(path)
+
+  def __getitem__(self, path):
+    return self._load(path)
+
+
+def stream_contexts(method, statistics, shapes: dict, values: dict, layout: str) -> dict:
+  """Per tensor, the `PrepareContext` a data-informed method's ``prepare`` reads in the
+  streaming engine: ``{name: PrepareContext}``. Checks up front (one line each) that the
+  statistics are one per model, of these tensors and shapes; notes on stderr Grams from
+  fewer tokens than inputs (then only the off-diagonal shrink α / ridge make them
+  invertible). Each tensor's statistics are read when the engine prepares it.
+
+  Args:
+    method: 'regmean' or 'fisher' (a `Method`).
+    statistics: one saved statistics path per model, in the models' order.
+    shapes: ``{tensor name: shape}`` of the models.
+    values: ``{tensor name: resolved parameter values}``.
+    layout: 'torch' or 'flax' (the models' weight layout).
+  """
+  import sys
+  from kfuse.merge import informed
+  from kfuse.merge.core import PrepareContext
+  from kfuse.registry import suggest
+  name = method.name
+  if name not in ("regmean", "fisher"):
+    raise KfuseError(f"config.statistics: method {name!r} cannot stream statistics"
+                     f" (regmean, fisher can)")
+  stores = [s if isinstance(s, StatisticsStore) else StatisticsStore(s) for s in statistics]
+  kind = "gram" if name == "regmean" else "fisher"
+  for s in stores:
+    have = s.shapes[kind]
+    if not have:
+      raise KfuseError(f"{s.path}: no {'Grams' if kind == 'gram' else 'Fisher'} (method"
+                       f" {name!r} needs them)")
+    for k, shp in have.items():
+      if k not in shapes:
+        raise KfuseError(f"{s.path}: statistics of {k!r}, which the models do not have"
+                         f" (statistics of another model?){suggest(k, shapes)}")
+      if kind == "fisher" and shp != tuple(shapes[k]):
+        raise KfuseError(f"{s.path}: Fisher of {k!r} has shape {shp}, the tensor"
+                         f" {tuple(shapes[k])} (statistics of another model?)")
+      if kind == "gram":
+        t = informed._transposed(k, tuple(shapes[k]), layout == "torch")
+        d = shapes[k][-1] if t else None
+        if len(shp) != 2 or shp[0] != shp[1] or (
+            d != shp[0] if t else informed._split(tuple(shapes[k]), shp[0]) is None):
+          raise KfuseError(f"{s.path}: Gram of {k!r} is {shp}, the tensor {tuple(shapes[k])}"
+                           f" has no input size {shp[0]} (statistics of another model?)")
+    if kind == "fisher":
+      missing = [k for k in shapes if k not in have]
+      if missing:
+        raise KfuseError(f"{s.path}: no Fisher for {missing[0]!r} (statistics of another"
+                         f" model?)")
+    if set(have) != set(stores[0].shapes[kind]):
+      diff = sorted(set(have) ^ set(stores[0].shapes[kind]))[0]
+      raise KfuseError(f"{s.path}: statistics paths differ from {stores[0].path}'s"
+                       f" (e.g. {diff!r})")
+  if kind == "gram":
+    short = [(s.path, k, s.tokens.get(k, 0), shp[0]) for s in stores
+             for k, shp in s.shapes["gram"].items() if s.tokens.get(k, 0) < shp[0]]
+    if short:
+      p, k, n, d = short[0]
+      print(f"kfuse: note: {len(short)} Gram(s) from fewer tokens than inputs (e.g. {p}:"
+            f" {k!r}, {n} < d_in={d}): rank-deficient, made invertible only by RegMean's"
+            f" off-diagonal shrink alpha < 1 or ridge > 0; more calibration text is better",
+            file=sys.stderr)
+  coef = None
+  if kind == "fisher":   # c_i ∝ 1/‖F_i‖: one pass over the Fishers, one tensor at a time
+    norms = [{k: np.linalg.norm(s.read("fisher", k).astype(np.float64)) for k in shapes}
+             for s in stores]
+    first = values[next(iter(shapes))]
+    coef = informed.fisher_coefficients(norms, bool(first.get("normalize", True)),
+                                        float(first.get("epsilon", 1e-6)))
+
+  def one(path: str, vals: dict):
+    def load(p):
+      if p != path:
+        raise KfuseError(f"statistics asked for {p!r} while merging {path!r}")
+      if kind == "gram" and path not in stores[0].shapes["gram"]:
+        return None
+      sts = [Statistics(gram={path: s.read("gram", path)}, tokens={path: s.tokens.get(path, 0)})
+             if kind == "gram" else Statistics(fisher={path: s.read("fisher", path)})
+             for s in stores]
+      ref = {path: None}
+      experts = {path: jax.ShapeDtypeStruct((len(stores),) + tuple(shapes[path]), np.float32)}
+      binder = informed._BINDERS[name]
+      try:
+        out = binder(sts, ref, experts, vals)
+      except KfuseError as e:
+        msg = str(e)
+        for i, s in enumerate(stores):
+          msg = msg.replace(f"statistics[{i}]", s.path)
+        raise KfuseError(msg) from None
+      return out[kind][path]
+    stats = {kind: _Lazy(load)}
+    if coef is not None:
+      stats["coef"] = coef.astype(np.float32)
+    return PrepareContext(stats=stats)
+
+  return {k: one(k, values[k]) for k in shapes}
