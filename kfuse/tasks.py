@@ -41,6 +41,8 @@ register_task("tta_bench", "kfuse.bench.tta_bench:run",
               "test-time adaptation benchmark on MNIST-1D-C")
 register_task("lm_eval", "kfuse.bench.lm_eval:run",
               "perplexity of an HF causal LM (Llama, Mistral, Qwen2, GPT-2) on a text file")
+register_task("merge_informed_hf", "kfuse.merge.hf_statistics:run",
+              "RegMean / Fisher of HF LMs: statistics on calibration text, streaming merge")
 register_task("kd_bench", "kfuse.bench.kd_bench:run",
               "knowledge-distillation benchmark (KD losses, Forget-Me-Not, Fantastic Gains)")
 

@@ -348,3 +348,69 @@ def stream_contexts(method, statistics, shapes: dict, values: dict, layout: str)
     return PrepareContext(stats=stats)
 
   return {k: one(k, values[k]) for k in shapes}
+
+
+# ------------------------------------------------------------------- the job
+
+
+def _text_ids(model_dir: str, text_file: str, tokenizer: str, vocab: int, max_tokens: int):
+  import os
+  from kfuse.models import hf
+  try:
+    with open(text_file, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise KfuseError(f"config.text_files: cannot read {text_file}: {e}") from None
+  tok = hf.load_tokenizer(tokenizer or model_dir)
+  tok.check_model(vocab, os.path.join(model_dir, "config.json"))
+  ids = tok.encode(text).ids
+  return ids[:max_tokens] if max_tokens > 0 else ids
+
+
+def run(config, workdir=None) -> dict:
+  """``configs/merge_informed_hf.py``: statistics per model on its text, then the merge."""
+  import json
+  import os
+  import sys
+  from kfuse.merge import runner
+  from kfuse.models import hf
+  get = lambda k, d=None: runner._get(config, k, d)
+  method = get("method")
+  models = runner._split(get("models"))
+  texts = runner._split(get("text_files"))
+  out = get("output_dir")
+  if not models:
+    raise KfuseError("config.models: give the HF directories (--config.models=a,b)")
+  if not out:
+    raise KfuseError("config.output_dir: required (--config.output_dir=OUT)")
+  if len(texts) not in (1, len(models)):
+    raise KfuseError(f"config.text_files: {len(texts)} files for {len(models)} models (give one"
+                     f" per model, or one for all)")
+  texts = texts * len(models) if len(texts) == 1 else texts
+  overwrite, progress = bool(get("overwrite", False)), bool(get("progress", True))
+  stats_dir = get("stats_dir") or os.path.abspath(out).rstrip("/") + ".stats"
+  paths = []
+  for i, (d, t) in enumerate(zip(models, texts)):
+    path = os.path.join(stats_dir, f"model_{i}")
+    paths.append(path)
+    if os.path.isdir(path) and not overwrite:
+      print(f"kfuse: note: reusing the statistics in {path} (pass --config.overwrite=True to"
+            f" recollect)", file=sys.stderr)
+      continue
+    model = hf.load(d)
+    ids = _text_ids(d, t, get("tokenizer", ""), model.config.vocab_size,
+                    int(get("max_tokens", 0)))
+    batches = token_batches(ids, int(get("seq_len")), int(get("batch_size")))
+    st = (grams(model, batches) if method == "regmean" else
+          fisher(model, batches, mode=get("fisher_mode", "per_example")))
+    ST.save(path, st, overwrite=overwrite)
+    if progress:
+      print(f"merge_informed_hf: statistics of {d} on {len(ids)} tokens of {t} -> {path}",
+            file=sys.stderr)
+  params = get("params", {})
+  params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
+  res = runner.merge_checkpoints(method, models, None, out, params=runner.cli_params(method, params),
+                                 overwrite=overwrite, progress=progress, statistics=paths)
+  res["statistics"] = paths
+  print(json.dumps(res))
+  return res
