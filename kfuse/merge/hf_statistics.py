@@ -34,6 +34,7 @@ placed with `hf.batch_sharding`; Grams and Fishers are sums, the same numbers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Iterator, Optional
 
 import jax
@@ -103,6 +104,33 @@ def _module_names(model: nnx.Module) -> dict[int, str]:
   return {id(m): ".".join(str(p) for p in path) for path, m in nnx.iter_modules(model)}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _gram_step(graphdef, acc, state, x):
+  """One batch's masked ``Σ_t m_t x_t x_tᵀ`` per Linear / Conv1D added to ``acc`` (compiled
+  once per model graph and batch shape)."""
+  ids, mask = split_mask(x)
+  m = nnx.merge(graphdef, state)
+  names = _module_names(m)
+  keep = mask.reshape(-1, 1).astype(jnp.float32)
+  out: dict = {}
+
+  def tap(module, h):
+    name = names[id(module)] + ".weight"
+    rows = h.reshape(-1, h.shape[-1]).astype(jnp.float32) * keep
+    g = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+    out[name] = out.get(name, 0.0) + g
+
+  common.TAPS.append(tap)
+  try:
+    m(ids)
+  finally:
+    common.TAPS.remove(tap)
+  n = jnp.sum(mask, dtype=jnp.int32)
+  if acc is None:
+    return {k: (g, n) for k, g in out.items()}
+  return {k: (acc[k][0] + g, acc[k][1] + n) for k, g in out.items()}
+
+
 def grams(model: nnx.Module, batches: Iterable[Any], *,
           max_tokens: Optional[int] = None) -> Statistics:
   """Input Grams of every Linear / Conv1D of ``model`` (see the module doc).
@@ -115,39 +143,12 @@ def grams(model: nnx.Module, batches: Iterable[Any], *,
     `Statistics` with ``gram`` / ``tokens`` keyed by HF weight name, ``examples`` =
     windows seen.
   """
-  graph = model
-
-  @jax.jit
-  def step(acc, tensors, x):
-    ids, mask = split_mask(x)
-    m = with_hf_dict(graph, tensors)
-    names = _module_names(m)
-    keep = mask.reshape(-1, 1).astype(jnp.float32)
-    out: dict = {}
-
-    def tap(module, h):
-      name = names[id(module)] + ".weight"
-      rows = h.reshape(-1, h.shape[-1]).astype(jnp.float32) * keep
-      g = rows.T @ rows if jax.default_backend() == "cpu" else jnp.matmul(
-          rows.T, rows, precision=jax.lax.Precision.HIGHEST)
-      out[name] = out.get(name, 0.0) + g
-
-    common.TAPS.append(tap)
-    try:
-      m(ids)
-    finally:
-      common.TAPS.remove(tap)
-    n = jnp.sum(mask, dtype=jnp.int32)
-    if acc is None:
-      return {k: (g, n) for k, g in out.items()}
-    return {k: (acc[k][0] + g, acc[k][1] + n) for k, g in out.items()}
-
-  tensors = to_hf_dict(model)
+  graphdef, state = nnx.split(model)
   acc, examples, seen = None, 0, 0
   for x in _windows(batches, "hf_statistics.grams"):
     if max_tokens is not None and seen >= max_tokens:
       break
-    acc = step(acc, tensors, x)
+    acc = _gram_step(graphdef, acc, state, x)
     examples += int(np.sum(np.any(x >= 0, axis=1)))
     seen += int(np.sum(x >= 0))
   if not acc:
