@@ -43,6 +43,8 @@ register_task("lm_eval", "kfuse.bench.lm_eval:run",
               "perplexity of an HF causal LM (Llama, Mistral, Qwen2, GPT-2) on a text file")
 register_task("fusion_bench", "kfuse.fusion.bench:run",
               "FuseLLM / FuseChat knowledge fusion across tokenizers, bits per character")
+register_task("merge_informed_hf", "kfuse.merge.hf_statistics:run",
+              "RegMean / Fisher of HF LMs: statistics on calibration text, streaming merge")
 register_task("kd_bench", "kfuse.bench.kd_bench:run",
               "knowledge-distillation benchmark (KD losses, Forget-Me-Not, Fantastic Gains)")
 register_task("w2s_bench", "kfuse.decode.w2s_bench:run",

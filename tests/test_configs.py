@@ -85,7 +85,8 @@ def test_configs_import_only_ml_collections_and_config_helpers(path):
   assert r.stdout.strip() == "[]", r.stdout
 
 
-_VARIANTS = {"merge.py": "ties", "mergekit.py": "x.yml", "merge_bench.py": "negation"}
+_VARIANTS = {"merge.py": "ties", "mergekit.py": "x.yml", "merge_bench.py": "negation",
+             "merge_informed_hf.py": "fisher"}
 
 
 def _walk(node, prefix=""):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -178,6 +179,15 @@ FISHER = register(Method(
 # ------------------------------------------------------------- RegMean
 
 
+# GPT-2's Conv1D weights are stored [in, out] among torch-layout [out, in] tensors
+_INPUTS_FIRST = re.compile(r"(^|\.)(c_attn|c_fc|c_proj|q_attn)\.weight$")
+
+
+def _transposed(path: str, shape: tuple, torch_layout: bool) -> bool:
+  """Whether a 2-D weight is ``[out, in]`` (torch.nn.Linear), so RegMean transposes it."""
+  return torch_layout and len(shape) == 2 and not _INPUTS_FIRST.search(path)
+
+
 def _split(shape: tuple, d: int) -> int | None:
   """k such that prod(shape[:k]) == d (the kernel's contracted axes), else None."""
   p = 1
@@ -211,7 +221,8 @@ def _regmean_stats(stats, ref_flat, experts_flat, values):
     for i, s in enumerate(stats):
       a = np.asarray(s.gram[k], np.float32)
       d = a.shape[0]
-      fits = (shape[-1] == d if torch_layout and len(shape) == 2 else _split(shape, d) is not None)
+      fits = (shape[-1] == d if _transposed(k, shape, torch_layout)
+              else _split(shape, d) is not None)
       if a.ndim != 2 or a.shape[1] != d or not fits:
         raise KfuseError(f"statistics[{i}]: Gram of {k!r} is {a.shape}, the kernel {shape}"
                          f" has no input size {d} (statistics of a different model?)")
@@ -238,7 +249,7 @@ def _regmean_prepare(method, values, info, n, ctx=NATIVE):
   g = ctx.stats["gram"].get(info.path)
   if g is None:
     return {"solve": False}, {}
-  return ({"solve": True, "transpose": info.layout == "torch" and len(info.shape) == 2},
+  return ({"solve": True, "transpose": _transposed(info.path, info.shape, info.layout == "torch")},
           {"gram": jnp.asarray(g), "alpha": jnp.asarray(values["alpha"], jnp.float32),
            "ridge": jnp.asarray(values["ridge"], jnp.float32)})
 

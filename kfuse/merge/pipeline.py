@@ -79,7 +79,7 @@ def validate(plan: Plan) -> None:
   if plan.format not in FORMATS:
     raise KfuseError(f"{plan.where}: unknown output format {plan.format!r}"
                      f" ({'|'.join(FORMATS)})")
-  if m.tree_stats is not None:
+  if m.tree_stats is not None and any(t.context.stats is None for t in plan.tasks):
     raise KfuseError(f"{plan.where}: method {m.name!r} needs whole-model statistics, which a"
                      f" streaming merge cannot compute; use kfuse.merge.merge in Python")
   seen = set()

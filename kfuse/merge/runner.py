@@ -6,6 +6,7 @@ validate, stream tensor by tensor through `kfuse.merge.engine`, write atomically
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -134,14 +135,16 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
                       dtype: str | None = None, progress: bool = True, mesh=None,
                       prefetch_bytes: int | None = None, chunk: int | None = None,
                       layout: str = "auto", allow_nonfinite: bool = False,
-                      overflow: str = "error") -> dict:
+                      overflow: str = "error", statistics: list[str] | None = None) -> dict:
   """Merge checkpoints on disk with a registered method, streaming tensor by tensor.
 
   ``output_format='auto'`` writes safetensors when every input (base included)
   is a safetensors directory, else Orbax. ``layout`` (auto|torch|flax) is the
   weight layout of row-wise rules (`input_layout`). ``allow_nonfinite`` writes
   NaN/Inf results instead of refusing them; ``overflow`` (error|clamp) decides
-  what happens to values a down-cast turns into inf.
+  what happens to values a down-cast turns into inf. ``statistics``: one saved
+  statistics checkpoint per model for regmean / fisher, read one tensor at a time
+  (`hf_statistics.stream_contexts`).
   """
   from kfuse import io as kio
   m = get_method(method)
@@ -181,6 +184,14 @@ def merge_checkpoints(method: str, models: list[str], base: str | None, output_d
     vals = resolve_values(m, params, info, n)
     tasks.append(TensorTask(name, m, (0, name) if bsrc else None,
                             [(i + off, name) for i in range(n)], vals, info))
+  if statistics:
+    from kfuse.merge.hf_statistics import stream_contexts
+    if len(statistics) != n:
+      raise KfuseError(f"config.statistics: {len(statistics)} statistics for {n} models"
+                       f" (one per model, in order)")
+    ctx = stream_contexts(m, statistics, {t.out_name: t.info.shape for t in tasks},
+                          {t.out_name: t.values for t in tasks}, layout)
+    tasks = [dataclasses.replace(t, context=ctx[t.out_name]) for t in tasks]
   dt = T.resolve_dtype(dtype) if dtype else None
   plan = pipeline.Plan(
       m, tasks, all_srcs, format=fmt, dtype=dt, out_dtype=dt,

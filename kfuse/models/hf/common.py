@@ -17,6 +17,16 @@ __all__ = ["Linear", "Conv1D", "Embedding", "RMSNorm", "LayerNorm", "activation"
            "causal_attention", "cached_attention"]
 
 
+# Input taps: while `kfuse.merge.hf_statistics` collects statistics it appends
+# ``fn(module, x)``, called with every Linear / Conv1D input as the model is traced.
+TAPS: list = []
+
+
+def _tap(module, x) -> None:
+  for fn in TAPS:
+    fn(module, x)
+
+
 def _param(shape, dtype) -> nnx.Param:
   return nnx.Param(jnp.zeros(shape, dtype))   # values come from the checkpoint (`load`)
 
@@ -29,6 +39,7 @@ class Linear(nnx.Module):
     self.bias = _param((d_out,), dtype) if bias else None
 
   def __call__(self, x):
+    _tap(self, x)
     y = jnp.einsum("...i,oi->...o", x, self.weight[...])
     return y if self.bias is None else y + self.bias[...]
 
@@ -41,6 +52,7 @@ class Conv1D(nnx.Module):
     self.bias = _param((d_out,), dtype)
 
   def __call__(self, x):
+    _tap(self, x)
     return jnp.einsum("...i,io->...o", x, self.weight[...]) + self.bias[...]
 
 

@@ -1,0 +1,60 @@
+"""configs/merge_informed_hf.py end to end: statistics on a text file, streamed RegMean, vs a
+float64 NumPy RegMean of the saved Grams; bad input in one line."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kfuse.merge import statistics as ST
+from kfuse.models import hf
+from tests.test_hf_lm import WORDS, _model_dir, _tokenizer
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "kfuse.main",
+                         "--config=configs/merge_informed_hf.py:regmean", *args],
+                        capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_job_regmean_equals_float64_reference(tmp_path):
+  dirs = []
+  for i in range(2):
+    d = _model_dir(tmp_path / f"m{i}", seed=i)
+    _tokenizer(os.path.join(d, "tokenizer.json"))
+    dirs.append(d)
+  rng = np.random.default_rng(0)
+  texts = []
+  for i in range(2):
+    p = tmp_path / f"t{i}.txt"
+    p.write_text(" ".join(rng.choice(WORDS, 120)))
+    texts.append(str(p))
+  out = str(tmp_path / "out")
+  r = _cli(f"--config.models={','.join(dirs)}", f"--config.text_files={','.join(texts)}",
+           f"--config.output_dir={out}", "--config.seq_len=16", "--config.batch_size=4",
+           "--config.progress=False")
+  assert r.returncode == 0, r.stderr[-2000:]
+  sts = [ST.load(out + f".stats/model_{i}") for i in range(2)]
+  assert all(s.tokens["model.layers.0.mlp.down_proj.weight"] == 120 for s in sts)
+  ws = [hf.to_hf_dict(hf.load(d)) for d in dirs]
+  got = hf.to_hf_dict(hf.load(out))
+  for k in got:
+    w = [np.asarray(x[k], np.float64) for x in ws]
+    if k in sts[0].gram:
+      g = [np.asarray(s.gram[k], np.float64) for s in sts]
+      g = [0.95 * gi + 0.05 * np.diag(np.diag(gi)) for gi in g]
+      want = np.linalg.solve(sum(g), sum(gi @ wi.T for gi, wi in zip(g, w))).T
+    else:
+      want = np.mean(w, axis=0)
+    np.testing.assert_allclose(np.asarray(got[k]), want, rtol=0,
+                               atol=1e-4 * np.abs(want).max(), err_msg=k)
+
+
+def test_job_text_files_count_is_one_line(tmp_path):
+  r = _cli("--config.models=a,b,c", "--config.text_files=x,y", f"--config.output_dir={tmp_path}/o")
+  assert r.returncode != 0
+  err = r.stderr.strip().splitlines()
+  assert err[-1].startswith("kfuse: error: config.text_files: 2 files for 3 models")
