@@ -117,6 +117,32 @@ def informed_methods(adamerging_steps=1000):
   )
 
 
+def subspace_methods(lambdas=LAMBDAS):
+  """The subspace and mask rows (`kfuse/merge/subspace.py`, `masks.py`), data-free: every scale λ
+  chosen on validation from ``lambdas`` as the other rows (TSV, Iso and PCB pick α on validation
+  in their papers; WUDI, MagMax, Consensus fix it, here searched too, λ = 1 / 0.5 / 0.3 included).
+  `emr` is EMR's shared vector θ_b + τ_uni only, and `tall_mask` is left out: their per-task
+  models (`emr_task`, `tall_mask`) are one model per task, which this one-model protocol does not
+  evaluate."""
+  g = lambda: {"lambda": list(lambdas)}
+  return dict(
+      tsv_m=dict(name="tsv_m", params={}, grid=g()),
+      iso_c=dict(name="iso_c", params={}, grid=g()),
+      iso_cts=dict(name="iso_cts", params={}, grid=g()),
+      wudi=dict(name="wudi", params={}, grid=g()),                           # Adam, 300 steps
+      wudi_closed_form=dict(name="wudi", params=dict(solver="closed_form"), grid=g()),
+      task_arithmetic_svc=dict(name="task_arithmetic_svc", params={}, grid=g()),
+      ties_svc=dict(name="ties_svc", params={}, grid=g()),
+      tsv_m_svc=dict(name="tsv_m_svc", params={}, grid=g()),
+      wudi_svc=dict(name="wudi_svc", params={}, grid=g()),
+      emr=dict(name="emr", params={}, grid={}),
+      consensus_ta=dict(name="consensus_ta", params={}, grid=g()),
+      consensus_ties=dict(name="consensus_ties", params={}, grid=g()),
+      magmax=dict(name="magmax", params={}, grid=g()),
+      pcb=dict(name="pcb", params={}, grid=g()),
+  )
+
+
 QUICK_METHODS = ("simple_average", "task_arithmetic", "ties", "ties_paper", "dare_ties",
                  "model_stock")   # the quick run's subset: compiling each method's merge dominates
 
@@ -124,7 +150,7 @@ QUICK_METHODS = ("simple_average", "task_arithmetic", "ties", "ties_paper", "dar
 def _full_methods():
   """Wider grids for the 8 / 14 / 20-task runs (trim densities, DARE keep-rates)."""
   return {**methods(densities=(0.1, 0.2, 0.3, 0.5), drop_densities=(0.3, 0.5, 0.7)),
-          **informed_methods()}
+          **subspace_methods(), **informed_methods()}
 
 
 def _num_tasks(text):

@@ -96,16 +96,16 @@ def validate(plan: Plan) -> None:
 
 def no_matrix_note(plan: Plan) -> Optional[str]:
   """One line when a subspace method (TSV-M, Iso-C/CTS, WUDI, SVC) meets a model with no
-  2-D tensor: there is nothing to decompose, and every tensor is merged as the papers
+  weight matrix (`subspace.matrix_view`; e.g. no 2-D tensor): there is nothing to decompose, and every tensor is merged as the papers
   merge non-matrix tensors (the mean task vector; SVC leaves them as its base method made
   them). None otherwise."""
   from kfuse.merge import subspace
   if not plan.tasks or not subspace.decomposes(plan.method):
     return None
-  if any(subspace.is_matrix(t.info.shape) for t in plan.tasks):
+  if any(subspace.matrix_view(t.info) is not None for t in plan.tasks):
     return None
   ranks = sorted({len(t.info.shape) for t in plan.tasks})
-  return (f"method {plan.method.name!r} decomposes 2-D weight matrices and this model has"
+  return (f"method {plan.method.name!r} decomposes weight matrices and this model has"
           f" none ({len(plan.tasks)} tensors of rank {'/'.join(map(str, ranks))}): every"
           f" tensor was merged as a non-matrix tensor (the mean task vector), as the paper does")
 

@@ -6,13 +6,20 @@ them whole tensors. Conventions shared by every method here (those of
 FusionBench 0.2.33, `fusion_bench/method/{task_singular_vector,isotropic_merging,
 wudi,singular_value_calibration}`):
 
-- A "matrix" is a 2-D tensor. Every other tensor (biases, norms, 0-d scales,
-  convolution kernels) is merged as the mean task vector, θ = θ_b + λ·(1/T)Σ τ_i,
-  as the papers do; SVC leaves non-matrices as the base method made them.
-- The maths is written for PyTorch ``[out, in]`` matrices. A Flax ``[in, out]``
-  kernel (``TensorInfo.layout == 'flax'``) is transposed in and out, so the same
-  *input* axis is used whatever the layout (WUDI's τ τ_iᵀ contracts the input
-  axis, Iso-CTS and SVC project on the output-side singular vectors).
+- A "matrix" is a weight matrix, decided by the tensor's role (`matrix_view`):
+  in PyTorch layout every 2-D tensor (FusionBench's rule); in Flax layout a
+  ``kernel`` -- Dense ``[in, out]`` or a `MultiHeadDotProductAttention`
+  DenseGeneral projection (``query``/``key``/``value`` ``[in, heads, head_dim]``,
+  ``out`` ``[heads, head_dim, out]``), the [out, in] matrix PyTorch stores for the
+  same layer -- or a 2-D ``embedding`` (stored like PyTorch's ``nn.Embedding``).
+  Every other tensor (biases, DenseGeneral's 2-D ``[heads, head_dim]`` biases,
+  norms, 0-d scales, convolution kernels, free parameters) is merged as the mean
+  task vector, θ = θ_b + λ·(1/T)Σ τ_i, as the papers do; SVC leaves non-matrices
+  as the base method made them.
+- The maths is written for PyTorch ``[out, in]`` matrices. A Flax kernel is
+  reshaped and transposed in and out, so the same *input* axis is used whatever
+  the layout (WUDI's τ τ_iᵀ contracts the input axis, Iso-CTS and SVC project on
+  the output-side singular vectors).
 - SVDs are thin (``full_matrices=False``); sign and order ambiguities of the
   singular vectors cancel in every formula below, except where a singular value
   is repeated or zero (then the vectors are not unique, and neither are the
@@ -53,8 +60,15 @@ def check_finite_param(method: str, name: str, value, path: str) -> float:
   return v
 
 
-def is_matrix(shape) -> bool:
-  return len(shape) == 2
+# Flax `MultiHeadDotProductAttention` (linen and nnx) names its DenseGeneral projections so:
+# query / key / value contract one input axis ([in, heads, head_dim]), out contracts two
+# ([heads, head_dim, out]).
+ATTENTION_IN_AXES = {"query": 1, "key": 1, "value": 1, "out": 2}
+
+# A matrix view: (k, flax). PyTorch (flax False): the tensor is [out, in] (k = 1 leading output
+# axis). Flax (flax True): its first k axes are the input axes, the rest the output axes, so
+# the PyTorch matrix is reshape(prod(in), prod(out))ᵀ. None: not a weight matrix.
+View = tuple[int, bool] | None
 
 
 def decomposes(method: Method) -> bool:
@@ -62,9 +76,50 @@ def decomposes(method: Method) -> bool:
   return getattr(method.recipe, "__module__", None) == __name__
 
 
-def torch_layout(info) -> bool:
-  """Whether a 2-D tensor must be transposed to PyTorch ``[out, in]`` (a Flax kernel)."""
-  return info.layout == "flax" and is_matrix(info.shape)
+
+def matrix_view(info) -> View:
+  """How a tensor is seen as a PyTorch ``[out, in]`` weight matrix, from its role; None when it
+  is not one (then the subspace methods average it).
+
+  PyTorch layout: every 2-D tensor, as stored (FusionBench's rule). Flax layout, by leaf name:
+  a 2-D ``kernel`` (Dense ``[in, out]``, transposed); a 3-D ``kernel`` of an attention
+  DenseGeneral (`ATTENTION_IN_AXES`: ``[in, H, D]`` → ``[H·D, in]``, ``[H, D, out]`` →
+  ``[out, H·D]``: the matrices PyTorch's ``nn.MultiheadAttention`` / CLIP store); a 2-D
+  ``embedding`` (``[V, D]``, as PyTorch's ``nn.Embedding`` stores it). Biases (DenseGeneral's
+  ``[H, D]`` too), scales, convolution kernels and other parameters are not matrices.
+  """
+  shape, path = tuple(info.shape), info.path
+  if info.layout != "flax":
+    return (1, False) if len(shape) == 2 else None
+  parts = path.replace(".", "/").split("/")
+  leaf, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
+  if leaf == "kernel" and len(shape) == 2:
+    return (1, True)
+  if leaf == "kernel" and len(shape) == 3 and parent in ATTENTION_IN_AXES:
+    return (ATTENTION_IN_AXES[parent], True)
+  if leaf == "embedding" and len(shape) == 2:
+    return (1, False)
+  return None
+
+
+def matrix_shape(shape, view: View) -> tuple[int, int]:
+  """The ``[out, in]`` shape of a tensor of ``shape`` seen through ``view``."""
+  k, flax = view
+  a, b = math.prod(shape[:k]), math.prod(shape[k:])
+  return (b, a) if flax else (a, b)
+
+
+def to_matrices(v: jax.Array, view: View) -> jax.Array:
+  """Stacked tensors ``v`` [T, *shape] → PyTorch matrices [T, out, in]."""
+  k, flax = view
+  t, shape = v.shape[0], v.shape[1:]
+  x = v.reshape((t, math.prod(shape[:k]), math.prod(shape[k:])))
+  return jnp.swapaxes(x, 1, 2) if flax else x
+
+
+def from_matrix(d: jax.Array, shape, view: View) -> jax.Array:
+  """A PyTorch ``[out, in]`` matrix back to the tensor's own ``shape`` (`to_matrices`' inverse)."""
+  return (d.T if view[1] else d).reshape(shape)
 
 
 def polar(a: jax.Array) -> jax.Array:
@@ -73,34 +128,38 @@ def polar(a: jax.Array) -> jax.Array:
   return p @ qt
 
 
-def matrix_stage(fn: Callable[[jax.Array, dict], jax.Array], transpose: bool) -> Stage:
-  """Stage over task vectors: a matrix goes through ``fn(τ [T, out, in], hp) -> Δ [out, in]``
-  (transposed in and out when ``transpose``: a Flax kernel); any other tensor is averaged."""
+def matrix_stage(fn: Callable[[jax.Array, dict], jax.Array], view: View) -> Stage:
+  """Stage over task vectors: a matrix (``view``, `matrix_view`) goes through
+  ``fn(τ [T, out, in], hp) -> Δ [out, in]``, seen in PyTorch layout; any other tensor is
+  averaged."""
 
   def apply(s: MergeState) -> MergeState:
     v = s.values
-    if v.ndim != 3 or v.size == 0:   # zero-size matrices: nothing to decompose
+    if view is None or v.size == 0:   # zero-size matrices: nothing to decompose
       return s.replace(result=S.sum_models(v) / v.shape[0])
-    x = jnp.swapaxes(v, 1, 2) if transpose else v
-    d = fn(x, s.hp)
-    return s.replace(result=d.T if transpose else d)
+    d = fn(to_matrices(v, view), s.hp)
+    return s.replace(result=from_matrix(d, v.shape[1:], view))
 
   return apply
 
 
 def _subspace_prepare(method_name: str, min_rank_per_task: bool = False):
-  """Static ``transpose`` from the layout; λ (and every other float) checked finite."""
+  """Static ``view`` (`matrix_view`) from the tensor's role and layout; λ (and every other
+  float) checked finite."""
 
   def prepare(method, values, info, n, ctx=NATIVE):
     for p in method.params:
       if p.kind is float and not p.static and values.get(p.name) is not None:
         check_finite_param(method.name, p.name, values[p.name], info.path)
-    if min_rank_per_task and is_matrix(info.shape) and 0 < min(info.shape) < n:
-      raise KfuseError(f"{info.path}: {method.name} keeps ⌊r/T⌋ singular triplets per task and"
-                       f" this {info.shape[0]}x{info.shape[1]} matrix has rank r <= {min(info.shape)}"
-                       f" < T = {n} tasks (every task would keep none)")
+    view = matrix_view(info)
+    if min_rank_per_task and view is not None:
+      m, k = matrix_shape(info.shape, view)
+      if 0 < min(m, k) < n:
+        raise KfuseError(f"{info.path}: {method.name} keeps ⌊r/T⌋ singular triplets per task and"
+                         f" this {m}x{k} matrix has rank r <= {min(m, k)} < T = {n} tasks (every"
+                         f" task would keep none)")
     static, hp = default_prepare(method, values, info, n, ctx)
-    static["transpose"] = torch_layout(info)
+    static["view"] = view
     return static, hp
 
   return prepare
@@ -127,8 +186,8 @@ def tsv_m_delta(tv: jax.Array, hp=None) -> jax.Array:
 
 
 def _scaled(fn):
-  def build(transpose: bool = False):
-    return chain(S.task_vectors(), matrix_stage(fn, transpose), S.scale("lambda"), S.add_base())
+  def build(view: View = None):
+    return chain(S.task_vectors(), matrix_stage(fn, view), S.scale("lambda"), S.add_base())
   return build
 
 
@@ -138,7 +197,7 @@ TSV_M = register(Method(
     name="tsv_m", recipe=_scaled(tsv_m_delta), params=(_LAMBDA,), base="required",
     prepare=_subspace_prepare("tsv_m", min_rank_per_task=True), doc="""TSV-M (Task Singular Vectors: Merge).
 
-  Per matrix τ_i = U_i S_i V_iᵀ (PyTorch [out, in]; Flax kernels transposed),
+  Per matrix τ_i = U_i S_i V_iᵀ (PyTorch [out, in]; Flax kernels seen so),
   r = min(out, in), k = ⌊r/T⌋: stack each task's top-k triplets,
   Ū = [U_i[:, :k]]_i, s̄ = [S_i[:k]]_i, V̄ = [V_i[:, :k]]_i; orthogonalise by
   polar decomposition (Ū = PΣQᵀ → U⊥ = PQᵀ, likewise V⊥);
@@ -200,9 +259,9 @@ ISO_C = register(Method(
   1.0; its docs and the paper's validation sweep use about 1.5).""", elementwise=False))
 
 
-def _iso_cts_recipe(transpose: bool = False, common_space_fraction: float = 0.8):
+def _iso_cts_recipe(view: View = None, common_space_fraction: float = 0.8):
   fn = lambda tv, hp: iso_cts_delta(tv, hp, float(common_space_fraction))
-  return chain(S.task_vectors(), matrix_stage(fn, transpose), S.scale("lambda"), S.add_base())
+  return chain(S.task_vectors(), matrix_stage(fn, view), S.scale("lambda"), S.add_base())
 
 
 def _iso_cts_prepare(method, values, info, n, ctx=NATIVE):
@@ -295,12 +354,12 @@ def wudi_closed_form(tv: jax.Array) -> jax.Array:
   return y @ jnp.linalg.pinv(x @ x.T, hermitian=True) @ x
 
 
-def _wudi_recipe(transpose: bool = False, steps: int = 300, solver: str = "adam"):
+def _wudi_recipe(view: View = None, steps: int = 300, solver: str = "adam"):
   def fn(tv, hp):
     if solver == "closed_form":
       return wudi_closed_form(tv)
     return wudi_adam(tv, int(steps), hp["lr"])
-  return chain(S.task_vectors(), matrix_stage(fn, transpose), S.scale("lambda"), S.add_base())
+  return chain(S.task_vectors(), matrix_stage(fn, view), S.scale("lambda"), S.add_base())
 
 
 def _wudi_prepare(method, values, info, n, ctx=NATIVE):
@@ -322,7 +381,7 @@ WUDI = register(Method(
     base="required", prepare=_wudi_prepare, doc="""WUDI-Merging (task vectors as a proxy for the data).
 
   Per matrix (PyTorch [out, in]: τ τ_iᵀ contracts the input axis; Flax kernels
-  are transposed), minimise L(τ) = Σ_i ‖(τ − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F from
+  seen so, `matrix_view`), minimise L(τ) = Σ_i ‖(τ − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F from
   τ = Σ_i τ_i with Adam (lr 1e-5, 300 steps, PyTorch's β, ε) in one compiled
   loop; an all-zero τ_i contributes nothing. ``solver='closed_form'``: the exact
   minimiser τ* = B A⁺, A = Σ c_i τ_iᵀ τ_i, B = Σ c_i τ_i τ_iᵀ τ_i, c_i = 1/‖τ_i‖²
@@ -357,23 +416,22 @@ def svc_calibrate(delta: jax.Array, tv: jax.Array, alpha) -> jax.Array:
   return (u * (gamma * s)[None, :]) @ vh
 
 
-def svc(transpose: bool = False, name: str = "svc_alpha") -> Callable[[Stage], Stage]:
+def svc(view: View = None, name: str = "svc_alpha") -> Callable[[Stage], Stage]:
   """Wrap a recipe with the SVC post-step: the wrapped recipe's merged matrix θ_m gives
   ΔW = θ_m − θ_b, calibrated against the original task vectors θ_i − θ_b (`svc_calibrate`,
-  α = ``hp[name]``); θ = θ_b + calibrated ΔW. Non-matrix tensors are left as merged."""
+  α = ``hp[name]``, in PyTorch layout through ``view``); θ = θ_b + calibrated ΔW.
+  Non-matrix tensors (``view`` None) are left as merged."""
 
   def wrap(inner: Stage) -> Stage:
     def apply(s: MergeState) -> MergeState:
       out = inner(s)
-      if s.values.ndim != 3 or s.values.size == 0:
+      if view is None or s.values.size == 0:
         return out
       base = s.base
-      tv = s.values.astype(base.dtype) - base[None]
-      delta = out.result.astype(base.dtype) - base
-      if transpose:
-        tv, delta = jnp.swapaxes(tv, 1, 2), delta.T
+      tv = to_matrices(s.values.astype(base.dtype) - base[None], view)
+      delta = to_matrices((out.result.astype(base.dtype) - base)[None], view)[0]
       cal = svc_calibrate(delta, tv, s.hp[name].astype(base.dtype))
-      return out.replace(result=(base + (cal.T if transpose else cal)).astype(base.dtype))
+      return out.replace(result=(base + from_matrix(cal, base.shape, view)).astype(base.dtype))
     return apply
 
   return wrap
@@ -403,10 +461,10 @@ def with_svc(method, name: str | None = None, alpha: float = 0.1,
     a = check_finite_param(method_.name, "svc_alpha", values["svc_alpha"], info.path)
     static, hp = inner_prepare(method_, values, info, n, ctx)
     hp["svc_alpha"] = _arr(a)
-    return {**static, "svc_transpose": torch_layout(info)}, hp
+    return {**static, "svc_view": matrix_view(info)}, hp
 
-  def recipe(svc_transpose: bool = False, **static):
-    return svc(svc_transpose)(m.recipe(**static))
+  def recipe(svc_view: View = None, **static):
+    return svc(svc_view)(m.recipe(**static))
 
   name = name or f"{m.name}_svc"
   text = doc or (f"{m.name} followed by Singular Value Calibration (α = {alpha}).\n\n  "
@@ -415,7 +473,7 @@ def with_svc(method, name: str | None = None, alpha: float = 0.1,
                              elementwise=False, doc=text)
 
 
-SVC_DOC = """SVC post-step, per matrix (PyTorch [out, in]; Flax kernels transposed):
+SVC_DOC = """SVC post-step, per matrix (PyTorch [out, in]; Flax kernels seen so, `matrix_view`):
   ΔW = θ_m − θ_b = U Σ Vᵀ; for each left singular vector u_r and task i,
   s_r^i = ⟨u_rᵀΔW, u_rᵀτ_i⟩ / ‖u_rᵀτ_i‖²; γ_r = T / Σ_i max(α, s_r^i);
   θ = θ_b + U diag(γ ⊙ Σ) Vᵀ. Non-matrix tensors are left as merged.

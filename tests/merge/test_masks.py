@@ -124,6 +124,33 @@ def test_pcb_matches_numpy(ratio):
                                atol=1e-12, err_msg=k)
 
 
+def test_flax_dense_general_attention_matches_numpy():
+  """The mask methods are per entry (PCB per tensor): on a Flax attention layer (3-D
+  DenseGeneral kernels, 2-D [heads, head_dim] biases) they follow the same NumPy rules as on
+  PyTorch tensors, whatever the rank."""
+  from tests.merge.test_subspace import attention_models
+  base, exps = attention_models(t=4, scale=0.3)
+  kw = dict(layout="flax")
+  uni, msk, _ = np_emr(base, exps)
+  emr = merge.merge("emr", exps, base, **kw)
+  cta = merge.merge("consensus_ta", exps, base, params={"tall_lambda": 0.5}, **kw)
+  mag = merge.merge("magmax", exps, base, **kw)
+  pcb = merge.merge("pcb", exps, base, **kw)
+  tall = masks.tall_task_model(exps, base, 1, params={"tall_lambda": 0.5}, **kw)
+  for k in base:
+    tv = tv_of(base, exps, k)
+    np.testing.assert_allclose(np.asarray(emr[k]), base[k] + uni[k], rtol=1e-12, err_msg=k)
+    c2 = np_tall(tv, 0.5).sum(0) >= 2
+    np.testing.assert_allclose(np.asarray(cta[k]), base[k] + c2 * np.float32(0.3) * tv.sum(0),
+                               rtol=1e-12, err_msg=k)
+    np.testing.assert_allclose(np.asarray(tall[k]), base[k] + np_tall(tv, 0.5)[1] * tv.sum(0),
+                               rtol=1e-12, err_msg=k)
+    top = np.take_along_axis(tv, np.argmax(np.abs(tv), axis=0)[None], 0)[0]
+    np.testing.assert_allclose(np.asarray(mag[k]), base[k] + 0.5 * top, rtol=1e-12, err_msg=k)
+    np.testing.assert_allclose(np.asarray(pcb[k]), base[k] + np_pcb(tv, 0.1), rtol=1e-9,
+                               atol=1e-12, err_msg=k)
+
+
 # ---------------------------------------------------------------- properties
 
 

@@ -240,6 +240,94 @@ def test_all_zero_and_rank_deficient_task_vectors_stay_finite(method):
   assert all(np.isfinite(v).all() for v in out.values())
 
 
+# ---------------------------------------------------------------- Flax DenseGeneral attention
+
+
+D_IN, HEADS, HEAD_DIM = 8, 2, 4   # one attention layer as flax MultiHeadDotProductAttention stores it
+
+
+def attention_models(t=3, seed=5, scale=0.05):
+  """A Flax attention layer: 3-D DenseGeneral kernels, 2-D [heads, head_dim] biases, a Dense
+  kernel, a LayerNorm scale, a ViT-style free parameter; base + T experts (float64)."""
+  r = np.random.default_rng(seed)
+  shapes = {f"params/attn/{p}/kernel": (D_IN, HEADS, HEAD_DIM) for p in ("query", "key", "value")}
+  shapes.update({f"params/attn/{p}/bias": (HEADS, HEAD_DIM) for p in ("query", "key", "value")})
+  shapes.update({"params/attn/out/kernel": (HEADS, HEAD_DIM, D_IN), "params/attn/out/bias": (D_IN,),
+                 "params/mlp/kernel": (D_IN, 12), "params/norm/scale": (D_IN,),
+                 "params/pos_embed": (1, 3, D_IN)})
+  base = {k: r.standard_normal(v) for k, v in shapes.items()}
+  exps = [{k: v + scale * r.standard_normal(v.shape) for k, v in base.items()} for _ in range(t)]
+  return base, exps
+
+
+def torch_matrix(x, path):
+  """The PyTorch [out, in] matrix of a Flax kernel: query/key/value [in, H, D] -> [H·D, in];
+  out [H, D, out] -> [out, H·D]; Dense [in, out] -> [out, in] (what nn.Linear and CLIP's
+  attention store)."""
+  k = 2 if "/out/" in path else 1
+  return x.reshape(int(np.prod(x.shape[:k])), -1).T
+
+
+KERNELS = ["params/attn/query/kernel", "params/attn/key/kernel", "params/attn/value/kernel",
+           "params/attn/out/kernel", "params/mlp/kernel"]
+
+
+def _np_reference(method, base, exps, lam=0.75):
+  """θ per tensor from float64 NumPy: kernels as [out, in] matrices through the method's
+  formula, every other tensor θ_b + λ·mean τ_i."""
+  out = {}
+  for k, b in base.items():
+    tv = np.stack([e[k] - b for e in exps])
+    if k not in KERNELS:   # task arithmetic (under SVC) sums; the subspace methods average
+      out[k] = b + lam * (tv.sum(0) if method == "task_arithmetic_svc" else tv.mean(0))
+      continue
+    mats = np.stack([torch_matrix(x, k) for x in tv])
+    if method == "task_arithmetic_svc":
+      d = np_svc(lam * mats.sum(0), mats, 0.1)
+    elif method == "tsv_m_svc":
+      d = np_svc(lam * np_tsv_m(mats), mats, 1.0)
+    elif method == "wudi_svc":
+      d = np_svc(lam * np_wudi_adam(mats, steps=50), mats, 1.0)
+    else:
+      d = lam * {"tsv_m": np_tsv_m, "iso_c": np_iso_c, "iso_cts": np_iso_cts,
+                 "wudi": lambda m: np_wudi_adam(m, steps=50)}[method](mats)
+    out[k] = b + d.T.reshape(b.shape)
+  return out
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "wudi", "task_arithmetic_svc",
+                                    "tsv_m_svc", "wudi_svc"])
+def test_dense_general_attention_is_one_matrix_and_its_biases_are_averaged(method):
+  """Flax DenseGeneral attention (the merge benchmark's ViT): each 3-D kernel merges as the
+  [out, in] matrix PyTorch stores for the layer, the 2-D [heads, head_dim] biases (1-D in
+  PyTorch) and every non-kernel are averaged. (Before: tsv_m stopped on the [2, 4] biases with
+  'rank < T', the others merged the biases as matrices and averaged the kernels.)"""
+  base, exps = attention_models()
+  kw = {"steps": 50} if "wudi" in method else {}
+  out = run(method, exps, base, layout="flax", **{"lambda": 0.75}, **kw)
+  ref = _np_reference(method, base, exps)
+  for k in base:
+    np.testing.assert_allclose(out[k], ref[k], rtol=1e-8, atol=1e-11, err_msg=f"{method} {k}")
+
+
+def test_matrix_view_by_role():
+  info = lambda path, shape, layout="flax": merge.core.TensorInfo(path, shape, np.float32,
+                                                                  layout=layout)
+  mv = subspace.matrix_view
+  assert mv(info("a/query/kernel", (8, 2, 4))) == (1, True)
+  assert mv(info("a/out/kernel", (2, 4, 8))) == (2, True)
+  assert mv(info("a/Dense_0/kernel", (8, 5))) == (1, True)
+  assert mv(info("wte/embedding", (50, 8))) == (1, False)
+  for path, shape in [("a/query/bias", (2, 4)), ("patch_embed/kernel", (4, 4, 3, 8)),
+                      ("conv1d/kernel", (3, 4, 8)), ("pos_embed", (1, 5, 8)), ("norm/scale", (8,)),
+                      ("cls_token", (2, 8))]:
+    assert mv(info(path, shape)) is None, path
+  assert mv(info("model.layers.0.mlp.up_proj.weight", (16, 8), "torch")) == (1, False)
+  assert mv(info("model.norm.weight", (8,), "torch")) is None
+  assert subspace.matrix_shape((2, 4, 8), (2, True)) == (8, 8)
+  assert subspace.matrix_shape((8, 12), (1, True)) == (12, 8)
+
+
 # ---------------------------------------------------------------- bad input
 
 
