@@ -352,7 +352,8 @@ def test_subspace_method_on_a_model_without_matrices_says_so_once(tmp_path, caps
   the whole model, and every tensor is the mean task vector θ_b + λ·(1/T)Σ τ_i (float64)."""
   from kfuse.merge.runner import merge_checkpoints
   r = np.random.default_rng(0)
-  shapes = {"norm.weight": (16,), "bias": (7,), "scale": ()}
+  # HF (PyTorch-layout) names: there every 2-D tensor is a matrix (`subspace.matrix_view`)
+  shapes = {"norm.weight": (16,), "proj.bias": (7,), "head.scale": ()}
   trees = [{k: r.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
            for _ in range(4)]
   paths = []
