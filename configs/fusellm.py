@@ -48,6 +48,7 @@ def get_config(arg=None):
       sequences_per_domain=16 if quick else 96,
   )
   c.merges = {}                     # fusechat only
+  c.mesh = dict(data=1, fsdp=1, tensor=1)   # device mesh of fusion training and scoring
   c.eval_chars = 2000 if quick else 20000   # test characters per domain
   c.data = dict(cache_dir="")       # tokenizer / vocabulary-map cache ('' = $KFUSE_CACHE)
   c.workdir = f"workdirs/fusion_{variant}"  # shared with configs/fusechat.py

@@ -226,9 +226,14 @@ def _aligned(config, wd, name, rep_dir, tgt_tok, src_tok, texts, ids, offs, nxt)
   return arrays["indices"], arrays["logits"], arrays[f"ce_{unit}"], arrays["matched"]
 
 
-def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, key):
-  """Continue ``variables`` with λ·CLM + (1−λ)·fusion over the given sources' targets."""
+def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, key, mesh=None):
+  """Continue ``variables`` with λ·CLM + (1−λ)·fusion over the given sources' targets.
+
+  On a ``mesh`` (`kfuse.fusion.mesh`) the state is placed by the partition rules and each
+  batch split over ``data`` x ``fsdp``; the returned parameters are on the host.
+  """
   from kfuse import distill
+  from kfuse.fusion import mesh as M
   from kfuse.fusion.losses import objective
   f = config.fusion
   lam = 1.0 if not targets else float(f.lm_loss_weight)
@@ -236,25 +241,27 @@ def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, 
   if obj is None:
     from kfuse.distill.objectives import supervised
     obj = supervised()
-  step = distill.make_step(model, obj, {"name": "adamw", "learning_rate": float(f.learning_rate),
-                                        "schedule": "cosine", "warmup_steps": steps // 20,
-                                        "clip_norm": 1.0}, total_steps=steps)
+  opt = {"name": "adamw", "learning_rate": float(f.learning_rate), "schedule": "cosine",
+         "warmup_steps": steps // 20, "clip_norm": 1.0}
+  opt.update(plain(f.get("optimizer") or {}))     # `kfuse.optim` fields overriding the default
+  step = distill.make_step(model, obj, opt, total_steps=steps)
   y_all = np.concatenate([ids[:, 1:], nxt[:, None]], axis=1)
   bs = int(f.batch_size)
-  state = step.init(variables, jnp.asarray(ids[:bs]))
+  state = M.place(step.init(variables, jnp.asarray(ids[:bs])), mesh)
   rng = np.random.default_rng(int(config.seed))          # the same batches for every variant
   t0 = time.time()
   for i in range(steps):
     b = rng.integers(0, len(ids), bs)
-    batch = {"x": jnp.asarray(ids[b]), "y": jnp.asarray(y_all[b])}
+    batch = {"x": ids[b], "y": y_all[b]}
     if targets:
-      batch["topk_indices"] = jnp.asarray(np.stack([t[0][b] for t in targets]))
-      batch["topk_logits"] = jnp.asarray(np.stack([t[1][b] for t in targets]))
-      batch["topk_ce"] = jnp.asarray(np.stack([t[2][b] for t in targets]))
+      batch["topk_indices"] = np.stack([t[0][b] for t in targets])
+      batch["topk_logits"] = np.stack([t[1][b] for t in targets])
+      batch["topk_ce"] = np.stack([t[2][b] for t in targets])
+    batch = M.place_batch(batch, mesh) if mesh is not None else jax.tree.map(jnp.asarray, batch)
     state, m = step(state, batch, jax.random.fold_in(key, i))
   jax.block_until_ready(state.params)
   tps = steps * bs * ids.shape[1] / max(time.time() - t0, 1e-9)
-  return {"params": state.params}, tps
+  return {"params": jax.device_get(state.params)}, tps
 
 
 # ------------------------------------------------------------------ the job
@@ -313,9 +320,12 @@ def run(config: Any, workdir: str | None = None) -> dict:
   reps = {"target": (os.path.join(wd, "reps", f"target-{tkey}-{ckey}"), tgt_tok, tmodel, tvars)}
   reps.update({n: (os.path.join(wd, "reps", f"{n}-{k}-{ckey}"), t, m, v)
                for n, (m, v, t, k) in models.items()})
+  from kfuse.fusion import mesh as M
+  mesh = M.from_config(plain(config.get("mesh", {})))
   for n, (path, tok, model, variables) in reps.items():
-    R.write(path, ftexts, tok, lambda x, m=model, v=variables: m.apply(v, x), k=int(config.fusion.k),
-            context=seq_len, shard_size=64, meta={"source": n})
+    v = M.place(variables, mesh)
+    R.write(path, ftexts, tok, lambda x, m=model, v=v: m.apply(v, x), k=int(config.fusion.k),
+            context=seq_len, shard_size=64, meta={"source": n}, mesh=mesh)
   # 4. alignment
   targets = {}
   for n, (path, tok, _, _) in reps.items():
@@ -337,7 +347,7 @@ def run(config: Any, workdir: str | None = None) -> dict:
   trained = {}
   for i, (label, (fusion, names)) in enumerate(variants.items()):
     v, tps = _fuse(config, tmodel, tvars, ids, nxt, [targets[n] for n in names], fusion, steps,
-                   jax.random.fold_in(key, 1000 + i))
+                   jax.random.fold_in(key, 1000 + i), mesh)
     trained[label] = v
     results["tokens_per_second"][label] = tps
     results["bpc"][label] = _eval(config, apply_t(v), tgt_tok, seq_len)
