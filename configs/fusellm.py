@@ -35,6 +35,8 @@ def get_config(arg=None):
       bard=_model("unigram", 1536, ("shakespeare",), 20 if quick else 120),
       coder=_model("wordpiece", 1536, ("pysource", "pydoc"), 20 if quick else 120),
   )
+  # an HF causal-LM directory as a source (its tokenizer.json; `tokenizer`: another one):
+  #   c.sources["hf"] = dict(model_dir="path/to/hf_dir", tokenizer="")
   c.fusion = dict(
       k=10,                         # top-K per position of each source
       vocab_map="mined",            # mined (exact, else min edit distance) | ms

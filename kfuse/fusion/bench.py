@@ -44,7 +44,7 @@ from kfuse.bench.common import check_workdir, plain, write_json, write_text
 from kfuse.data import text
 from kfuse.errors import KfuseError
 
-__all__ = ["run", "bits_per_char", "fusion_corpus"]
+__all__ = ["run", "bits_per_char", "fusion_corpus", "hf_source"]
 
 
 def _log(config, msg: str) -> None:
@@ -59,6 +59,32 @@ def _gpt(cfg: dict, vocab: int, seq_len: int):
   from kfuse.models import get_model
   return get_model("gpt", vocab_size=vocab, max_len=seq_len, dim=int(cfg["dim"]),
                    depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]))
+
+
+def hf_source(model_dir: str, tokenizer: str = "", mesh=None):
+  """``(apply, tokenizer)`` of an HF causal-LM directory (`kfuse.models.hf`: Llama, Mistral,
+  Qwen2, GPT-2) used as a fusion source: ``apply(tokens [B, T]) -> logits [B, T, V]`` (a pure
+  function of the loaded parameters, placed on ``mesh`` by the HF partition rules) and its
+  tokenizer.json (``tokenizer``; '' = ``model_dir``'s), whose ids and offsets the alignment
+  uses. A tokenizer with more tokens than the model's embedding is refused."""
+  from flax import nnx
+  from kfuse.models import hf
+  model = hf.load(model_dir, mesh=mesh)
+  tok = hf.load_tokenizer(tokenizer or model_dir)
+  tok.check_model(model.config.vocab_size, os.path.join(model_dir, "config.json"))
+  graphdef, state = nnx.split(model)
+  return (lambda x: nnx.merge(graphdef, state)(x)), tok
+
+
+class _Apply:
+  """``apply(variables, x)`` of a closed forward function (an HF source beside zoo GPTs)."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def apply(self, variables, x):
+    del variables
+    return self.fn(x)
 
 
 def _windows(ids_list, seq_len: int) -> np.ndarray:
@@ -283,8 +309,15 @@ def run(config: Any, workdir: str | None = None) -> dict:
   tgt_tok = text.train_tokenizer(tgt_cfg["tokenizer"], int(tgt_cfg["vocab_size"]),
                                  domains=tuple(config.domains), cache_dir=cache)
   models, results = {}, {"bpc": {}, "tokens_per_second": {}, "matched": {}}
+  from kfuse.fusion import mesh as M
+  mesh = M.from_config(plain(config.get("mesh", {})))
   srcs = plain(config.sources)
   for i, (name, s) in enumerate(sorted(srcs.items())):
+    if s.get("model_dir"):   # an HF causal LM: used as it is, never trained here
+      fn, tok = hf_source(s["model_dir"], s.get("tokenizer", ""), mesh)
+      models[name] = (_Apply(fn), {}, tok, _key(s, seq_len))
+      results["bpc"][f"source:{name}"] = _eval(config, fn, tok, seq_len)
+      continue
     tok = text.train_tokenizer(s["tokenizer"], int(s["vocab_size"]), domains=tuple(s["domains"]),
                                cache_dir=cache)
     model = _gpt(s, tok.vocab_size, seq_len)
@@ -320,8 +353,6 @@ def run(config: Any, workdir: str | None = None) -> dict:
   reps = {"target": (os.path.join(wd, "reps", f"target-{tkey}-{ckey}"), tgt_tok, tmodel, tvars)}
   reps.update({n: (os.path.join(wd, "reps", f"{n}-{k}-{ckey}"), t, m, v)
                for n, (m, v, t, k) in models.items()})
-  from kfuse.fusion import mesh as M
-  mesh = M.from_config(plain(config.get("mesh", {})))
   for n, (path, tok, model, variables) in reps.items():
     v = M.place(variables, mesh)
     R.write(path, ftexts, tok, lambda x, m=model, v=v: m.apply(v, x), k=int(config.fusion.k),
