@@ -25,6 +25,10 @@ Pipeline (every stage cached in the workdir, so a re-run resumes):
    ``job="fusechat"`` shares the workdir (models, representations, alignments) with
    ``job="fusellm"``; results go to ``results_<job>.json`` and ``table_<job>.md``.
 
+A source may instead be an HF causal-LM directory (``sources.<name>.model_dir``, `hf_source`),
+scored as it is. ``config.mesh`` (``data``, ``fsdp``, ``tensor``) shards the representation
+pass and the fusion training (`kfuse.fusion.mesh`).
+
 Wan et al., "Knowledge Fusion of Large Language Models" (FuseLLM, ICLR 2024); Wan et al.,
 "FuseChat: Knowledge Fusion of Chat Models" (2024).
 """
