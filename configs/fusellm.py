@@ -35,6 +35,8 @@ def get_config(arg=None):
       bard=_model("unigram", 1536, ("shakespeare",), 20 if quick else 120),
       coder=_model("wordpiece", 1536, ("pysource", "pydoc"), 20 if quick else 120),
   )
+  # an HF causal-LM directory as a source (its tokenizer.json; `tokenizer`: another one):
+  #   c.sources["hf"] = dict(model_dir="path/to/hf_dir", tokenizer="")
   c.fusion = dict(
       k=10,                         # top-K per position of each source
       vocab_map="mined",            # mined (exact, else min edit distance) | ms
@@ -48,6 +50,7 @@ def get_config(arg=None):
       sequences_per_domain=16 if quick else 96,
   )
   c.merges = {}                     # fusechat only
+  c.mesh = dict(data=1, fsdp=1, tensor=1)   # device mesh of fusion training and scoring
   c.eval_chars = 2000 if quick else 20000   # test characters per domain
   c.data = dict(cache_dir="")       # tokenizer / vocabulary-map cache ('' = $KFUSE_CACHE)
   c.workdir = f"workdirs/fusion_{variant}"  # shared with configs/fusechat.py

@@ -25,6 +25,10 @@ Pipeline (every stage cached in the workdir, so a re-run resumes):
    ``job="fusechat"`` shares the workdir (models, representations, alignments) with
    ``job="fusellm"``; results go to ``results_<job>.json`` and ``table_<job>.md``.
 
+A source may instead be an HF causal-LM directory (``sources.<name>.model_dir``, `hf_source`),
+scored as it is. ``config.mesh`` (``data``, ``fsdp``, ``tensor``) shards the representation
+pass and the fusion training (`kfuse.fusion.mesh`).
+
 Wan et al., "Knowledge Fusion of Large Language Models" (FuseLLM, ICLR 2024); Wan et al.,
 "FuseChat: Knowledge Fusion of Chat Models" (2024).
 """
@@ -44,7 +48,7 @@ from kfuse.bench.common import check_workdir, plain, write_json, write_text
 from kfuse.data import text
 from kfuse.errors import KfuseError
 
-__all__ = ["run", "bits_per_char", "fusion_corpus"]
+__all__ = ["run", "bits_per_char", "fusion_corpus", "hf_source"]
 
 
 def _log(config, msg: str) -> None:
@@ -59,6 +63,32 @@ def _gpt(cfg: dict, vocab: int, seq_len: int):
   from kfuse.models import get_model
   return get_model("gpt", vocab_size=vocab, max_len=seq_len, dim=int(cfg["dim"]),
                    depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]))
+
+
+def hf_source(model_dir: str, tokenizer: str = "", mesh=None):
+  """``(apply, tokenizer)`` of an HF causal-LM directory (`kfuse.models.hf`: Llama, Mistral,
+  Qwen2, GPT-2) used as a fusion source: ``apply(tokens [B, T]) -> logits [B, T, V]`` (a pure
+  function of the loaded parameters, placed on ``mesh`` by the HF partition rules) and its
+  tokenizer.json (``tokenizer``; '' = ``model_dir``'s), whose ids and offsets the alignment
+  uses. A tokenizer with more tokens than the model's embedding is refused."""
+  from flax import nnx
+  from kfuse.models import hf
+  model = hf.load(model_dir, mesh=mesh)
+  tok = hf.load_tokenizer(tokenizer or model_dir)
+  tok.check_model(model.config.vocab_size, os.path.join(model_dir, "config.json"))
+  graphdef, state = nnx.split(model)
+  return (lambda x: nnx.merge(graphdef, state)(x)), tok
+
+
+class _Apply:
+  """``apply(variables, x)`` of a closed forward function (an HF source beside zoo GPTs)."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def apply(self, variables, x):
+    del variables
+    return self.fn(x)
 
 
 def _windows(ids_list, seq_len: int) -> np.ndarray:
@@ -226,9 +256,14 @@ def _aligned(config, wd, name, rep_dir, tgt_tok, src_tok, texts, ids, offs, nxt)
   return arrays["indices"], arrays["logits"], arrays[f"ce_{unit}"], arrays["matched"]
 
 
-def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, key):
-  """Continue ``variables`` with λ·CLM + (1−λ)·fusion over the given sources' targets."""
+def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, key, mesh=None):
+  """Continue ``variables`` with λ·CLM + (1−λ)·fusion over the given sources' targets.
+
+  On a ``mesh`` (`kfuse.fusion.mesh`) the state is placed by the partition rules and each
+  batch split over ``data`` x ``fsdp``; the returned parameters are on the host.
+  """
   from kfuse import distill
+  from kfuse.fusion import mesh as M
   from kfuse.fusion.losses import objective
   f = config.fusion
   lam = 1.0 if not targets else float(f.lm_loss_weight)
@@ -236,25 +271,27 @@ def _fuse(config, model, variables, ids, nxt, targets, fusion: str, steps: int, 
   if obj is None:
     from kfuse.distill.objectives import supervised
     obj = supervised()
-  step = distill.make_step(model, obj, {"name": "adamw", "learning_rate": float(f.learning_rate),
-                                        "schedule": "cosine", "warmup_steps": steps // 20,
-                                        "clip_norm": 1.0}, total_steps=steps)
+  opt = {"name": "adamw", "learning_rate": float(f.learning_rate), "schedule": "cosine",
+         "warmup_steps": steps // 20, "clip_norm": 1.0}
+  opt.update(plain(f.get("optimizer") or {}))     # `kfuse.optim` fields overriding the default
+  step = distill.make_step(model, obj, opt, total_steps=steps)
   y_all = np.concatenate([ids[:, 1:], nxt[:, None]], axis=1)
   bs = int(f.batch_size)
-  state = step.init(variables, jnp.asarray(ids[:bs]))
+  state = M.place(step.init(variables, jnp.asarray(ids[:bs])), mesh)
   rng = np.random.default_rng(int(config.seed))          # the same batches for every variant
   t0 = time.time()
   for i in range(steps):
     b = rng.integers(0, len(ids), bs)
-    batch = {"x": jnp.asarray(ids[b]), "y": jnp.asarray(y_all[b])}
+    batch = {"x": ids[b], "y": y_all[b]}
     if targets:
-      batch["topk_indices"] = jnp.asarray(np.stack([t[0][b] for t in targets]))
-      batch["topk_logits"] = jnp.asarray(np.stack([t[1][b] for t in targets]))
-      batch["topk_ce"] = jnp.asarray(np.stack([t[2][b] for t in targets]))
+      batch["topk_indices"] = np.stack([t[0][b] for t in targets])
+      batch["topk_logits"] = np.stack([t[1][b] for t in targets])
+      batch["topk_ce"] = np.stack([t[2][b] for t in targets])
+    batch = M.place_batch(batch, mesh) if mesh is not None else jax.tree.map(jnp.asarray, batch)
     state, m = step(state, batch, jax.random.fold_in(key, i))
   jax.block_until_ready(state.params)
   tps = steps * bs * ids.shape[1] / max(time.time() - t0, 1e-9)
-  return {"params": state.params}, tps
+  return {"params": jax.device_get(state.params)}, tps
 
 
 # ------------------------------------------------------------------ the job
@@ -276,8 +313,15 @@ def run(config: Any, workdir: str | None = None) -> dict:
   tgt_tok = text.train_tokenizer(tgt_cfg["tokenizer"], int(tgt_cfg["vocab_size"]),
                                  domains=tuple(config.domains), cache_dir=cache)
   models, results = {}, {"bpc": {}, "tokens_per_second": {}, "matched": {}}
+  from kfuse.fusion import mesh as M
+  mesh = M.from_config(plain(config.get("mesh", {})))
   srcs = plain(config.sources)
   for i, (name, s) in enumerate(sorted(srcs.items())):
+    if s.get("model_dir"):   # an HF causal LM: used as it is, never trained here
+      fn, tok = hf_source(s["model_dir"], s.get("tokenizer", ""), mesh)
+      models[name] = (_Apply(fn), {}, tok, _key(s, seq_len))
+      results["bpc"][f"source:{name}"] = _eval(config, fn, tok, seq_len)
+      continue
     tok = text.train_tokenizer(s["tokenizer"], int(s["vocab_size"]), domains=tuple(s["domains"]),
                                cache_dir=cache)
     model = _gpt(s, tok.vocab_size, seq_len)
@@ -314,8 +358,9 @@ def run(config: Any, workdir: str | None = None) -> dict:
   reps.update({n: (os.path.join(wd, "reps", f"{n}-{k}-{ckey}"), t, m, v)
                for n, (m, v, t, k) in models.items()})
   for n, (path, tok, model, variables) in reps.items():
-    R.write(path, ftexts, tok, lambda x, m=model, v=variables: m.apply(v, x), k=int(config.fusion.k),
-            context=seq_len, shard_size=64, meta={"source": n})
+    v = M.place(variables, mesh)
+    R.write(path, ftexts, tok, lambda x, m=model, v=v: m.apply(v, x), k=int(config.fusion.k),
+            context=seq_len, shard_size=64, meta={"source": n}, mesh=mesh)
   # 4. alignment
   targets = {}
   for n, (path, tok, _, _) in reps.items():
@@ -337,7 +382,7 @@ def run(config: Any, workdir: str | None = None) -> dict:
   trained = {}
   for i, (label, (fusion, names)) in enumerate(variants.items()):
     v, tps = _fuse(config, tmodel, tvars, ids, nxt, [targets[n] for n in names], fusion, steps,
-                   jax.random.fold_in(key, 1000 + i))
+                   jax.random.fold_in(key, 1000 + i), mesh)
     trained[label] = v
     results["tokens_per_second"][label] = tps
     results["bpc"][label] = _eval(config, apply_t(v), tgt_tok, seq_len)

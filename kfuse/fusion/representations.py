@@ -112,31 +112,40 @@ def load_manifest(path: str) -> dict:
     return json.load(fh)
 
 
-def _score_sequence(fn, ids: np.ndarray, context: int, pad: int, batch: int):
-  """Windows of ``context`` tokens, scored ``batch`` at a time (each window's last CE is NaN)."""
-  n = len(ids)
-  starts = list(range(0, max(n, 1), context))
-  tl, ti, ce = [], [], []
-  for b0 in range(0, len(starts), batch):
-    chunk = starts[b0:b0 + batch]
-    toks = np.full((len(chunk), context), pad, np.int32)
-    valid = np.zeros((len(chunk), context), bool)
-    for r, s in enumerate(chunk):
-      w = ids[s:s + context]
+def _score_sequences(fn, seqs: Sequence[np.ndarray], context: int, pad: int, batch: int,
+                     mesh=None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Every sequence cut into windows of ``context`` tokens, the windows of all ``seqs`` scored
+  ``batch`` at a time (always ``batch`` rows, padding rows invalid: one compiled shape; on a
+  ``mesh``, ``batch`` rows per device of ``data`` x ``fsdp``); each window's last CE is NaN."""
+  if mesh is not None:   # ``batch`` rows per data-parallel device: each runs the 1-device program
+    batch *= int(np.prod([mesh.shape.get(a, 1) for a in ("data", "fsdp")]))
+  wins = [(i, s) for i, ids in enumerate(seqs) for s in range(0, len(ids), context)]
+  parts: list[list] = [[] for _ in seqs]
+  for b0 in range(0, len(wins), batch):
+    chunk = wins[b0:b0 + batch]
+    toks = np.full((batch, context), pad, np.int32)
+    valid = np.zeros((batch, context), bool)
+    for r, (i, s) in enumerate(chunk):
+      w = seqs[i][s:s + context]
       toks[r, :len(w)], valid[r, :len(w)] = w, True
-    a, b, c = (np.asarray(v) for v in fn(jnp.asarray(toks), jnp.asarray(valid)))
-    for r, s in enumerate(chunk):
-      m = min(context, n - s)
-      tl.append(a[r, :m])
-      ti.append(b[r, :m])
-      ce.append(c[r, :m])
-  tl, ti, ce = np.concatenate(tl), np.concatenate(ti), np.concatenate(ce).astype(np.float32)
-  return tl, ti, ce
+    if mesh is None:
+      args = (jnp.asarray(toks), jnp.asarray(valid))
+    else:
+      from kfuse.models.hf import batch_sharding
+      sh = batch_sharding(mesh, batch)
+      args = (jax.device_put(toks, sh), jax.device_put(valid, sh))
+    a, b, c = (np.asarray(v) for v in fn(*args))
+    for r, (i, s) in enumerate(chunk):
+      m = min(context, len(seqs[i]) - s)
+      parts[i].append((a[r, :m], b[r, :m], c[r, :m]))
+  return [tuple(np.concatenate([p[j] for p in ps]) for j in range(3)) if ps else None
+          for ps in parts]
 
 
 def write(path: str, texts: Sequence[str], tokenizer, apply: Callable, *, k: int = 10,
           context: int = 2048, shard_size: int = 256, batch: int = 8, pad_id: int = 0,
-          meta: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+          meta: dict | None = None, progress: Callable[[str], None] | None = None,
+          mesh=None) -> dict:
   """Score ``texts`` with a source model and write (or resume) its representation directory.
 
   Args:
@@ -147,6 +156,9 @@ def write(path: str, texts: Sequence[str], tokenizer, apply: Callable, *, k: int
     k: top-K kept per position (≤ the vocabulary).
     context: the model's context; longer sequences are scored in windows.
     meta: anything JSON-serialisable recorded in the manifest (source name, corpus ...).
+    mesh: a ``(data, fsdp, tensor)`` mesh (`kfuse.fusion.mesh`): ``batch`` windows per device
+      of ``data`` x ``fsdp``; place the parameters ``apply`` closes over
+      with `kfuse.fusion.mesh.place`. The files do not depend on the mesh.
 
   Returns:
     The manifest.
@@ -180,14 +192,13 @@ def write(path: str, texts: Sequence[str], tokenizer, apply: Callable, *, k: int
       continue
     rows = {"token_ids": [], "offsets": [], "topk_ids": [], "topk_logprobs": [], "token_ce": []}
     splits, seq_ce, hashes = [0], [], []
-    for t in texts[first:first + shard_size]:
-      enc = tokenizer.encode(t)
-      ids = enc.ids.astype(np.int32)
-      if len(ids):
-        lp, ti, ce = _score_sequence(fn, ids, context, pad_id, batch)
-      else:  # empty text: no positions
-        lp, ti, ce = (np.zeros((0, k), np.float32), np.zeros((0, k), np.int32),
-                      np.zeros((0,), np.float32))
+    encs = [tokenizer.encode(t) for t in texts[first:first + shard_size]]
+    seqs = [enc.ids.astype(np.int32) for enc in encs]
+    empty = (np.zeros((0, k), np.float32), np.zeros((0, k), np.int32), np.zeros((0,), np.float32))
+    scored = _score_sequences(fn, seqs, context, pad_id, batch, mesh)
+    for enc, ids, out in zip(encs, seqs, scored):
+      lp, ti, ce = empty if out is None else out   # empty text: no positions
+      ce = ce.astype(np.float32)
       rows["token_ids"].append(ids)
       rows["offsets"].append(enc.offsets.astype(np.int32).reshape(-1, 2))
       rows["topk_ids"].append(ti)

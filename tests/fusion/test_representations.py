@@ -86,14 +86,14 @@ def test_killed_job_resumes_and_skips_done_shards(tmp_path, tok, monkeypatch):
   apply, _ = _model(tok.vocab_size)
   out = str(tmp_path / "rep")
   calls = {"n": 0}
-  real = R._score_sequence
+  real = R._score_sequences
 
   def dying(*a, **kw):
-    calls["n"] += 1
-    if calls["n"] == 3:
+    calls["n"] += 1                                   # one call per shard
+    if calls["n"] == 2:
       raise KeyboardInterrupt("killed")
     return real(*a, **kw)
-  monkeypatch.setattr(R, "_score_sequence", dying)
+  monkeypatch.setattr(R, "_score_sequences", dying)
   with pytest.raises(KeyboardInterrupt):
     R.write(out, TEXTS, tok, apply, k=4, context=64, shard_size=2)
   man = R.load_manifest(out)
@@ -101,7 +101,7 @@ def test_killed_job_resumes_and_skips_done_shards(tmp_path, tok, monkeypatch):
   assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
   with pytest.raises(KfuseError, match="incomplete"):
     list(R.read(out))
-  monkeypatch.setattr(R, "_score_sequence", real)
+  monkeypatch.setattr(R, "_score_sequences", real)
   first = os.stat(os.path.join(out, "shard-00000.npz")).st_mtime_ns
   man = R.write(out, TEXTS, tok, apply, k=4, context=64, shard_size=2)
   assert man["complete"] and os.stat(os.path.join(out, "shard-00000.npz")).st_mtime_ns == first

@@ -73,9 +73,10 @@ def _axis_size(mesh: Mesh, axis) -> int:
   return mesh.shape.get(axis, 1) if axis is not None else 1
 
 
-def partition_spec(name: str, shape: tuple, mesh: Mesh) -> P:
-  """The rule's spec for tensor ``name``, each axis kept only where it divides the dimension."""
-  for pattern, axes in RULES:
+def partition_spec(name: str, shape: tuple, mesh: Mesh, rules=RULES) -> P:
+  """The rule's spec for tensor ``name``, each axis kept only where it divides the dimension
+  (``rules``: ``((regex, axes), ...)``, HF names by default)."""
+  for pattern, axes in rules:
     if re.search(pattern, name):
       spec = [a if a in mesh.shape and len(shape) > i and shape[i] % _axis_size(mesh, a) == 0
               and _axis_size(mesh, a) > 1 else None for i, a in enumerate(axes[:len(shape)])]
