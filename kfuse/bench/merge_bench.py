@@ -166,7 +166,9 @@ def _data_free(name: str) -> Callable[[MergeInputs, Mapping], PyTree]:
 # Their λ grid needs one merge per setting of the other parameters (`lambda_factored`);
 # tests/test_merge_bench.py checks each against `kfuse.merge.merge` at every λ.
 LAMBDA_LINEAR = frozenset({"task_arithmetic", "ties", "ties_paper", "dare_linear", "dare_ties",
-                           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
+                           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                           "tsv_m", "iso_c", "iso_cts", "wudi", "wudi_closed_form", "magmax",
+                           "pcb"})
 
 
 def lambda_factored(merge_fn: Callable[[Mapping], PyTree], base: PyTree
