@@ -77,7 +77,10 @@ def test_second_run_loads_every_program_from_the_default_cache(tmp_path, method)
   second = _merge(yml, tmp_path / "out2", env)
   # nothing compiled the second time: every program loaded from the cache
   assert second["compile_cache"]["writes"] == 0
-  assert second["compile_cache"]["hits"] >= first["writes"]
+  # every program in the cache was loaded (the first run's miss count can exceed the entries
+  # when two threads compile one program at once, so count the entries)
+  entries = [n for n in os.listdir(cache) if n.endswith("-cache")]
+  assert second["compile_cache"]["hits"] >= len(entries) > 0
   with kio.open_hf_dir(str(tmp_path / "out1")) as a, kio.open_hf_dir(str(tmp_path / "out2")) as b:
     for name in a.names:
       np.testing.assert_array_equal(a.get(name), b.get(name))

@@ -128,6 +128,12 @@ def polar(a: jax.Array) -> jax.Array:
   return p @ qt
 
 
+def solve_dtype(dtype) -> jnp.dtype:
+  """The dtype an SVD / matrix solve runs in: float16 and bfloat16 tensors are decomposed in
+  float32 (LAPACK has no half-precision SVD; the result is cast back), wider floats as they are."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def matrix_stage(fn: Callable[[jax.Array, dict], jax.Array], view: View) -> Stage:
   """Stage over task vectors: a matrix (``view``, `matrix_view`) goes through
   ``fn(τ [T, out, in], hp) -> Δ [out, in]``, seen in PyTorch layout; any other tensor is
@@ -137,8 +143,8 @@ def matrix_stage(fn: Callable[[jax.Array, dict], jax.Array], view: View) -> Stag
     v = s.values
     if view is None or v.size == 0:   # zero-size matrices: nothing to decompose
       return s.replace(result=S.sum_models(v) / v.shape[0])
-    d = fn(to_matrices(v, view), s.hp)
-    return s.replace(result=from_matrix(d, v.shape[1:], view))
+    d = fn(to_matrices(v.astype(solve_dtype(v.dtype)), view), s.hp)
+    return s.replace(result=from_matrix(d, v.shape[1:], view).astype(v.dtype))
 
   return apply
 
@@ -427,11 +433,12 @@ def svc(view: View = None, name: str = "svc_alpha") -> Callable[[Stage], Stage]:
       out = inner(s)
       if view is None or s.values.size == 0:
         return out
-      base = s.base
-      tv = to_matrices(s.values.astype(base.dtype) - base[None], view)
-      delta = to_matrices((out.result.astype(base.dtype) - base)[None], view)[0]
-      cal = svc_calibrate(delta, tv, s.hp[name].astype(base.dtype))
-      return out.replace(result=(base + from_matrix(cal, base.shape, view)).astype(base.dtype))
+      w = solve_dtype(s.base.dtype)
+      base = s.base.astype(w)
+      tv = to_matrices(s.values.astype(w) - base[None], view)
+      delta = to_matrices((out.result.astype(w) - base)[None], view)[0]
+      cal = svc_calibrate(delta, tv, s.hp[name].astype(w))
+      return out.replace(result=(base + from_matrix(cal, base.shape, view)).astype(s.base.dtype))
     return apply
 
   return wrap

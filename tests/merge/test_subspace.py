@@ -426,3 +426,24 @@ def test_sharded_equals_unsharded():
   assert p.returncode == 0, p.stderr[-3000:]
   rel = json.loads(p.stdout.strip().splitlines()[-1])
   assert set(rel) == set(svd) and max(rel.values()) < 1e-6, rel
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "tsv_m_svc"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_are_decomposed_in_float32(method, dtype):
+  """LAPACK has no float16 / bfloat16 SVD: half-precision tensors are decomposed in float32 and
+  cast back (this crashed before). Reference: float64 NumPy on the same (half-rounded) inputs."""
+  import ml_dtypes
+  dt = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+  base, exps = models((10, 6), 3, seed=4)
+  base = {k: v.astype(dt) for k, v in base.items()}
+  exps = [{k: v.astype(dt) for k, v in e.items()} for e in exps]
+  out = run(method, exps, base, **{"lambda": 0.8})
+  assert out["w.weight"].dtype == dt
+  b = base["w.weight"].astype(F64)
+  tv = np.stack([e["w.weight"].astype(F64) - b for e in exps])
+  delta = 0.8 * (np_iso_c(tv) if method == "iso_c" else np_tsv_m(tv))
+  if method == "tsv_m_svc":   # SVC (α = 1.0 for TSV-M) on the λ-scaled TSV-M delta
+    delta = np_svc(delta, tv, 1.0)
+  tol = 3e-2 if dtype == "bfloat16" else 3e-3     # the output's own rounding
+  np.testing.assert_allclose(out["w.weight"].astype(F64), b + delta, rtol=tol, atol=tol)
