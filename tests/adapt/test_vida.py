@@ -145,7 +145,8 @@ def test_reset_and_nan_batch_keep_source():
 
 
 def _torch_vida(variables, adapters, lr, lr_vida, mt, mt_vida, rst, thr, scale_high_rank):
-  torch = pytest.importorskip("torch")
+  from tests.peers.peer import require
+  torch = require("torch")
   F = torch.nn.functional
 
   class InjectedLinear(torch.nn.Module):

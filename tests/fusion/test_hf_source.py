@@ -11,8 +11,10 @@ from kfuse.errors import KfuseError
 from kfuse.fusion import bench
 from kfuse.fusion import representations as R
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.peers.peer import require
+
+torch = require("torch")   # skips without the peers extra, fails with it
+transformers = require("transformers")
 
 TEXTS = ["def f(x):\n    return x + 1\n" * 3, "", "Hello world.\r\n\tTabs and CRLF."]
 

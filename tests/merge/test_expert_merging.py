@@ -66,7 +66,8 @@ CHUNKS = {"fc/kernel": 3, "out/kernel": 4}
 
 
 def test_chunk_split_matches_torch_chunk():
-  torch = pytest.importorskip("torch")
+  from tests.peers.peer import require
+  torch = require("torch")
   for n, k in [(10, 4), (5, 4), (20, 3), (7, 7), (6, 1)]:
     parts = torch.chunk(torch.arange(n), k)
     want = np.concatenate([np.full(len(p), j) for j, p in enumerate(parts)])
