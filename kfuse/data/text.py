@@ -30,11 +30,11 @@ import json
 import os
 import re
 import sysconfig
-import tempfile
 from typing import Iterable, Sequence
 
 from kfuse.data.sources import cache_dir as _cache_dir
 from kfuse.errors import KfuseError
+from kfuse.io import atomic
 from kfuse.registry import suggest
 
 __all__ = [
@@ -285,16 +285,7 @@ def tokenizer_path(kind: str, vocab_size: int, byte_level: bool = True,
 
 def _write_atomic(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.atomic_write_text(path, text)
 
 
 def training_texts(domains: Sequence[str], max_chars: int = MAX_CHARS) -> list[str]:
