@@ -218,6 +218,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
+def _process_options(config: Any) -> None:
+  """Process-wide settings a job's config names: ``compile_cache`` turns on JAX's
+  persistent compilation cache for this process (`kfuse.merge.engine.compile_cache`).
+  Only the command line does this; library calls leave JAX's configuration alone."""
+  from kfuse import configs
+  setting = configs.get(config, "compile_cache")
+  if setting is not None:
+    from kfuse.merge.engine import compile_cache
+    compile_cache.enable(setting)
+
+
 def main(argv, setup: Optional[Callable[[], None]] = None):
   if len(argv) > 1:
     _die(f"unexpected arguments: {' '.join(argv[1:])} (see --help)")
@@ -230,6 +241,7 @@ def main(argv, setup: Optional[Callable[[], None]] = None):
     import jax
     logging.info("JAX devices: %s", jax.devices())
     tasks.entry(FLAGS.config)           # imports the task's module (with GC still off)
+    _process_options(FLAGS.config)
     gc.freeze()                         # long-lived import-time objects: never rescanned
     gc.enable()
     tasks.run(FLAGS.config, FLAGS.workdir)

@@ -95,6 +95,32 @@ def test_second_run_loads_every_program_from_the_default_cache(tmp_path, method)
   assert 0 < second["startup_cpu_s"] <= second["first_tensor_cpu_s"]
 
 
+def test_job_called_from_python_leaves_the_jax_cache_setting_alone(tmp_path):
+  """The persistent cache is process-wide JAX state: the command line turns it on, a merge
+  job called in-process (a notebook, a test) does not, whatever its config says."""
+  code = textwrap.dedent(f"""
+      import json, jax
+      from kfuse.main import load_config
+      from kfuse.merge import runner
+      _, cfg, _ = load_config({REPO + "/configs/mergekit.py:" + str(yml_path := tmp_path / "m.yml")!r})
+      cfg.output_dir = {str(tmp_path / "out")!r}
+      cfg.progress = False
+      before = jax.config.jax_compilation_cache_dir
+      res = runner.run_mergekit(cfg)
+      print(json.dumps([before, jax.config.jax_compilation_cache_dir, "compile_cache" in res]))
+      """)
+  base = _model(str(tmp_path / "base"), 0)
+  _model(str(tmp_path / "e1"), 1, base)
+  yml_path.write_text(textwrap.dedent(YAMLS["slerp"].format(d=tmp_path)))
+  env = dict(os.environ, PYTHONPATH=REPO, KFUSE_CACHE=str(tmp_path / "cache"))
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
+  before, after, reported = json.loads(r.stdout.strip().splitlines()[-1])
+  assert after == before and not reported
+  assert not os.path.exists(tmp_path / "cache" / "xla")
+
+
 def test_merge_jobs_do_not_import_flax_or_optax():
   """What every merge job imports before its first tensor: no Flax (Linen models are only
   needed by the data statistics), no optax, no Orbax unless an input is an Orbax checkpoint."""

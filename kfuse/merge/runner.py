@@ -35,14 +35,11 @@ def scale_options(config) -> dict:
   ``num_devices`` > 1 shards every tensor over a 1-D mesh of that many devices;
   ``prefetch_bytes`` caps the input bytes held at once (0: the largest tensor's
   inputs); ``chunk`` sets the flat chunk length of elementwise recipes (-1:
-  automatic, 0: whole tensors); ``compile_cache`` is JAX's persistent compilation
-  cache, so a repeated merge of the same architecture skips compiling ('auto', the
-  default: in the user's cache directory; a directory; '' or 'off': none;
-  `kfuse.merge.engine.compile_cache`).
+  automatic, 0: whole tensors). ``compile_cache`` (JAX's persistent compilation cache)
+  is process-wide JAX state, so the command line turns it on (`kfuse.main`), not this
+  function: a job called from Python leaves the caller's JAX configuration alone.
   """
   from kfuse import shard
-  from kfuse.merge.engine import compile_cache
-  compile_cache.enable(_get(config, "compile_cache", compile_cache.AUTO))
   chunk = int(_get(config, "chunk", -1))
   return {"mesh": shard.make_mesh(int(_get(config, "num_devices", 0))),
           "prefetch_bytes": int(_get(config, "prefetch_bytes", 0)) or None,
