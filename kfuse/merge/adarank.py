@@ -51,11 +51,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kfuse import tree as T
 from kfuse.merge import adamerging as AM
-from kfuse.protocol import Learner, check_batch
+from kfuse.protocol import Learner
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -189,12 +188,6 @@ def adarank(apply_fn: Callable, *, base: str = "ta", init: float | None = None,
     gates = _gates(trainable["logits"], temperature, straight_through)
     return objective(trainable["lambdas"], gates, origin, parts, x)
 
-  def _check(batch, where):
-    check_batch(batch, ("x",), where=where)
-    x = batch["x"]
-    if tasks is not None and (np.ndim(x) < 2 or np.shape(x)[0] != int(tasks)):
-      raise KfuseError(f"{where}: 'x' must be [T={tasks}, B, ...] (one batch per task),"
-                       f" got shape {tuple(np.shape(x))}")
 
   def init_fn(pretrained: PyTree, experts: Sequence[PyTree],
               batch: Mapping[str, Any] | None = None, key: Array | None = None) -> AdaRankState:
@@ -230,28 +223,25 @@ def adarank(apply_fn: Callable, *, base: str = "ta", init: float | None = None,
     state = AdaRankState(lambdas, tuple(logits), tx.init(trainable), origin, tuple(parts),
                          jnp.zeros((), jnp.int32))
     if batch is not None:
-      _check(batch, "adarank.init batch")
+      AM.check_task_batch(batch, tasks, "adarank.init batch")
       jax.eval_shape(_step, state, dict(batch), key)   # configuration errors surface here
     return state
 
-  def _update(trainable, opt_state, count, origin, parts, x):
-    loss, g = jax.value_and_grad(loss_fn)(trainable, origin, parts, x)
-    updates, opt_state = tx.update(g, opt_state, trainable)
-    kept = sum(jnp.sum(m > 0) for m in trainable["logits"]) if trainable["logits"] else jnp.zeros(())
-    return (optax.apply_updates(trainable, updates), opt_state, count + 1,
-            {"loss": loss, "grad_norm": optax.tree.norm(g), "kept": kept})
+  def kept(trainable):   # components whose forward mask is 1 (logit > 0), before the update
+    logits = trainable["logits"]
+    return {"kept": sum(jnp.sum(m > 0) for m in logits) if logits else jnp.zeros(())}
 
-  jitted = jax.jit(_update)   # θ_o and the SVDs go in but never come out (no copies per step)
+  update = AM.make_update(loss_fn, tx, kept)   # AdaMerging's step (θ_o and the SVDs: frozen)
 
   def _step(state: AdaRankState, batch, key):
     trainable = {"lambdas": state.lambdas, "logits": state.logits}
-    trainable, opt_state, count, metrics = jitted(trainable, state.opt_state, state.count,
-                                                  state.origin, state.parts, batch["x"])
+    trainable, opt_state, count, metrics = update(trainable, state.opt_state, state.count,
+                                                  (state.origin, state.parts), batch["x"])
     return state._replace(lambdas=trainable["lambdas"], logits=tuple(trainable["logits"]),
                           opt_state=opt_state, count=count), metrics
 
   def step(state: AdaRankState, batch: Mapping[str, Any], key: Array | None = None):
-    _check(batch, "adarank batch")
+    AM.check_task_batch(batch, tasks, "adarank batch")
     return _step(state, {"x": batch["x"]}, key)
 
   return Learner(init_fn, step)
