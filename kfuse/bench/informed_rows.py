@@ -44,6 +44,11 @@ part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, 
   same entropy loop as AdaMerging (`kfuse.merge.adarank`; reference defaults: TA λ₀ 0.3 with
   every component kept, CART λ₀ 2.3 with the top 16 % kept, T = 10, Adam 1e-3). Logged: the
   kept fraction of components (every ``log_every`` steps) and per expert at the end.
+* ``adarank_iso_cts``: the same loop with the masks over the rank-1 components of the
+  **Iso-CTS** merged matrix (Marczak et al., ICML 2025; f = 0.8) and one λ per tensor, λ₀ = 1,
+  every component kept at first (= the ``iso_cts`` merge at λ = 1 before the first step).
+  kfuse's construction: the AdaRank reference code has the TA and CART bases only. Logged as
+  the other AdaRank rows.
 * Twin-Merging (Lu et al., NeurIPS 2024) is not a merger row: its model differs per input.
   `twin_row` / `run_twin` score it on a pool: the router is trained on the **labelled val
   budget** (``data.val_per_task``; the label is the task id), no test label is used.
@@ -307,7 +312,9 @@ def adarank_merger(base: str):
   build = lambda apply_fn, params, n: AR.adarank(
       apply_fn, base=base, init=params["init"], initial_rank_ratio=params["initial_rank_ratio"],
       temperature=float(params["temperature"]),
-      optimizer=optax.adam(float(params["learning_rate"])), tasks=n)
+      optimizer=optax.adam(float(params["learning_rate"])), tasks=n,
+      **({"common_space_fraction": float(params["common_space_fraction"])}
+         if base == "iso_cts" else {}))
 
   def info(st, final=False):
     kept = [int(np.sum(np.asarray(m) > 0)) for m in st.logits]
@@ -419,6 +426,9 @@ _register("adarank_ta", adarank_merger("ta"), _ARK,
           "AdaRank on task arithmetic, entropy on the unlabeled test inputs")
 _register("adarank_cart", adarank_merger("cart"), _ARK,
           "AdaRank on CART (the experts' mean as origin), entropy on the unlabeled test inputs")
+_register("adarank_iso_cts", adarank_merger("iso_cts"), {**_ARK, "common_space_fraction": 0.8},
+          "AdaRank on Iso-CTS (masks over the Iso-CTS merged matrix's components), entropy on the"
+          " unlabeled test inputs")
 _register("adamerging_task", adamerging_merger("task"), _ADA,
           "task-wise AdaMerging, entropy on the unlabeled test inputs")
 _register("adamerging_layer", adamerging_merger("layer"), _ADA,
