@@ -1,7 +1,7 @@
 """Data-informed merges as merging-benchmark rows: Fisher, RegMean, RegMean++, ESM, Expert
-Merging, AdaMerging.
+Merging, AdaMerging, AdaRank (TA / CART / Iso-CTS); Twin-Merging scored per input.
 
-Importing this module registers seven mergers with `kfuse.bench.merge_bench.register_merger`
+Importing this module registers the mergers with `kfuse.bench.merge_bench.register_merger`
 (``config.methods.<label> = dict(name=<one of them>, params={...}, grid={})``). Every one
 uses only the benchmark's data budget (`merge_bench.TaskData`), and all of them the same
 part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, default
