@@ -73,6 +73,7 @@ from kfuse.merge import adarank as AR
 from kfuse.merge import api
 from kfuse.merge import informed
 from kfuse.merge import statistics as ST
+from kfuse.merge import subspace as SS
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -307,14 +308,33 @@ def adamerging_merger(granularity: str):
                          trajectory="lambda_trajectory")
 
 
+def iso_cts_blocks(logits: Sequence, tasks: int, fraction: float) -> dict:
+  """AdaRank on Iso-CTS: kept / total components of each task's block and of the common block,
+  summed over the matrices (mask logits ``[1, r]``; columns [task 1 … task T, common],
+  `kfuse.merge.subspace.iso_cts_split`; kept = logit > 0)."""
+  kept, total = np.zeros(tasks + 1, int), np.zeros(tasks + 1, int)
+  for m in logits:
+    on = np.asarray(m)[0] > 0
+    kc, kt = SS.iso_cts_split(on.size, tasks, fraction)
+    bounds = [i * kt for i in range(tasks + 1)] + [tasks * kt + kc]
+    for b in range(tasks + 1):
+      kept[b] += int(on[bounds[b]:bounds[b + 1]].sum())
+      total[b] += bounds[b + 1] - bounds[b]
+  return {"kept_per_block": kept.tolist(), "total_per_block": total.tolist(),
+          "blocks": "each task's, in order, then the common subspace"}
+
+
 def adarank_merger(base: str):
-  """AdaRank on ``base`` ('ta' or 'cart') on the tasks' unlabeled test inputs."""
-  build = lambda apply_fn, params, n: AR.adarank(
-      apply_fn, base=base, init=params["init"], initial_rank_ratio=params["initial_rank_ratio"],
-      temperature=float(params["temperature"]),
-      optimizer=optax.adam(float(params["learning_rate"])), tasks=n,
-      **({"common_space_fraction": float(params["common_space_fraction"])}
-         if base == "iso_cts" else {}))
+  """AdaRank on ``base`` ('ta', 'cart' or 'iso_cts') on the tasks' unlabeled test inputs."""
+  seen: dict = {}
+
+  def build(apply_fn, params, n):
+    seen.update(tasks=n, fraction=float(params.get("common_space_fraction", 0.8)))
+    return AR.adarank(
+        apply_fn, base=base, init=params["init"], initial_rank_ratio=params["initial_rank_ratio"],
+        temperature=float(params["temperature"]),
+        optimizer=optax.adam(float(params["learning_rate"])), tasks=n,
+        **({"common_space_fraction": seen["fraction"]} if base == "iso_cts" else {}))
 
   def info(st, final=False):
     kept = [int(np.sum(np.asarray(m) > 0)) for m in st.logits]
@@ -323,7 +343,9 @@ def adarank_merger(base: str):
       return {"lambda_shape": list(st.lambdas.shape), "kept_components": kept,
               "total_components": total,
               "kept_per_expert": [int(sum(np.sum(np.asarray(m)[i] > 0) for m in st.logits))
-                                  for i in range(st.lambdas.shape[0])]}
+                                  for i in range(st.lambdas.shape[0])],
+              **(iso_cts_blocks(st.logits, seen["tasks"], seen["fraction"])
+                 if base == "iso_cts" else {})}
     return {"lambda_mean": _lam(st.lambdas), "kept_fraction": sum(kept) / max(1, sum(total))}
 
   return _entropy_merger(f"AdaRank ({base})", build, AR.merged, info)

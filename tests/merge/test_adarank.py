@@ -353,4 +353,19 @@ def test_benchmark_row_iso_cts_zero_steps_is_iso_cts():
   u, s, vt = _np_iso_cts_components(tv)
   np.testing.assert_allclose(got["fc"]["kernel"], f64(pre["fc"]["kernel"]) + (s * u @ vt).T,
                              rtol=1e-5, atol=1e-6)
-  assert inputs.log[-1]["total_components"] == [4] and inputs.log[-1]["steps"] == 0
+  log = inputs.log[-1]
+  assert log["total_components"] == [4] and log["steps"] == 0
+  # r = 4, T = 2, f = 0.8: k_c = 4 - 2·round(0.5) = 4, k_t = 0 (Iso-CTS's split)
+  assert log["total_per_block"] == [0, 0, 4] and log["kept_per_block"] == [0, 0, 4]
+
+
+def test_iso_cts_blocks_counts_each_task_block_and_the_common_block():
+  from kfuse.bench import informed_rows as IR
+  # r = 9, T = 2, f = 0.8: k_c = 9 - 2·round((9 - 7)/2) = 7, k_t = 1: columns [t1, t2, c × 7]
+  a = np.full((1, 9), 0.1, np.float32)
+  a[0, [1, 5, 8]] = -0.1
+  # r = 5, T = 2: k_c = 5 - 2·round((5 - 4)/2) = 5 (round half to even), k_t = 0
+  b = np.full((1, 5), 0.1, np.float32)
+  b[0, 0] = -0.1
+  got = IR.iso_cts_blocks([a, b], 2, 0.8)
+  assert got["total_per_block"] == [1, 1, 12] and got["kept_per_block"] == [1, 0, 9]
