@@ -101,8 +101,8 @@ def informed_methods(adamerging_steps=1000):
   inputs (``data.unlabeled_per_task``) and the papers' / FusionBench's hyper-parameters (no grid):
   Fisher (own predictions as labels), RegMean / RegMean++ (alpha 0.95), ESM (32 inputs per
   task; lambda on validation, as its reference), AdaMerging (init 0.3,
-  Adam 1e-3, 16 inputs per task per step; FusionBench runs 1000 steps), AdaRank on TA / CART
-  (the same entropy and budget; its reference runs 10,000 steps)."""
+  Adam 1e-3, 16 inputs per task per step; FusionBench runs 1000 steps), AdaRank on TA / CART /
+  Iso-CTS (the same entropy and budget; its reference runs 10,000 steps)."""
   ada = dict(steps=adamerging_steps)
   return dict(
       fisher=dict(name="fisher", params={}, grid={}),
@@ -114,6 +114,7 @@ def informed_methods(adamerging_steps=1000):
       adamerging_layer=dict(name="adamerging_layer", params=dict(ada), grid={}),
       adarank_ta=dict(name="adarank_ta", params=dict(ada), grid={}),
       adarank_cart=dict(name="adarank_cart", params=dict(ada), grid={}),
+      adarank_iso_cts=dict(name="adarank_iso_cts", params=dict(ada), grid={}),
   )
 
 

@@ -1,7 +1,7 @@
 """Data-informed merges as merging-benchmark rows: Fisher, RegMean, RegMean++, ESM, Expert
-Merging, AdaMerging.
+Merging, AdaMerging, AdaRank (TA / CART / Iso-CTS); Twin-Merging scored per input.
 
-Importing this module registers seven mergers with `kfuse.bench.merge_bench.register_merger`
+Importing this module registers the mergers with `kfuse.bench.merge_bench.register_merger`
 (``config.methods.<label> = dict(name=<one of them>, params={...}, grid={})``). Every one
 uses only the benchmark's data budget (`merge_bench.TaskData`), and all of them the same
 part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, default
@@ -44,6 +44,11 @@ part of it: each task's **unlabeled test inputs** (``data.unlabeled_per_task``, 
   same entropy loop as AdaMerging (`kfuse.merge.adarank`; reference defaults: TA λ₀ 0.3 with
   every component kept, CART λ₀ 2.3 with the top 16 % kept, T = 10, Adam 1e-3). Logged: the
   kept fraction of components (every ``log_every`` steps) and per expert at the end.
+* ``adarank_iso_cts``: the same loop with the masks over the rank-1 components of the
+  **Iso-CTS** merged matrix (Marczak et al., ICML 2025; f = 0.8) and one λ per tensor, λ₀ = 1,
+  every component kept at first (= the ``iso_cts`` merge at λ = 1 before the first step).
+  kfuse's construction: the AdaRank reference code has the TA and CART bases only. Logged as
+  the other AdaRank rows.
 * Twin-Merging (Lu et al., NeurIPS 2024) is not a merger row: its model differs per input.
   `twin_row` / `run_twin` score it on a pool: the router is trained on the **labelled val
   budget** (``data.val_per_task``; the label is the task id), no test label is used.
@@ -68,6 +73,7 @@ from kfuse.merge import adarank as AR
 from kfuse.merge import api
 from kfuse.merge import informed
 from kfuse.merge import statistics as ST
+from kfuse.merge import subspace as SS
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -302,12 +308,33 @@ def adamerging_merger(granularity: str):
                          trajectory="lambda_trajectory")
 
 
+def iso_cts_blocks(logits: Sequence, tasks: int, fraction: float) -> dict:
+  """AdaRank on Iso-CTS: kept / total components of each task's block and of the common block,
+  summed over the matrices (mask logits ``[1, r]``; columns [task 1 … task T, common],
+  `kfuse.merge.subspace.iso_cts_split`; kept = logit > 0)."""
+  kept, total = np.zeros(tasks + 1, int), np.zeros(tasks + 1, int)
+  for m in logits:
+    on = np.asarray(m)[0] > 0
+    kc, kt = SS.iso_cts_split(on.size, tasks, fraction)
+    bounds = [i * kt for i in range(tasks + 1)] + [tasks * kt + kc]
+    for b in range(tasks + 1):
+      kept[b] += int(on[bounds[b]:bounds[b + 1]].sum())
+      total[b] += bounds[b + 1] - bounds[b]
+  return {"kept_per_block": kept.tolist(), "total_per_block": total.tolist(),
+          "blocks": "each task's, in order, then the common subspace"}
+
+
 def adarank_merger(base: str):
-  """AdaRank on ``base`` ('ta' or 'cart') on the tasks' unlabeled test inputs."""
-  build = lambda apply_fn, params, n: AR.adarank(
-      apply_fn, base=base, init=params["init"], initial_rank_ratio=params["initial_rank_ratio"],
-      temperature=float(params["temperature"]),
-      optimizer=optax.adam(float(params["learning_rate"])), tasks=n)
+  """AdaRank on ``base`` ('ta', 'cart' or 'iso_cts') on the tasks' unlabeled test inputs."""
+  seen: dict = {}
+
+  def build(apply_fn, params, n):
+    seen.update(tasks=n, fraction=float(params.get("common_space_fraction", 0.8)))
+    return AR.adarank(
+        apply_fn, base=base, init=params["init"], initial_rank_ratio=params["initial_rank_ratio"],
+        temperature=float(params["temperature"]),
+        optimizer=optax.adam(float(params["learning_rate"])), tasks=n,
+        **({"common_space_fraction": seen["fraction"]} if base == "iso_cts" else {}))
 
   def info(st, final=False):
     kept = [int(np.sum(np.asarray(m) > 0)) for m in st.logits]
@@ -316,7 +343,9 @@ def adarank_merger(base: str):
       return {"lambda_shape": list(st.lambdas.shape), "kept_components": kept,
               "total_components": total,
               "kept_per_expert": [int(sum(np.sum(np.asarray(m)[i] > 0) for m in st.logits))
-                                  for i in range(st.lambdas.shape[0])]}
+                                  for i in range(st.lambdas.shape[0])],
+              **(iso_cts_blocks(st.logits, seen["tasks"], seen["fraction"])
+                 if base == "iso_cts" else {})}
     return {"lambda_mean": _lam(st.lambdas), "kept_fraction": sum(kept) / max(1, sum(total))}
 
   return _entropy_merger(f"AdaRank ({base})", build, AR.merged, info)
@@ -419,6 +448,9 @@ _register("adarank_ta", adarank_merger("ta"), _ARK,
           "AdaRank on task arithmetic, entropy on the unlabeled test inputs")
 _register("adarank_cart", adarank_merger("cart"), _ARK,
           "AdaRank on CART (the experts' mean as origin), entropy on the unlabeled test inputs")
+_register("adarank_iso_cts", adarank_merger("iso_cts"), {**_ARK, "common_space_fraction": 0.8},
+          "AdaRank on Iso-CTS (masks over the Iso-CTS merged matrix's components), entropy on the"
+          " unlabeled test inputs")
 _register("adamerging_task", adamerging_merger("task"), _ADA,
           "task-wise AdaMerging, entropy on the unlabeled test inputs")
 _register("adamerging_layer", adamerging_merger("layer"), _ADA,

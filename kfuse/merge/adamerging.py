@@ -43,7 +43,7 @@ PyTree = Any
 Array = jax.Array
 
 __all__ = ["AdaMergingState", "adamerging", "merged", "merge_params", "entropy",
-           "GRANULARITIES"]
+           "objective_fn", "make_update", "check_task_batch", "GRANULARITIES"]
 
 GRANULARITIES = ("task", "layer")
 
@@ -117,12 +117,8 @@ def adamerging(apply_fn: Callable, *, granularity: str = "layer", init: float = 
   def objective(lambdas, base, taus, x):
     return entropy_of(jnp.clip(lambdas, 0.0, 1.0) if clamp else lambdas, base, taus, x)
 
-  def _check(batch, where):
-    check_batch(batch, ("x",), where=where)
-    x = batch["x"]
-    if tasks is not None and (np.ndim(x) < 2 or np.shape(x)[0] != int(tasks)):
-      raise KfuseError(f"{where}: 'x' must be [T={tasks}, B, ...] (one batch per task),"
-                       f" got shape {tuple(np.shape(x))}")
+  # θ_0 and τ go in but never come out: returning them would copy them every step
+  update = make_update(objective, tx)
 
   def init_fn(base: PyTree, experts: Sequence[PyTree], batch: Mapping[str, Any] | None = None,
               key: Array | None = None) -> AdaMergingState:
@@ -138,29 +134,50 @@ def adamerging(apply_fn: Callable, *, granularity: str = "layer", init: float = 
     lambdas = jnp.full(shape, init, jnp.float32)
     state = AdaMergingState(lambdas, tx.init(lambdas), base, taus, jnp.zeros((), jnp.int32))
     if batch is not None:
-      _check(batch, "adamerging.init batch")
+      check_task_batch(batch, tasks, "adamerging.init batch")
       jax.eval_shape(_step, state, dict(batch), key)   # configuration errors surface here
     return state
 
-  def _update(lambdas, opt_state, count, base, taus, x):
-    loss, g = jax.value_and_grad(objective)(lambdas, base, taus, x)
-    updates, opt_state = tx.update(g, opt_state, lambdas)
-    return (optax.apply_updates(lambdas, updates), opt_state, count + 1,
-            {"loss": loss, "grad_norm": jnp.linalg.norm(g)})
-
-  # θ_0 and τ go in but never come out: returning them would copy them every step
-  jitted = jax.jit(_update)
-
   def _step(state: AdaMergingState, batch, key):
-    lambdas, opt_state, count, metrics = jitted(state.lambdas, state.opt_state, state.count,
-                                                state.base, state.task_vectors, batch["x"])
+    lambdas, opt_state, count, metrics = update(state.lambdas, state.opt_state, state.count,
+                                                (state.base, state.task_vectors), batch["x"])
     return state._replace(lambdas=lambdas, opt_state=opt_state, count=count), metrics
 
   def step(state: AdaMergingState, batch: Mapping[str, Any], key: Array | None = None):
-    _check(batch, "adamerging batch")
+    check_task_batch(batch, tasks, "adamerging batch")
     return _step(state, {"x": batch["x"]}, key)
 
   return Learner(init_fn, step)
+
+
+def make_update(loss_fn: Callable, tx: optax.GradientTransformation,
+                extra_metrics: Callable | None = None) -> Callable:
+  """The one optimisation step of the entropy learners (AdaMerging, `kfuse.merge.adarank`),
+  jitted: ``update(params, opt_state, count, frozen, x) -> (params', opt_state', count + 1,
+  metrics)`` with ``loss, g = value_and_grad(loss_fn)(params, *frozen, x)``, the optax update
+  of ``tx`` applied to ``params`` (any pytree of coefficients) and ``metrics`` = {"loss",
+  "grad_norm" (‖g‖ over the whole pytree)} plus ``extra_metrics(params)``. ``frozen`` (θ_0, τ,
+  SVD factors, …) goes in but never comes out: returning it would copy it every step."""
+
+  def update(params, opt_state, count, frozen, x):
+    loss, g = jax.value_and_grad(loss_fn)(params, *frozen, x)
+    updates, opt_state = tx.update(g, opt_state, params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(g)}
+    if extra_metrics is not None:
+      metrics.update(extra_metrics(params))
+    return optax.apply_updates(params, updates), opt_state, count + 1, metrics
+
+  return jax.jit(update)
+
+
+def check_task_batch(batch: Any, tasks: int | None, where: str) -> None:
+  """``batch`` is a mapping with 'x' (`kfuse.protocol.check_batch`) and, with ``tasks`` = T,
+  'x' is ``[T, B, ...]`` (one batch per task); else a one-line `KfuseError`."""
+  check_batch(batch, ("x",), where=where)
+  x = batch["x"]
+  if tasks is not None and (np.ndim(x) < 2 or np.shape(x)[0] != int(tasks)):
+    raise KfuseError(f"{where}: 'x' must be [T={tasks}, B, ...] (one batch per task),"
+                     f" got shape {tuple(np.shape(x))}")
 
 
 def objective_fn(apply_fn: Callable, tasks: int | None = None) -> Callable:

@@ -237,6 +237,13 @@ def iso_cts_split(r: int, t: int, fraction: float) -> tuple[int, int]:
 
 def iso_cts_delta(tv: jax.Array, hp=None, fraction: float = 0.8) -> jax.Array:
   """Iso-CTS merged task matrix from ``tv`` [T, m, n] (see `ISO_CTS`)."""
+  u, s, vt = iso_cts_factors(tv, fraction)
+  return (u * s) @ vt
+
+
+def iso_cts_factors(tv: jax.Array, fraction: float = 0.8):
+  """Iso-CTS's merged matrix as rank-1 components: (U⊥ [m, r], mean(s̄) [r], V⊥ᵀ [r, n]),
+  columns in stacking order [task 1 … task T blocks, common block]; `iso_cts_delta` = U⊥ diag(s) V⊥ᵀ."""
   t, m, n = tv.shape
   kc, kt = iso_cts_split(min(m, n), t, fraction)
   u, s, vh = jnp.linalg.svd(S.sum_models(tv), full_matrices=False)
@@ -251,7 +258,7 @@ def iso_cts_delta(tv: jax.Array, hp=None, fraction: float = 0.8) -> jax.Array:
   ub = jnp.concatenate(ublocks + [uc], axis=1)
   sb = jnp.concatenate(sblocks + [sc])
   vb = jnp.concatenate(vblocks + [vc], axis=0)
-  return (polar(ub) * jnp.mean(sb)) @ polar(vb)
+  return polar(ub), jnp.full(sb.shape, jnp.mean(sb)), polar(vb)
 
 
 ISO_C = register(Method(

@@ -226,3 +226,146 @@ def test_benchmark_row_zero_steps_is_task_arithmetic_and_logs_the_budget():
   assert log["steps"] == 2 and log["inputs_seen_per_task"] == 32 and len(log["trajectory"]) == 3
   assert log["unlabeled_per_task"] == {"a": 6, "b": 6} and log["labeled_per_task"] == 0
   assert log["total_components"] == [8] and log["trajectory"][0]["kept_fraction"] == 1.0
+
+
+# ------------------------------------------------------------------ AdaRank on Iso-CTS
+
+
+def _np_polar(a):
+  p, _, qt = np.linalg.svd(a, full_matrices=False)
+  return p @ qt
+
+
+def _np_iso_cts_components(tv, f=0.8):
+  """Iso-CTS (Marczak et al., ICML 2025) restated in float64 NumPy, as components:
+  (U⊥ [m, r], σ̄, V⊥ᵀ [r, n]) with columns [task blocks…, common block]."""
+  t, m, n = tv.shape
+  r = min(m, n)
+  kc = r - round((r - int(r * f)) / t) * t
+  kt = (r - kc) // t
+  u, s, vt = np.linalg.svd(tv.sum(0), full_matrices=False)
+  uc = u[:, :kc]
+  us, ss, vs = [], [], []
+  for x in tv:
+    a, b, c = np.linalg.svd(x - uc @ uc.T @ x, full_matrices=False)
+    us.append(a[:, :kt]), ss.append(b[:kt]), vs.append(c[:kt])
+  return (_np_polar(np.hstack(us + [uc])), np.concatenate(ss + [s[:kc]]).mean(),
+          _np_polar(np.vstack(vs + [vt[:kc]])))
+
+
+def _iso_tree(n=3, seed=0):
+  """Flax-layout params: a Dense kernel [in, out], an attention query kernel [in, H, D], biases."""
+  r = np.random.default_rng(seed)
+  base = {"attn": {"query": {"kernel": r.normal(size=(6, 2, 3)), "bias": r.normal(size=(2, 3))}},
+          "fc1": {"kernel": r.normal(size=(6, 5)), "bias": r.normal(size=(5,))}}
+  base = jax.tree.map(lambda a: a.astype(np.float32), base)
+  experts = [jax.tree.map(lambda a: a + (0.3 * r.normal(size=a.shape)).astype(np.float32), base)
+             for _ in range(n)]
+  return base, experts
+
+
+def test_iso_cts_base_masks_the_iso_cts_components_float64():
+  """Frozen λ = 1 with every component kept is Iso-CTS; a pruned component is removed exactly
+  (float64 NumPy restatement of Iso-CTS, PyTorch [out, in] view of the Flax kernels)."""
+  base, experts = _iso_tree()
+  lr = R.adarank(apply_fn, base="iso_cts")
+  state = lr.init(base, experts)
+  assert state.lambdas.shape == (1, 4)                      # one λ per tensor
+  assert [m.shape for m in state.logits] == [(1, 6), (1, 5)]   # query [6, 6], fc1 [5, 6]: r
+  np.testing.assert_array_equal(state.logits[0], np.full((1, 6), 0.1, np.float32))
+  logits = [np.array(m) for m in state.logits]
+  logits[1][0, [0, 3]] = -0.1                                # prune fc1 components 0 and 3
+  pruned = state._replace(logits=tuple(jnp.asarray(m) for m in logits))
+  f64 = lambda a: np.asarray(a, np.float64)
+  for st, drop in ((state, []), (pruned, [0, 3])):
+    got = R.merged(st)
+    # fc1: Flax [6, 5] = [in, out] -> PyTorch [5, 6]
+    tv = np.stack([f64(e["fc1"]["kernel"]).T - f64(base["fc1"]["kernel"]).T for e in experts])
+    u, s, vt = _np_iso_cts_components(tv)
+    keep = np.setdiff1d(np.arange(5), drop)
+    want = f64(base["fc1"]["kernel"]) + (s * u[:, keep] @ vt[keep]).T
+    np.testing.assert_allclose(got["fc1"]["kernel"], want, rtol=1e-5, atol=1e-5)
+    # attention query [in 6, H 2, D 3] -> PyTorch [H·D 6, in 6], every component kept
+    tv = np.stack([(f64(e["attn"]["query"]["kernel"]) - f64(base["attn"]["query"]["kernel"]))
+                   .reshape(6, 6).T for e in experts])
+    u, s, vt = _np_iso_cts_components(tv)
+    want = f64(base["attn"]["query"]["kernel"]) + (s * u @ vt).T.reshape(6, 2, 3)
+    np.testing.assert_allclose(got["attn"]["query"]["kernel"], want, rtol=1e-5, atol=1e-5)
+    for m, b in (("fc1", got["fc1"]["bias"]), ("attn", got["attn"]["query"]["bias"])):
+      leaf = base[m] if m == "fc1" else base[m]["query"]
+      exp = [e[m] if m == "fc1" else e[m]["query"] for e in experts]
+      want_b = f64(leaf["bias"]) + sum(f64(e["bias"]) - f64(leaf["bias"]) for e in exp) / 3
+      np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+
+
+def test_iso_cts_base_one_step_and_lambda_gradient_float64():
+  """The shared AdaMerging step moves λ and the logits by Adam's first step (lr 1e-3); ∂L/∂λ of
+  the Iso-CTS parametrisation matches central differences (float64)."""
+  base, experts = _models()
+  x = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+  lr = R.adarank(apply_fn, base="iso_cts")
+  st = lr.init(base, experts, {"x": x})
+  new, metrics = lr.step(st, {"x": x})
+  d_lam = np.abs(np.asarray(new.lambdas) - 1.0)
+  np.testing.assert_allclose(d_lam[d_lam > 1e-7], 1e-3, rtol=1e-3)
+  assert int(metrics["kept"]) == 3 and int(new.count) == 1   # fc1 [6, 3] -> [3, 6]: r = 3
+  with jax.enable_x64(True):
+    base, experts = _models(dtype=np.float64)
+    st = R.adarank(apply_fn, base="iso_cts").init(base, experts)
+    obj = jax.jit(R.objective_fn(apply_fn))
+    gates = [jnp.asarray(np.random.default_rng(2).uniform(0, 1, size=m.shape)) for m in st.logits]
+    lam = jnp.asarray(np.random.default_rng(4).uniform(0.5, 1.5, size=(1, 4)))
+    g = jax.grad(obj)(lam, gates, st.origin, st.parts, x.astype(np.float64))
+    h, fd = 1e-6, np.zeros((1, 4))
+    for j in range(4):
+      e = np.zeros((1, 4))
+      e[0, j] = h
+      fd[0, j] = (float(obj(lam + e, gates, st.origin, st.parts, x.astype(np.float64)))
+                  - float(obj(lam - e, gates, st.origin, st.parts, x.astype(np.float64)))) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_iso_cts_bad_fraction_and_known_bases():
+  with pytest.raises(KfuseError, match=r"common_space_fraction must be in \(0, 1\]"):
+    R.adarank(apply_fn, base="iso_cts", common_space_fraction=0.0)
+  with pytest.raises(KfuseError, match="known: ta, cart, iso_cts"):
+    R.adarank(apply_fn, base="isocts")
+
+
+def test_benchmark_row_iso_cts_zero_steps_is_iso_cts():
+  from kfuse.bench import informed_rows as IR  # noqa: F401  (registers the rows)
+  from kfuse.bench import merge_bench as MB
+  r = np.random.default_rng(0)
+  v = _Model().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  pre = jax.tree.map(np.asarray, v["backbone"])
+  experts = [jax.tree.map(lambda a: a + 0.3 * r.normal(size=a.shape).astype(np.float32), pre)
+             for _ in range(2)]
+  tasks = ["a", "b"]
+  data = {t: MB.TaskData(unlabeled=r.normal(size=(6, 4)).astype(np.float32),
+                         x_val=np.zeros((0, 4), np.float32), y_val=np.zeros((0,), np.int32))
+          for t in tasks}
+  inputs = MB.MergeInputs(tasks=tasks, pretrained=pre, experts=experts,
+                          heads={t: v["head"] for t in tasks}, model=lambda t: _Model(),
+                          data=data, key=jax.random.key(0))
+  got = MB.MERGERS.get("adarank_iso_cts").fn(inputs, {"steps": 0})
+  f64 = lambda a: np.asarray(a, np.float64)
+  tv = np.stack([f64(e["fc"]["kernel"]).T - f64(pre["fc"]["kernel"]).T for e in experts])
+  u, s, vt = _np_iso_cts_components(tv)
+  np.testing.assert_allclose(got["fc"]["kernel"], f64(pre["fc"]["kernel"]) + (s * u @ vt).T,
+                             rtol=1e-5, atol=1e-6)
+  log = inputs.log[-1]
+  assert log["total_components"] == [4] and log["steps"] == 0
+  # r = 4, T = 2, f = 0.8: k_c = 4 - 2·round(0.5) = 4, k_t = 0 (Iso-CTS's split)
+  assert log["total_per_block"] == [0, 0, 4] and log["kept_per_block"] == [0, 0, 4]
+
+
+def test_iso_cts_blocks_counts_each_task_block_and_the_common_block():
+  from kfuse.bench import informed_rows as IR
+  # r = 9, T = 2, f = 0.8: k_c = 9 - 2·round((9 - 7)/2) = 7, k_t = 1: columns [t1, t2, c × 7]
+  a = np.full((1, 9), 0.1, np.float32)
+  a[0, [1, 5, 8]] = -0.1
+  # r = 5, T = 2: k_c = 5 - 2·round((5 - 4)/2) = 5 (round half to even), k_t = 0
+  b = np.full((1, 5), 0.1, np.float32)
+  b[0, 0] = -0.1
+  got = IR.iso_cts_blocks([a, b], 2, 0.8)
+  assert got["total_per_block"] == [1, 1, 12] and got["kept_per_block"] == [1, 0, 9]
