@@ -12,8 +12,9 @@ first and per-distribution steps (`temperature`, `top_k`, `top_p`) after it::
 
     proc = chain(proxy_tune(alpha=1.0), top_p(0.9))      # models: (large, tuned, base)
 
-Fusion rules need one shared vocabulary (`check_models`); models with different
-tokenizers need a cross-vocabulary ensemble (UniTE, DeePEn), which kfuse does not have.
+Fusion rules here need one shared vocabulary (`check_models`); models with different
+tokenizers need a cross-vocabulary ensemble: `kfuse.decode.unite` (UniTE) or
+`kfuse.decode.deepen` (DeePEn), decoded by `kfuse.decode.crossvocab.generate_cross`.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ NEG = -1e30   # a removed token's logit (finite: softmax stays NaN-free when all
 class Processor(NamedTuple):
   """``init(logits_per_model) -> state``; ``apply(logits_per_model, state) -> (logits, state)``.
 
-  ``models``: how many models the rule reads (None: any number ≥ 1); ``name`` for messages.
+  ``models``: how many models the rule reads (None: any number ≥ 1); ``name`` for messages;
+  ``vocab``: the `kfuse.decode.crossvocab.CrossVocab` of a cross-vocabulary rule (its result
+  is over that union string vocabulary; decoded by `generate_cross`), None otherwise.
   """
   init: Callable[[tuple], Any]
   apply: Callable[[tuple, Any], tuple]
   models: int | None = 1
   name: str = "processor"
+  vocab: Any = None
 
 
 class EmptyState(NamedTuple):
@@ -94,7 +98,8 @@ def chain(*procs: Processor) -> Processor:
       cur = (out,)
     return cur[0], tuple(new)
 
-  return Processor(init, apply, procs[0].models, "chain(" + ", ".join(p.name for p in procs) + ")")
+  return Processor(init, apply, procs[0].models,
+                   "chain(" + ", ".join(p.name for p in procs) + ")", procs[0].vocab)
 
 
 def identity() -> Processor:
