@@ -15,8 +15,8 @@ else its tokenizer's encoding of the string (UniTE's and DeePEn's rule; both ref
 implementations re-tokenise the whole text instead, which costs every model's KV cache
 at every step: here each model keeps its cache and only the new string is encoded).
 
-Per host-side step, every model runs one jitted cached decode of the 1..L new tokens it
-was given (one compiled program per count), then one jitted fusion + sampling program.
+Per host-side step, every model runs its jitted one-token cached decode once per new token
+it was given, then one jitted fusion + sampling program picks the next string.
 Rows are decoded one at a time (each model advances by a different number of tokens per
 row). This is a host loop, not `generate`'s single `lax.while_loop`: a token count that
 depends on the picked string has no static shape.
@@ -47,7 +47,9 @@ class CrossVocab:
 
   Attributes:
     strings: ``S`` as surface bytes (``strings[0]`` = b"" = no string).
-    sid: per model, ``[V_i]`` int32: the ``S`` index of each token id (0 beyond the tokenizer).
+    sid: per model, ``[V_i]`` int32: the ``S`` index of each token id (0 beyond the tokenizer,
+      and for a byte-level byte-0 token, whose surface b"\x00" `surfaces` also gives to ids
+      without a token: such ids are never proposed nor fed).
     fill: per model, ``[|S|]`` int32: the token whose logit stands for string s in model i:
       the same surface, else the first token of the model's encoding of s; -1 when the
       model cannot encode s (another tokenizer's special token).
@@ -240,9 +242,10 @@ def generate_cross(models, vocab: CrossVocab, prompts: Sequence[str], max_new_to
           or not all(len(p) for p in pieces):
         break                       # a cache is full, or a model cannot encode the string
       for i, p in enumerate(pieces):
-        last[i], caches[i] = _feed(states[i], jnp.asarray(p)[None], caches[i], starts[i],
-                                   graphdef=graphdefs[i])
-        starts[i] += len(p)
+        for t in p:                 # one token at a time: one compiled step per model
+          last[i], caches[i] = _feed(states[i], jnp.full((1, 1), t, jnp.int32), caches[i],
+                                     starts[i], graphdef=graphdefs[i])
+          starts[i] += 1
     picked.append(row)
     texts.append(vocab.text([s for s in row if s not in stops]))
     fed.append(row_fed)

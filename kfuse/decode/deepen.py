@@ -46,18 +46,23 @@ from kfuse.errors import KfuseError
 __all__ = ["deepen", "transfer_matrix", "relative", "inverse_map", "inverse_grad", "DeePEnState"]
 
 
-def transfer_matrix(emb, anchors, temperature: float = 0.1) -> np.ndarray:
-  """P = softmax_a(cos(E, E[anchors]) / τ): [V, |A|] float32, from embeddings [V, d]."""
+def transfer_matrix(emb, anchors, temperature: float = 0.1, dtype=np.float32) -> np.ndarray:
+  """P = softmax_a(cos(E, E[anchors]) / τ): [V, |A|] (computed in float64), from embeddings [V, d]."""
   e = np.asarray(emb, np.float64)
   e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
   r = e @ e[np.asarray(anchors)].T / temperature
   r = np.exp(r - r.max(1, keepdims=True))
-  return (r / r.sum(1, keepdims=True)).astype(np.float32)
+  return (r / r.sum(1, keepdims=True)).astype(dtype)
+
+
+def _float(x):
+  """At least float32 (float64 stays float64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def relative(z, p_matrix, valid):
   """r = softmax(z) P over the ids ``valid`` [V] marks: [B, |A|]."""
-  z = jnp.where(valid[None], z.astype(jnp.float32), P.NEG)
+  z = jnp.where(valid[None], _float(z), P.NEG)
   return jax.nn.softmax(z, axis=-1) @ p_matrix
 
 
@@ -82,9 +87,9 @@ def inverse_map(z0, target, p_matrix, steps: int = 5, lr: float = 0.15):
     rate = lr * 0.5 * (1 + jnp.cos(jnp.pi * t / steps))
     return (z - rate * mh / (jnp.sqrt(vh) + eps), m, v), None
 
-  z0 = z0.astype(jnp.float32)
+  z0 = _float(z0)
   zeros = jnp.zeros_like(z0)
-  (z, _, _), _ = jax.lax.scan(step, (z0, zeros, zeros), jnp.arange(steps, dtype=jnp.float32))
+  (z, _, _), _ = jax.lax.scan(step, (z0, zeros, zeros), jnp.arange(steps, dtype=z0.dtype))
   return z
 
 
@@ -134,10 +139,10 @@ def deepen(vocab: CrossVocab, models: Sequence = (), *, embeddings: Sequence = (
     z = P.as_tuple(logits)
     rbar = sum(wi * relative(zi, pi, vi) for wi, zi, pi, vi in zip(w, z, state.p, state.valid)
                if wi > 0)
-    zm = jnp.where(state.valid[main][None], z[main].astype(jnp.float32), P.NEG)
+    zm = jnp.where(state.valid[main][None], _float(z[main]), P.NEG)
     zs = inverse_map(zm, rbar, state.p[main], steps, lr)
     zs = jnp.where(state.valid[main][None], zs, P.NEG)
-    out = jnp.full((zs.shape[0], n), P.NEG, jnp.float32).at[:, state.sid].max(zs)
+    out = jnp.full((zs.shape[0], n), P.NEG, zs.dtype).at[:, state.sid].max(zs)
     return out.at[:, 0].set(P.NEG), state
 
   proc = P.Processor(init, apply, m, f"deepen(main={main}, steps={steps})", vocab)
