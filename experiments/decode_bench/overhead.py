@@ -4,8 +4,9 @@
 
 Three random Llama-shaped models (`w2s_bench.make_model`, greedy, batch 1, 16-token prompt,
 64 new tokens). Every round times, back to back and in this order: each model alone, the
-three fused by proxy-tuning, and one model passed three times through the same fused loop
-(identical arithmetic, one set of weights). Rounds alternate so that the machine's load
+three fused by ``--rule``, one model passed three times through the same fused loop
+(identical arithmetic, one set of weights: "same3"), and that model with two copies of its
+weights (identical values and arithmetic, three sets of weights to read: "copies3"). Rounds alternate so that the machine's load
 drifts over all of them alike; the ratio fused / (sum of alone) is taken per round and the
 median over rounds reported (and the min-of-rounds ratio beside it). Prints one JSON line.
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 from kfuse import decode
 from kfuse.decode.w2s_bench import make_model
+from kfuse.models import hf
 
 
 def _time(fn) -> float:
@@ -48,6 +50,10 @@ def main():
           for i, m in enumerate(models)}
   runs["fused"] = lambda: decode.generate(models, prompts, args.new, processor=proc)
   runs["same3"] = lambda: decode.generate([models[0]] * 3, prompts, args.new, processor=proc)
+  copies = [models[0]] + [hf.with_hf_dict(models[0], {k: np.array(v) for k, v in
+                                                       hf.to_hf_dict(models[0]).items()})
+                          for _ in range(2)]
+  runs["copies3"] = lambda: decode.generate(copies, prompts, args.new, processor=proc)
   for fn in runs.values():
     fn()                                          # compile
   times = {k: [] for k in runs}
@@ -60,6 +66,7 @@ def main():
   out = dict(vars(args),
              fused_over_alone_median=statistics.median(ratio("fused")),
              same3_over_alone_median=statistics.median(ratio("same3")),
+             copies3_over_alone_median=statistics.median(ratio("copies3")),
              fused_over_alone_min=best["fused"] / sum(best[f"alone{i}"] for i in range(3)),
              seconds_min=best, seconds_median={k: statistics.median(v) for k, v in times.items()})
   print(json.dumps(out))
