@@ -15,8 +15,9 @@ else its tokenizer's encoding of the string (UniTE's and DeePEn's rule; both ref
 implementations re-tokenise the whole text instead, which costs every model's KV cache
 at every step: here each model keeps its cache and only the new string is encoded).
 
-Per host-side step, every model runs its jitted one-token cached decode once per new token
-it was given, then one jitted fusion + sampling program picks the next string.
+Per host-side step, when the picked string is one token for every model (the common case)
+one jitted program feeds it to every model and fuses and picks the next string; otherwise
+each model runs its jitted one-token cached decode once per token, then the fusion + pick.
 Rows are decoded one at a time (each model advances by a different number of tokens per
 row). This is a host loop, not `generate`'s single `lax.while_loop`: a token count that
 depends on the picked string has no static shape.
@@ -149,8 +150,7 @@ class CrossGeneration(NamedTuple):
   tokens: list
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _feed(state, ids, cache, start, *, graphdef):
+def _decode(state, ids, cache, start, graphdef):
   """Logits after ids [1, n] fed at cache slots start.. (positions = slots), and the cache."""
   m = nnx.merge(graphdef, state)
   n, size = ids.shape[1], cache[0][0].shape[1]
@@ -160,10 +160,29 @@ def _feed(state, ids, cache, start, *, graphdef):
   return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("processor", "temperature", "top_k", "top_p"))
-def _pick(logits, pstate, key, step, *, processor, temperature, top_k, top_p):
+_feed = jax.jit(_decode, static_argnames=("graphdef",))
+
+
+def _pick_fn(logits, pstate, key, step, processor, temperature, top_k, top_p):
   fused, pstate = processor.apply(logits, pstate)
   return L._sample(fused, jax.random.fold_in(key, step), temperature, top_k, top_p), pstate
+
+
+_pick = jax.jit(_pick_fn, static_argnames=("processor", "temperature", "top_k", "top_p"))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "processor", "temperature", "top_k",
+                                             "top_p"))
+def _step(states, toks, caches, starts, pstate, key, step, *, graphdefs, processor, temperature,
+          top_k, top_p):
+  """The common case in one program: one token into every model, then fuse and pick."""
+  last, new = [], []
+  for st, t, c, s0, g in zip(states, toks, caches, starts, graphdefs):
+    z, c = _decode(st, jnp.reshape(t, (1, 1)), c, s0, g)
+    last.append(z)
+    new.append(c)
+  s, pstate = _pick_fn(tuple(last), pstate, key, step, processor, temperature, top_k, top_p)
+  return s, tuple(last), new, pstate
 
 
 def generate_cross(models, vocab: CrossVocab, prompts: Sequence[str], max_new_tokens: int, *,
@@ -226,11 +245,11 @@ def generate_cross(models, vocab: CrossVocab, prompts: Sequence[str], max_new_to
       starts.append(len(ids))
       last.append(z)
     pstate = processor.init(tuple(last))
+    opts = dict(processor=processor, temperature=temperature, top_k=int(top_k), top_p=top_p)
+    base = r * int(max_new_tokens)
+    s, pstate = _pick(tuple(last), pstate, key, base, **opts)
     row, row_fed = [], [[] for _ in models]
     for step in range(int(max_new_tokens)):
-      s, pstate = _pick(tuple(last), pstate, key, step + r * int(max_new_tokens),
-                        processor=processor, temperature=temperature, top_k=int(top_k),
-                        top_p=top_p)
       s = int(s[0])
       row.append(s)
       pieces = [vocab.pieces(i, s) for i in range(len(models))]
@@ -241,11 +260,19 @@ def generate_cross(models, vocab: CrossVocab, prompts: Sequence[str], max_new_to
       if any(starts[i] + len(p) > caches[i][0][0].shape[1] for i, p in enumerate(pieces)) \
           or not all(len(p) for p in pieces):
         break                       # a cache is full, or a model cannot encode the string
+      if all(len(p) == 1 for p in pieces):      # one program: feed every model, fuse, pick
+        s, last, caches, pstate = _step(states, tuple(jnp.int32(p[0]) for p in pieces),
+                                        caches, tuple(jnp.int32(x) for x in starts), pstate,
+                                        key, base + step + 1, graphdefs=graphdefs, **opts)
+        last = list(last)
+        starts = [x + 1 for x in starts]
+        continue
       for i, p in enumerate(pieces):
         for t in p:                 # one token at a time: one compiled step per model
           last[i], caches[i] = _feed(states[i], jnp.full((1, 1), t, jnp.int32), caches[i],
                                      starts[i], graphdef=graphdefs[i])
           starts[i] += 1
+      s, pstate = _pick(tuple(last), pstate, key, base + step + 1, **opts)
     picked.append(row)
     texts.append(vocab.text([s for s in row if s not in stops]))
     fed.append(row_fed)
