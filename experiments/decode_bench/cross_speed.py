@@ -18,7 +18,6 @@ import json
 import statistics
 import time
 
-import numpy as np
 
 from kfuse import decode
 from kfuse.data import text
@@ -32,7 +31,8 @@ def main():
   ap.add_argument("--new", type=int, default=64)
   ap.add_argument("--rounds", type=int, default=5)
   args = ap.parse_args()
-  toks = [text.train_tokenizer("bpe", args.vocab, domains=(d,)) for d in ("pysource", "shakespeare")]
+  toks = [text.train_tokenizer("bpe", args.vocab, domains=(d,))
+          for d in ("pysource", "shakespeare")]
   models = [make_model(args.vocab, 256, args.dim, 4, args.dim // 32, args.dim * 3, i)
             for i in range(2)]
   vocab = decode.CrossVocab(toks, [args.vocab] * 2)

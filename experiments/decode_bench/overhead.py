@@ -5,10 +5,11 @@
 Three random Llama-shaped models (`w2s_bench.make_model`, greedy, batch 1, 16-token prompt,
 64 new tokens). Every round times, back to back and in this order: each model alone, the
 three fused by ``--rule``, one model passed three times through the same fused loop
-(identical arithmetic, one set of weights: "same3"), and that model with two copies of its
-weights (identical values and arithmetic, three sets of weights to read: "copies3"). Rounds alternate so that the machine's load
-drifts over all of them alike; the ratio fused / (sum of alone) is taken per round and the
-median over rounds reported (and the min-of-rounds ratio beside it). Prints one JSON line.
+(identical arithmetic, one set of weights: "same3"), and that model with two copies of
+its weights (identical values and arithmetic, three sets of weights to read: "copies3").
+Rounds alternate so that the machine's load drifts over all of them alike; the ratio
+fused / (sum of alone) is taken per round and the median over rounds reported (and the
+min-of-rounds ratio beside it). Prints one JSON line.
 """
 
 from __future__ import annotations

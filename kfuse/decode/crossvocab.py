@@ -26,7 +26,7 @@ depends on the picked string has no static shape.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +129,8 @@ class CrossVocab:
 
   def text(self, ids) -> str:
     """The text of a sequence of ``S`` indices (special tokens left out)."""
-    out = b"".join(self.strings[int(s)] for s in ids if not self.strings[int(s)].startswith(_SPECIAL))
+    parts = (self.strings[int(s)] for s in ids)
+    out = b"".join(x for x in parts if not x.startswith(_SPECIAL))
     return out.decode("utf-8", errors="replace")
 
 

@@ -47,7 +47,7 @@ __all__ = ["deepen", "transfer_matrix", "relative", "inverse_map", "inverse_grad
 
 
 def transfer_matrix(emb, anchors, temperature: float = 0.1, dtype=np.float32) -> np.ndarray:
-  """P = softmax_a(cos(E, E[anchors]) / τ): [V, |A|] (computed in float64), from embeddings [V, d]."""
+  """P = softmax_a(cos(E, E[anchors]) / τ): [V, |A|] from embeddings [V, d] (float64 inside)."""
   e = np.asarray(emb, np.float64)
   e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
   r = e @ e[np.asarray(anchors)].T / temperature
@@ -107,7 +107,8 @@ def deepen(vocab: CrossVocab, models: Sequence = (), *, embeddings: Sequence = (
   tokens after the inverse map). Give the models (their input embeddings are read) or
   ``embeddings`` [V_i, d] directly. Decode with `generate_cross`."""
   m = len(vocab.tokenizers)
-  embs = [input_embeddings(x) for x in models] if len(models) else [np.asarray(e) for e in embeddings]
+  embs = ([input_embeddings(x) for x in models] if len(models)
+          else [np.asarray(e) for e in embeddings])
   if len(embs) != m:
     raise KfuseError(f"deepen: {len(embs)} models / embeddings for {m} tokenizers")
   for i, e in enumerate(embs):

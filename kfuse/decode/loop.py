@@ -64,7 +64,8 @@ def check_models(models: Sequence, processor: P.Processor) -> None:
     raise KfuseError(f"{processor.name}: the models' vocabularies differ (vocab_size "
                      f"{' vs '.join(map(str, vocabs))}); it needs one shared vocabulary:"
                      " models with different tokenizers need a cross-vocabulary ensemble"
-                     " (UniTE or DeePEn: decode.unite or decode.deepen with decode.generate_cross)")
+                     " (UniTE or DeePEn: decode.unite or decode.deepen with"
+                     " decode.generate_cross)")
   if processor.models is not None and processor.models != len(models):
     raise KfuseError(f"{processor.name}: reads {processor.models} model(s)' logits, got"
                      f" {len(models)} models")

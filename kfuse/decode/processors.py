@@ -215,7 +215,8 @@ def _dlf_loss(alpha, terms: _DLFTerms):
   """`dlf_objective` from the precomputed terms: one logsumexp and 2T dot products over V.
 
   With u = z_L + Σ_t α_t d_t, log Z = log Σ exp u, p̃ = exp(u − log Z) and E = E_p̃:
-  KL(p̃ ‖ p_L) = α·E[d] − log Z + log Z_L;  KL(p̃ ‖ p_t) = E[z_L − z_t] + α·E[d] − log Z + log Z_t.
+  KL(p̃ ‖ p_L) = α·E[d] − log Z + log Z_L;
+  KL(p̃ ‖ p_t) = E[z_L − z_t] + α·E[d] − log Z + log Z_t.
   """
   u = terms.zl + alpha @ terms.d
   lz = jax.nn.logsumexp(u)

@@ -148,6 +148,10 @@ def test_all_weight_on_one_model_decodes_that_model_beside_another_vocabulary(pa
                decode.deepen(vocab, [a, b], weights=(1.0, 0.0))):
     out = decode.generate_cross([a, b], vocab, [PROMPT], NEW, processor=proc)
     assert out.tokens[0][0] == alone, proc.name
+    # both feeding paths ran: one program for one-token strings, and a string that is
+    # several tokens for the second model (fed one by one, then fused and picked)
+    assert any(len(vocab.pieces(1, s)) > 1 for s in out.strings[0][:-1])
+    assert any(len(vocab.pieces(1, s)) == 1 for s in out.strings[0][:-1])
     fed_b = b"".join(surfaces(toks[1])[t] for t in out.tokens[0][1])
     want = b"".join(vocab.strings[s] for s in out.strings[0])
     assert fed_b.decode("utf-8", "replace") == want.decode("utf-8", "replace")
