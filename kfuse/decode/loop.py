@@ -56,12 +56,16 @@ def check_models(models: Sequence, processor: P.Processor) -> None:
     if not (hasattr(m, "decode") and hasattr(m, "init_cache")):
       raise KfuseError(f"generate: model {i} ({type(m).__name__}) has no KV-cache decode;"
                        " use a kfuse.models.hf model (Llama, Mistral, Qwen2, GPT-2)")
+  if processor.vocab is not None:
+    raise KfuseError(f"{processor.name}: a cross-vocabulary rule; decode it with"
+                     " kfuse.decode.generate_cross (text prompts, one tokenizer per model)")
   vocabs = [int(m.config.vocab_size) for m in models]
   if len(set(vocabs)) > 1:
     raise KfuseError(f"{processor.name}: the models' vocabularies differ (vocab_size "
                      f"{' vs '.join(map(str, vocabs))}); it needs one shared vocabulary:"
                      " models with different tokenizers need a cross-vocabulary ensemble"
-                     " (UniTE or DeePEn), which kfuse.decode does not implement")
+                     " (UniTE or DeePEn: decode.unite or decode.deepen with"
+                     " decode.generate_cross)")
   if processor.models is not None and processor.models != len(models):
     raise KfuseError(f"{processor.name}: reads {processor.models} model(s)' logits, got"
                      f" {len(models)} models")

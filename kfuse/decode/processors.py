@@ -12,8 +12,9 @@ first and per-distribution steps (`temperature`, `top_k`, `top_p`) after it::
 
     proc = chain(proxy_tune(alpha=1.0), top_p(0.9))      # models: (large, tuned, base)
 
-Fusion rules need one shared vocabulary (`check_models`); models with different
-tokenizers need a cross-vocabulary ensemble (UniTE, DeePEn), which kfuse does not have.
+Fusion rules here need one shared vocabulary (`check_models`); models with different
+tokenizers need a cross-vocabulary ensemble: `kfuse.decode.unite` (UniTE) or
+`kfuse.decode.deepen` (DeePEn), decoded by `kfuse.decode.crossvocab.generate_cross`.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ NEG = -1e30   # a removed token's logit (finite: softmax stays NaN-free when all
 class Processor(NamedTuple):
   """``init(logits_per_model) -> state``; ``apply(logits_per_model, state) -> (logits, state)``.
 
-  ``models``: how many models the rule reads (None: any number ≥ 1); ``name`` for messages.
+  ``models``: how many models the rule reads (None: any number ≥ 1); ``name`` for messages;
+  ``vocab``: the `kfuse.decode.crossvocab.CrossVocab` of a cross-vocabulary rule (its result
+  is over that union string vocabulary; decoded by `generate_cross`), None otherwise.
   """
   init: Callable[[tuple], Any]
   apply: Callable[[tuple, Any], tuple]
   models: int | None = 1
   name: str = "processor"
+  vocab: Any = None
 
 
 class EmptyState(NamedTuple):
@@ -94,7 +98,8 @@ def chain(*procs: Processor) -> Processor:
       cur = (out,)
     return cur[0], tuple(new)
 
-  return Processor(init, apply, procs[0].models, "chain(" + ", ".join(p.name for p in procs) + ")")
+  return Processor(init, apply, procs[0].models,
+                   "chain(" + ", ".join(p.name for p in procs) + ")", procs[0].vocab)
 
 
 def identity() -> Processor:
@@ -188,6 +193,40 @@ def _kl(logp, logq):
   return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
 
 
+class _DLFTerms(NamedTuple):
+  """The α-independent parts of one row's DLF objective (computed once per row and step)."""
+  zl: jax.Array            # [V]
+  d: jax.Array             # [T, V]: z_t − z_S
+  c: jax.Array             # [T, V]: z_L − z_t
+  lz_l: jax.Array          # log Σ exp z_L
+  lz_e: jax.Array          # [T]: log Σ exp z_t
+  target_shift: jax.Array  # [T]: KL(p_t ‖ p_S)
+  target_gap: jax.Array    # KL(p_L ‖ p_S)
+
+
+def _dlf_terms(zl, zs, ze) -> _DLFTerms:
+  lse = jax.nn.logsumexp
+  lz_l, lz_s, lz_e = lse(zl), lse(zs), lse(ze, axis=-1)
+  ll, ls, le = zl - lz_l, zs - lz_s, ze - lz_e[:, None]
+  return _DLFTerms(zl, ze - zs[None], zl[None] - ze, lz_l, lz_e, _kl(le, ls[None]), _kl(ll, ls))
+
+
+def _dlf_loss(alpha, terms: _DLFTerms):
+  """`dlf_objective` from the precomputed terms: one logsumexp and 2T dot products over V.
+
+  With u = z_L + Σ_t α_t d_t, log Z = log Σ exp u, p̃ = exp(u − log Z) and E = E_p̃:
+  KL(p̃ ‖ p_L) = α·E[d] − log Z + log Z_L;
+  KL(p̃ ‖ p_t) = E[z_L − z_t] + α·E[d] − log Z + log Z_t.
+  """
+  u = terms.zl + alpha @ terms.d
+  lz = jax.nn.logsumexp(u)
+  p = jnp.exp(u - lz)
+  ad = alpha @ (terms.d @ p)
+  shift = ad - lz + terms.lz_l                        # KL(p̃ ‖ p_L)
+  gap = terms.c @ p + ad - lz + terms.lz_e            # [T]: KL(p̃ ‖ p_t)
+  return jnp.sum(jnp.square(shift - terms.target_shift) + jnp.square(gap - terms.target_gap))
+
+
 def dlf_objective(alpha, zl, zs, ze):
   """Dynamic Logit Fusion's per-step loss of weights α [T] (one row: zl, zs [V], ze [T, V]).
 
@@ -197,15 +236,11 @@ def dlf_objective(alpha, zl, zs, ze):
   sits from the small base, KL(p̃ ‖ p_t) = KL(p_L ‖ p_S), and solves the squared residuals:
 
       f(α) = Σ_t [KL(p̃ ‖ p_L) − KL(p_t ‖ p_S)]² + [KL(p̃ ‖ p_t) − KL(p_L ‖ p_S)]²
+
+  The α-independent parts (the targets, log Z of z_L and of each z_t) are computed once
+  (`_dlf_terms`); each evaluation at α is then one logsumexp and 2T dot products (`_dlf_loss`).
   """
-  lp = jax.nn.log_softmax
-  ll, ls, le = lp(zl), lp(zs), lp(ze)
-  lf = lp(zl + jnp.einsum("t,tv->v", alpha, ze - zs[None]))
-  target_shift = _kl(le, ls[None])                    # [T]: KL(p_t ‖ p_S)
-  target_gap = _kl(ll, ls)                            # KL(p_L ‖ p_S)
-  shift = _kl(lf, ll)                                 # KL(p̃ ‖ p_L)
-  gap = _kl(lf[None], le)                             # [T]: KL(p̃ ‖ p_t)
-  return jnp.sum(jnp.square(shift - target_shift) + jnp.square(gap - target_gap))
+  return _dlf_loss(alpha, _dlf_terms(zl, zs, ze))
 
 
 def _dlf_starts(t: int, lo: float, hi: float, grid: int):
@@ -232,15 +267,15 @@ def dlf_weights(zl, zs, ze, lo: float = 0.0, hi: float = 2.0, grid: int = 21,
   starts = _dlf_starts(t, lo, hi, grid)
 
   def row(zl, zs, ze):
-    zl, zs, ze = (x.astype(jnp.float32) for x in (zl, zs, ze))
-    f = lambda a: dlf_objective(a, zl, zs, ze)
+    terms = _dlf_terms(*(x.astype(jnp.float32) for x in (zl, zs, ze)))
+    f = lambda a: _dlf_loss(a, terms)
+    grad = jax.grad(f)
     vals = jax.vmap(f)(starts)
     a0 = starts[jnp.argmin(vals)]
 
     def newton(carry, _):
       a, fa, lam = carry
-      g = jax.grad(f)(a)
-      h = jax.hessian(f)(a)
+      h, g = jax.jacfwd(lambda x: (grad(x), grad(x)), has_aux=True)(a)
       step = jnp.linalg.solve(h + (lam + 1e-12) * jnp.eye(t), g)
       cand = jnp.clip(a - step, lo, hi)
       fc = f(cand)

@@ -112,6 +112,20 @@ def _dlf_solve_f64(zl, zs, ze, lo=0.0, hi=2.0):
   return best[0], np.array(best[1])
 
 
+@pytest.mark.parametrize("experts", [1, 2, 3])
+def test_dlf_objective_matches_float64_kls(experts):
+  """The closed form over precomputed terms (one logsumexp, 2T dots per α) = the KLs."""
+  rng = np.random.default_rng(10 + experts)
+  zl = rng.normal(0, 2, 50)
+  zs = zl + rng.normal(0, 1, 50)
+  ze = zs + rng.normal(0, 1, (experts, 50))
+  for alpha in rng.uniform(0, 2, (5, experts)):
+    got = float(decode.dlf_objective(alpha.astype(np.float32), *(x.astype(np.float32)
+                                                                  for x in (zl, zs, ze))))
+    ref = _dlf_f64(alpha, zl, zs, ze)
+    assert abs(got - ref) <= 1e-5 + 1e-5 * ref, (alpha, got, ref)
+
+
 @pytest.mark.parametrize("experts", [1, 2])
 def test_dlf_weights_reach_the_float64_optimum(experts):
   rng = np.random.default_rng(experts)

@@ -24,10 +24,11 @@ CONFIGS = {
 }
 
 
-def tiny(family: str = "llama", seed: int = 0, scale: float = 0.2, like=None):
+def tiny(family: str = "llama", seed: int = 0, scale: float = 0.2, like=None, vocab: int = VOCAB):
   """A random model of ``family`` (weights N(0, scale²), norms 1 + N(0, 0.1²)); with
-  ``like`` (a model), ``like``'s weights plus N(0, scale²) noise (a "fine-tuned" copy)."""
-  model = hf.build(hf.from_hf(CONFIGS[family]))
+  ``like`` (a model), ``like``'s weights plus N(0, scale²) noise (a "fine-tuned" copy);
+  ``vocab``: its vocabulary size."""
+  model = hf.build(hf.from_hf(dict(CONFIGS[family], vocab_size=vocab)))
   rng = np.random.default_rng(seed)
   base = hf.to_hf_dict(like) if like is not None else None
   out = {}
