@@ -152,9 +152,9 @@ def adamerging(apply_fn: Callable, *, granularity: str = "layer", init: float = 
 
 def make_update(loss_fn: Callable, tx: optax.GradientTransformation,
                 extra_metrics: Callable | None = None) -> Callable:
-  """The one optimisation step of the entropy learners (AdaMerging, `kfuse.merge.adarank`),
-  jitted: ``update(params, opt_state, count, frozen, x) -> (params', opt_state', count + 1,
-  metrics)`` with ``loss, g = value_and_grad(loss_fn)(params, *frozen, x)``, the optax update
+  """The one optimisation step of the learned-coefficient merges (AdaMerging,
+  `kfuse.merge.adarank`, `kfuse.merge.expert_merging`), jitted: ``update(params, opt_state,
+  count, frozen, x) -> (params', opt_state', count + 1, metrics)`` with ``loss, g = value_and_grad(loss_fn)(params, *frozen, x)``, the optax update
   of ``tx`` applied to ``params`` (any pytree of coefficients) and ``metrics`` = {"loss",
   "grad_norm" (‖g‖ over the whole pytree)} plus ``extra_metrics(params)``. ``frozen`` (θ_0, τ,
   SVD factors, …) goes in but never comes out: returning it would copy it every step."""
