@@ -93,3 +93,45 @@ def test_job_text_files_count_is_one_line(tmp_path):
   assert r.returncode != 0
   err = r.stderr.strip().splitlines()
   assert err[-1].startswith("kfuse: error: config.text_files: 2 files for 3 models")
+
+
+SHARDED_HF = """
+import json, sys
+import numpy as np, jax
+from kfuse.merge import hf_statistics as H
+from kfuse.models import hf
+from tests.test_hf_lm import _model_dir
+assert len(jax.devices()) == 8
+d = _model_dir(sys.argv[1], seed=0)
+ids = np.random.default_rng(0).integers(0, 50, 90)
+batches = H.token_batches(ids, seq_len=8, batch_size=4)   # 12 windows, the last padded
+mesh = hf.make_mesh(data=4)
+out = {}
+for mode in ("per_example", "batch"):
+  one = H.fisher(hf.load(d), batches, mode=mode)
+  m = hf.load(d, mesh=mesh)
+  x = H._place(batches[0]["x"], mesh)
+  out["split"] = [not x.sharding.is_fully_replicated, x.addressable_shards[0].data.shape[0]]
+  four = H.fisher(m, batches, mode=mode, mesh=mesh)
+  out[mode] = max(float(np.abs(np.asarray(four.fisher[k], np.float64) - np.asarray(v, np.float64)).max()
+                        / max(np.abs(np.asarray(v, np.float64)).max(), 1e-30)) for k, v in one.fisher.items())
+  out[mode + "_examples"] = [one.examples, four.examples]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_hf_fisher_on_four_devices_equals_one_device(tmp_path):
+  """`hf_statistics.fisher(..., mesh=)` (windows split over a data=4 mesh, 8 emulated CPU
+  devices) vs one device, both modes: max |diff| / max |F| per tensor ≤ 1e-5."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+  p = subprocess.run([sys.executable, "-c", SHARDED_HF, str(tmp_path / "m")], capture_output=True,
+                     text=True, env=env, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  import json
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert r["split"] == [True, 1], r
+  for mode in ("per_example", "batch"):
+    assert r[mode + "_examples"] == [12, 12], r
+    assert r[mode] <= 1e-5, r
