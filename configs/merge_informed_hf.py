@@ -31,6 +31,7 @@ def get_config(arg=None):
   config.fisher_mode = "per_example"   # per_example | batch (FusionBench's cheaper variant)
   config.stats_dir = ""         # statistics checkpoints ('' = <output_dir>.stats); reused if there
   config.output_dir = ""        # the merged HF directory; never inside an input
+  config.num_devices = 0         # >1: statistics and merge over this many devices (a 1-D mesh)
   config.overwrite = False      # replace output_dir and recollect the statistics
   config.progress = True        # progress lines on stderr
   config.params = merge_method_params(method)

@@ -97,6 +97,7 @@ def _time(fn, n):
 
 
 def main(a):
+  load0 = os.getloadavg()
   if a.threads == 1:
     torch.set_num_threads(1)
   rng = np.random.default_rng(0)
@@ -115,8 +116,14 @@ def main(a):
   def apply_fn(p, x, t):
     return body.apply({"params": p}, x) @ jheads[t][0] + jheads[t][1]
 
+  hw, hb = jnp.stack([w for w, _ in jheads]), jnp.stack([b for _, b in jheads])
+
+  def apply_traced(p, x, t):   # t traced under vmap: the heads indexed as arrays
+    return body.apply({"params": p}, x) @ hw[t] + hb[t]
+
   learner = A.adamerging(apply_fn, granularity="layer", tasks=T)
   state0 = learner.init(base, experts, {"x": xs[0]})
+  learner_v = A.adamerging(apply_traced, granularity="layer", tasks=T, vmap_tasks=True)
 
   tb = torch_body(a.d_in, a.width)
   names = [n for n, _ in tb.named_parameters()]
@@ -147,30 +154,40 @@ def main(a):
 
   # agreement: one step from λ = 0.3 on the same batch
   s1, m1 = learner.step(state0, {"x": xs[0]}, None)
+  s1v, m1v = learner_v.step(state0, {"x": xs[0]}, None)
   l_t = float(torch_step(xs[0]))
   lam_t = merge_weight.detach().numpy()
   agree = {"loss_rel": abs(float(m1["loss"]) - l_t) / abs(l_t),
-           "lambda_max_abs": float(np.max(np.abs(np.asarray(s1.lambdas) - lam_t)))}
+           "lambda_max_abs": float(np.max(np.abs(np.asarray(s1.lambdas) - lam_t))),
+           "vmap_loss_rel": abs(float(m1v["loss"]) - l_t) / abs(l_t),
+           "vmap_lambda_max_abs": float(np.max(np.abs(np.asarray(s1v.lambdas) - lam_t)))}
   print("AdaMerging agreement after one step:", agree, flush=True)
   assert agree["loss_rel"] < 1e-4 and agree["lambda_max_abs"] < 1e-6, agree
+  assert agree["vmap_loss_rel"] < 1e-4 and agree["vmap_lambda_max_abs"] < 1e-6, agree
 
-  st = {"s": state0}
+  st = {"s": state0, "v": state0}
 
-  def run_jax(n):
-    s = st["s"]
-    for i in range(n):
-      s, m = learner.step(s, {"x": xs[i % len(xs)]}, None)
-    jax.block_until_ready(s.lambdas)
-    st["s"] = s
+  def runner(lrn, k):
+    def run(n):
+      s = st[k]
+      for i in range(n):
+        s, m = lrn.step(s, {"x": xs[i % len(xs)]}, None)
+      jax.block_until_ready(s.lambdas)
+      st[k] = s
+    return run
+
+  run_jax, run_jax_vmap = runner(learner, "s"), runner(learner_v, "v")
 
   def run_torch(n):
     for i in range(n):
       torch_step(xs[i % len(xs)])
 
-  run_jax(2), run_torch(2)
-  ada = {"jax": [], "torch": []}
+  run_jax(2), run_jax_vmap(2), run_torch(2)
+  ada = {"jax": [], "jax_vmap": [], "torch": []}
   for _ in range(a.rounds):
     ada["jax"].append(_time(run_jax, a.steps))
+    ada["torch"].append(_time(run_torch, a.steps))
+    ada["jax_vmap"].append(_time(run_jax_vmap, a.steps))
     ada["torch"].append(_time(run_torch, a.steps))
 
   # ---------------------------------------------------------------- Grams
@@ -220,15 +237,22 @@ def main(a):
   def summary(d, per):
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for k, v in d.items()}
-    return {"jax_wall_ms": 1e3 * med["jax"][0] / per, "torch_wall_ms": 1e3 * med["torch"][0] / per,
-            "jax_cpu_ms": 1e3 * med["jax"][1] / per, "torch_cpu_ms": 1e3 * med["torch"][1] / per,
-            "ratio_wall": med["torch"][0] / med["jax"][0], "ratio_cpu": med["torch"][1] / med["jax"][1]}
+    out = {"jax_wall_ms": 1e3 * med["jax"][0] / per, "torch_wall_ms": 1e3 * med["torch"][0] / per,
+           "jax_cpu_ms": 1e3 * med["jax"][1] / per, "torch_cpu_ms": 1e3 * med["torch"][1] / per,
+           "ratio_wall": med["torch"][0] / med["jax"][0], "ratio_cpu": med["torch"][1] / med["jax"][1]}
+    if "jax_vmap" in med:
+      out.update({"jax_vmap_wall_ms": 1e3 * med["jax_vmap"][0] / per,
+                  "jax_vmap_cpu_ms": 1e3 * med["jax_vmap"][1] / per,
+                  "ratio_vmap_wall": med["torch"][0] / med["jax_vmap"][0],
+                  "ratio_vmap_cpu": med["torch"][1] / med["jax_vmap"][1]})
+    return out
 
   res = {"config": vars(a), "adamerging_step": summary(ada, a.steps), "agreement": agree,
          "gram_collection": summary(gram, 1), "gram_rel": gram_rel,
          "gram_examples_per_round": a.gram_batches * a.gram_batch,
          "versions": {"jax": jax.__version__, "torch": torch.__version__,
                       "python": platform.python_version()},
+         "loadavg_1min_start_end": [load0[0], os.getloadavg()[0]], "cpus": os.cpu_count(),
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   print(json.dumps(res, indent=1))
   out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),

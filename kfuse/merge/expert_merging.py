@@ -59,7 +59,8 @@ import numpy as np
 import optax
 
 from kfuse import tree as T
-from kfuse.protocol import Learner, check_batch
+from kfuse.merge.adamerging import check_task_batch, make_update
+from kfuse.protocol import Learner
 from kfuse.tree import KfuseError
 
 PyTree = Any
@@ -229,13 +230,6 @@ def expert_merging(apply_fn: Callable, *, tasks: int, init: float = 0.1,
     tx = make_optimizer(optimizer, total_steps=0)
   holder: dict = {}
 
-  def _check(batch, where):
-    check_batch(batch, ("x",), where=where)
-    x = batch["x"]
-    if np.ndim(x) < 2 or np.shape(x)[0] != tasks:
-      raise KfuseError(f"{where}: 'x' must be [T={tasks}, B, ...] (one batch per task),"
-                       f" got shape {tuple(np.shape(x))}")
-
   def init_fn(base: PyTree, experts: Sequence[PyTree], batch: Mapping[str, Any] | None = None,
               key: Array | None = None) -> ExpertMergingState:
     experts = list(experts)
@@ -245,35 +239,25 @@ def expert_merging(apply_fn: Callable, *, tasks: int, init: float = 0.1,
     base = jax.tree.map(jnp.asarray, base)
     lay = layout(base, chunks, exclude)
     holder["layout"] = lay
-    holder["step"] = jax.jit(_make_update(lay))
+    # the learned-coefficient step shared with AdaMerging (θ₀ and τ go in, not out)
+    holder["step"] = make_update(objective_fn(
+        apply_fn, lay, tasks, temperature=float(temperature), hidden_weight=float(hidden_weight),
+        reg_weight=float(reg_weight), init=float(init), task_weights=task_weights), tx)
     taus = jax.tree.map(lambda b, *e: jnp.stack([x - b for x in e]), base, *experts)
     w = jnp.full((tasks, lay.size), math.log(init / (1 - init)), jnp.float32)
     state = ExpertMergingState(w, tx.init(w), base, taus, jnp.zeros((), jnp.int32))
     if batch is not None:
-      _check(batch, "expert_merging.init batch")
-      jax.eval_shape(holder["step"], state.w, state.opt_state, state.count, state.base,
-                     state.task_vectors, jnp.asarray(batch["x"]))
+      check_task_batch(batch, tasks, "expert_merging.init batch")
+      jax.eval_shape(holder["step"], state.w, state.opt_state, state.count,
+                     (state.base, state.task_vectors), jnp.asarray(batch["x"]))
     return state
-
-  def _make_update(lay):
-    objective = objective_fn(apply_fn, lay, tasks, temperature=float(temperature),
-                             hidden_weight=float(hidden_weight), reg_weight=float(reg_weight),
-                             init=float(init), task_weights=task_weights)
-
-    def update(w, opt_state, count, base, taus, x):
-      loss, g = jax.value_and_grad(objective)(w, base, taus, x)
-      updates, opt_state = tx.update(g, opt_state, w)
-      return (optax.apply_updates(w, updates), opt_state, count + 1,
-              {"loss": loss, "grad_norm": jnp.linalg.norm(g)})
-
-    return update
 
   def step(state: ExpertMergingState, batch: Mapping[str, Any], key: Array | None = None):
     if "step" not in holder:
       raise KfuseError("expert_merging: call init before step")
-    _check(batch, "expert_merging batch")
+    check_task_batch(batch, tasks, "expert_merging batch")
     w, opt_state, count, metrics = holder["step"](state.w, state.opt_state, state.count,
-                                                  state.base, state.task_vectors,
+                                                  (state.base, state.task_vectors),
                                                   jnp.asarray(batch["x"]))
     return state._replace(w=w, opt_state=opt_state, count=count), metrics
 

@@ -28,8 +28,10 @@ windows (``mode="per_example"``: a batch of per-window gradients, so memory is
 per batch). Keyed by every parameter's HF name.
 
 Memory: one batch's activations plus the accumulators (``d_in²`` per projection;
-one parameter copy for Fishers). On a mesh (`hf.load(..., mesh=)`) give batches
-placed with `hf.batch_sharding`; Grams and Fishers are sums, the same numbers.
+one parameter copy for Fishers). On a mesh: load the model on it (`hf.load(..., mesh=)`)
+and pass the same ``mesh=`` here; each batch is placed with `hf.batch_sharding` (windows
+split over ``data`` x ``fsdp``) and the compiler reduces the partial sums (Grams and
+Fishers are sums: the same numbers up to float32 summation order).
 """
 
 from __future__ import annotations
@@ -100,6 +102,14 @@ def _windows(batches: Iterable[Any], where: str) -> Iterator[np.ndarray]:
                      f" calibration text")
 
 
+def _place(x: np.ndarray, mesh):
+  """A window batch on ``mesh`` (`hf.batch_sharding`); unchanged without a mesh."""
+  if mesh is None:
+    return x
+  from kfuse.models.hf import batch_sharding
+  return jax.device_put(x, batch_sharding(mesh, x.shape[0]))
+
+
 def _module_names(model: nnx.Module) -> dict[int, str]:
   return {id(m): ".".join(str(p) for p in path) for path, m in nnx.iter_modules(model)}
 
@@ -132,13 +142,14 @@ def _gram_step(graphdef, acc, state, x):
 
 
 def grams(model: nnx.Module, batches: Iterable[Any], *,
-          max_tokens: Optional[int] = None) -> Statistics:
+          max_tokens: Optional[int] = None, mesh=None) -> Statistics:
   """Input Grams of every Linear / Conv1D of ``model`` (see the module doc).
 
   Args:
     model: a `kfuse.models.hf` causal LM (`hf.load`).
     batches: mappings ``{'x': int [B, T]}``, right-padded with `PAD` (`token_batches`).
     max_tokens: stop once this many real tokens were seen (whole batches).
+    mesh: the `hf.make_mesh` mesh the model was loaded on (None: one device).
   Returns:
     `Statistics` with ``gram`` / ``tokens`` keyed by HF weight name, ``examples`` =
     windows seen.
@@ -148,7 +159,7 @@ def grams(model: nnx.Module, batches: Iterable[Any], *,
   for x in _windows(batches, "hf_statistics.grams"):
     if max_tokens is not None and seen >= max_tokens:
       break
-    acc = _gram_step(graphdef, acc, state, x)
+    acc = _gram_step(graphdef, acc, state, _place(x, mesh))
     examples += int(np.sum(np.any(x >= 0, axis=1)))
     seen += int(np.sum(x >= 0))
   if not acc:
@@ -160,9 +171,9 @@ def grams(model: nnx.Module, batches: Iterable[Any], *,
 
 
 def fisher(model: nnx.Module, batches: Iterable[Any], *, mode: str = "per_example",
-           max_examples: Optional[int] = None) -> Statistics:
+           max_examples: Optional[int] = None, mesh=None) -> Statistics:
   """Diagonal Fisher of every parameter of ``model``, keyed by HF name (see the module doc);
-  ``max_examples`` counts windows (whole batches)."""
+  ``max_examples`` counts windows (whole batches); ``mesh`` as in `grams`."""
 
   def apply_fn(tensors, x):
     ids, mask = split_mask(x)
@@ -175,7 +186,7 @@ def fisher(model: nnx.Module, batches: Iterable[Any], *, mode: str = "per_exampl
     for x in _windows(batches, "hf_statistics.fisher"):
       real[0] += int(np.sum(np.any(x >= 0, axis=1)))
       real[1] += x.shape[0]
-      yield {"x": x}
+      yield {"x": _place(x, mesh)}
 
   st = ST.fisher(apply_fn, to_hf_dict(model), xs(), mode=mode, max_examples=max_examples)
   scale = real[1] / real[0]   # all-pad rows add zero gradients: divide by real windows
@@ -183,13 +194,13 @@ def fisher(model: nnx.Module, batches: Iterable[Any], *, mode: str = "per_exampl
 
 
 def collect(model: nnx.Module, batches, *, fisher_mode: Optional[str] = "per_example",
-            max_tokens: Optional[int] = None) -> Statistics:
+            max_tokens: Optional[int] = None, mesh=None) -> Statistics:
   """Grams and (unless ``fisher_mode`` is None) the Fisher; ``batches`` is iterated twice."""
   batches = list(batches)
-  st = grams(model, batches, max_tokens=max_tokens)
+  st = grams(model, batches, max_tokens=max_tokens, mesh=mesh)
   if fisher_mode is None:
     return st
-  return st.combine(fisher(model, batches, mode=fisher_mode))
+  return st.combine(fisher(model, batches, mode=fisher_mode, mesh=mesh))
 
 
 # ------------------------------------------------ streaming merge: statistics per tensor
@@ -389,6 +400,10 @@ def run(config, workdir=None) -> dict:
                      f" per model, or one for all)")
   texts = texts * len(models) if len(texts) == 1 else texts
   overwrite, progress = bool(get("overwrite", False)), bool(get("progress", True))
+  # num_devices > 1: statistics with the windows split over that many devices (`data` axis),
+  # the merge with every tensor split over them (as the merge jobs)
+  ndev = int(get("num_devices", 0))
+  stats_mesh = hf.make_mesh(data=ndev) if ndev > 1 else None
   stats_dir = get("stats_dir") or os.path.abspath(out).rstrip("/") + ".stats"
   paths = []
   for i, (d, t) in enumerate(zip(models, texts)):
@@ -398,12 +413,12 @@ def run(config, workdir=None) -> dict:
       print(f"kfuse: note: reusing the statistics in {path} (pass --config.overwrite=True to"
             f" recollect)", file=sys.stderr)
       continue
-    model = hf.load(d)
+    model = hf.load(d, mesh=stats_mesh)
     ids = _text_ids(d, t, get("tokenizer", ""), model.config.vocab_size,
                     int(get("max_tokens", 0)))
     batches = token_batches(ids, int(get("seq_len")), int(get("batch_size")))
-    st = (grams(model, batches) if method == "regmean" else
-          fisher(model, batches, mode=get("fisher_mode", "per_example")))
+    st = (grams(model, batches, mesh=stats_mesh) if method == "regmean" else
+          fisher(model, batches, mode=get("fisher_mode", "per_example"), mesh=stats_mesh))
     ST.save(path, st, overwrite=overwrite)
     if progress:
       print(f"merge_informed_hf: statistics of {d} on {len(ids)} tokens of {t} -> {path}",
@@ -411,7 +426,8 @@ def run(config, workdir=None) -> dict:
   params = get("params", {})
   params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
   res = runner.merge_checkpoints(method, models, None, out, params=runner.cli_params(method, params),
-                                 overwrite=overwrite, progress=progress, statistics=paths)
+                                 overwrite=overwrite, progress=progress, statistics=paths,
+                                 mesh=runner.scale_options(config)["mesh"])
   res["statistics"] = paths
   print(json.dumps(res))
   return res

@@ -30,7 +30,10 @@ label-free score ``s(x) = Σ_c sg(√p_c(x)) · log p_c(x)`` of the model's soft
 
 Memory is bounded by one batch plus the accumulators (``d_in²`` per layer for
 Grams; one parameter copy, plus a batch of per-example gradients, for Fishers).
-Grams are sums over rows, so partial Grams of disjoint data add up (not yet wired to a mesh).
+Grams are sums over rows, so partial Grams of disjoint data add up: with ``mesh=`` (a 1-D
+`kfuse.shard.make_mesh`) each batch is split over the devices along its example axis, the
+variables are replicated, and the compiler reduces the per-device partial Grams / Fishers
+(the same numbers up to float32 summation order; tests/merge/test_statistics_sharded.py).
 """
 
 from __future__ import annotations
@@ -180,6 +183,27 @@ def _finite_or_raise(flat: Mapping[str, Any], what: str, where: str) -> None:
                        f" activations or gradients on the calibration data)")
 
 
+def _place(x: Any, mesh) -> Array:
+  """``x`` on ``mesh`` (a 1-D `kfuse.shard` mesh): examples (axis 0) split over the devices
+  when they divide evenly, else replicated (the same numbers, one device's work); no mesh:
+  ``jnp.asarray(x)``."""
+  if mesh is None:
+    return jnp.asarray(x)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from kfuse import shard
+  x = np.asarray(x)
+  split = x.ndim >= 1 and x.shape[0] > 0 and x.shape[0] % mesh.size == 0
+  sharding = NamedSharding(mesh, P(shard.AXIS) if split else P())
+  return shard.read_global(x.shape, x.dtype, sharding, lambda idx: x[idx])
+
+
+def _replicate(tree: PyTree, mesh) -> PyTree:
+  if mesh is None:
+    return tree
+  from kfuse import shard
+  return shard.put_replicated(tree, mesh)
+
+
 # ------------------------------------------------------------------- Grams
 
 
@@ -234,7 +258,7 @@ def _gram_step(model, apply_kwargs: tuple, layers: tuple) -> Callable:
 
 def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any], *,
           max_examples: int | None = None, apply_kwargs: Mapping[str, Any] | None = None,
-          layers: tuple | None = None) -> Statistics:
+          layers: tuple | None = None, mesh=None) -> Statistics:
   """Input Grams ``G = XᵀX / n`` of every ``layers`` instance (see the module doc).
 
   Args:
@@ -246,6 +270,8 @@ def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any]
       FusionBench's ``num_regmean_examples`` = 256).
     apply_kwargs: e.g. ``{'train': False}``.
     layers: the layer types whose inputs are collected (None: `LAYERS`).
+    mesh: a 1-D `kfuse.shard.make_mesh` mesh (None: one device): each batch split
+      over it along the example axis (see the module doc).
   Returns:
     `Statistics` with ``gram`` and ``tokens`` keyed by kernel path.
   """
@@ -258,8 +284,9 @@ def grams(model: nn.Module | Callable, variables: PyTree, batches: Iterable[Any]
   else:
     step = _gram_step(*opts)
   acc, examples = None, 0
+  variables = _replicate(variables, mesh)
   for x in _inputs(batches, max_examples, "grams"):
-    acc = step(acc, variables, jnp.asarray(x))
+    acc = step(acc, variables, _place(x, mesh))
     examples += int(np.shape(x)[0])
   if not acc:
     raise KfuseError("grams: the model called none of the layers "
@@ -281,12 +308,14 @@ def _score(apply_fn: Callable, params: PyTree, x: Array) -> Array:
 
 
 def fisher(apply_fn: Callable, params: PyTree, batches: Iterable[Any], *,
-           mode: str = "per_example", max_examples: int | None = None) -> Statistics:
+           mode: str = "per_example", max_examples: int | None = None,
+           mesh=None) -> Statistics:
   """Diagonal Fisher of ``params`` under ``apply_fn(params, x) -> logits [B, C]``.
 
   ``mode``: 'per_example' (``vmap`` of per-example gradients, squared then summed)
   or 'batch' (FusionBench: the batch gradient squared). Divided by the number of
-  examples seen. Keys are the paths of ``params``.
+  examples seen. Keys are the paths of ``params``. ``mesh``: as in `grams` (each
+  batch split over the devices; the squared gradients summed by the compiler).
   """
   if mode not in FISHER_MODES:
     from kfuse.registry import suggest
@@ -308,8 +337,9 @@ def fisher(apply_fn: Callable, params: PyTree, batches: Iterable[Any], *,
     return g if acc is None else jax.tree.map(jnp.add, acc, g)
 
   acc, examples = None, 0
+  params = _replicate(params, mesh)
   for x in _inputs(batches, max_examples, "fisher"):
-    acc = step(acc, params, jnp.asarray(x))
+    acc = step(acc, params, _place(x, mesh))
     examples += int(np.shape(x)[0])
   flat = {k: v / examples for k, v in T.flatten(acc).items()}
   _finite_or_raise(flat, "the Fisher", "fisher")
@@ -318,16 +348,17 @@ def fisher(apply_fn: Callable, params: PyTree, batches: Iterable[Any], *,
 
 def collect(model: nn.Module, variables: PyTree, batches: Sequence[Any], *,
             fisher_mode: str | None = "per_example", max_examples: int | None = None,
-            apply_kwargs: Mapping[str, Any] | None = None) -> Statistics:
+            apply_kwargs: Mapping[str, Any] | None = None, mesh=None) -> Statistics:
   """Grams and (unless ``fisher_mode`` is None) the Fisher of ``variables['params']``
-  for one expert; ``batches`` is iterated twice (give a list)."""
-  st = grams(model, variables, batches, max_examples=max_examples, apply_kwargs=apply_kwargs)
+  for one expert; ``batches`` is iterated twice (give a list); ``mesh`` as in `grams`."""
+  st = grams(model, variables, batches, max_examples=max_examples, apply_kwargs=apply_kwargs,
+             mesh=mesh)
   if fisher_mode is None:
     return st
   rest = {k: v for k, v in variables.items() if k != "params"}
   apply = _model_apply(model, apply_kwargs)
   f = fisher(lambda p, x: apply({"params": p, **rest}, x), variables["params"], batches,
-             mode=fisher_mode, max_examples=max_examples)
+             mode=fisher_mode, max_examples=max_examples, mesh=mesh)
   return st.combine(f)
 
 

@@ -50,14 +50,14 @@ def test_frozen_lambdas_are_task_arithmetic():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tasks", [None, 2])
-def test_gradient_matches_central_differences_float64(tasks):
+@pytest.mark.parametrize("tasks,vmap_tasks", [(None, False), (2, False), (2, True)])
+def test_gradient_matches_central_differences_float64(tasks, vmap_tasks):
   with jax.enable_x64(True):
     base, experts = _models(dtype=np.float64)
     taus = jax.tree.map(lambda *e: jnp.stack([x - e[0] for x in e[1:]]), base, *experts)
     x = np.random.default_rng(1).normal(size=(2, 5, 4) if tasks else (5, 4))
     fn = (lambda p, xb, t: apply_fn(p, xb) * (1.0 + t)) if tasks else apply_fn
-    obj = jax.jit(A.objective_fn(fn, tasks))
+    obj = jax.jit(A.objective_fn(fn, tasks, vmap_tasks=vmap_tasks))
     lam = jnp.asarray(np.random.default_rng(2).uniform(0, 0.6, size=(3, 4)))
     g = np.asarray(jax.grad(obj)(lam, base, taus, x))
     fd = np.zeros_like(g)
@@ -89,6 +89,29 @@ def test_one_step_is_adams_first_step():
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   np.testing.assert_allclose(metrics["loss"], np.mean(-np.sum(p * np.log(p + 1e-8), -1)), rtol=1e-5)
+
+
+def test_vmap_tasks_loss_is_the_float64_sum_of_task_entropies():
+  """vmap_tasks=True: t is traced (indexes stacked heads); the step's loss is Σ_t of the
+  float64 NumPy entropies, and its λ follow the per-task loop's."""
+  base, experts = _models(2)
+  scale = jnp.asarray([1.0, 2.5])
+  fn = lambda p, xb, t: apply_fn(p, xb) * scale[t]
+  x = np.random.default_rng(4).normal(size=(2, 5, 4)).astype(np.float32)
+  runs = {}
+  for vm in (False, True):
+    learner = A.adamerging(fn, tasks=2, vmap_tasks=vm)
+    state = learner.init(base, experts, {"x": x})
+    _, m = learner.step(state, {"x": x})
+    runs[vm] = (learner.step(state, {"x": x})[0].lambdas, float(m["loss"]))
+  want = 0.0
+  for t in range(2):
+    z = np.asarray(apply_fn(A.merged(state), x[t]), np.float64) * float(scale[t])
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want += np.mean(-np.sum(p * np.log(p + 1e-8), -1))
+  np.testing.assert_allclose(runs[True][1], want, rtol=1e-5)
+  np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=0, atol=1e-7)
 
 
 def test_per_task_batches_and_optimizer_config():
