@@ -54,7 +54,8 @@ def main(argv=None):
       row = {"size": a.size, "params_M": round(bench.num_params(a.size) / 1e6, 2),
              "method": method, "experts": a.experts, "largest_matrix_MB": round(largest / 1e6, 1),
              "peak_rss_GB": round(rss, 3), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-             "merge_s": res.get("seconds"), "loadavg": round(os.getloadavg()[0], 1)}
+             "merge_s": res.get("seconds"), "loadavg": round(os.getloadavg()[0], 1),
+             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
       print(json.dumps(row), flush=True)
       with open(a.results, "a") as f:
         f.write(json.dumps(row) + "\n")
