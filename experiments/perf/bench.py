@@ -52,6 +52,8 @@ SIZES = {
     "8m": dict(hidden=256, intermediate=688, layers=4, vocab=16384, heads=4, kv_heads=4),
     "30m": dict(hidden=512, intermediate=1408, layers=4, vocab=16384, heads=8, kv_heads=8),
     "136m": dict(hidden=768, intermediate=2048, layers=12, vocab=33280, heads=12, kv_heads=12),
+    # subspace_rss.py: Llama-7B proportions (MLP 2.75 × hidden) at width 1024, 2 layers
+    "llama-w1024": dict(hidden=1024, intermediate=2816, layers=2, vocab=2048, heads=8, kv_heads=8),
     "1b": dict(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
 }
 
