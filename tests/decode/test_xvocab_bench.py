@@ -33,7 +33,8 @@ def setup():
           text.train_tokenizer("bpe", 320, domains=("shakespeare",)))
   models = (tiny("llama", seed=30, scale=0.3, vocab=300),
             tiny("gpt2", seed=31, scale=0.3, vocab=320))
-  return toks, models, decode.CrossVocab(list(toks), [300, 320])
+  vocab = decode.CrossVocab(list(toks), [300, 320])
+  return toks, models, vocab, decode.unite(vocab, k=40)   # one rule: compiled once
 
 
 def _log_softmax(z):
@@ -64,8 +65,8 @@ def _all_logits(model, ids):
 
 @pytest.mark.parametrize("main", [0, 1])
 def test_unite_score_matches_a_float64_restatement(setup, main):
-  toks, models, vocab = setup
-  lp, hit = X.score_cross(models, vocab, CHUNK, decode.unite(vocab, k=40), main, rows=4)
+  toks, models, vocab, unite = setup
+  lp, hit = X.score_cross(models, vocab, CHUNK, unite, main, rows=16)
   strings, _, _ = _fed(toks, main, main)
   assert len(lp) == len(strings) and len(strings) > 4
   feeds = [_fed(toks, main, i) for i in range(2)]
@@ -84,7 +85,7 @@ def test_unite_score_matches_a_float64_restatement(setup, main):
 
 
 def test_alone_and_deepen_on_the_main_model_only_score_that_model(setup):
-  toks, models, vocab = setup
+  toks, models, vocab, _ = setup
   _, ids, last = _fed(toks, 0, 0)
   assert ids[1:] == list(toks[0].encode(CHUNK).ids)      # alone: the model's own tokenization
   full = _all_logits(models[0], ids)
@@ -103,7 +104,7 @@ def test_alone_and_deepen_on_the_main_model_only_score_that_model(setup):
 
 
 def test_chunks_are_whole_test_text_and_bad_input_is_one_line(setup):
-  toks, models, vocab = setup
+  toks, models, vocab, _ = setup
   got = X.chunks("pydoc", 50, 3)
   assert [len(c) for c in got] == [50, 50, 50]
   assert got[0] in text.split("pydoc").test[0][1]
