@@ -1,6 +1,6 @@
 """Cross-vocabulary ensembles (UniTE, DeePEn) scored teacher-forced in bits per character.
 
-    python experiments/decode_bench/xvocab_bench.py --workdir=/tmp/xvocab17  # ~6 min, loaded 2 cores
+    python experiments/decode_bench/xvocab_bench.py --workdir=/tmp/xv  # ~6 min on 2 loaded cores
 
 Two Llama-shaped LMs of the same size (`kfuse.decode.w2s_bench.make_model` / `train_lm`)
 are pre-trained on the same general mixture of `kfuse.data.text` domains, each with its own
