@@ -7,12 +7,14 @@
     python -m kfuse.main --config=configs/merge_bench.py:quick      # == configs/default.py
     python -m kfuse.main --config=configs/merge_bench.py:8,model=mlp   # the MLP backbone
     python -m kfuse.main --config=configs/merge_bench.py:8,informed=no # data-free rows only
+    python -m kfuse.main --config=configs/merge_bench.py:20,methods=task_arithmetic+ties  # some rows
 
 The argument's keys: ``variant`` (8 | 14 | 20 | negation | quick), ``tasks`` (N: the
 first N of `kfuse.data.image_tasks.TASK_NAMES`; 0 = the variant's), ``model``
 ('' = the pool recipe's backbone, or ``vit`` / ``mlp``), ``pool`` (a preset of
 `kfuse.bench.pool.PRESETS`, e.g. ``tiny``; '' = the variant's recipe), ``informed``
-(``no``: leave out the data-informed rows of `informed_methods`).
+(``no``: leave out the data-informed rows of `informed_methods`), ``methods``
+(``LABEL+LABEL``: only these rows, in the table's order).
 
 The job loads the pool at ``pool.path`` (building or resuming it first when it
 is not complete), merges the experts' backbones with every ``methods.<label>``
@@ -161,12 +163,16 @@ def _num_tasks(text):
   return n
 
 
+def _labels(text):
+  return tuple(t for t in text.split("+") if t)
+
+
 def get_config(arg=None):
   """``arg``: ``variant`` (8 | 14 | 20 | negation | quick), ``tasks=N``, ``model=vit|mlp``, ``pool=PRESET``,
-  ``informed=no``."""
-  arg = parse_arg(arg, variant=("8", one_of("8", "14", "20", "negation", "quick")),
+  ``informed=no``, ``methods=LABEL+LABEL`` (only these rows of the variant's table)."""
+  arg_text, arg = arg, parse_arg(arg, variant=("8", one_of("8", "14", "20", "negation", "quick")),
                   tasks=(0, _num_tasks), model=("", one_of("", "vit", "mlp")), pool="",
-                  informed=("yes", one_of("yes", "no")))
+                  informed=("yes", one_of("yes", "no")), methods=((), _labels))
   variant = arg.variant
   n = int(arg.tasks) or {"14": 14, "20": 20}.get(variant, 8)
   config = ml_collections.ConfigDict()
@@ -207,6 +213,15 @@ def get_config(arg=None):
       k: v for k, v in methods().items() if k in QUICK_METHODS}
   if arg.informed == "no":   # the data-free rows only (the 5-minute budget of issue 12)
     table = {k: v for k, v in table.items() if k not in informed_methods()}
+  if arg.methods:   # a subset of the rows (e.g. when a 20-task pass of every row costs too much)
+    from kfuse.registry import suggest
+    unknown = [m for m in arg.methods if m not in table]
+    if unknown:
+      from kfuse.errors import KfuseError
+      raise KfuseError(f"--config argument {arg_text!r}: methods: {unknown[0]!r} is not a row of"
+                       f" this variant{suggest(unknown[0], table)}; rows:"
+                       f" {'+'.join(table) or '(none)'}")
+    table = {k: v for k, v in table.items() if k in arg.methods}
   config.methods = ml_collections.ConfigDict(table, sort_keys=False)  # keep table order
   config.negation = dict(
       enabled=variant in ("negation", "quick"),   # quick: on its 4 tasks

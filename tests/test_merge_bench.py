@@ -355,6 +355,14 @@ def test_configs_are_complete_and_valid():
     mod.get_config("huge")
   with pytest.raises(KfuseError, match="tasks"):
     mod.get_config("8,tasks=21")
+  some = mod.get_config("20,methods=ties+task_arithmetic").methods.to_dict()
+  assert list(some) == ["task_arithmetic", "ties"]                       # the table's order
+  assert some["ties"] == mod.get_config("20").methods.to_dict()["ties"]
+  assert list(mod.get_config("14,informed=no,methods=tsv_m").methods) == ["tsv_m"]
+  with pytest.raises(KfuseError, match=r"methods: 'tie' is not a row of this variant \(did you mean"):
+    mod.get_config("20,methods=tie")
+  with pytest.raises(KfuseError, match="methods: 'regmean' is not a row"):
+    mod.get_config("8,informed=no,methods=regmean")
 
 
 def _cli(*args, env_cache):

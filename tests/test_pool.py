@@ -258,6 +258,41 @@ def test_resume_retrains_a_finished_part_whose_hash_changed(built, tmp_path, cac
   assert manifest["experts"]["shapes"]["expert"]["sha256"] == want   # retrained to the same expert
 
 
+def test_reuse_copies_the_shared_parts_and_equals_a_fresh_build(built, tmp_path, cache,
+                                                                monkeypatch):
+  """A pool grown from a smaller one (``reuse``) holds exactly the checkpoints a fresh build trains."""
+  src, _ = built
+  cfg = {**TINY, "tasks": ["texture", "grating_frequency", "shapes"]}   # 2 shared, 1 new
+  fresh = pool.build_pool(cfg, str(tmp_path / "fresh"), cache=cache)   # the independent reference
+  real, calls = pool._build_task, []
+  monkeypatch.setattr(pool, "_build_task", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+  monkeypatch.setattr(pool, "_pretrain", lambda *a, **k: pytest.fail("retrained the backbone"))
+  grown = pool.build_pool(cfg, str(tmp_path / "grown"), cache=cache, reuse=src)
+  assert calls == ["grating_frequency"]                   # only the task src lacks is trained
+  assert grown["pretrained"]["sha256"] == fresh["pretrained"]["sha256"]
+  for t in cfg["tasks"]:
+    for kind in ("probe", "expert"):
+      assert grown["experts"][t][kind]["sha256"] == fresh["experts"][t][kind]["sha256"], (t, kind)
+  assert grown["reused_from"] == {"path": os.path.abspath(src),
+                                  "parts": ["pretrain", "texture", "shapes"]}
+  assert pool.load_pool(str(tmp_path / "grown")).tasks == cfg["tasks"]
+
+
+def test_reuse_refuses_another_recipe_or_an_unfinished_pool(built, tmp_path, cache):
+  src, _ = built
+  other = {**TINY, "finetune": {**TINY["finetune"], "steps": 7}}
+  with pytest.raises(KfuseError) as e:
+    pool.build_pool(other, str(tmp_path / "a"), cache=cache, reuse=src)
+  assert "built with another recipe (config.finetune.steps: 6 != 7)" in _one_line(e)
+  excl = {**TINY, "tasks": ["shapes"], "data": {**TINY["data"], "pretrain_exclude_tasks": True}}
+  pool.build_pool(excl, str(tmp_path / "b"), cache=cache)   # pretrained without shapes' generator
+  with pytest.raises(KfuseError, match="pretrain_exclude_tasks makes pretraining depend on the task"):
+    pool.build_pool({**excl, "tasks": ["shapes", "texture"]}, str(tmp_path / "b2"), cache=cache,
+                    reuse=str(tmp_path / "b"))
+  with pytest.raises(KfuseError, match="cannot reuse it, it is missing"):
+    pool.build_pool(TINY, str(tmp_path / "c"), cache=cache, reuse=str(tmp_path / "nothing"))
+
+
 def test_cli_builds_and_reports(tmp_path, cache, capsys):
   rc = pool.main(["--path", str(tmp_path / "bad"), "--preset", "tiny", "--tasks", "shapez",
                   "--cache", cache])

@@ -490,8 +490,43 @@ def _still_valid(path: str, rel: str, sha: str) -> bool:
     return False
 
 
+def _seed_from(src: str, path: str, cfg: dict) -> dict:
+  """A progress record at ``path`` holding ``src``'s pretrained model and its experts of ``cfg``'s tasks.
+
+  Sound because every part is a pure function of the config and its own key: a pool whose
+  config differs from ``cfg`` only in ``tasks`` (and whose pretraining mixture does not depend
+  on the task list, ``data.pretrain_exclude_tasks`` false) holds exactly the pretrained model
+  and the shared tasks' experts that a fresh build of ``cfg`` would train. Copies are
+  hash-checked against ``src``'s manifest.
+  """
+  src = os.path.abspath(os.fspath(src))
+  if pool_status(src) != "complete":
+    raise KfuseError(f"pool {src}: cannot reuse it, it is {pool_status(src)}")
+  man = _read_json(os.path.join(src, MANIFEST), "manifest")
+  diff = _first_difference({**man.get("config", {}), "tasks": None}, {**cfg, "tasks": None}, "config")
+  if diff:
+    raise KfuseError(f"pool {src}: cannot reuse it, built with another recipe ({diff})")
+  if cfg["data"]["pretrain_exclude_tasks"] and man["config"]["tasks"] != cfg["tasks"]:
+    raise KfuseError(f"pool {src}: cannot reuse it: data.pretrain_exclude_tasks makes pretraining"
+                     " depend on the task list, which differs")
+  os.makedirs(path, exist_ok=True)
+  shared = [t for t in cfg["tasks"] if t in man["experts"]]
+  parts = ["pretrained"] + [man["experts"][t][k]["path"] for t in shared for k in ("probe", "expert")]
+  for rel in parts:
+    shutil.copytree(os.path.join(src, rel), os.path.join(path, rel), dirs_exist_ok=True)
+  _verified(path, "pretrained", man["pretrained"]["sha256"])
+  for t in shared:
+    for k in ("probe", "expert"):
+      _verified(path, man["experts"][t][k]["path"], man["experts"][t][k]["sha256"])
+  seconds = man.get("seconds", {})
+  return {"format": FORMAT, "config": cfg, "pretrained": man["pretrained"],
+          "tasks": {t: man["experts"][t] for t in shared},
+          "seconds": {k: seconds[k] for k in ["pretrain", *shared] if k in seconds},
+          "reused_from": {"path": src, "parts": ["pretrain", *shared]}}
+
+
 def build_pool(config: Mapping | None, path: str, *, cache: str | None = None,
-               overwrite: bool = False, progress: bool = False) -> dict:
+               overwrite: bool = False, progress: bool = False, reuse: str | None = None) -> dict:
   """Build (or resume, or confirm) the pool of ``config`` at ``path``; returns the manifest.
 
   Args:
@@ -501,12 +536,17 @@ def build_pool(config: Mapping | None, path: str, *, cache: str | None = None,
     cache: the data cache (`kfuse.data.sources.cache_dir`).
     overwrite: replace a pool or an interrupted build made with another config.
     progress: show progress bars.
+    reuse: a complete pool of the same recipe with other tasks (e.g. the 8-task pool when
+      building the 20-task one): its pretrained model and the shared tasks' experts are copied
+      (hash-checked) instead of trained again, see `_seed_from`; only a fresh build reuses.
   """
   cfg = resolve_config(config)
   path = os.path.abspath(os.fspath(path))
   prog = _check_target(path, cfg, overwrite)
   if prog and prog.get("complete"):
     return load_pool(path).manifest
+  if prog is None and reuse:
+    prog = _seed_from(reuse, path, cfg)
   os.makedirs(path, exist_ok=True)
   prog = prog or {"format": FORMAT, "config": cfg, "pretrained": None, "tasks": {}}
   prog_path = os.path.join(path, PROGRESS)
@@ -541,7 +581,7 @@ def build_pool(config: Mapping | None, path: str, *, cache: str | None = None,
   manifest = {
       "format": FORMAT, "config": cfg, "backbone": _backbone(cfg), "tasks": list(cfg["tasks"]),
       "pretrained": pre, "experts": {t: prog["tasks"][t] for t in cfg["tasks"]},
-      "seconds": timing,
+      "seconds": timing, **({"reused_from": prog["reused_from"]} if "reused_from" in prog else {}),
       "versions": {"jax": jax.__version__, "numpy": np.__version__},
   }
   _write_json(os.path.join(path, MANIFEST), manifest)
@@ -699,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        " names (overrides the preset)")
   ap.add_argument("--config_json", default=None, help="JSON overrides applied after the preset")
   ap.add_argument("--cache", default=None, help="data cache directory")
+  ap.add_argument("--reuse", default=None,
+                  help="a complete pool of the same recipe with other tasks: copy its pretrained"
+                       " model and shared experts (hash-checked) instead of training them")
   ap.add_argument("--overwrite", action="store_true")
   ap.add_argument("--progress", action="store_true")
   args = ap.parse_args(argv)
@@ -718,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KfuseError(f"--config_json: not JSON ({e})") from None
     t = time.time()
     manifest = build_pool(over, args.path, cache=args.cache, overwrite=args.overwrite,
-                          progress=args.progress)
+                          progress=args.progress, reuse=args.reuse)
     print(markdown_table(manifest))
     print(f"pool {os.path.abspath(args.path)}: {len(manifest['tasks'])} experts,"
           f" {time.time() - t:.0f} s this run; build seconds: {json.dumps(manifest['seconds'])}")
