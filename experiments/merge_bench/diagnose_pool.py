@@ -23,8 +23,6 @@ For the pool at ``--path`` (its first ``--tasks`` tasks), with θ₀ the pretrai
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import jax
@@ -32,11 +30,9 @@ import numpy as np
 
 from kfuse import merge, models
 from kfuse.bench import merge_bench
-from kfuse.bench import pool as pool_lib
-from kfuse.data import image_tasks
 from kfuse.tree import flatten
 
-LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+from pool_common import LAMBDAS, load, parse_args, write_json   # this folder's pool_common.py
 
 
 def flat(tree) -> np.ndarray:
@@ -75,19 +71,9 @@ def structure(base: np.ndarray, taus: np.ndarray, keep: float = 0.2) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--path", required=True)
-  ap.add_argument("--tasks", type=int, default=None, help="first N tasks of the pool")
-  ap.add_argument("--cache", default=None)
-  ap.add_argument("--json", default=None)
-  args = ap.parse_args()
+  args = parse_args()
   t0 = time.process_time()
-  pool = pool_lib.load_pool(args.path)
-  tasks = pool.tasks[:args.tasks] if args.tasks else pool.tasks
-  pool = pool_lib.load_pool(args.path, tasks=tasks)
-  cfg = pool.manifest["config"]
-  data = {t: image_tasks.load_task(t, seed=cfg["data"]["seed"], sizes=tuple(cfg["data"]["sizes"]),
-                                   cache=args.cache) for t in tasks}
+  pool, tasks, data = load(args)
   ev = merge_bench._Evaluator(pool, data, 500)
   base = models.backbone_of(pool.pretrained)
   experts = [models.backbone_of(pool.experts[t]) for t in tasks]
@@ -129,9 +115,7 @@ def main():
   for label, c in curves.items():
     print(f"| {label} | " + " | ".join(f"{100 * c[l]:.1f}" for l in LAMBDAS) + " |")
   print(f"cpu {out['cpu_s']:.0f} s")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ and reports test accuracy %, absolute and normalised to the experts.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 
 from kfuse import models
 from kfuse.bench import pool as pool_lib
-from kfuse.data import image_tasks
 from kfuse.merge import merge
 
-LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+from pool_common import LAMBDAS, load, parse_args, write_json   # this folder's pool_common.py
+
 METHODS = {"simple_average": ({}, None), "task_arithmetic": ({}, LAMBDAS),
            "ties_paper": ({"k": 0.2}, LAMBDAS)}
 
@@ -36,17 +33,9 @@ def accuracies(cfg, backbone, heads, data, split):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--path", required=True)
-  ap.add_argument("--tasks", type=int, default=None, help="first N tasks of the pool")
-  ap.add_argument("--cache", default=None)
-  ap.add_argument("--json", default=None)
-  args = ap.parse_args()
-  pool = pool_lib.load_pool(args.path)
+  args = parse_args()
+  pool, tasks, data = load(args)
   cfg = pool.manifest["config"]
-  tasks = pool.tasks[:args.tasks] if args.tasks else pool.tasks
-  data = {t: image_tasks.load_task(t, seed=cfg["data"]["seed"], sizes=tuple(cfg["data"]["sizes"]),
-                                   cache=args.cache) for t in tasks}
   base = models.backbone_of(pool.pretrained)
   experts = [models.backbone_of(pool.experts[t]) for t in tasks]
   rows = {"zero_shot": accuracies(cfg, base, pool.probes, data, "test")}
@@ -74,9 +63,7 @@ def main():
     lam = f" (λ={chosen[name]})" if name in chosen else ""
     print(f"| {name}{lam} | " + " | ".join(f"{acc[t]:.1f}" for t in tasks)
           + f" | {avg:.1f} | {100 * avg / exp:.1f} |")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"rows": rows, "lambda": chosen, "tasks": tasks}, f, indent=1)
+  write_json(args.json, {"rows": rows, "lambda": chosen, "tasks": tasks})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 transformers (PyTorch), on the same CPU.
 
     python experiments/perf/train_bench.py                       # ~134M params, batch 2 x 256, 3 pairs
-    python experiments/perf/train_bench.py --hidden=64 --layers=2 --vocab=512 --seq=32 --reps=1
+    python experiments/perf/train_bench.py --hidden=64 --layers=2 --heads=4 --kv_heads=4 --vocab=512 --seq=32 --reps=1
 
 Builds a random Llama with transformers (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000,
 untied: 134M parameters, as experiments/perf/hf_bench.py), ``save_pretrained`` under --root and
@@ -26,29 +26,17 @@ experiments/perf/train_bench.jsonl.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import time
 
 import numpy as np
 
+import llama_common   # experiments/perf/llama_common.py: arguments, the random Llama, the row
+
 
 def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--hidden", type=int, default=768)
-  ap.add_argument("--layers", type=int, default=12)
-  ap.add_argument("--heads", type=int, default=12)
-  ap.add_argument("--kv_heads", type=int, default=12)
-  ap.add_argument("--mlp", type=int, default=2048)
-  ap.add_argument("--vocab", type=int, default=32000)
-  ap.add_argument("--batch", type=int, default=2)
-  ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--root", default="/tmp/kfuse_train_bench")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_bench.jsonl"))
-  a = ap.parse_args()
+  a = llama_common.parse_args(batch=2, seq=256, root="/tmp/kfuse_train_bench",
+                              out="train_bench.jsonl")
 
   import jax
   import optax
@@ -59,15 +47,7 @@ def main() -> None:
   from kfuse import distill
   from kfuse.models import hf
 
-  cfg = transformers.LlamaConfig(hidden_size=a.hidden, num_hidden_layers=a.layers,
-                                 num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                                 intermediate_size=a.mlp, vocab_size=a.vocab,
-                                 max_position_embeddings=max(2048, a.seq),
-                                 tie_word_embeddings=False)
-  path = os.path.join(a.root, f"llama_h{a.hidden}_l{a.layers}_v{a.vocab}")
-  if not os.path.isdir(path):
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  path = llama_common.llama_dir(a)
   tm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
   n_params = sum(p.numel() for p in tm.parameters())
   lr, b1, b2, eps, wd = 1e-4, 0.9, 0.999, 1e-8, 0.01
@@ -113,9 +93,8 @@ def main() -> None:
     w, c, loss = timed(run_torch, ids)
     tw.append(w), tc.append(c), tl.append(loss)
   row = dict(
-      date=time.strftime("%Y-%m-%d"), what="train_step", params=n_params, batch=a.batch,
-      seq=a.seq, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-      vocab=a.vocab, optimizer="adamw", kfuse_wall_s=kw, kfuse_cpu_s=kc, transformers_wall_s=tw,
+      date=time.strftime("%Y-%m-%d"), what="train_step", params=n_params, **llama_common.shape(a),
+      optimizer="adamw", kfuse_wall_s=kw, kfuse_cpu_s=kc, transformers_wall_s=tw,
       transformers_cpu_s=tc, kfuse_median_wall_s=float(np.median(kw)),
       transformers_median_wall_s=float(np.median(tw)),
       kfuse_median_cpu_s=float(np.median(kc)), transformers_median_cpu_s=float(np.median(tc)),
@@ -124,13 +103,8 @@ def main() -> None:
       kfuse_first_step_wall_s=k_first[0], transformers_first_step_wall_s=t_first[0],
       kfuse_losses=kl, transformers_losses=tl,
       max_rel_loss_diff=float(max(abs(x - y) / abs(y) for x, y in zip(kl, tl))),
-      torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
-      load_avg_1m_end=os.getloadavg()[0], jax=jax.__version__, torch=torch.__version__,
-      transformers=transformers.__version__, attn=tm.config._attn_implementation,
-      machine=platform.machine())
-  print(json.dumps(row))
-  with open(a.out, "a") as f:
-    f.write(json.dumps(row) + "\n")
+      load_avg_1m_end=os.getloadavg()[0], **llama_common.environment(tm))
+  llama_common.append_row(row, a.out)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import tempfile
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
+from kfuse.io.atomic import atomic_write_file
 from kfuse.tree import KfuseError
 
 __all__ = [
@@ -80,18 +80,9 @@ def cache_dir(path: str | None = None) -> str:
 
 
 def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Write ``arrays`` to ``path`` via a temp file in the same dir + os.replace."""
+  """Write ``arrays`` to ``path`` as ``.npz``, atomically (`kfuse.io.atomic.atomic_write_file`)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic_write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def _cached(path: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -349,17 +348,9 @@ def _tok_hash(tok) -> str:
 
 
 def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
+  from kfuse.io.atomic import atomic_write_file   # lazily: it imports jax
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, arr)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic_write_file(path, lambda f: np.save(f, arr))
 
 
 def vocab_map(base_tok, blend_tok, kind: str = "mined", counts: tuple | None = None,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfuse.errors import KfuseError
+from kfuse.io.atomic import atomic_write_file
 
 __all__ = ["FORMAT", "token_hash", "score_fn", "write", "read", "load_manifest", "check_tokens"]
 
@@ -82,18 +82,8 @@ def score_fn(apply: Callable, k: int, vocab: int) -> Callable:
 
 
 def _atomic(path: str, write: Callable) -> None:
-  d = os.path.dirname(path)
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  atomic_write_file(path, write)
 
 
 def _sha_file(path: str) -> str:

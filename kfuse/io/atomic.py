@@ -15,7 +15,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from kfuse.tree import KfuseError
 
@@ -23,6 +23,7 @@ __all__ = [
     "atomic_output_dir",
     "atomic_write_text",
     "atomic_write_bytes",
+    "atomic_write_file",
     "check_output_free",
     "check_output_outside_inputs",
     "check_output_writable",
@@ -233,8 +234,13 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
   commit_dir(tmp, path, overwrite)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Write ``data`` to ``path`` via a temporary file in the same directory + os.replace."""
+def atomic_write_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+  """Call ``write(f)`` on a temporary file in ``path``'s directory, then os.replace it onto ``path``.
+
+  The file is fsync-ed before the rename; if ``write`` raises, the temporary is
+  removed and any previous ``path`` is left untouched. A new file gets mode 0644,
+  a replaced one keeps its mode.
+  """
   dst = _norm(path)
   parent, name = os.path.split(dst)
   if not os.path.isdir(parent):
@@ -244,7 +250,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     mode = os.stat(dst).st_mode & 0o777 if os.path.exists(dst) else 0o644
     os.chmod(tmp, mode)
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, dst)
@@ -252,6 +258,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _remove(tmp)
     raise
   _fsync_path(parent, directory=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Write ``data`` to ``path`` atomically (`atomic_write_file`)."""
+  atomic_write_file(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -10,30 +10,7 @@ import pytest
 
 from kfuse.merge import adarank as R
 from kfuse.tree import KfuseError
-
-
-class _Net(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = nn.DenseGeneral((2, 3), name="qkv")(x)                  # 3-D kernel [4, 2, 3]
-    h = jnp.tanh(h.reshape(h.shape[:-2] + (6,)))
-    return nn.Dense(3, name="fc1")(h)
-
-
-NET = _Net()
-
-
-def _models(n=3, dtype=np.float32, seed=0):
-  base = NET.init(jax.random.key(seed), jnp.ones((1, 4)))["params"]
-  r = np.random.default_rng(seed)
-  base = jax.tree.map(lambda a: np.asarray(a, dtype) + 0.1 * r.normal(size=a.shape).astype(dtype), base)
-  experts = [jax.tree.map(lambda a: (a + 0.5 * r.normal(size=a.shape)).astype(dtype), base)
-             for _ in range(n)]
-  return base, experts
-
-
-def apply_fn(p, x):
-  return NET.apply({"params": p}, x)
+from tests.merge.tiny_net import apply_fn, models as _models
 
 
 def test_matrix_split():

@@ -88,7 +88,9 @@ JITTABLE = sorted(set(DATA_FREE) - {"passthrough", "slerp", "nearswap", "arcee_f
 PARAMS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
           "breadcrumbs": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5},
           "della": {"density": 0.5}, "della_linear": {"density": 0.5},
-          "slerp": {"t": 0.4}, "nearswap": {"t": 0.4}}
+          "slerp": {"t": 0.4}, "nearswap": {"t": 0.4},
+          # 10 Adam steps, not 300: op by op each is ~30 dispatches; a larger lr makes them move τ
+          "wudi": {"steps": 10, "lr": 1e-2}, "wudi_svc": {"steps": 10, "lr": 1e-2}}
 ONE_EXPERT = ("slerp", "nearswap", "wise_ft", "arcee_fusion", "layer_swap", "passthrough")
 
 

@@ -1,37 +1,13 @@
 """Twin-Merging: one-hot routing = θ* + that task's compressed delta (float64 NumPy SVD),
 full rank + one-hot = the expert, per-input composition with vmap, the router, bad input."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kfuse.merge import twin as W
 from kfuse.tree import KfuseError
-
-
-class _Net(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = nn.DenseGeneral((2, 3), name="qkv")(x)                  # 3-D kernel [4, 2, 3]
-    h = jnp.tanh(h.reshape(h.shape[:-2] + (6,)))
-    return nn.Dense(3, name="fc1")(h)
-
-
-NET = _Net()
-
-
-def _models(n=3, seed=0):
-  base = NET.init(jax.random.key(seed), jnp.ones((1, 4)))["params"]
-  r = np.random.default_rng(seed)
-  base = jax.tree.map(lambda a: np.asarray(a, np.float64) + 0.1 * r.normal(size=a.shape), base)
-  experts = [jax.tree.map(lambda a: a + 0.5 * r.normal(size=a.shape), base) for _ in range(n)]
-  return base, experts
-
-
-def apply_fn(p, x):
-  return NET.apply({"params": p}, x)
+from tests.merge.tiny_net import apply_fn, models
 
 
 def _trunc(m, k):
@@ -41,7 +17,7 @@ def _trunc(m, k):
 
 def test_one_hot_is_shared_plus_that_tasks_compressed_delta_float64():
   with jax.enable_x64(True):
-    base, experts = _models()
+    base, experts = models(dtype=np.float64)
     shared = W.shared_expert(base, experts)
     for p in ("fc1", "qkv"):                                    # θ* = θ_0 + 0.29 Σ τ_i
       want = base[p]["kernel"] + 0.29 * sum(e[p]["kernel"] - base[p]["kernel"] for e in experts)
@@ -62,7 +38,7 @@ def test_one_hot_is_shared_plus_that_tasks_compressed_delta_float64():
 
 def test_full_rank_one_hot_is_the_expert_and_per_input_vmap_float64():
   with jax.enable_x64(True):
-    base, experts = _models()
+    base, experts = models(dtype=np.float64)
     tw = W.twin(W.shared_expert(base, experts, "ties", {"density": 0.5}), experts, rank_ratio=1.0)
     x = np.random.default_rng(1).normal(size=(5, 4))
     for i, e in enumerate(experts):
@@ -90,7 +66,7 @@ def test_router_learns_separable_task_ids():
 
 
 def test_bad_input_one_line():
-  base, experts = _models(2)
+  base, experts = models(2, np.float64)
   f, y = np.zeros((4, 3)), np.array([0, 1, 0, 1])
   with pytest.raises(KfuseError, match=r"task ids \[2\] are not tasks of the pool \(0\.\.1"):
     W.train_router(f, np.array([0, 1, 2, 1]), 2)
