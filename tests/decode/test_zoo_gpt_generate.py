@@ -83,3 +83,15 @@ def test_bad_input_is_one_line_naming_the_zoo_gpt():
     decode.generate([GPTDecoder(model, variables)], PROMPTS, MAX_LEN)
   with pytest.raises(KfuseError, match="make_gpt"):
     GPTDecoder(decode, variables)
+
+
+def test_proxy_tuning_of_three_zoo_gpts_matches_their_full_context_logits():
+  """α = 1: every step's fused logits are z_large + (z_tuned − z_base), each z from its own
+  model's Linen forward over the full context (so no model's cache leaks into another's)."""
+  pairs = [_zoo_gpt(s) for s in (1, 2, 3)]
+  out = decode.generate([GPTDecoder(m, v) for m, v in pairs], PROMPTS, NEW,
+                        processor=decode.proxy_tune(1.0), return_logits=True)
+  z = [_full_context_logits(m, v, PROMPTS, out.tokens) for m, v in pairs]
+  ref = z[0] + (z[2] - z[1])
+  assert np.abs(out.logits - ref).max() <= 1e-4 * np.abs(ref).max()
+  np.testing.assert_array_equal(out.tokens, ref.argmax(-1))
