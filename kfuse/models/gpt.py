@@ -29,7 +29,7 @@ from flax import nnx
 
 from kfuse.models.base import Classifier
 from kfuse.models.transformer import FeedForward, TransformerBlock
-from kfuse.tree import KfuseError
+from kfuse.tree import KfuseError, check_same_structure
 
 __all__ = ["GPTBackbone", "GPTDecoder", "make_gpt"]
 
@@ -116,6 +116,9 @@ class GPTDecoder(nnx.Module):
       raise KfuseError(f"GPTDecoder: expects a make_gpt model, got {type(model).__name__}"
                        f" with backbone {type(backbone).__name__}")
     params = variables["params"] if "params" in variables else variables
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    check_same_structure([like, params], ["the make_gpt model", "GPTDecoder params"],
+                         check_dtype=False)
     if backbone.dropout:
       backbone = dataclasses.replace(backbone, dropout=0.0)
       model = Classifier(backbone=backbone, num_classes=model.num_classes)

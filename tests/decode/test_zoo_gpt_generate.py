@@ -83,6 +83,10 @@ def test_bad_input_is_one_line_naming_the_zoo_gpt():
     decode.generate([GPTDecoder(model, variables)], PROMPTS, MAX_LEN)
   with pytest.raises(KfuseError, match="make_gpt"):
     GPTDecoder(decode, variables)
+  bad = jax.tree.map(lambda x: x, variables)
+  bad["params"]["backbone"]["pos_embed"] = np.zeros((1, MAX_LEN - 1, 16), np.float32)
+  with pytest.raises(KfuseError, match=r"pos_embed.*shape \(1, 23, 16\)"):
+    GPTDecoder(model, bad)
 
 
 def test_proxy_tuning_of_three_zoo_gpts_matches_their_full_context_logits():
