@@ -14,7 +14,8 @@ position each), fuses their logits with ``processor`` (`kfuse.decode.processors`
 applies temperature / top-k / top-p and picks the token (argmax when
 ``temperature`` = 0, else a categorical draw with key ``fold_in(key, step)``). It
 stops early when every row has produced a stop token. Models are Flax NNX modules
-with ``init_cache`` / ``decode`` (`kfuse.models.hf`: Llama, Mistral, Qwen2, GPT-2).
+with ``init_cache`` / ``decode`` (`kfuse.models.hf`: Llama, Mistral, Qwen2, GPT-2;
+the zoo GPT through `kfuse.models.gpt.GPTDecoder`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def check_models(models: Sequence, processor: P.Processor) -> None:
   for i, m in enumerate(models):
     if not (hasattr(m, "decode") and hasattr(m, "init_cache")):
       raise KfuseError(f"generate: model {i} ({type(m).__name__}) has no KV-cache decode;"
-                       " use a kfuse.models.hf model (Llama, Mistral, Qwen2, GPT-2)")
+                       " use a kfuse.models.hf model (Llama, Mistral, Qwen2, GPT-2) or a zoo"
+                       " GPT wrapped as kfuse.models.gpt.GPTDecoder(model, variables)")
   if processor.vocab is not None:
     raise KfuseError(f"{processor.name}: a cross-vocabulary rule; decode it with"
                      " kfuse.decode.generate_cross (text prompts, one tokenizer per model)")
