@@ -215,5 +215,5 @@ def test_images_vit_variant_runs_kff(tmp_path):
                                              sort_keys=False)
   config.methods.kff.params.e_ood = 2
   results = tta_bench.run(config)
-  kff = results["protocols"]["continual"]["kff"]
+  kff = results["per_seed"][0]["protocols"]["continual"]["kff"]
   assert 0.0 <= kff["mean"] <= 100.0 and kff["metrics"]["domain_pool"] >= 1.0
