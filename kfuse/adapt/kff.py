@@ -38,9 +38,9 @@ P_i ∈ R^{1×D}), at most N_c entries. Per test batch B (``Ours.forward``):
 
 Pools are fixed slots with a valid mask, kept compact in insertion order, so the step is
 one jitted program (no dynamic shapes). Where the paper and the release differ, the
-release is followed: L_d uses unsquared norms with λ on the mean term (the paper writes
-squared norms with the weight on the std term); the class pool's clusters come from the
-greedy Kruskal pass over key *dot products* (the paper: an MST over cosine similarities).
+release is followed: the class pool's clusters come from the greedy Kruskal pass over key
+*dot products* (the paper: an MST over cosine similarities), and L_d is the release's
+``distribution_loss`` (unsquared norms, λ on the mean term).
 Thresholds γ_d and the source statistics are in the model's feature units (the released
 γ_d = 20 is for ViT-B/16 features, D = 768).
 
