@@ -16,6 +16,7 @@
 | cotta | m 0.999, p 0.01, AP 0.92, N 32, Adam 1e-3, all params (16.2-16.5) |
 | rotta | α 0.05, ν 0.001, K 64, every 64 samples, Adam 1e-3 (19.3) |
 | vida | ranks 1 / 128, thr 0.05, N 10, m = m_vida = 0.999, restore 0.1, Adam 1e-4 (adapters 1e-5) |
+| kff | ViT prompts: L_d 8, γ_d 20, τ 3, α_d 0.1, N_d 20, γ_c 0.2, γ_h 2, α_c 0.1, N_c 10, E 50 / 1, AdamW 0.1 (domain) / 1e-3 (class) (CIFAR-10 config) |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import optax
 
 from kfuse import optim
 from kfuse.adapt import core, entropy, mean_teacher, norm
+from kfuse.adapt.kff import kff as _kff
 from kfuse.adapt.vida import vida as _vida
 from kfuse.registry import Registry
 from kfuse.tree import KfuseError
@@ -73,6 +75,16 @@ REGISTRY.register("vida", _vida, defaults=dict(
     ViDA: y = Wx + s₁U₁D₁x + s₂U₂D₂x (ranks 1 / 128, U = 0 at init); u = 0.1·mean Var over 10
     augmented teacher views sets s₁ = 1∓u (s₂ as released: 1); teacher→student soft CE, EMA
     teacher, stochastic restore. Liu et al., ICLR 2024 (Yangsenqiao/vida).""")
+REGISTRY.register("kff", _kff, defaults=dict(
+    optimizer=dict(name="adamw", learning_rate=1e-3, kwargs=dict(weight_decay=0.01)),
+    domain_optimizer=dict(name="adamw", learning_rate=0.1, kwargs=dict(weight_decay=0.01)),
+    n_prompts=8, e_ood=50, e_id=1, thr_d=20.0, tau=3.0, alpha_d=0.1, n_d=20, thr_c=0.2,
+    alpha_c=0.1, thr_ent=2.0, n_c=10, lam=1.0, ent_weight=3.0), doc="""
+    KFF: frozen ViT + prompts. Domain pool (key [μ, σ] of CLS features): d ≤ γ_d matches,
+    P_d = Σ softmax(-d/τ)·P_i, else a new prompt (50 steps); class pool (key: class
+    probabilities): cos > γ_c matches, else a new prompt. L = ‖σ - σ_s‖ + λ‖μ - μ_s‖ +
+    3·H; pools fused by EMA, nearest-pair and greedy max-dot merging. Zhou et al., NeurIPS
+    2025, arXiv 2510.12150 (zhoujiahuan1991/NeurIPS2025-KFF).""")
 
 
 def names() -> list[str]:

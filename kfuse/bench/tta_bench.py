@@ -34,6 +34,7 @@ Pipeline (`run`):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -45,6 +46,7 @@ from absl import logging
 
 from kfuse import adapt, models, train
 from kfuse.adapt import augment as aug_lib
+from kfuse.adapt import kff as kff_lib
 from kfuse.data import corruptions as corr
 from kfuse.data import image_corruptions as icorr
 from kfuse.bench.common import (
@@ -311,6 +313,14 @@ def _run_seed(config: Any, seed: int, workdir: str, ckpt_name: str) -> dict:
 
   # 3. protocols
   adapters = {s["label"]: _build(s, model, apply_kwargs, spatial_dims) for s in specs}
+  if any(s["method"] == "kff" for s in specs):
+    # KFF's source statistics: CLS features of the clean samples EATA's Fisher uses
+    stats = kff_lib.source_statistics(model.apply, variables, _fisher_batches(source_ds, src_cfg),
+                                      apply_kwargs=apply_kwargs)
+    for s in specs:
+      if s["method"] == "kff":
+        a = adapters[s["label"]]
+        adapters[s["label"]] = a._replace(init=functools.partial(a.init, source_stats=stats))
   runners = {label: adapt.make_runner(a) for label, a in adapters.items()}
   tables: dict[str, dict] = {}
   for protocol in protocols:

@@ -191,3 +191,29 @@ def test_images_end_to_end_two_seeds(tmp_path):
   config.overwrite = True
   with pytest.raises(KfuseError, match="source_checkpoint: one checkpoint cannot serve several"):
     tta_bench.run(config)
+
+
+@pytest.mark.slow
+def test_images_vit_variant_runs_kff(tmp_path):
+  """(~1-2 min CPU, compiling KFF's step) The ViT variant: KFF gets the source statistics from the
+  bench (clean training CLS features) and runs the continual stream."""
+  module = _config_module()
+  vit = module.get_config("images_vit")
+  assert vit.model.name == "vit" and vit.protocols == ("continual",) and vit.seeds == (0, 1, 2)
+  assert list(vit.methods.keys()) == ["source", "tent", "cotta", "vida", "kff"]
+  config = vit
+  config.workdir = str(tmp_path)
+  config.progress = False
+  config.seeds = (0,)
+  config.data.sizes = (300, 50, 200)
+  config.data.corruptions = ("gaussian_noise", "contrast")
+  config.model.dim, config.model.depth = 8, 1
+  config.source.steps = 30
+  config.source.optimizer.warmup_steps = 5
+  config.source.fisher.samples = 64
+  config.methods = ml_collections.ConfigDict({k: module.methods()[k] for k in ("source", "kff")},
+                                             sort_keys=False)
+  config.methods.kff.params.e_ood = 2
+  results = tta_bench.run(config)
+  kff = results["per_seed"][0]["protocols"]["continual"]["kff"]
+  assert 0.0 <= kff["mean"] <= 100.0 and kff["metrics"]["domain_pool"] >= 1.0

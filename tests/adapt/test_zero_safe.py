@@ -21,7 +21,7 @@ def _all_finite(tree):
   return all(np.isfinite(a).all() for a in leaves)
 
 
-@pytest.mark.parametrize("name", adapt.names())
+@pytest.mark.parametrize("name", [n for n in adapt.names() if n != "kff"])   # kff: ViT only, test_kff.py
 def test_every_method_steps_finitely_on_zero_samples(name):
   model, v, x = tiny_bn(batch=8)
   # large learning rates so that a NaN/Inf anywhere in a gradient would reach the parameters
