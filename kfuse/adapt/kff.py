@@ -68,7 +68,7 @@ from kfuse.tree import KfuseError, flatten
 
 PyTree = Any
 
-__all__ = ["KffState", "Pool", "kff", "prompt_forward", "source_statistics", "batch_key",
+__all__ = ["KffState", "PromptPool", "kff", "prompt_forward", "source_statistics", "batch_key",
            "distribution_loss", "domain_match", "class_match", "domain_fuse", "class_update",
            "class_merge", "empty_pool"]
 
@@ -76,7 +76,7 @@ RELEASED_ENTROPY_MAX = math.log(1000) / 2 - 1
 """``obtain_src_stat`` keeps clean samples with entropy below ln(1000)/2 - 1 (as released)."""
 
 
-class Pool(NamedTuple):
+class PromptPool(NamedTuple):
   """A prompt pool: ``keys [S, K]``, ``prompts [S, ...]``, ``valid [S]`` (a prefix: compact)."""
   keys: jax.Array
   prompts: jax.Array
@@ -99,13 +99,13 @@ class KffState(NamedTuple):
   src_mean: jax.Array
   prompt_init: jax.Array
   bound: jax.Array
-  domain: Pool
-  classes: Pool
+  domain: PromptPool
+  classes: PromptPool
   count: jax.Array
 
 
-def empty_pool(capacity: int, key_dim: int, prompt_shape: tuple) -> Pool:
-  return Pool(jnp.zeros((capacity, key_dim), jnp.float32),
+def empty_pool(capacity: int, key_dim: int, prompt_shape: tuple) -> PromptPool:
+  return PromptPool(jnp.zeros((capacity, key_dim), jnp.float32),
               jnp.zeros((capacity,) + tuple(prompt_shape), jnp.float32),
               jnp.zeros((capacity,), bool))
 
@@ -169,7 +169,7 @@ def distribution_loss(z: jax.Array, src_std: jax.Array, src_mean: jax.Array,
   return _norm(z.std(0, ddof=1) - src_std) + lam * _norm(z.mean(0) - src_mean)
 
 
-def domain_match(pool: Pool, key: jax.Array, thr: float, tau: float):
+def domain_match(pool: PromptPool, key: jax.Array, thr: float, tau: float):
   """``(weights [S], in_domain, P_d)``: w = softmax(-d/τ) over the entries with d ≤ γ_d."""
   d = jnp.sqrt(jnp.sum(jnp.square(pool.keys - key[None]), axis=-1))
   ok = pool.valid & (d <= thr)
@@ -179,7 +179,7 @@ def domain_match(pool: Pool, key: jax.Array, thr: float, tau: float):
   return w, ok.any(), jnp.tensordot(w, pool.prompts, axes=1)
 
 
-def class_match(pool: Pool, probs: jax.Array, thr: float):
+def class_match(pool: PromptPool, probs: jax.Array, thr: float):
   """``(weights [B, S], new [B])``: w_t = softmax(s_t) over entries with cos similarity > γ_c."""
   num = probs @ pool.keys.T
   den = (jnp.linalg.norm(probs, axis=-1)[:, None] * jnp.linalg.norm(pool.keys, axis=-1)[None])
@@ -190,21 +190,21 @@ def class_match(pool: Pool, probs: jax.Array, thr: float):
   return jnp.where(ok & ~new[:, None], w, 0.0), new
 
 
-def _compact(pool: Pool, keep: jax.Array) -> Pool:
+def _compact(pool: PromptPool, keep: jax.Array) -> PromptPool:
   """Keep the ``keep`` slots in their order, moved to the front."""
   idx = jnp.arange(keep.shape[0])
   perm = jnp.argsort(jnp.where(keep, idx, idx + keep.shape[0]), stable=True)
-  return Pool(pool.keys[perm], pool.prompts[perm], keep[perm])
+  return PromptPool(pool.keys[perm], pool.prompts[perm], keep[perm])
 
 
-def _append(pool: Pool, key: jax.Array, prompt: jax.Array, do: jax.Array) -> Pool:
+def _append(pool: PromptPool, key: jax.Array, prompt: jax.Array, do: jax.Array) -> PromptPool:
   i = jnp.sum(pool.valid)
-  return Pool(jnp.where(do, pool.keys.at[i].set(key), pool.keys),
+  return PromptPool(jnp.where(do, pool.keys.at[i].set(key), pool.keys),
               jnp.where(do, pool.prompts.at[i].set(prompt), pool.prompts),
               jnp.where(do, pool.valid.at[i].set(True), pool.valid))
 
 
-def _merge_nearest(pool: Pool) -> Pool:
+def _merge_nearest(pool: PromptPool) -> PromptPool:
   """``PromptBase.delete``: the pair (i < j) with the smallest ‖Γ_i - Γ_j‖₂ becomes its average."""
   s = pool.keys.shape[0]
   d = jnp.sqrt(jnp.sum(jnp.square(pool.keys[:, None] - pool.keys[None]), axis=-1))
@@ -213,15 +213,15 @@ def _merge_nearest(pool: Pool) -> Pool:
   i, j = flat // s, flat % s
   keys = pool.keys.at[i].set((pool.keys[i] + pool.keys[j]) / 2)
   prompts = pool.prompts.at[i].set((pool.prompts[i] + pool.prompts[j]) / 2)
-  return _compact(Pool(keys, prompts, pool.valid), pool.valid & (jnp.arange(s) != j))
+  return _compact(PromptPool(keys, prompts, pool.valid), pool.valid & (jnp.arange(s) != j))
 
 
-def domain_fuse(pool: Pool, weights: jax.Array, in_domain: jax.Array, key: jax.Array,
-                prompt: jax.Array, alpha: float, max_len: int) -> Pool:
+def domain_fuse(pool: PromptPool, weights: jax.Array, in_domain: jax.Array, key: jax.Array,
+                prompt: jax.Array, alpha: float, max_len: int) -> PromptPool:
   """Algorithm 2: in-domain, Γ_i += α w_i (Γ - Γ_i), P_i += w_i (P* - P_i); else append (Γ, P*)
   and merge the nearest pair while the pool holds more than ``max_len``."""
   w = weights[:, None]
-  moved = Pool(pool.keys + alpha * w * (key[None] - pool.keys),
+  moved = PromptPool(pool.keys + alpha * w * (key[None] - pool.keys),
                pool.prompts + weights.reshape((-1,) + (1,) * (pool.prompts.ndim - 1))
                * (prompt[None] - pool.prompts), pool.valid)
   added = _append(pool, key, prompt, jnp.asarray(True))
@@ -229,8 +229,8 @@ def domain_fuse(pool: Pool, weights: jax.Array, in_domain: jax.Array, key: jax.A
   return jax.tree.map(lambda a, b: jnp.where(in_domain, a, b), moved, added)
 
 
-def class_update(pool: Pool, logits: jax.Array, prompts: jax.Array, weights: jax.Array,
-                 new: jax.Array, thr_ent: float, alpha: float) -> Pool:
+def class_update(pool: PromptPool, logits: jax.Array, prompts: jax.Array, weights: jax.Array,
+                 new: jax.Array, thr_ent: float, alpha: float) -> PromptPool:
   """Algorithm 1's update, sample by sample: skip H > γ_h; a new prompt is appended with key
   softmax(f(x_t)); a composed one moves each entry i: y_i += α w_ti (p_t - y_i),
   P_i += w_ti (P_t* - P_i)."""
@@ -241,7 +241,7 @@ def class_update(pool: Pool, logits: jax.Array, prompts: jax.Array, weights: jax
     use = ent[t] <= thr_ent
     w = weights[t][:, None]
     wp = weights[t].reshape((-1,) + (1,) * (p.prompts.ndim - 1))
-    moved = Pool(p.keys + alpha * w * (probs[t][None] - p.keys),
+    moved = PromptPool(p.keys + alpha * w * (probs[t][None] - p.keys),
                  p.prompts + wp * (prompts[t][None] - p.prompts), p.valid)
     moved = jax.tree.map(lambda a, b: jnp.where(use & ~new[t], a, b), moved, p)
     return _append(moved, probs[t], prompts[t], use & new[t]), None
@@ -250,7 +250,7 @@ def class_update(pool: Pool, logits: jax.Array, prompts: jax.Array, weights: jax
   return pool
 
 
-def class_merge(pool: Pool, max_num: int) -> Pool:
+def class_merge(pool: PromptPool, max_num: int) -> PromptPool:
   """``cls_prompt_gen.delete_cls_prompt``: greedy clustering to ``max_num`` entries.
 
   Pairs (i < j) sorted by y_i·y_j, descending (ties in (i, j) order), are taken in turn
@@ -295,7 +295,7 @@ def class_merge(pool: Pool, max_num: int) -> Pool:
   keys = jnp.where(is_rep[:, None], mean_k[lab], pool.keys)
   prompts = jnp.where(is_rep.reshape((-1,) + (1,) * (pool.prompts.ndim - 1)), mean_p[lab],
                       pool.prompts)
-  return _compact(Pool(keys, prompts, pool.valid), pool.valid & ((label < 0) | is_rep))
+  return _compact(PromptPool(keys, prompts, pool.valid), pool.valid & ((label < 0) | is_rep))
 
 
 def source_statistics(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,

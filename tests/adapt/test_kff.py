@@ -36,7 +36,7 @@ def pool_of(keys, prompts, cap):
   k = np.zeros((cap,) + np.shape(keys)[1:])
   p = np.zeros((cap,) + np.shape(prompts)[1:])
   k[:n], p[:n] = keys, prompts
-  return kff_lib.Pool(jnp.asarray(k, jnp.float32), jnp.asarray(p, jnp.float32),
+  return kff_lib.PromptPool(jnp.asarray(k, jnp.float32), jnp.asarray(p, jnp.float32),
                       jnp.arange(cap) < n)
 
 
