@@ -17,6 +17,8 @@ hp key            shape    meaning
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -62,7 +64,7 @@ def ascending_rank(x: jax.Array, axis: int = -1) -> jax.Array:
   """
   xm = jnp.moveaxis(x, axis, -1)
   m = xm.shape[-1]
-  flat = xm.reshape(-1, m)
+  flat = xm.reshape(math.prod(xm.shape[:-1]), m)   # not -1: a zero-size axis is allowed
   order = jnp.argsort(flat, axis=-1, stable=True)
   rows = jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None]
   pos = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), flat.shape)

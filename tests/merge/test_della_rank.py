@@ -14,11 +14,13 @@ def _rank64(x, axis):
 
 
 @pytest.mark.parametrize("shape,axis", [((7,), 0), ((6, 5), 1), ((6, 5), 0), ((6, 5), -1),
-                                        ((3, 4, 9), 1), ((3, 4, 9), 2), ((1, 1), 1)])
+                                        ((3, 4, 9), 1), ((3, 4, 9), 2), ((1, 1), 1),
+                                        ((0,), 0), ((4, 0), 1), ((4, 0), 0), ((0, 3), 1)])
 def test_ascending_rank_matches_numpy_with_ties(shape, axis):
   r = np.random.default_rng(sum(shape) + axis)
   x = r.integers(-3, 4, size=shape).astype(np.float32)   # many exact ties
-  x[..., 0] = -0.0 if x.size > 1 else x[..., 0]
+  if x.size > 1:
+    x[..., 0] = -0.0
   got = np.asarray(stages.ascending_rank(jnp.asarray(x), axis=axis))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, _rank64(x, axis))
