@@ -10,6 +10,7 @@ import pytest
 
 from kfuse.merge import adarank as R
 from kfuse.tree import KfuseError
+from tests.merge.test_subspace import np_iso_cts_components
 from tests.merge.tiny_net import apply_fn, models as _models
 
 
@@ -177,8 +178,9 @@ class _Model(nn.Module):
     return nn.Dense(3, name="head")(_Body(name="backbone")(x))
 
 
-def test_benchmark_row_zero_steps_is_task_arithmetic_and_logs_the_budget():
-  from kfuse.bench import informed_rows as IR
+def _bench_inputs():
+  """Two random experts of `_Model`'s backbone and 6 unlabeled inputs per task, as the
+  merging benchmark hands them to a data-informed row."""
   from kfuse.bench import merge_bench as MB
   r = np.random.default_rng(0)
   v = _Model().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
@@ -192,6 +194,13 @@ def test_benchmark_row_zero_steps_is_task_arithmetic_and_logs_the_budget():
   inputs = MB.MergeInputs(tasks=tasks, pretrained=pre, experts=experts,
                           heads={t: v["head"] for t in tasks}, model=lambda t: _Model(),
                           data=data, key=jax.random.key(0))
+  return pre, experts, inputs
+
+
+def test_benchmark_row_zero_steps_is_task_arithmetic_and_logs_the_budget():
+  from kfuse.bench import informed_rows as IR
+  from kfuse.bench import merge_bench as MB
+  pre, experts, inputs = _bench_inputs()
   fn = MB.MERGERS.get("adarank_ta").fn
   got = fn(inputs, {"steps": 0})
   want = np.asarray(pre["fc"]["kernel"], np.float64) + 0.3 * sum(
@@ -206,28 +215,6 @@ def test_benchmark_row_zero_steps_is_task_arithmetic_and_logs_the_budget():
 
 
 # ------------------------------------------------------------------ AdaRank on Iso-CTS
-
-
-def _np_polar(a):
-  p, _, qt = np.linalg.svd(a, full_matrices=False)
-  return p @ qt
-
-
-def _np_iso_cts_components(tv, f=0.8):
-  """Iso-CTS (Marczak et al., ICML 2025) restated in float64 NumPy, as components:
-  (U⊥ [m, r], σ̄, V⊥ᵀ [r, n]) with columns [task blocks…, common block]."""
-  t, m, n = tv.shape
-  r = min(m, n)
-  kc = r - round((r - int(r * f)) / t) * t
-  kt = (r - kc) // t
-  u, s, vt = np.linalg.svd(tv.sum(0), full_matrices=False)
-  uc = u[:, :kc]
-  us, ss, vs = [], [], []
-  for x in tv:
-    a, b, c = np.linalg.svd(x - uc @ uc.T @ x, full_matrices=False)
-    us.append(a[:, :kt]), ss.append(b[:kt]), vs.append(c[:kt])
-  return (_np_polar(np.hstack(us + [uc])), np.concatenate(ss + [s[:kc]]).mean(),
-          _np_polar(np.vstack(vs + [vt[:kc]])))
 
 
 def _iso_tree(n=3, seed=0):
@@ -258,14 +245,14 @@ def test_iso_cts_base_masks_the_iso_cts_components_float64():
     got = R.merged(st)
     # fc1: Flax [6, 5] = [in, out] -> PyTorch [5, 6]
     tv = np.stack([f64(e["fc1"]["kernel"]).T - f64(base["fc1"]["kernel"]).T for e in experts])
-    u, s, vt = _np_iso_cts_components(tv)
+    u, s, vt = np_iso_cts_components(tv)
     keep = np.setdiff1d(np.arange(5), drop)
     want = f64(base["fc1"]["kernel"]) + (s * u[:, keep] @ vt[keep]).T
     np.testing.assert_allclose(got["fc1"]["kernel"], want, rtol=1e-5, atol=1e-5)
     # attention query [in 6, H 2, D 3] -> PyTorch [H·D 6, in 6], every component kept
     tv = np.stack([(f64(e["attn"]["query"]["kernel"]) - f64(base["attn"]["query"]["kernel"]))
                    .reshape(6, 6).T for e in experts])
-    u, s, vt = _np_iso_cts_components(tv)
+    u, s, vt = np_iso_cts_components(tv)
     want = f64(base["attn"]["query"]["kernel"]) + (s * u @ vt).T.reshape(6, 2, 3)
     np.testing.assert_allclose(got["attn"]["query"]["kernel"], want, rtol=1e-5, atol=1e-5)
     for m, b in (("fc1", got["fc1"]["bias"]), ("attn", got["attn"]["query"]["bias"])):
@@ -312,22 +299,11 @@ def test_iso_cts_bad_fraction_and_known_bases():
 def test_benchmark_row_iso_cts_zero_steps_is_iso_cts():
   from kfuse.bench import informed_rows as IR  # noqa: F401  (registers the rows)
   from kfuse.bench import merge_bench as MB
-  r = np.random.default_rng(0)
-  v = _Model().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
-  pre = jax.tree.map(np.asarray, v["backbone"])
-  experts = [jax.tree.map(lambda a: a + 0.3 * r.normal(size=a.shape).astype(np.float32), pre)
-             for _ in range(2)]
-  tasks = ["a", "b"]
-  data = {t: MB.TaskData(unlabeled=r.normal(size=(6, 4)).astype(np.float32),
-                         x_val=np.zeros((0, 4), np.float32), y_val=np.zeros((0,), np.int32))
-          for t in tasks}
-  inputs = MB.MergeInputs(tasks=tasks, pretrained=pre, experts=experts,
-                          heads={t: v["head"] for t in tasks}, model=lambda t: _Model(),
-                          data=data, key=jax.random.key(0))
+  pre, experts, inputs = _bench_inputs()
   got = MB.MERGERS.get("adarank_iso_cts").fn(inputs, {"steps": 0})
   f64 = lambda a: np.asarray(a, np.float64)
   tv = np.stack([f64(e["fc"]["kernel"]).T - f64(pre["fc"]["kernel"]).T for e in experts])
-  u, s, vt = _np_iso_cts_components(tv)
+  u, s, vt = np_iso_cts_components(tv)
   np.testing.assert_allclose(got["fc"]["kernel"], f64(pre["fc"]["kernel"]) + (s * u @ vt).T,
                              rtol=1e-5, atol=1e-6)
   log = inputs.log[-1]

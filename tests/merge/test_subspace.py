@@ -54,7 +54,9 @@ def np_iso_c(tv):
   return s.mean() * u @ vt
 
 
-def np_iso_cts(tv, f=0.8):
+def np_iso_cts_components(tv, f=0.8):
+  """Iso-CTS (Marczak et al., ICML 2025) in float64 NumPy, as components (U⊥ [m, r], σ̄,
+  V⊥ᵀ [r, n]) whose columns are [task blocks…, common block]."""
   t, m, n = tv.shape
   r = min(m, n)
   kc = r - round((r - int(r * f)) / t) * t
@@ -65,10 +67,13 @@ def np_iso_cts(tv, f=0.8):
   for x in tv:
     a, b, c = np.linalg.svd(x - uc @ uc.T @ x, full_matrices=False)
     us.append(a[:, :kt]), ss.append(b[:kt]), vs.append(c[:kt])
-  ub = np.hstack(us + [uc])
-  sb = np.concatenate(ss + [s[:kc]])
-  vb = np.vstack(vs + [vt[:kc]])
-  return sb.mean() * np_polar(ub) @ np_polar(vb)
+  return (np_polar(np.hstack(us + [uc])), np.concatenate(ss + [s[:kc]]).mean(),
+          np_polar(np.vstack(vs + [vt[:kc]])))
+
+
+def np_iso_cts(tv, f=0.8):
+  u, s, vt = np_iso_cts_components(tv, f)
+  return s * u @ vt
 
 
 def np_wudi_adam(tv, steps=300, lr=1e-5, b1=0.9, b2=0.999, eps=1e-8):
