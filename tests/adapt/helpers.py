@@ -75,3 +75,10 @@ def run_step(tta, state, x, key=KEY):
   state, metrics = tta.step(state, {"x": x}, key)
   metrics = dict(metrics)
   return state, metrics.pop("logits"), metrics
+
+
+def shifted_batches(n, size, dim, seed=1):
+  """A shifted stream: each batch has its own offset and scale (a test-time shift)."""
+  r = np.random.default_rng(seed)
+  return [(r.normal(0, 1, (size, dim)) * r.uniform(0.7, 1.5) + r.normal(0, 0.5, dim))
+          .astype(np.float32) for _ in range(n)]

@@ -15,6 +15,7 @@ from kfuse.adapt import augment as aug_lib
 from kfuse.adapt import mean_teacher
 from kfuse.adapt import vida as vida_lib
 from kfuse.tree import KfuseError
+from tests.adapt.helpers import shifted_batches
 
 DIM, HIDDEN, CLASSES = 12, 8, 3
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -45,9 +46,7 @@ def source_variables(seed=0):
 
 
 def batches(n, size, seed=1):
-  r = np.random.default_rng(seed)
-  return [(r.normal(0, 1, (size, DIM)) * r.uniform(0.7, 1.5) + r.normal(0, 0.5, DIM))
-          .astype(np.float32) for _ in range(n)]
+  return shifted_batches(n, size, DIM, seed)
 
 
 # ------------------------------------------------------------------ injection and init

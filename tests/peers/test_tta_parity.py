@@ -32,6 +32,8 @@ from kfuse import adapt
 from kfuse.adapt import augment as aug_lib
 from kfuse.adapt import mean_teacher
 
+from tests.adapt.helpers import shifted_batches
+
 from .peer import require
 
 torch = require("torch")
@@ -73,10 +75,7 @@ def source_variables(seed=0, head_scale=3.0):
 
 
 def batches(n, size, seed=1):
-  """A shifted stream: each batch has its own offset and scale (a test-time shift)."""
-  r = np.random.default_rng(seed)
-  return [(r.normal(0, 1, (size, DIM)) * r.uniform(0.7, 1.5) + r.normal(0, 0.5, DIM))
-          .astype(np.float32) for _ in range(n)]
+  return shifted_batches(n, size, DIM, seed)
 
 
 # ------------------------------------------------------------------ the PyTorch twin
