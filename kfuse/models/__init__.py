@@ -28,7 +28,7 @@ import flax.linen as nn
 from kfuse.models.base import (Classifier, apply, apply_train, backbone_of, head_of,
                                model_state_of, state_collections, with_params)
 from kfuse.models.cnn import ResNetBackbone, make_cnn1d, make_cnn2d
-from kfuse.models.gpt import GPTBackbone, make_gpt
+from kfuse.models.gpt import GPTBackbone, GPTDecoder, make_gpt
 from kfuse.models.mlp import ACTIVATIONS, MLPBackbone, make_linear, make_mlp
 from kfuse.models.transformer import TransformerBlock
 from kfuse.models.vit import ViTBackbone, make_vit
@@ -38,7 +38,7 @@ from kfuse.tree import KfuseError
 __all__ = [
     "ACTIVATIONS", "Classifier", "MLPBackbone", "ResNetBackbone", "apply", "apply_train",
     "backbone_of", "head_of", "model_state_of", "state_collections", "with_params",
-    "ViTBackbone", "GPTBackbone", "TransformerBlock", "make_linear", "make_mlp", "make_cnn1d", "make_cnn2d",
+    "ViTBackbone", "GPTBackbone", "GPTDecoder", "TransformerBlock", "make_linear", "make_mlp", "make_cnn1d", "make_cnn2d",
     "make_vit", "make_gpt", "get_model", "check_kwargs", "model_names", "register_model", "MODELS",
 ]
 

@@ -10,7 +10,7 @@ import pytest
 
 from kfuse import decode
 from kfuse.errors import KfuseError
-from kfuse.models.gpt import GPTDecoder, make_gpt
+from kfuse.models import GPTDecoder, make_gpt   # the package exports the zoo decoder
 
 VOCAB, MAX_LEN = 29, 24
 PROMPTS = [[5, 17, 3], [9, 1, 24, 2, 20, 7, 7, 12, 28], [13]]
