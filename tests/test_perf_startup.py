@@ -72,7 +72,10 @@ def test_second_run_loads_every_program_from_the_default_cache(tmp_path, method)
   first = _merge(yml, tmp_path / "out1", env)["compile_cache"]
   cache = str(tmp_path / "cache" / "xla")
   assert first["dir"] == cache      # on by default, under $KFUSE_CACHE
-  assert first["hits"] == 0 and first["writes"] > 0
+  # the cache starts empty, so the first run writes; it may also load a program it wrote
+  # itself moments before (two threads compiling one program at once: the later one finds
+  # the earlier one's entry), so its hit count is not asserted
+  assert first["writes"] > 0
   assert any(n.endswith("-cache") for n in os.listdir(cache))
   second = _merge(yml, tmp_path / "out2", env)
   # nothing compiled the second time: every program loaded from the cache
