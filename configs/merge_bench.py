@@ -41,6 +41,10 @@ TASK_NAMES = (  # kfuse.data.image_tasks.TASK_NAMES (configs stay JAX-free; test
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)   # Task Arithmetic paper: chosen on validation
 TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)      # disjoint *mean*: TIES paper range is ~1
 # negation: lambda in {0, 0.05, ..., 1}, chosen on validation (0 = the pretrained model)
+# SVC after TA / TIES: for task responses orthogonal along the merged matrix's singular
+# directions SVC's γ_r = 1 / max(α, λ), so any λ ≥ α (0.1) gives back Σ τ_i at full scale and only
+# λ < α scales the calibrated merge (experiments/merge_bench/svc_diagnosis.py); its grid starts there
+SVC_LAMBDAS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
 NEGATION_LAMBDAS = tuple(round(0.05 * i, 2) for i in range(21))
 
 MLP = dict(name="mlp", hidden=(256, 256), activation="gelu", dropout=0.0, layer_norm=False)
@@ -134,8 +138,9 @@ def subspace_methods(lambdas=LAMBDAS):
       iso_cts=dict(name="iso_cts", params={}, grid=g()),
       wudi=dict(name="wudi", params={}, grid=g()),                           # Adam, 300 steps
       wudi_closed_form=dict(name="wudi", params=dict(solver="closed_form"), grid=g()),
-      task_arithmetic_svc=dict(name="task_arithmetic_svc", params={}, grid=g()),
-      ties_svc=dict(name="ties_svc", params={}, grid=g()),
+      task_arithmetic_svc=dict(name="task_arithmetic_svc", params={},
+                               grid={"lambda": list(SVC_LAMBDAS)}),
+      ties_svc=dict(name="ties_svc", params={}, grid={"lambda": list(SVC_LAMBDAS)}),
       tsv_m_svc=dict(name="tsv_m_svc", params={}, grid=g()),
       wudi_svc=dict(name="wudi_svc", params={}, grid=g()),
       emr=dict(name="emr", params={}, grid={}),
